@@ -1,0 +1,1 @@
+"""Client daemon: connects out, trains locally with mixed precision, uploads compressed updates."""

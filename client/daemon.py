@@ -1,0 +1,201 @@
+"""`fedswarm client`: connect out to the coordinator, train on local data, upload compressed deltas."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from fedswarm.client.trainer import PRECISIONS, LocalTrainer, resolve_device, resolve_precision
+from fedswarm.data import BatchSampler, load_train_tokens, parse_partition
+from fedswarm.models import build_model
+from fedswarm.proto import codec as C
+from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
+from fedswarm.proto import wire
+
+log = logging.getLogger("fedswarm.client")
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
+
+
+@dataclass
+class ClientTimeouts:
+    """Every wait the daemon does, named."""
+
+    rpc_s: float = 30.0               # deadline of a unary call
+    pull_wait_s: float = 10.0         # long-poll length asked of PullTask
+    transfer_s: float = 300.0         # deadline of a model download or update upload
+    backoff_initial_s: float = 0.5    # first retry delay while the coordinator is unreachable
+    backoff_max_s: float = 10.0       # cap on the retry delay
+    give_up_s: float = 0.0            # stop retrying after this long unreachable (0: never)
+
+
+class SessionLost(Exception):
+    """The coordinator no longer knows this session (it restarted or dropped us): join again."""
+
+
+class ClientDaemon:
+    def __init__(self, args: argparse.Namespace, timeouts: ClientTimeouts | None = None):
+        self.args = args
+        self.t = timeouts or ClientTimeouts()
+        self.name = args.name or f"{socket.gethostname()}-{random.randrange(1 << 16):04x}"
+        self.device = resolve_device(args.device)
+        self.precision = resolve_precision(args.precision, self.device)
+        self.index, self.num_partitions = parse_partition(args.partition)
+        self.channel = grpc.insecure_channel(args.coordinator, options=[
+            ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
+            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)])
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.client_id, self.token, self.run_id = 0, "", ""
+        self.trainer: LocalTrainer | None = None
+        self.feedback: C.ErrorFeedback | None = None
+        self.run_cfg: dict = {}
+        self._hb_stop = threading.Event()
+
+    # -- connection ------------------------------------------------------------------
+    def with_retry(self, what: str, call):
+        """Call until it succeeds; exponential backoff with jitter while the coordinator is unreachable."""
+        delay, started = self.t.backoff_initial_s, time.monotonic()
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as err:
+                if err.code() not in RETRYABLE:
+                    raise
+                if self.t.give_up_s and time.monotonic() - started > self.t.give_up_s:
+                    raise
+                wait = delay * random.uniform(0.5, 1.5)
+                log.warning("%s failed (%s: %s); retrying in %.1f s", what, err.code().name, err.details(), wait)
+                time.sleep(wait)
+                delay = min(delay * 2, self.t.backoff_max_s)
+
+    def join(self) -> None:
+        req = pb.JoinRequest(name=self.name, device=str(self.device), precision=self.precision,
+                             resume_client_id=self.client_id, resume_token=self.token)
+        reply = self.with_retry("join", lambda: self.stub.Join(req, timeout=self.t.rpc_s))
+        if self.run_id and reply.run_id != self.run_id:
+            raise RuntimeError(f"the coordinator now serves run {reply.run_id}, not {self.run_id}; restart the client")
+        self.client_id, self.token, self.run_id = reply.client_id, reply.session_token, reply.run_id
+        self.heartbeat_s = reply.heartbeat_interval_s
+        if self.trainer is None:
+            self._setup(json.loads(reply.run_config_json))
+        log.info("joined run %s as %s (id %d) on %s/%s", self.run_id, self.name, self.client_id, self.device, self.precision)
+
+    def _setup(self, cfg: dict) -> None:
+        self.run_cfg = cfg
+        tokens = load_train_tokens(self.args.data, self.index, self.num_partitions)
+        seed = int.from_bytes(hashlib.sha256(f"{cfg['seed']}/{self.index}/{self.num_partitions}".encode()).digest()[:4], "little")
+        sampler = BatchSampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
+        model = build_model(cfg["model"], seed=cfg["seed"])
+        self.trainer = LocalTrainer(model, sampler, self.device, self.precision, lr=cfg["lr"])
+        self.codec = C.codec_by_name(cfg["upload_codec"])
+        self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._hb_stop.wait(self.heartbeat_s):
+            try:
+                self.stub.Heartbeat(pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token),
+                                    timeout=self.t.rpc_s)
+            except grpc.RpcError as err:
+                log.debug("heartbeat failed: %s", err.code().name)
+
+    # -- work ------------------------------------------------------------------------
+    def run(self) -> int:
+        self.join()
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
+        try:
+            while True:
+                try:
+                    task = self.with_retry("pull task", lambda: self.stub.PullTask(
+                        pb.PullTaskRequest(client_id=self.client_id, session_token=self.token, wait_s=self.t.pull_wait_s),
+                        timeout=self.t.pull_wait_s + self.t.rpc_s))
+                    if task.kind == pb.TASK_DONE:
+                        log.info("run finished at round %d; exiting", task.round)
+                        return 0
+                    if task.kind == pb.TASK_TRAIN:
+                        self.train(task)
+                except SessionLost:
+                    log.warning("session lost; joining again")
+                    self.join()
+                except grpc.RpcError as err:
+                    if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        log.warning("coordinator refused the session (%s); joining again", err.details())
+                        self.join()
+                    elif err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                        log.warning("task dropped: %s", err.details())
+                    else:
+                        raise
+        finally:
+            self._hb_stop.set()
+            heartbeat.join(timeout=self.t.rpc_s)
+            self.channel.close()
+
+    def train(self, task: pb.Task) -> None:
+        config = json.loads(task.config_json)
+        base = self.fetch_model(task.task_id)
+        mu = float(config.get("proximal-mu", 0.0))
+        steps = int(config.get("local-steps", self.run_cfg["local_steps"]))
+        result = self.trainer.train_round(base, steps, self.run_cfg.get("grad_accum", 1),
+                                          lr=float(config.get("lr", self.run_cfg["lr"])), proximal_mu=mu)
+        delta = {n: result.state[n] - base[n] for n in base}
+        saved = {n: r.clone() for n, r in self.feedback.residuals.items()}
+        encoded = {n: self.feedback.compress(n, d)[0] for n, d in delta.items()}
+        parts = [p for n, d in delta.items() for p in wire.tensor_parts(n, tuple(d.shape), encoded[n])]
+        header = pb.UpdateHeader(client_id=self.client_id, session_token=self.token, task_id=task.task_id,
+                                 round=task.round, num_examples=result.num_examples, train_loss=result.train_loss,
+                                 num_tensors=len(delta), num_parts=len(parts), train_seconds=result.seconds)
+        chunks = [pb.UpdateChunk(header=header)] + [pb.UpdateChunk(part=p) for p in parts]
+        try:
+            reply = self.with_retry("upload", lambda: self.stub.PushUpdate(iter(chunks), timeout=self.t.transfer_s))
+        except grpc.RpcError:
+            self.feedback.residuals = saved  # nothing was applied: the residual must not move on
+            raise
+        log.info("round %d: loss %.4f in %.1f s, uploaded %d bytes (%s)", task.round, result.train_loss,
+                 result.seconds, reply.bytes_received, self.run_cfg["upload_codec"])
+
+    def fetch_model(self, task_id: str) -> dict[str, torch.Tensor]:
+        def download():
+            req = pb.FetchModelRequest(client_id=self.client_id, session_token=self.token, task_id=task_id)
+            shapes: dict[str, tuple[int, ...]] = {}
+            chunks = []
+            for chunk in self.stub.FetchModel(req, timeout=self.t.transfer_s):
+                shapes[chunk.part.name] = tuple(chunk.part.shape)
+                chunks.append(chunk.part)
+            assembler = wire.PartAssembler(shapes, {C.CODEC_NAMES["none"]})
+            for part in chunks:
+                assembler.add(part)
+            return assembler.finish()
+        return self.with_retry("model download", download)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    p.add_argument("--data", default="stdlib", help="stdlib (the running Python's sources) or a text file / folder")
+    p.add_argument("--partition", default="0/1", help="I/N: this client's share of --data (0-based)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--name", default="", help="name shown in status (default: host name + random suffix)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        daemon = ClientDaemon(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return daemon.run()

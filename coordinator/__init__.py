@@ -1,0 +1,1 @@
+"""Coordinator: gRPC service, Flower Grid adapter, round driver, durable store."""

@@ -1,0 +1,172 @@
+"""A `flwr.serverapp.Grid` over our own gRPC sessions.
+
+Strategies call push/pull/send_and_receive exactly as they would against a
+SuperLink; instead, each instruction message is queued for the client daemon
+it names, handed out by PullTask, and answered by PushUpdate. A node that
+loses its lease gets an error reply for each of its open messages, so the
+strategy sees a failure (as data) rather than waiting forever.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from flwr.app import Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+ERROR_NODE_LOST = 1001
+ERROR_REJECTED = 1002
+
+
+class SessionGrid(Grid):
+    """Message queues per connected node; thread-safe."""
+
+    def __init__(self, run_id: int, live_nodes: Callable[[], list[int]]):
+        self._run = Run.create_empty(run_id)
+        self._live_nodes = live_nodes
+        self._cv = threading.Condition()
+        self._instructions: dict[str, Message] = {}     # message id -> instruction, until answered
+        self._owner: dict[str, int] = {}                 # message id -> node id
+        self._queues: dict[int, deque[str]] = {}         # node id -> message ids not yet handed out
+        self._replies: dict[str, Message] = {}           # message id -> reply, until pulled
+        self._closed = False
+
+    # -- Grid API used by strategies ------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id,
+                       group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._live_nodes())
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        live = set(self._live_nodes())
+        with self._cv:
+            for msg in messages:
+                message_id = uuid.uuid4().hex
+                # Flower's own SuperLink assigns ids the same way (metadata has no setter).
+                msg.metadata.__dict__["_message_id"] = message_id
+                self._instructions[message_id] = msg
+                self._owner[message_id] = msg.metadata.dst_node_id
+                if msg.metadata.dst_node_id in live:
+                    self._queues.setdefault(msg.metadata.dst_node_id, deque()).append(message_id)
+                else:
+                    self._reply_error(message_id, ERROR_NODE_LOST, "node not connected")
+                ids.append(message_id)
+            self._cv.notify_all()
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        with self._cv:
+            return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        ids = list(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while not all(i in self._replies for i in ids):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cv.wait(timeout=1.0 if remaining is None else min(remaining, 1.0))
+            for i in ids:  # unanswered instructions are void after the deadline
+                if i not in self._replies:
+                    self._drop(i)
+            return [self._replies.pop(i) for i in ids if i in self._replies]
+
+    # -- session side, used by the gRPC service ---------------------------------------
+    def take_task(self, node_id: int, wait_s: float) -> Message | None:
+        """Long-poll: the next instruction for `node_id`, or None after `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        with self._cv:
+            while not self._closed:
+                queue = self._queues.get(node_id)
+                if queue:
+                    return self._instructions[queue.popleft()]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cv.wait(timeout=remaining)
+            return None
+
+    def close(self) -> None:
+        """The run is over: wake every long-poll."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def open_instruction(self, message_id: str, node_id: int) -> Message | None:
+        """The instruction if it is open and belongs to `node_id` (else None)."""
+        with self._cv:
+            msg = self._instructions.get(message_id)
+            if msg is None or self._owner.get(message_id) != node_id:
+                return None
+            return msg
+
+    def deliver_reply(self, message_id: str, node_id: int, content: RecordDict) -> bool:
+        """Record a node's answer; False if the instruction is not open for that node."""
+        with self._cv:
+            msg = self.open_instruction(message_id, node_id)
+            if msg is None:
+                return False
+            self._replies[message_id] = Message(content, reply_to=msg)
+            self._forget(message_id)
+            self._cv.notify_all()
+            return True
+
+    def fail_node(self, node_id: int, reason: str) -> int:
+        """Answer every open instruction of a lost node with an error reply."""
+        with self._cv:
+            open_ids = [i for i, n in self._owner.items() if n == node_id]
+            for message_id in open_ids:
+                self._reply_error(message_id, ERROR_NODE_LOST, reason)
+            self._queues.pop(node_id, None)
+            self._cv.notify_all()
+            return len(open_ids)
+
+    def requeue_for(self, node_id: int) -> None:
+        """A node re-joined with the same id: hand its open instructions out again."""
+        with self._cv:
+            queue = self._queues.setdefault(node_id, deque())
+            for message_id, owner in self._owner.items():
+                if owner == node_id and message_id not in queue:
+                    queue.append(message_id)
+            self._cv.notify_all()
+
+    def is_open(self, message_id: str) -> bool:
+        with self._cv:
+            return message_id in self._instructions
+
+    def open_count(self) -> int:
+        with self._cv:
+            return len(self._instructions)
+
+    # -- internals (caller holds the lock) ---------------------------------------------
+    def _reply_error(self, message_id: str, code: int, reason: str) -> None:
+        msg = self._instructions.get(message_id)
+        if msg is not None:
+            self._replies[message_id] = Message(Error(code=code, reason=reason), reply_to=msg)
+            self._forget(message_id)
+
+    def _forget(self, message_id: str) -> None:
+        self._instructions.pop(message_id, None)
+        node_id = self._owner.pop(message_id, None)
+        queue = self._queues.get(node_id)
+        if queue and message_id in queue:
+            queue.remove(message_id)
+
+    def _drop(self, message_id: str) -> None:
+        self._forget(message_id)

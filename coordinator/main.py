@@ -1,0 +1,137 @@
+"""`fedswarm coordinator`: serve the gRPC service and drive the run's rounds."""
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import fields
+
+import grpc
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
+from fedswarm.coordinator.driver import RoundDriver, RunProgress
+from fedswarm.coordinator.grid import SessionGrid
+from fedswarm.coordinator.membership import Membership
+from fedswarm.coordinator.service import CoordinatorService
+from fedswarm.coordinator.store import Store
+from fedswarm.coordinator.strategies import STRATEGIES, build_strategy
+from fedswarm.data import eval_windows, load_eval_tokens
+from fedswarm.models import PRESETS, build_model, trainable_state
+from fedswarm.proto import wire
+from fedswarm.proto.codec import CODEC_NAMES
+
+log = logging.getLogger("fedswarm.coordinator")
+RUN_FLAGS = {  # CLI flag -> RunConfig field
+    "rounds": "rounds", "min_clients": "min_clients", "strategy": "strategy", "upload_codec": "upload_codec",
+    "model": "model", "local_steps": "local_steps", "batch_size": "batch_size", "seq_len": "seq_len",
+    "lr": "lr", "seed": "seed", "grad_accum": "grad_accum", "eval_data": "eval_data",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = RunConfig()
+    p.add_argument("--listen", default="127.0.0.1:7000", help="HOST:PORT to serve on (port 0 picks a free port)")
+    p.add_argument("--state-dir", required=True, help="folder for the SQLite database and checkpoints")
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--min-clients", type=int, default=d.min_clients)
+    p.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGIES))
+    p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES))
+    p.add_argument("--model", default=d.model, help=f"preset ({', '.join(PRESETS)}) or config JSON / HF folder")
+    p.add_argument("--local-steps", type=int, default=d.local_steps)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-data", default=d.eval_data, help="held-out data for centralized eval (stdlib or PATH)")
+    p.add_argument("--round-timeout", type=float, default=CoordinatorTimeouts.round_timeout_s)
+    p.add_argument("--lease", type=float, default=CoordinatorTimeouts.lease_s, help="seconds of silence before a client is dropped")
+    p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
+
+
+def resolve_config(args: argparse.Namespace, store: Store) -> RunConfig:
+    """A new run takes the flags; a state dir that holds a run keeps its stored config."""
+    stored = store.get_meta("run_config")
+    if stored is not None:
+        cfg = RunConfig.from_json(stored)
+        if args.rounds != cfg.rounds and args.rounds > cfg.rounds:
+            log.info("extending the run from %d to %d rounds", cfg.rounds, args.rounds)
+            cfg.rounds = args.rounds
+            store.set_meta("run_config", cfg.to_json())
+        return cfg
+    cfg = RunConfig(**{field: getattr(args, flag) for flag, field in RUN_FLAGS.items()})
+    cfg.check()
+    store.set_meta("run_config", cfg.to_json())
+    store.set_meta("run_id", secrets.token_hex(8))
+    return cfg
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = Store(args.state_dir)
+    try:
+        cfg = resolve_config(args, store)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_id = store.get_meta("run_id")
+    timeouts = CoordinatorTimeouts(lease_s=args.lease, round_timeout_s=args.round_timeout)
+
+    # Flower's Message reads the sender's identity from TaskIdentity.
+    TaskIdentity.run_id = int(run_id, 16) & ((1 << 63) - 1)
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    TaskIdentity.task_id = 1
+
+    model = build_model(cfg.model, seed=cfg.seed)
+    initial = trainable_state(model)
+    spec = {name: tuple(t.shape) for name, t in initial.items()}
+    windows = eval_windows(load_eval_tokens(cfg.eval_data), cfg.seq_len, cfg.eval_windows)
+    progress = RunProgress(cfg, store.rounds())
+
+    grid_ref: list[SessionGrid] = []
+    membership = Membership(timeouts.lease_s, on_lost=lambda cid, why: grid_ref[0].fail_node(cid, why),
+                            reaper_interval_s=timeouts.reaper_interval_s)
+    grid = SessionGrid(TaskIdentity.run_id, membership.live_ids)
+    grid_ref.append(grid)
+    service = CoordinatorService(cfg, run_id, grid, membership, progress, spec, timeouts)
+
+    options = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
+               ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"), options=options)
+    server.add_generic_rpc_handlers((service.handler(),))
+    host, _, port = args.listen.rpartition(":")
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        print(f"error: cannot listen on {args.listen}", file=sys.stderr)
+        return 2
+    server.start()
+    print(f"listening on {host}:{bound}", flush=True)
+
+    driver = RoundDriver(cfg, grid, build_strategy(cfg), store, model, windows, progress, timeouts.round_timeout_s)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def drive():
+        try:
+            driver.run(initial)
+        except Exception:  # noqa: BLE001 - a driver crash must not leave a zombie server
+            log.exception("round driver failed")
+            stop.set()
+
+    threading.Thread(target=drive, name="round-driver", daemon=True).start()
+    while not stop.wait(0.5):
+        if args.exit_when_done and progress.done.is_set():
+            break
+    driver.stop.set()
+    membership.close()
+    server.stop(grace=2.0).wait()
+    store.close()
+    log.info("stopped after committed round %d", progress.committed_round)
+    return 0

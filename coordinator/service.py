@@ -1,0 +1,238 @@
+"""The Coordinator gRPC service. Handlers take raw bytes and parse them here, so a
+malformed request gets INVALID_ARGUMENT (stock grpcio would answer INTERNAL)."""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from google.protobuf.message import DecodeError
+
+from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
+from fedswarm.coordinator.driver import RunProgress, arrays_to_state, state_to_arrays
+from fedswarm.coordinator.grid import SessionGrid
+from fedswarm.coordinator.membership import Member, Membership
+from fedswarm.proto import codec as C
+from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto import wire
+
+log = logging.getLogger(__name__)
+SERVICE = "fedswarm.Coordinator"
+MAX_NAME = 128
+MAX_UPDATE_BYTES_FACTOR = 1.5   # an update stream may not exceed 1.5x the model's fp32 size (+1 MiB)
+
+
+class Rejected(Exception):
+    """A request refused with a gRPC status; `reason` is the counter it lands in."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, detail: str):
+        super().__init__(detail)
+        self.code, self.reason, self.detail = code, reason, detail
+
+
+def invalid(reason: str, detail: str) -> Rejected:
+    return Rejected(grpc.StatusCode.INVALID_ARGUMENT, reason, detail)
+
+
+class CoordinatorService:
+    def __init__(self, cfg: RunConfig, run_id: str, grid: SessionGrid, membership: Membership,
+                 progress: RunProgress, spec: dict[str, tuple[int, ...]], timeouts: CoordinatorTimeouts):
+        self.cfg, self.run_id, self.grid, self.members = cfg, run_id, grid, membership
+        self.progress, self.spec, self.timeouts = progress, spec, timeouts
+        self.codec = C.codec_by_name(cfg.upload_codec)
+        self.block_size = cfg.codec_block_size or C.DEFAULT_BLOCK_SIZE.get(self.codec, 0)
+        self.raw_update_bytes = 4 * sum(math.prod(s) for s in spec.values())
+        self.max_update_bytes = int(self.raw_update_bytes * MAX_UPDATE_BYTES_FACTOR) + (1 << 20)
+        self.expected_parts = wire.count_parts(spec, self.codec, self.block_size)
+        self.rejections: collections.Counter[str] = collections.Counter()
+        self._base_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._cache_lock = threading.Lock()
+
+    # -- plumbing --------------------------------------------------------------------
+    def handler(self) -> grpc.GenericRpcHandler:
+        ser = lambda m: m.SerializeToString()  # noqa: E731
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Join": grpc.unary_unary_rpc_method_handler(self._unary(pb.JoinRequest, self.join), response_serializer=ser),
+            "Heartbeat": grpc.unary_unary_rpc_method_handler(self._unary(pb.HeartbeatRequest, self.heartbeat), response_serializer=ser),
+            "PullTask": grpc.unary_unary_rpc_method_handler(self._unary(pb.PullTaskRequest, self.pull_task), response_serializer=ser),
+            "FetchModel": grpc.unary_stream_rpc_method_handler(self._unary(pb.FetchModelRequest, self.fetch_model), response_serializer=ser),
+            "PushUpdate": grpc.stream_unary_rpc_method_handler(self._guard(self.push_update), response_serializer=ser),
+            "Status": grpc.unary_unary_rpc_method_handler(self._unary(pb.StatusRequest, self.status), response_serializer=ser),
+        })
+
+    def _guard(self, fn: Callable) -> Callable:
+        def wrapped(request, context: grpc.ServicerContext):
+            try:
+                return fn(request, context)
+            except Rejected as rej:
+                self.rejections[rej.reason] += 1
+                context.abort(rej.code, rej.detail)
+        return wrapped
+
+    def _unary(self, msg_type, fn: Callable) -> Callable:
+        def parse_then_call(raw: bytes, context):
+            if len(raw) > wire.MAX_MESSAGE_BYTES:
+                raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "oversized", f"request of {len(raw)} bytes")
+            return fn(_parse(msg_type, raw), context)
+        return self._guard(parse_then_call)
+
+    def _session(self, client_id: int, token: str) -> Member:
+        member = self.members.check(client_id, token)
+        if member is None:
+            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "bad_session",
+                           "unknown client or session token: join again")
+        return member
+
+    # -- RPCs ------------------------------------------------------------------------
+    def join(self, req: pb.JoinRequest, context) -> pb.JoinReply:
+        if not req.name or len(req.name) > MAX_NAME or not req.name.isprintable():
+            raise invalid("bad_name", f"name must be 1..{MAX_NAME} printable characters")
+        if len(req.device) > MAX_NAME or len(req.precision) > 16:
+            raise invalid("bad_join", "device/precision field too long")
+        member, resumed = self.members.join(req.name, req.device, req.precision,
+                                            req.resume_client_id, req.resume_token)
+        if resumed:
+            self.grid.requeue_for(member.client_id)
+        log.info("client %s %s as %d", req.name, "re-joined" if resumed else "joined", member.client_id)
+        return pb.JoinReply(client_id=member.client_id, session_token=member.token, run_id=self.run_id,
+                            run_config_json=self.cfg.to_json(),
+                            heartbeat_interval_s=self.timeouts.heartbeat_interval_s, lease_s=self.timeouts.lease_s)
+
+    def heartbeat(self, req: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        self._session(req.client_id, req.session_token)
+        return pb.HeartbeatReply(state=self.progress.state, round=self.progress.committed_round)
+
+    def pull_task(self, req: pb.PullTaskRequest, context) -> pb.Task:
+        member = self._session(req.client_id, req.session_token)
+        if not math.isfinite(req.wait_s) or req.wait_s < 0:
+            raise invalid("bad_wait", "wait_s must be a finite number >= 0")
+        if self.progress.done.is_set():
+            return pb.Task(kind=pb.TASK_DONE, round=self.progress.committed_round)
+        msg = self.grid.take_task(member.client_id, min(req.wait_s, self.timeouts.max_pull_wait_s))
+        self.members.check(req.client_id, req.session_token)  # the long-poll renews the lease too
+        if msg is None:
+            kind = pb.TASK_DONE if self.progress.done.is_set() else pb.TASK_NONE
+            return pb.Task(kind=kind, round=self.progress.committed_round)
+        config = dict(msg.content["config"]) if "config" in msg.content else {}
+        return pb.Task(kind=pb.TASK_TRAIN, task_id=msg.metadata.message_id, round=int(msg.metadata.group_id or config.get("server-round", 0)),
+                       config_json=json.dumps(config), num_tensors=len(self.spec))
+
+    def fetch_model(self, req: pb.FetchModelRequest, context) -> Iterator[pb.ModelChunk]:
+        member = self._session(req.client_id, req.session_token)
+        msg = self._open_task(req.task_id, member)
+        max_bytes = min(req.max_part_bytes or wire.MAX_PART_BYTES, wire.MAX_PART_BYTES)
+        if max_bytes < 1024:
+            raise invalid("bad_part_size", "max_part_bytes must be >= 1024")
+        base = self._base_state(req.task_id, msg)
+        encode = lambda name, t: C.encode(t.flatten(), C.CODEC_NAMES["none"])  # noqa: E731
+        return (pb.ModelChunk(part=p) for p in wire.state_parts(base, encode, max_bytes))
+
+    def push_update(self, chunks: Iterator[bytes], context) -> pb.PushReply:
+        received = 0
+        first = next(chunks, None)
+        if first is None:
+            raise invalid("empty_stream", "PushUpdate stream carried no header")
+        received += len(first)
+        head = _parse(pb.UpdateChunk, first)
+        if head.WhichOneof("kind") != "header":
+            raise invalid("no_header", "the first UpdateChunk must be a header")
+        h = head.header
+        member = self._session(h.client_id, h.session_token)
+        msg = self._open_task(h.task_id, member)
+        if h.num_parts != self.expected_parts:
+            raise invalid("bad_part_count", f"num_parts {h.num_parts}, expected {self.expected_parts} "
+                          f"for codec {self.cfg.upload_codec}")
+        if not math.isfinite(h.train_loss) or h.num_examples == 0 or h.num_examples > 10**9:
+            raise invalid("bad_header", "train_loss must be finite and num_examples in 1..1e9")
+        assembler = wire.PartAssembler(self.spec, {self.codec})
+        parts = 0
+        for raw in chunks:
+            received += len(raw)
+            if received > self.max_update_bytes:
+                raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "oversized",
+                               f"update stream over {self.max_update_bytes} bytes")
+            chunk = _parse(pb.UpdateChunk, raw)
+            if chunk.WhichOneof("kind") != "part":
+                raise invalid("bad_chunk", "only TensorPart chunks may follow the header")
+            parts += 1
+            if parts > h.num_parts:
+                raise invalid("bad_part_count", f"more than the announced {h.num_parts} parts")
+            try:
+                assembler.add(chunk.part)
+            except wire.WireError as err:
+                raise invalid("bad_tensor", str(err)) from None
+        try:
+            delta = assembler.finish()
+        except wire.WireError as err:
+            raise invalid("incomplete", str(err)) from None
+        base = self._base_state(h.task_id, msg)
+        weights = {n: base[n] + delta[n] for n in self.spec}
+        if not all(torch.isfinite(w).all() for w in weights.values()):
+            raise invalid("non_finite", "the update makes the model non-finite")
+        content = RecordDict({
+            "arrays": state_to_arrays(weights),
+            "metrics": MetricRecord({"num-examples": int(h.num_examples), "train_loss": float(h.train_loss),
+                                     "bytes-up": int(received), "bytes-up-raw": int(self.raw_update_bytes),
+                                     "train-seconds": float(h.train_seconds)}),
+            "client": ConfigRecord({"name": member.name}),
+        })
+        if not self.grid.deliver_reply(h.task_id, member.client_id, content):
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "task_closed", "the task closed while uploading")
+        member.rounds_done += 1
+        with self._cache_lock:
+            self._base_cache.pop(h.task_id, None)
+        return pb.PushReply(accepted=True, message="ok", bytes_received=received)
+
+    def status(self, req: pb.StatusRequest, context) -> pb.StatusReply:
+        return pb.StatusReply(json=json.dumps(self.status_dict()))
+
+    def status_dict(self) -> dict:
+        with self.progress.lock:
+            rounds = [dict(r) for r in self.progress.rounds]
+            state, current = self.progress.state, self.progress.current_round
+        return {
+            "state": state, "run_id": self.run_id, "round": rounds[-1]["round"] if rounds else 0,
+            "current_round": current, "rounds_total": self.cfg.rounds,
+            "clients": [{"name": m.name, "id": str(m.client_id), "device": m.device, "precision": m.precision,
+                         "rounds_done": m.rounds_done, "seen_s_ago": round(time.monotonic() - m.last_seen, 2)}
+                        for m in self.members.snapshot()],
+            "rounds": rounds, "config": json.loads(self.cfg.to_json()),
+            "rejections": dict(self.rejections),
+        }
+
+    # -- helpers ---------------------------------------------------------------------
+    def _open_task(self, task_id: str, member: Member) -> Message:
+        if len(task_id) > 64:
+            raise invalid("bad_task_id", "task_id too long")
+        msg = self.grid.open_instruction(task_id, member.client_id)
+        if msg is None:
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "task_closed",
+                           f"task {task_id[:64]!r} is not open for this client (finished, timed out or never sent)")
+        return msg
+
+    def _base_state(self, task_id: str, msg: Message) -> dict[str, torch.Tensor]:
+        """The weights the task was configured with (decoded once per task)."""
+        with self._cache_lock:
+            state = self._base_cache.get(task_id)
+            if state is None:
+                for stale in [t for t in self._base_cache if not self.grid.is_open(t)]:
+                    del self._base_cache[stale]
+                arrays: ArrayRecord = msg.content["arrays"]
+                state = self._base_cache[task_id] = arrays_to_state(arrays)
+            return state
+
+
+def _parse(msg_type, raw: bytes):
+    msg = msg_type()
+    try:
+        msg.ParseFromString(raw)
+    except (DecodeError, RuntimeError, ValueError) as err:
+        raise invalid("malformed", f"cannot parse {msg_type.DESCRIPTOR.name}: {err}") from None
+    return msg

@@ -1,0 +1,5 @@
+import sys
+
+from fedswarm.cli import main
+
+sys.exit(main())

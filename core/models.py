@@ -1,0 +1,144 @@
+"""Model presets: small transformer LMs built from `transformers` configs with random init.
+
+Nothing is downloaded: a preset is a config built in code, a path to a config
+JSON, or a Hugging Face folder (config.json + model.safetensors) on disk.
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
+
+from fedswarm.data import VOCAB_SIZE
+
+
+def _gpt2(n_layer: int, n_embd: int, n_head: int, n_positions: int = 512) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=VOCAB_SIZE, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
+    )
+
+
+def _llama(n_layer: int, hidden: int, n_head: int, intermediate: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
+        max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+
+
+PRESETS = {
+    "gpt2-tiny": lambda: _gpt2(n_layer=4, n_embd=128, n_head=4),      # ~0.8M params, the default
+    "gpt2-small8": lambda: _gpt2(n_layer=8, n_embd=256, n_head=8),    # ~6.4M params
+    "llama-tiny": lambda: _llama(n_layer=4, hidden=128, n_head=4, intermediate=352),
+}
+DEFAULT_PRESET = "gpt2-tiny"
+
+
+def model_config(preset: str) -> PretrainedConfig:
+    """A preset name, a config JSON file, or a folder holding config.json."""
+    if preset in PRESETS:
+        return PRESETS[preset]()
+    path = Path(preset)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        raw = json.loads(path.read_text())
+        model_type = raw.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"{path} has no 'model_type'; add e.g. \"model_type\": \"gpt2\"")
+        return AutoConfig.for_model(model_type, **raw)
+    raise ValueError(
+        f"unknown model {preset!r}: use one of {sorted(PRESETS)}, a config JSON file, "
+        "or a folder with config.json"
+    )
+
+
+def build_model(preset: str, seed: int = 0, weights: str | None = None) -> torch.nn.Module:
+    """Random-init causal LM from a preset (deterministic in `seed`), optionally loading safetensors weights."""
+    config = model_config(preset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    weights_file = _weights_file(preset, weights)
+    if weights_file is not None:
+        from safetensors.torch import load_file
+
+        missing, unexpected = model.load_state_dict(load_file(str(weights_file)), strict=False)
+        missing = [k for k in missing if k not in _tied_names(model)]
+        if missing or unexpected:
+            raise ValueError(f"{weights_file} does not match {preset}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def _weights_file(preset: str, weights: str | None) -> Path | None:
+    if weights:
+        return Path(weights)
+    folder = Path(preset)
+    if folder.is_dir() and (folder / "model.safetensors").is_file():
+        return folder / "model.safetensors"
+    return None
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        else:
+            seen[id(param)] = name
+    return tied
+
+
+def trainable_state(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """The tensors that travel: parameters once each (tied weights sent once), float32, CPU, detached."""
+    return OrderedDict(
+        (name, param.detach().to("cpu", torch.float32).clone())
+        for name, param in model.named_parameters()  # remove_duplicate=True: tied weights once
+    )
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the model's parameters in place (names and shapes must match)."""
+    params = dict(model.named_parameters())
+    if set(params) != set(state):
+        missing = sorted(set(params) - set(state))[:5]
+        extra = sorted(set(state) - set(params))[:5]
+        raise ValueError(f"state does not match the model: missing {missing}, unexpected {extra}")
+    with torch.no_grad():
+        for name, param in params.items():
+            src = state[name]
+            if tuple(src.shape) != tuple(param.shape):
+                raise ValueError(f"{name}: shape {tuple(src.shape)} != model's {tuple(param.shape)}")
+            param.copy_(src.to(param.device, param.dtype))
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; x, y: int64 [B, T]."""
+    logits = model(input_ids=x).logits  # [B, T, V]
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float:
+    """Mean loss over eval windows [N, T+1] (float32, no autocast: comparable across runs)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, windows.size(0), batch_size):
+        chunk = windows[start:start + batch_size].to(device)
+        loss = lm_loss(model, chunk[:, :-1], chunk[:, 1:])
+        total += loss.item() * chunk.size(0)
+        count += chunk.size(0)
+    model.train()
+    return total / max(count, 1)
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,1 @@
+"""Wire format: protobuf messages, generated gRPC stubs, tensor codecs."""

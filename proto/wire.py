@@ -1,0 +1,100 @@
+"""State dicts <-> bounded TensorPart messages, with validation before any decoding."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from fedswarm.proto import codec as C
+from fedswarm.proto import fedswarm_pb2 as pb
+
+MAX_PART_BYTES = 1 << 20          # data + scales of one TensorPart
+MAX_MESSAGE_BYTES = 4 << 20       # gRPC receive limit on both ends: no message near it
+MAX_NAME_LEN = 256
+
+
+class WireError(ValueError):
+    """A malformed message: maps to INVALID_ARGUMENT."""
+
+
+class TooLarge(WireError):
+    """An oversized message or stream: maps to RESOURCE_EXHAUSTED."""
+
+
+def tensor_parts(name: str, shape: tuple[int, ...], enc: C.Encoded,
+                 max_part_bytes: int = MAX_PART_BYTES) -> Iterator[pb.TensorPart]:
+    for offset, part in C.split(enc, max_part_bytes):
+        yield pb.TensorPart(
+            name=name, shape=list(shape), codec=part.codec, block_size=part.block_size,
+            offset=offset, count=part.count, data=part.data, scales=part.scales,
+        )
+
+
+def state_parts(state: dict[str, torch.Tensor], encode: Callable[[str, torch.Tensor], C.Encoded],
+                max_part_bytes: int = MAX_PART_BYTES) -> Iterator[pb.TensorPart]:
+    """Encode each tensor with `encode(name, tensor)` and cut it into parts."""
+    for name, tensor in state.items():
+        yield from tensor_parts(name, tuple(tensor.shape), encode(name, tensor), max_part_bytes)
+
+
+def count_parts(shapes: dict[str, tuple[int, ...]], codec: int, block_size: int | None,
+                max_part_bytes: int = MAX_PART_BYTES) -> int:
+    """How many parts state_parts() yields for tensors of these shapes (without encoding)."""
+    block = block_size or C.DEFAULT_BLOCK_SIZE.get(codec, 0)
+    total = 0
+    for shape in shapes.values():
+        data_len, scales_len = C.expected_sizes(codec, math.prod(shape), block)
+        total += max(1, math.ceil((data_len + scales_len) / max_part_bytes))
+    return total
+
+
+class PartAssembler:
+    """Rebuilds tensors from parts, checking every part against the expected spec before decoding.
+
+    spec: name -> shape of every tensor expected; each must arrive completely,
+    in order of offsets, with an allowed codec.
+    """
+
+    def __init__(self, spec: dict[str, tuple[int, ...]], allowed_codecs: Iterable[int]):
+        self.spec = spec
+        self.allowed = set(allowed_codecs)
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.filled: dict[str, int] = {}
+
+    def add(self, part: pb.TensorPart) -> None:
+        if len(part.name) > MAX_NAME_LEN or part.name not in self.spec:
+            raise WireError(f"unknown tensor name {part.name[:64]!r}: not in the run's model")
+        shape = self.spec[part.name]
+        if tuple(part.shape) != tuple(shape):
+            raise WireError(f"{part.name}: shape {tuple(part.shape)} != model's {tuple(shape)}")
+        if part.codec not in self.allowed:
+            raise WireError(f"{part.name}: codec {part.codec} not allowed in this run "
+                            f"(allowed: {sorted(self.allowed)})")
+        numel = math.prod(shape)
+        expected_offset = self.filled.get(part.name, 0)
+        if part.offset != expected_offset:
+            raise WireError(f"{part.name}: part at offset {part.offset}, expected {expected_offset}")
+        if part.count == 0 or part.offset + part.count > numel:
+            raise WireError(f"{part.name}: part [{part.offset}, {part.offset + part.count}) "
+                            f"outside the tensor's {numel} elements")
+        enc = C.Encoded(codec=part.codec, count=part.count, block_size=part.block_size,
+                        data=part.data, scales=part.scales)
+        try:
+            values = C.decode(enc)  # validates sizes and codec params first, then finiteness
+        except C.CodecError as err:
+            raise WireError(f"{part.name}: {err}") from err
+        buf = self.buffers.get(part.name)
+        if buf is None:
+            buf = self.buffers[part.name] = torch.empty(numel, dtype=torch.float32)
+        buf[part.offset:part.offset + part.count] = values
+        self.filled[part.name] = part.offset + part.count
+
+    def complete(self) -> bool:
+        return all(self.filled.get(n, 0) == math.prod(s) for n, s in self.spec.items())
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        missing = [n for n, s in self.spec.items() if self.filled.get(n, 0) != math.prod(s)]
+        if missing:
+            raise WireError(f"stream ended with {len(missing)} incomplete tensors, e.g. {missing[:3]}")
+        return {n: self.buffers[n].view(self.spec[n]) for n in self.spec}

@@ -1,0 +1,1 @@
+"""Local multi-process simulation: launcher, fault schedule, report and plots."""

@@ -1,0 +1,127 @@
+"""Real fedswarm processes on loopback, as context managers that always kill what they start."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+READY = re.compile(r"listening on (\S+:\d+)")
+
+
+def fedswarm_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedswarm", *args]
+
+
+class Proc:
+    """A child process; a reader thread tees its output into a log file and wakes `wait_for_line`."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict | None = None):
+        self.name, self.argv, self.log_path = name, argv, log_path
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        self._text = ""
+        self._cv = threading.Condition()
+        self._eof = False
+        self._reader = threading.Thread(target=self._pump, name=f"log-{name}", daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        with open(self.log_path, "ab") as log:
+            for line in iter(self.popen.stdout.readline, b""):
+                log.write(line)
+                log.flush()
+                with self._cv:
+                    self._text = (self._text + line.decode(errors="replace"))[-200_000:]
+                    self._cv.notify_all()
+        with self._cv:
+            self._eof = True
+            self._cv.notify_all()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        with self._cv:
+            return self._text
+
+    def wait_for_line(self, pattern: re.Pattern, timeout: float) -> re.Match:
+        """Block until the output matches (readiness), the process exits, or `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                match = pattern.search(self._text)
+                if match:
+                    return match
+                if self._eof:
+                    self.popen.wait()
+                    raise RuntimeError(f"{self.name} exited with {self.popen.returncode} before it was ready; "
+                                       f"see {self.log_path}:\n{self._text[-2000:]}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{self.name} not ready after {timeout:.0f} s; see {self.log_path}")
+                self._cv.wait(remaining)
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM, then SIGKILL after `grace` seconds; returns the exit code."""
+        if self.popen.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.popen.wait()
+        self._reader.join(timeout=5)
+        return self.popen.returncode
+
+
+@contextlib.contextmanager
+def coordinator_process(out_dir: Path, args: list[str], ready_timeout: float = 120.0,
+                        name: str = "coordinator") -> Iterator[tuple[Proc, str]]:
+    """Start `fedswarm coordinator --listen 127.0.0.1:0 ...`; yields (proc, "127.0.0.1:PORT")."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proc = Proc(name, fedswarm_cmd("coordinator", "--listen", "127.0.0.1:0", *args), out_dir / f"{name}.log")
+    try:
+        address = proc.wait_for_line(READY, ready_timeout).group(1)
+        yield proc, address
+    finally:
+        proc.stop()
+
+
+@contextlib.contextmanager
+def client_processes(out_dir: Path, address: str, count: int, extra: list[str] | None = None,
+                     threads: int = 1) -> Iterator[list[Proc]]:
+    """Start `count` client daemons against `address`; kills them on exit."""
+    procs: list[Proc] = []
+    try:
+        for i in range(count):
+            argv = fedswarm_cmd("client", "--coordinator", address, "--partition", f"{i}/{count}",
+                                "--name", f"client-{i}", "--threads", str(threads), *(extra or []))
+            procs.append(Proc(f"client-{i}", argv, out_dir / f"client-{i}.log"))
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def fetch_status(address: str, timeout: float = 10.0) -> dict:
+    import grpc
+
+    from fedswarm.proto import fedswarm_pb2 as pb
+    from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return json.loads(pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout).json)
