@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.coordinator.store import Store
+from fedswarm.coordinator.strategy_state import export_state, import_state, split_checkpoint
 from fedswarm.models import evaluate, load_trainable_state
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ class RoundDriver:
             self._commit(record, initial_state)
             state, last = initial_state, 0
         else:
-            state = self.store.load_checkpoint(last)
-            log.info("resuming after committed round %d", last)
+            state, strategy_state = split_checkpoint(self.store.load_checkpoint(last))
+            restored = import_state(self.strategy, strategy_state, list(state))
+            log.info("resuming after committed round %d (%d strategy state entries restored)", last, restored)
         arrays = state_to_arrays(state)
         rnd = last + 1
         while rnd <= self.cfg.rounds and not self.stop.is_set():
@@ -122,7 +124,7 @@ class RoundDriver:
         return new_arrays, record
 
     def _commit(self, record: dict, state: dict[str, torch.Tensor]) -> None:
-        self.store.commit_round(record, state)
+        self.store.commit_round(record, {**state, **export_state(self.strategy, list(state))})
         with self.progress.lock:
             self.progress.rounds.append({k: record[k] for k in
                                          ("round", "eval_loss", "train_loss", "clients", "bytes_up", "bytes_up_raw", "seconds")})

@@ -43,9 +43,12 @@ def count_parts(shapes: dict[str, tuple[int, ...]], codec: int, block_size: int 
     """How many parts state_parts() yields for tensors of these shapes (without encoding)."""
     block = block_size or C.DEFAULT_BLOCK_SIZE.get(codec, 0)
     total = 0
+    align = block or 1  # mirrors C.split: parts are cut at whole blocks, not at max_part_bytes
+    per_part = max(1, max_part_bytes // sum(C.expected_sizes(codec, align, block))) * align
     for shape in shapes.values():
-        data_len, scales_len = C.expected_sizes(codec, math.prod(shape), block)
-        total += max(1, math.ceil((data_len + scales_len) / max_part_bytes))
+        count = math.prod(shape)
+        data_len, scales_len = C.expected_sizes(codec, count, block)
+        total += 1 if data_len + scales_len <= max_part_bytes or count == 0 else math.ceil(count / per_part)
     return total
 
 

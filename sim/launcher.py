@@ -12,6 +12,7 @@ from pathlib import Path
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.proto.codec import CODEC_NAMES
 from fedswarm.sim.processes import client_processes, coordinator_process, fetch_status
+from fedswarm.sim.relay import CountingRelay
 from fedswarm.sim.report import plot_rounds, write_report
 
 DEFAULT_CLIENTS = 3
@@ -48,13 +49,15 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
                   "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
                   "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed)]
     started = time.time()
-    with coordinator_process(out, coord_args) as (coordinator, address):
+    with coordinator_process(out, coord_args) as (coordinator, address), CountingRelay(address) as relay:
         log(f"coordinator on {address}; starting {args.clients} clients ({threads} thread(s) each)")
         client_args = ["--data", args.data, "--precision", args.precision]
-        with client_processes(out, address, args.clients, client_args, threads=threads) as clients:
+        # Clients reach the coordinator through the relay, so every byte they send is counted at a socket.
+        with client_processes(out, relay.address, args.clients, client_args, threads=threads) as clients:
             status = _follow(address, coordinator, clients, args.rounds, log if not args.quiet else None)
             for client in clients:  # they exit by themselves on TASK_DONE
                 client.popen.wait(timeout=60)
+        socket_up, socket_down = relay.counts()
     report = {
         "config": status["config"],
         "sim": {"clients": args.clients, "data": args.data, "precision": args.precision,
@@ -62,6 +65,7 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
         "rounds": status["rounds"],
         "clients": status["clients"],
         "rejections": status.get("rejections", {}),
+        "socket_bytes": {"up": socket_up, "down": socket_down},
         "wall_seconds": round(time.time() - started, 2),
     }
     write_report(out, report)
