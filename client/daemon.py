@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from fedswarm.client.identity import Identity, open_channel
 from fedswarm.client.trainer import PRECISIONS, LocalTrainer, resolve_device, resolve_precision
 from fedswarm.data import BatchSampler, load_train_tokens, parse_partition
 from fedswarm.models import build_model
@@ -40,6 +41,10 @@ class ClientTimeouts:
     give_up_s: float = 0.0            # stop retrying after this long unreachable (0: never)
 
 
+class JoinRefused(Exception):
+    """The coordinator does not accept this client's key or proof: retrying will not help."""
+
+
 class SessionLost(Exception):
     """The coordinator no longer knows this session (it restarted or dropped us): join again."""
 
@@ -52,10 +57,17 @@ class ClientDaemon:
         self.device = resolve_device(args.device)
         self.precision = resolve_precision(args.precision, self.device)
         self.index, self.num_partitions = parse_partition(args.partition)
-        self.channel = grpc.insecure_channel(args.coordinator, options=[
+        key = getattr(args, "key", None)
+        self.identity = Identity.load(key) if key else None  # signs joins and updates
+        self.channel = open_channel(args.coordinator, getattr(args, "tls_ca", None), options=[
             ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
-            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)])
+            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096),
+            # gRPC's own reconnect backoff (1 s growing to 120 s) would otherwise override backoff_max_s
+            ("grpc.initial_reconnect_backoff_ms", int(self.t.backoff_initial_s * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(self.t.backoff_max_s * 1000))])
         self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self._push_raw = self.channel.stream_unary(  # PushUpdate taking pre-serialized UpdateChunks
+            "/fedswarm.Coordinator/PushUpdate", request_serializer=None, response_deserializer=pb.PushReply.FromString)
         self.client_id, self.token, self.run_id = 0, "", ""
         self.trainer: LocalTrainer | None = None
         self.feedback: C.ErrorFeedback | None = None
@@ -80,9 +92,18 @@ class ClientDaemon:
                 delay = min(delay * 2, self.t.backoff_max_s)
 
     def join(self) -> None:
-        req = pb.JoinRequest(name=self.name, device=str(self.device), precision=self.precision,
-                             resume_client_id=self.client_id, resume_token=self.token)
-        reply = self.with_retry("join", lambda: self.stub.Join(req, timeout=self.t.rpc_s))
+        def attempt():  # a fresh timestamp and nonce per attempt: a resent proof would count as a replay
+            proof = self.identity.join_proof(self.name) if self.identity else {}
+            req = pb.JoinRequest(name=self.name, device=str(self.device), precision=self.precision,
+                                 resume_client_id=self.client_id, resume_token=self.token, **proof)
+            return self.stub.Join(req, timeout=self.t.rpc_s)
+        try:
+            reply = self.with_retry("join", attempt)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            hint = "" if self.identity else " (this client has no --key)"
+            raise JoinRefused(f"the coordinator refused to let {self.name} join: {err.details()}{hint}") from None
         if self.run_id and reply.run_id != self.run_id:
             raise RuntimeError(f"the coordinator now serves run {reply.run_id}, not {self.run_id}; restart the client")
         self.client_id, self.token, self.run_id = reply.client_id, reply.session_token, reply.run_id
@@ -155,9 +176,13 @@ class ClientDaemon:
         header = pb.UpdateHeader(client_id=self.client_id, session_token=self.token, task_id=task.task_id,
                                  round=task.round, num_examples=result.num_examples, train_loss=result.train_loss,
                                  num_tensors=len(delta), num_parts=len(parts), train_seconds=result.seconds)
-        chunks = [pb.UpdateChunk(header=header)] + [pb.UpdateChunk(part=p) for p in parts]
+        raw_parts = [pb.UpdateChunk(part=p).SerializeToString() for p in parts]
+        if self.identity:  # the coordinator hashes exactly these bytes: send them as they are
+            header.signature = self.identity.sign_update(self.run_id, task.round, self.client_id, task.task_id,
+                                                         header.num_examples, header.train_loss, len(parts), raw_parts)
+        chunks = [pb.UpdateChunk(header=header).SerializeToString()] + raw_parts
         try:
-            reply = self.with_retry("upload", lambda: self.stub.PushUpdate(iter(chunks), timeout=self.t.transfer_s))
+            reply = self.with_retry("upload", lambda: self._push_raw(iter(chunks), timeout=self.t.transfer_s))
         except grpc.RpcError:
             self.feedback.residuals = saved  # nothing was applied: the residual must not move on
             raise
@@ -187,6 +212,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--name", default="", help="name shown in status (default: host name + random suffix)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate (PEM) to verify a TLS coordinator")
+    p.add_argument("--key", metavar="FILE", help="Ed25519 private key (PEM) proving this client's identity")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -198,4 +225,8 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return daemon.run()
+    try:
+        return daemon.run()
+    except JoinRefused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1

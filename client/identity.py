@@ -34,7 +34,7 @@ def load_private_key(path: str | Path) -> ed25519.Ed25519PrivateKey:
         raise IdentityError(f"--key {path}: not a PEM private key without passphrase ({err}); "
                             "make one with `fedswarm keygen DIR`") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise IdentityError(f"--key {path}: a {type(key).__name__}, expected an Ed25519 key; "
+        raise IdentityError(f"--key {path}: not an Ed25519 key ({type(key).__name__}); "
                             "make one with `fedswarm keygen DIR`")
     return key
 

@@ -67,7 +67,11 @@ class RoundDriver:
             self._commit(record, initial_state)
             state, last = initial_state, 0
         else:
-            state, strategy_state = split_checkpoint(self.store.load_checkpoint(last))
+            loaded, strategy_state = split_checkpoint(self.store.load_checkpoint(last))
+            if set(loaded) != set(initial_state):
+                raise ValueError(f"the checkpoint of round {last} does not match model {self.cfg.model!r}")
+            # safetensors sorts keys; strategies zip arrays by position, so keep the model's order.
+            state = {k: loaded[k] for k in initial_state}
             restored = import_state(self.strategy, strategy_state, list(state))
             log.info("resuming after committed round %d (%d strategy state entries restored)", last, restored)
         arrays = state_to_arrays(state)

@@ -91,7 +91,6 @@ class SessionGrid(Grid):
     def take_task(self, node_id: int, wait_s: float) -> Message | None:
         """Long-poll: the next instruction for `node_id`, or None after `wait_s`."""
         deadline = time.monotonic() + wait_s
-        import logging; logging.getLogger("dbg").info("take_task %s wait %s closed %s", node_id, wait_s, self._closed)
         with self._cv:
             while not self._closed:
                 queue = self._queues.get(node_id)
@@ -99,15 +98,12 @@ class SessionGrid(Grid):
                     return self._instructions[queue.popleft()]
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    import logging; logging.getLogger("dbg").info("take_task %s timed out", node_id)
                     return None
                 self._cv.wait(timeout=remaining)
-            import logging; logging.getLogger("dbg").info("take_task %s closed", node_id)
             return None
 
     def close(self) -> None:
         """The run is over: wake every long-poll."""
-        import logging; logging.getLogger("dbg").info("close")
         with self._cv:
             self._closed = True
             self._cv.notify_all()

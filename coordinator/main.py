@@ -14,6 +14,7 @@ import grpc
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedswarm.coordinator.auth import Authenticator, load_authorized_keys, server_credentials
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.driver import RoundDriver, RunProgress
 from fedswarm.coordinator.grid import SessionGrid
@@ -53,6 +54,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-timeout", type=float, default=CoordinatorTimeouts.round_timeout_s)
     p.add_argument("--lease", type=float, default=CoordinatorTimeouts.lease_s, help="seconds of silence before a client is dropped")
     p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
+    p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
+    p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")
+    p.add_argument("--authorized-keys", metavar="FILE",
+                   help="only clients proving a key listed here may join (`ed25519 <base64> name` lines)")
+
+
+def load_security(args: argparse.Namespace) -> tuple[grpc.ServerCredentials | None, Authenticator]:
+    """TLS credentials (None: plaintext) and the join/update authenticator; ValueError on bad flags or files."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together: pass both (e.g. server.pem and server.key "
+                         "from `fedswarm keygen DIR`) or neither")
+    creds = server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None
+    keys = load_authorized_keys(args.authorized_keys) if args.authorized_keys else None
+    return creds, Authenticator(keys)
 
 
 def resolve_config(args: argparse.Namespace, store: Store) -> RunConfig:
@@ -74,6 +89,17 @@ def resolve_config(args: argparse.Namespace, store: Store) -> RunConfig:
 
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        tls, auth = load_security(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if auth.enabled:
+        log.info("authenticated run: %d authorized key(s) from %s", len(auth.authorized), args.authorized_keys)
+    else:
+        log.warning("no --authorized-keys: this coordinator accepts ANY client (development mode)")
+    if tls is None:
+        log.warning("no --tls-cert/--tls-key: traffic is plaintext")
     store = Store(args.state_dir)
     try:
         cfg = resolve_config(args, store)
@@ -99,14 +125,15 @@ def serve(args: argparse.Namespace) -> int:
                             reaper_interval_s=timeouts.reaper_interval_s)
     grid = SessionGrid(TaskIdentity.run_id, membership.live_ids)
     grid_ref.append(grid)
-    service = CoordinatorService(cfg, run_id, grid, membership, progress, spec, timeouts)
+    service = CoordinatorService(cfg, run_id, grid, membership, progress, spec, timeouts, auth=auth)
 
     options = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
                ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"), options=options)
     server.add_generic_rpc_handlers((service.handler(),))
     host, _, port = args.listen.rpartition(":")
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls) if tls else server.add_insecure_port(address)
     if bound == 0:
         print(f"error: cannot listen on {args.listen}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ class Member:
     joined_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     rounds_done: int = 0
+    public_key: bytes = b""          # Ed25519 raw key proven at join (authenticated runs)
 
 
 class Membership:
@@ -36,17 +37,19 @@ class Membership:
                                         name="lease-reaper", daemon=True)
         self._reaper.start()
 
-    def join(self, name: str, device: str, precision: str, resume_id: int = 0, resume_token: str = "") -> tuple[Member, bool]:
-        """Register a client; re-join keeps the id when the old session is still known. Returns (member, resumed)."""
+    def join(self, name: str, device: str, precision: str, resume_id: int = 0, resume_token: str = "",
+             public_key: bytes = b"") -> tuple[Member, bool]:
+        """Register a client; re-join keeps the id when the old session (and key) is still known. Returns (member, resumed)."""
         with self._lock:
             old = self._members.get(resume_id) if resume_id else None
-            if old is not None and resume_token and secrets.compare_digest(old.token, resume_token):
+            if (old is not None and resume_token and secrets.compare_digest(old.token, resume_token)
+                    and old.public_key == public_key):
                 old.last_seen = time.monotonic()
                 return old, True
             client_id = secrets.randbits(62) + 1
             while client_id in self._members:
                 client_id = secrets.randbits(62) + 1
-            member = Member(client_id, name, secrets.token_hex(16), device, precision)
+            member = Member(client_id, name, secrets.token_hex(16), device, precision, public_key=public_key)
             self._members[client_id] = member
             return member, False
 

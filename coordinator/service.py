@@ -15,13 +15,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from google.protobuf.message import DecodeError
 
+from fedswarm.coordinator.auth import AuthError, Authenticator, SeenSet
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.driver import RunProgress, arrays_to_state, state_to_arrays
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Member, Membership
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
-from fedswarm.proto import wire
+from fedswarm.proto import signing, wire
 
 log = logging.getLogger(__name__)
 SERVICE = "fedswarm.Coordinator"
@@ -41,10 +42,17 @@ def invalid(reason: str, detail: str) -> Rejected:
     return Rejected(grpc.StatusCode.INVALID_ARGUMENT, reason, detail)
 
 
+def unauthenticated(err: AuthError) -> Rejected:
+    return Rejected(grpc.StatusCode.UNAUTHENTICATED, err.reason, err.detail)
+
+
 class CoordinatorService:
     def __init__(self, cfg: RunConfig, run_id: str, grid: SessionGrid, membership: Membership,
-                 progress: RunProgress, spec: dict[str, tuple[int, ...]], timeouts: CoordinatorTimeouts):
+                 progress: RunProgress, spec: dict[str, tuple[int, ...]], timeouts: CoordinatorTimeouts,
+                 auth: Authenticator | None = None):
         self.cfg, self.run_id, self.grid, self.members = cfg, run_id, grid, membership
+        self.auth = auth or Authenticator(None)  # None: dev mode, anyone may join
+        self._answered, self._seen_signatures = SeenSet(), SeenSet()  # replayed-update guards
         self.progress, self.spec, self.timeouts = progress, spec, timeouts
         self.codec = C.codec_by_name(cfg.upload_codec)
         self.block_size = cfg.codec_block_size or C.DEFAULT_BLOCK_SIZE.get(self.codec, 0)
@@ -96,11 +104,18 @@ class CoordinatorService:
             raise invalid("bad_name", f"name must be 1..{MAX_NAME} printable characters")
         if len(req.device) > MAX_NAME or len(req.precision) > 16:
             raise invalid("bad_join", "device/precision field too long")
+        try:
+            key_name = self.auth.check_join(req.name, req.public_key, req.signature, req.timestamp, req.nonce)
+        except AuthError as err:
+            log.warning("refused join of %r: %s", req.name, err.reason)
+            raise unauthenticated(err) from None
         member, resumed = self.members.join(req.name, req.device, req.precision,
-                                            req.resume_client_id, req.resume_token)
+                                            req.resume_client_id, req.resume_token,
+                                            public_key=bytes(req.public_key) if self.auth.enabled else b"")
         if resumed:
             self.grid.requeue_for(member.client_id)
-        log.info("client %s %s as %d", req.name, "re-joined" if resumed else "joined", member.client_id)
+        log.info("client %s %s as %d%s", req.name, "re-joined" if resumed else "joined", member.client_id,
+                 f" (key {key_name})" if key_name else "")
         return pb.JoinReply(client_id=member.client_id, session_token=member.token, run_id=self.run_id,
                             run_config_json=self.cfg.to_json(),
                             heartbeat_interval_s=self.timeouts.heartbeat_interval_s, lease_s=self.timeouts.lease_s)
@@ -145,6 +160,12 @@ class CoordinatorService:
             raise invalid("no_header", "the first UpdateChunk must be a header")
         h = head.header
         member = self._session(h.client_id, h.session_token)
+        if (member.client_id, h.task_id) in self._answered or bytes(h.signature) in self._seen_signatures:
+            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "replayed_update",
+                           f"an update for task {h.task_id[:64]!r} was already delivered (replay)")
+        if self.auth.enabled and len(h.signature) != signing.SIGNATURE_BYTES:
+            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "bad_signature",
+                           "the update is not signed: start the client with --key")
         msg = self._open_task(h.task_id, member)
         if h.num_parts != self.expected_parts:
             raise invalid("bad_part_count", f"num_parts {h.num_parts}, expected {self.expected_parts} "
@@ -152,6 +173,7 @@ class CoordinatorService:
         if not math.isfinite(h.train_loss) or h.num_examples == 0 or h.num_examples > 10**9:
             raise invalid("bad_header", "train_loss must be finite and num_examples in 1..1e9")
         assembler = wire.PartAssembler(self.spec, {self.codec})
+        digest = signing.UpdateDigest(h.num_examples, h.train_loss, h.num_parts)
         parts = 0
         for raw in chunks:
             received += len(raw)
@@ -161,6 +183,7 @@ class CoordinatorService:
             chunk = _parse(pb.UpdateChunk, raw)
             if chunk.WhichOneof("kind") != "part":
                 raise invalid("bad_chunk", "only TensorPart chunks may follow the header")
+            digest.add_chunk(raw)
             parts += 1
             if parts > h.num_parts:
                 raise invalid("bad_part_count", f"more than the announced {h.num_parts} parts")
@@ -168,6 +191,12 @@ class CoordinatorService:
                 assembler.add(chunk.part)
             except wire.WireError as err:
                 raise invalid("bad_tensor", str(err)) from None
+        try:  # the task's own round, so a signature for another round cannot verify
+            self.auth.check_update(member.public_key, h.signature, self.run_id, _task_round(msg),
+                                   member.client_id, h.task_id, digest.digest())
+        except AuthError as err:
+            log.warning("refused update from %s for task %s: %s", member.name, h.task_id[:64], err.reason)
+            raise unauthenticated(err) from None
         try:
             delta = assembler.finish()
         except wire.WireError as err:
@@ -185,6 +214,9 @@ class CoordinatorService:
         })
         if not self.grid.deliver_reply(h.task_id, member.client_id, content):
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "task_closed", "the task closed while uploading")
+        self._answered.add((member.client_id, h.task_id))
+        if h.signature:
+            self._seen_signatures.add(bytes(h.signature))
         member.rounds_done += 1
         with self._cache_lock:
             self._base_cache.pop(h.task_id, None)
@@ -236,3 +268,9 @@ def _parse(msg_type, raw: bytes):
     except (DecodeError, RuntimeError, ValueError) as err:
         raise invalid("malformed", f"cannot parse {msg_type.DESCRIPTOR.name}: {err}") from None
     return msg
+
+
+def _task_round(msg: Message) -> int:
+    """The round PullTask announced for this instruction (what the client signs)."""
+    config = msg.content["config"] if "config" in msg.content else {}
+    return int(msg.metadata.group_id or config.get("server-round", 0))

@@ -1,4 +1,4 @@
-"""The `fedswarm` command: coordinator, client, status, sim, bench."""
+"""The `fedswarm` command: coordinator, client, status, keygen, sim, bench."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +9,16 @@ import sys
 def _status(args: argparse.Namespace) -> int:
     import grpc
 
+    from fedswarm.client.identity import IdentityError, open_channel
     from fedswarm.proto import fedswarm_pb2 as pb
     from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.coordinator) as channel:
+    try:
+        channel = open_channel(args.coordinator, args.tls_ca)
+    except IdentityError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with channel:
         try:
             reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=args.timeout)
         except grpc.RpcError as err:
@@ -33,6 +39,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedswarm import keygen
     from fedswarm.client import daemon
     from fedswarm.coordinator import main as coordinator
     from fedswarm.sim import bench, launcher
@@ -52,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", required=True, help="HOST:PORT")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--tls-ca", default=None, metavar="FILE", help="CA certificate (PEM) to verify a TLS coordinator")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("keygen", help="write a development CA, server certificate, client keys, authorized_keys")
+    keygen.add_arguments(p)
+    p.set_defaults(func=keygen.main)
 
     p = sub.add_parser("sim", help="coordinator + N clients as local processes")
     launcher.add_arguments(p)

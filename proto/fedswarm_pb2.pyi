@@ -50,7 +50,7 @@ class TensorPart(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "device", "precision", "resume_client_id", "public_key", "signature", "resume_token")
+    __slots__ = ("name", "device", "precision", "resume_client_id", "public_key", "signature", "resume_token", "timestamp", "nonce")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,8 @@ class JoinRequest(_message.Message):
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     precision: str
@@ -65,7 +67,9 @@ class JoinRequest(_message.Message):
     public_key: bytes
     signature: bytes
     resume_token: str
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., resume_client_id: _Optional[int] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., resume_token: _Optional[str] = ...) -> None: ...
+    timestamp: float
+    nonce: bytes
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., resume_client_id: _Optional[int] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., resume_token: _Optional[str] = ..., timestamp: _Optional[float] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("client_id", "session_token", "run_id", "run_config_json", "heartbeat_interval_s", "lease_s")
@@ -192,3 +196,53 @@ class StatusReply(_message.Message):
     JSON_FIELD_NUMBER: _ClassVar[int]
     json: str
     def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class SwarmTensor(_message.Message):
+    __slots__ = ("shape", "codec", "block_size", "data", "scales")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    codec: Codec
+    block_size: int
+    data: bytes
+    scales: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ...) -> None: ...
+
+class StageRequest(_message.Message):
+    __slots__ = ("run_id", "stage", "microbatch_id", "ids", "ids_shape", "hidden", "labels", "grad_output", "backward")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    IDS_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    stage: int
+    microbatch_id: str
+    ids: bytes
+    ids_shape: _containers.RepeatedScalarFieldContainer[int]
+    hidden: SwarmTensor
+    labels: bytes
+    grad_output: SwarmTensor
+    backward: bool
+    def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[int] = ..., microbatch_id: _Optional[str] = ..., ids: _Optional[bytes] = ..., ids_shape: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[SwarmTensor, _Mapping]] = ..., labels: _Optional[bytes] = ..., grad_output: _Optional[_Union[SwarmTensor, _Mapping]] = ..., backward: _Optional[bool] = ...) -> None: ...
+
+class StageReply(_message.Message):
+    __slots__ = ("hidden", "grad_input", "loss", "optimizer_step", "recomputed")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STEP_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
+    hidden: SwarmTensor
+    grad_input: SwarmTensor
+    loss: float
+    optimizer_step: int
+    recomputed: bool
+    def __init__(self, hidden: _Optional[_Union[SwarmTensor, _Mapping]] = ..., grad_input: _Optional[_Union[SwarmTensor, _Mapping]] = ..., loss: _Optional[float] = ..., optimizer_step: _Optional[int] = ..., recomputed: _Optional[bool] = ...) -> None: ...

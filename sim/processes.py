@@ -117,11 +117,11 @@ def client_processes(out_dir: Path, address: str, count: int, extra: list[str] |
             proc.stop()
 
 
-def fetch_status(address: str, timeout: float = 10.0) -> dict:
-    import grpc
-
+def fetch_status(address: str, timeout: float = 10.0, tls_ca: str | Path | None = None) -> dict:
+    """The coordinator's status object; `tls_ca` (the CA's PEM) for a TLS coordinator."""
+    from fedswarm.client.identity import open_channel
     from fedswarm.proto import fedswarm_pb2 as pb
     from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls_ca) as channel:
         return json.loads(pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout).json)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 
 import grpc
 import pytest
 import torch
 
+from fedswarm.client.identity import Identity
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import wire
-from fedswarm.sim.processes import coordinator_process, fetch_status
+from fedswarm.sim.processes import coordinator_process, fedswarm_cmd, fetch_status
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION}
@@ -52,7 +54,10 @@ def _code(call) -> grpc.StatusCode:
 @pytest.mark.timeout(300)
 def test_fuzz_every_rpc(tmp_path):
     rng = random.Random(1234)
-    args = ["--state-dir", str(tmp_path / "state"), "--rounds", "1", "--min-clients", "1", "--local-steps", "1",
+    # Authenticated run: a mutated copy of a signed update is refused whatever byte it touches.
+    subprocess.run(fedswarm_cmd("keygen", str(tmp_path / "keys"), "--clients", "1"), check=True, capture_output=True)
+    ident = Identity.load(tmp_path / "keys" / "client-0.key")
+    args = ["--authorized-keys", str(tmp_path / "keys" / "authorized_keys"), "--state-dir", str(tmp_path / "state"), "--rounds", "1", "--min-clients", "1", "--local-steps", "1",
             "--seq-len", "32", "--batch-size", "2", "--upload-codec", "int8"]
     with coordinator_process(tmp_path, args) as (proc, address):
         channel = grpc.insecure_channel(address)
@@ -62,7 +67,8 @@ def test_fuzz_every_rpc(tmp_path):
         raw_push = channel.stream_unary("/fedswarm.Coordinator/PushUpdate")
 
         # A real session with an open task, so mutated requests reach deep validation.
-        joined = stub.Join(pb.JoinRequest(name="fuzzer", device="cpu", precision="fp32"), timeout=10)
+        joined = stub.Join(pb.JoinRequest(name="fuzzer", device="cpu", precision="fp32",
+                                          **ident.join_proof("fuzzer")), timeout=10)
         task = stub.PullTask(pb.PullTaskRequest(client_id=joined.client_id, session_token=joined.session_token,
                                                 wait_s=30), timeout=40)
         assert task.kind == pb.TASK_TRAIN
@@ -77,8 +83,10 @@ def test_fuzz_every_rpc(tmp_path):
         header = pb.UpdateHeader(client_id=joined.client_id, session_token=joined.session_token, task_id=task.task_id,
                                  round=task.round, num_examples=2, train_loss=3.0, num_tensors=len(base),
                                  num_parts=len(parts))
-        valid_stream = [pb.UpdateChunk(header=header).SerializeToString()] + \
-                       [pb.UpdateChunk(part=p).SerializeToString() for p in parts]
+        raw_parts = [pb.UpdateChunk(part=p).SerializeToString() for p in parts]
+        header.signature = ident.sign_update(joined.run_id, task.round, joined.client_id, task.task_id, 2, 3.0,
+                                             len(parts), raw_parts)
+        valid_stream = [pb.UpdateChunk(header=header).SerializeToString()] + raw_parts
 
         valid = {
             "Join": pb.JoinRequest(name="x", device="cpu", precision="bf16").SerializeToString(),

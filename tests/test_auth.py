@@ -1,0 +1,272 @@
+"""TLS, join proofs and signed updates: signing helpers, authorized_keys, and real processes on 127.0.0.1."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fedswarm.client.identity import Identity, open_channel
+from fedswarm.coordinator.auth import AuthError, Authenticator, parse_authorized_keys, verify
+from fedswarm.proto import codec as C
+from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
+from fedswarm.proto import signing, wire
+from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status
+
+SMALL = ["--rounds", "1", "--min-clients", "1", "--local-steps", "5", "--seq-len", "64", "--batch-size", "8"]
+OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
+           ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run(fedswarm_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("keys")
+    proc = run_cli("keygen", str(out), "--clients", "2", "--hosts", "127.0.0.1,localhost")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "client-1.key" in proc.stdout
+    for name in ("ca.key", "server.key", "client-0.key", "client-1.key"):
+        assert (out / name).stat().st_mode & 0o777 == 0o600, name
+    return out
+
+
+def tls_args(keys: Path) -> list[str]:
+    return ["--tls-cert", str(keys / "server.pem"), "--tls-key", str(keys / "server.key"),
+            "--authorized-keys", str(keys / "authorized_keys")]
+
+
+def wait_until(what: str, check, deadline_s: float, watch: list[Proc] = ()):
+    """Poll `check()` until truthy; fail early if a watched process dies."""
+    tick, deadline = threading.Event(), time.monotonic() + deadline_s
+    while True:
+        for proc in watch:
+            if proc.popen.poll() not in (None, 0):
+                pytest.fail(f"{proc.name} exited with {proc.popen.returncode} waiting for {what}:\n{proc.output()[-3000:]}")
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {deadline_s:.0f} s")
+        tick.wait(0.3)
+
+
+# -- unit: signing helpers and authorized_keys --------------------------------------------
+def _signed_update(ident: Identity, run_id="r1", rnd=3, client_id=7, task_id="t1"):
+    chunks = [b"part-one", b"part-two"]
+    sig = ident.sign_update(run_id, rnd, client_id, task_id, 16, 1.5, len(chunks), chunks)
+    return sig, signing.update_digest(16, 1.5, len(chunks), chunks)
+
+
+def test_update_signature_binds_run_round_client_task_and_payload():
+    ident = Identity(ed25519.Ed25519PrivateKey.generate())
+    sig, digest = _signed_update(ident)
+    ok = lambda **kw: verify(ident.public_key, kw.get("sig", sig), signing.update_message(  # noqa: E731
+        kw.get("run_id", "r1"), kw.get("rnd", 3), kw.get("cid", 7), kw.get("task", "t1"), kw.get("digest", digest)))
+    assert ok()
+    assert not ok(sig=bytes([sig[0] ^ 1]) + sig[1:])        # bad signature
+    assert not ok(rnd=4)                                     # wrong round
+    assert not ok(run_id="r2")                               # wrong run id
+    assert not ok(cid=8) and not ok(task="t2")
+    assert not ok(digest=signing.update_digest(16, 1.5, 2, [b"part-one", b"part-twO"]))
+    assert not ok(digest=signing.update_digest(17, 1.5, 2, [b"part-one", b"part-two"]))
+    other = Identity(ed25519.Ed25519PrivateKey.generate())
+    assert not verify(other.public_key, sig, signing.update_message("r1", 3, 7, "t1", digest))
+
+    auth = Authenticator({ident.public_key: "c0"})
+    auth.check_update(ident.public_key, sig, "r1", 3, 7, "t1", digest)
+    for args in (("r1", 4, 7, "t1"), ("r2", 3, 7, "t1"), ("r1", 3, 7, "t2")):
+        with pytest.raises(AuthError) as err:
+            auth.check_update(ident.public_key, sig, *args, digest)
+        assert err.value.reason == "bad_signature"
+    Authenticator(None).check_update(b"", b"", "r1", 3, 7, "t1", digest)  # dev mode: ignored
+
+
+def test_join_proof_checks():
+    ident, stranger = (Identity(ed25519.Ed25519PrivateKey.generate()) for _ in range(2))
+    auth = Authenticator({ident.public_key: "c0"})
+    now = time.time()
+
+    def reason(proof: dict, name: str = "alice") -> str | None:
+        try:
+            auth.check_join(name, proof["public_key"], proof["signature"], proof["timestamp"], proof["nonce"], now=now)
+        except AuthError as err:
+            return err.reason
+        return None
+
+    good = ident.join_proof("alice", timestamp=now - 5)
+    assert reason(good) is None
+    assert reason(good) == "replayed_join"
+    assert reason(stranger.join_proof("alice", timestamp=now)) == "unknown_key"
+    assert reason(ident.join_proof("alice", timestamp=now - 121)) == "stale_join"
+    assert reason(ident.join_proof("alice", timestamp=now + 121)) == "stale_join"
+    assert reason(ident.join_proof("alice", timestamp=float("nan"))) == "stale_join"
+    assert reason(ident.join_proof("alice", timestamp=now), name="mallory") == "bad_signature"
+    assert reason({**ident.join_proof("alice", timestamp=now), "nonce": b"short"}) == "bad_signature"
+    assert Authenticator(None).check_join("anyone", b"", b"", 0.0, b"") == ""
+
+
+def test_authorized_keys_parsing():
+    a = Identity(ed25519.Ed25519PrivateKey.generate()).public_key
+    b = Identity(ed25519.Ed25519PrivateKey.generate()).public_key
+    text = (f"# header\n\n  ed25519 {base64.b64encode(a).decode()} client-0\n"
+            f"ed25519 {base64.b64encode(b).decode()}\n   # indented comment\n")
+    assert parse_authorized_keys(text) == {a: "client-0", b: "line 4"}
+    bad = [f"ssh-rsa {base64.b64encode(a).decode()} x", "ed25519", "ed25519 not*base64 x",
+           f"ed25519 {base64.b64encode(a[:31]).decode()} short"]
+    for line in bad:
+        with pytest.raises(ValueError, match=r"line 3\b"):
+            parse_authorized_keys(f"# ok\n\n{line}\n")
+
+
+# -- real processes -------------------------------------------------------------------------
+@pytest.mark.timeout(300)
+def test_tls_client_completes_round_and_plaintext_client_cannot_join(tmp_path, keys):
+    ca = str(keys / "ca.pem")
+    with coordinator_process(tmp_path, ["--state-dir", str(tmp_path / "state"), *SMALL, *tls_args(keys)]) as (coord, address):
+        assert "accepts ANY client" not in coord.output()
+        plain = Proc("plain", fedswarm_cmd("client", "--coordinator", address, "--name", "plain", "--threads", "1",
+                                           "--device", "cpu", "--key", str(keys / "client-1.key")),
+                     tmp_path / "plain.log")
+        try:
+            plain.wait_for_line(re.compile(r"(?s)join failed \(UNAVAILABLE.*retrying.*join failed.*retrying"), 90)
+            assert plain.popen.poll() is None
+        finally:
+            plain.stop()
+
+        argv = fedswarm_cmd("client", "--coordinator", address, "--name", "good", "--threads", "1", "--device", "cpu",
+                            "--tls-ca", ca, "--key", str(keys / "client-0.key"))
+        good = Proc("good", argv, tmp_path / "good.log")
+        try:
+            wait_until("state done", lambda: fetch_status(address, tls_ca=ca)["state"] == "done", 200, [coord, good])
+            cli = run_cli("status", "--coordinator", address, "--json", "--tls-ca", ca)
+            assert cli.returncode == 0, cli.stderr
+            status = json.loads(cli.stdout)
+            assert status["state"] == "done" and status["round"] == 1
+            assert [c["name"] for c in status["clients"]] == ["good"]
+            assert status["rounds"][-1]["clients"] == ["good"]
+            assert good.popen.wait(timeout=60) == 0, good.output()[-3000:]
+        finally:
+            good.stop()
+        # status without the CA cannot reach a TLS coordinator
+        assert run_cli("status", "--coordinator", address, "--timeout", "3").returncode != 0
+
+
+@pytest.mark.timeout(120)
+def test_bad_security_files_exit_2(tmp_path, keys):
+    state = tmp_path / "state"
+    cases = [
+        ["coordinator", "--state-dir", str(state), "--tls-cert", str(keys / "server.pem")],
+        ["coordinator", "--state-dir", str(state), "--tls-cert", str(tmp_path / "missing.pem"),
+         "--tls-key", str(keys / "server.key")],
+        ["coordinator", "--state-dir", str(state), "--tls-cert", str(keys / "server.pem"),
+         "--tls-key", str(keys / "ca.key")],
+        ["coordinator", "--state-dir", str(state), "--authorized-keys", str(keys / "ca.pem")],
+        ["client", "--coordinator", "127.0.0.1:1", "--key", str(keys / "server.key")],
+        ["client", "--coordinator", "127.0.0.1:1", "--tls-ca", str(keys / "client-0.pub")],
+        ["status", "--coordinator", "127.0.0.1:1", "--tls-ca", str(tmp_path / "missing.pem")],
+    ]
+    for argv in cases:
+        proc = run_cli(*argv)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2, (argv, out)
+        assert "error:" in proc.stderr and "Traceback" not in out, (argv, out)
+    assert not state.exists()
+
+
+@pytest.fixture(scope="module")
+def auth_coordinator(tmp_path_factory, keys):
+    out = tmp_path_factory.mktemp("authcoord")
+    args = ["--state-dir", str(out / "state"), *SMALL, "--lease", "120", *tls_args(keys)]
+    with coordinator_process(out, args) as (proc, address):
+        channel = open_channel(address, keys / "ca.pem", options=OPTIONS)
+        yield proc, address, channel, str(keys / "ca.pem")
+        channel.close()
+
+
+def _join(stub, proof: dict, name: str):
+    return stub.Join(pb.JoinRequest(name=name, device="cpu", precision="fp32", **proof), timeout=30)
+
+
+@pytest.mark.timeout(120)
+def test_unlisted_key_is_refused(auth_coordinator):
+    _, address, channel, ca = auth_coordinator
+    stub = pb_grpc.CoordinatorStub(channel)
+    stranger = Identity(ed25519.Ed25519PrivateKey.generate())
+    with pytest.raises(grpc.RpcError) as err:
+        _join(stub, stranger.join_proof("stranger"), "stranger")
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:
+        _join(stub, {}, "keyless")
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    status = fetch_status(address, tls_ca=ca)
+    assert status["rejections"].get("unknown_key", 0) >= 2
+    assert not any(c["name"] in ("stranger", "keyless") for c in status["clients"])
+
+
+@pytest.mark.timeout(240)
+def test_tampered_and_replayed_updates_are_refused(auth_coordinator, keys):
+    coord, address, channel, ca = auth_coordinator
+    stub = pb_grpc.CoordinatorStub(channel)
+    push_raw = channel.stream_unary("/fedswarm.Coordinator/PushUpdate", request_serializer=None,
+                                    response_deserializer=pb.PushReply.FromString)
+    ident = Identity.load(keys / "client-1.key")
+    proof = ident.join_proof("direct")
+    joined = _join(stub, proof, "direct")
+    with pytest.raises(grpc.RpcError) as err:  # the same proof twice
+        _join(stub, proof, "direct")
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    cid, token, run_id = joined.client_id, joined.session_token, joined.run_id
+    cfg = json.loads(joined.run_config_json)
+
+    def pull():
+        task = stub.PullTask(pb.PullTaskRequest(client_id=cid, session_token=token, wait_s=5), timeout=30)
+        return task if task.kind == pb.TASK_TRAIN else None
+    task = wait_until("a train task", pull, 120, [coord])
+
+    shapes = {}
+    for chunk in stub.FetchModel(pb.FetchModelRequest(client_id=cid, session_token=token, task_id=task.task_id),
+                                 timeout=60):
+        shapes[chunk.part.name] = tuple(chunk.part.shape)
+    codec = C.codec_by_name(cfg["upload_codec"])
+    block = cfg.get("codec_block_size") or None
+    parts = [p for name, shape in shapes.items()
+             for p in wire.tensor_parts(name, shape, C.encode(torch.zeros(shape).flatten(), codec, block))]
+    raw = [pb.UpdateChunk(part=p).SerializeToString() for p in parts]
+    header = pb.UpdateHeader(client_id=cid, session_token=token, task_id=task.task_id, round=task.round,
+                             num_examples=8, train_loss=2.0, num_tensors=len(shapes), num_parts=len(parts))
+    header.signature = ident.sign_update(run_id, task.round, cid, task.task_id, 8, 2.0, len(parts), raw)
+    head = pb.UpdateChunk(header=header).SerializeToString()
+
+    tampered_part = pb.TensorPart()
+    tampered_part.CopyFrom(parts[0])
+    tampered_part.data = bytes([tampered_part.data[0] ^ 0x01]) + tampered_part.data[1:]
+    tampered = [pb.UpdateChunk(part=tampered_part).SerializeToString()] + raw[1:]
+    with pytest.raises(grpc.RpcError) as err:
+        push_raw(iter([head] + tampered), timeout=60)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
+    status = fetch_status(address, tls_ca=ca)
+    assert status["rejections"].get("bad_signature", 0) >= 1
+    assert status["round"] == 0 and status["state"] != "done"
+
+    reply = push_raw(iter([head] + raw), timeout=60)
+    assert reply.accepted
+    with pytest.raises(grpc.RpcError) as err:
+        push_raw(iter([head] + raw), timeout=60)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
+    status = wait_until("round 1", lambda: (s := fetch_status(address, tls_ca=ca))["round"] == 1 and s, 120, [coord])
+    assert status["rejections"].get("replayed_update", 0) >= 1
+    assert status["rejections"].get("replayed_join", 0) >= 1
+    assert status["rounds"][-1]["clients"] == ["direct"]

@@ -1,0 +1,71 @@
+"""SIGKILL the coordinator after a commit and mid-round; restart it on the same state dir.
+The run finishes every round exactly once and the client daemons are never restarted."""
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from fedswarm.sim.processes import READY, Proc, client_processes, fedswarm_cmd, fetch_status
+
+ROUNDS = 6
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline, tick = time.monotonic() + timeout, threading.Event()
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception:  # noqa: BLE001 - the coordinator may be restarting
+            value = None
+        if value:
+            return value
+        tick.wait(0.1)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _start(tmp_path, listen: str, n: int) -> tuple[Proc, str]:
+    args = ["--listen", listen, "--state-dir", str(tmp_path / "state"), "--rounds", str(ROUNDS),
+            "--min-clients", "2", "--local-steps", "8", "--seq-len", "64", "--batch-size", "8",
+            "--strategy", "fedavgm", "--lease", "8"]
+    proc = Proc(f"coordinator-{n}", fedswarm_cmd("coordinator", *args), tmp_path / f"coordinator-{n}.log")
+    return proc, proc.wait_for_line(READY, 120).group(1)
+
+
+@pytest.mark.timeout(420)
+def test_sigkill_and_restart_loses_no_round(tmp_path):
+    coord, address = _start(tmp_path, "127.0.0.1:0", 1)
+    try:
+        with client_processes(tmp_path, address, 2) as clients:
+            # Kill 1: right after round 2 committed.
+            _wait(lambda: fetch_status(address)["round"] >= 2, 180, "round 2 to commit")
+            coord.signal(signal.SIGKILL)
+            coord.popen.wait()
+            coord.stop()
+            coord, _ = _start(tmp_path, address, 2)
+            status = _wait(lambda: fetch_status(address), 30, "restarted coordinator")
+            assert status["round"] >= 2, "committed rounds survive the SIGKILL"
+
+            # Kill 2: in the middle of a later round (instructions out, reply not yet committed).
+            mid = _wait(lambda: (s := fetch_status(address))["state"] == "running" and s["current_round"] >= 4
+                        and s["round"] == s["current_round"] - 1 and s, 180, "a round in flight")
+            coord.signal(signal.SIGKILL)
+            coord.popen.wait()
+            coord.stop()
+            coord, _ = _start(tmp_path, address, 3)
+
+            final = _wait(lambda: (s := fetch_status(address))["state"] == "done" and s, 240, "the run to finish")
+            assert [r["round"] for r in final["rounds"]] == list(range(ROUNDS + 1)), "each round exactly once"
+            assert final["round"] == ROUNDS
+            assert final["rounds"][-1]["eval_loss"] < final["rounds"][0]["eval_loss"]
+            assert mid["current_round"] <= ROUNDS
+            for client in clients:  # the same daemons did all the work and exit cleanly
+                assert client.popen.wait(timeout=60) == 0
+                log = client.log_path.read_text()
+                assert re.search(r"joining again|join", log)
+            assert "resuming after committed round" in (tmp_path / "coordinator-3.log").read_text()
+    finally:
+        coord.stop()
