@@ -50,6 +50,7 @@ class SessionLost(Exception):
 
 
 class ClientDaemon:
+    role = "client"   # federated client; swarm roles subclass this (client/swarm/roles.py)
     def __init__(self, args: argparse.Namespace, timeouts: ClientTimeouts | None = None):
         self.args = args
         self.t = timeouts or ClientTimeouts()
@@ -95,7 +96,7 @@ class ClientDaemon:
         def attempt():  # a fresh timestamp and nonce per attempt: a resent proof would count as a replay
             proof = self.identity.join_proof(self.name) if self.identity else {}
             req = pb.JoinRequest(name=self.name, device=str(self.device), precision=self.precision,
-                                 resume_client_id=self.client_id, resume_token=self.token, **proof)
+                                 resume_client_id=self.client_id, resume_token=self.token, role=self.role, **proof)
             return self.stub.Join(req, timeout=self.t.rpc_s)
         try:
             reply = self.with_retry("join", attempt)
@@ -108,7 +109,8 @@ class ClientDaemon:
             raise RuntimeError(f"the coordinator now serves run {reply.run_id}, not {self.run_id}; restart the client")
         self.client_id, self.token, self.run_id = reply.client_id, reply.session_token, reply.run_id
         self.heartbeat_s = reply.heartbeat_interval_s
-        if self.trainer is None:
+        self.assigned_stage, self.dht_peers = reply.stage, list(reply.dht_peers)
+        if not self.run_cfg:
             self._setup(json.loads(reply.run_config_json))
         log.info("joined run %s as %s (id %d) on %s/%s", self.run_id, self.name, self.client_id, self.device, self.precision)
 
@@ -122,13 +124,24 @@ class ClientDaemon:
         self.codec = C.codec_by_name(cfg["upload_codec"])
         self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
 
+    def heartbeat_request(self) -> pb.HeartbeatRequest:
+        """Subclasses add their stats."""
+        return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token)
+
+    def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
+        """Subclasses react (a swarm peer switches stage)."""
+
     def _heartbeat_loop(self) -> None:
         while not self._hb_stop.wait(self.heartbeat_s):
             try:
-                self.stub.Heartbeat(pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token),
-                                    timeout=self.t.rpc_s)
+                reply = self.stub.Heartbeat(self.heartbeat_request(), timeout=self.t.rpc_s)
             except grpc.RpcError as err:
                 log.debug("heartbeat failed: %s", err.code().name)
+                continue
+            try:
+                self.on_heartbeat(reply)
+            except Exception:  # noqa: BLE001 - keep the heartbeat alive whatever a hook does
+                log.exception("heartbeat hook failed")
 
     # -- work ------------------------------------------------------------------------
     def run(self) -> int:
@@ -170,12 +183,19 @@ class ClientDaemon:
         result = self.trainer.train_round(base, steps, self.run_cfg.get("grad_accum", 1),
                                           lr=float(config.get("lr", self.run_cfg["lr"])), proximal_mu=mu)
         delta = {n: result.state[n] - base[n] for n in base}
+        reply = self.upload(task, delta, result.num_examples, result.train_loss, result.seconds)
+        log.info("round %d: loss %.4f in %.1f s, uploaded %d bytes (%s)", task.round, result.train_loss,
+                 result.seconds, reply.bytes_received, self.run_cfg["upload_codec"])
+
+    def upload(self, task: pb.Task, delta: dict[str, torch.Tensor], num_examples: int, train_loss: float,
+               seconds: float) -> pb.PushReply:
+        """Encode `delta` with the run's codec (error feedback), sign it, stream it; retried while unreachable."""
         saved = {n: r.clone() for n, r in self.feedback.residuals.items()}
         encoded = {n: self.feedback.compress(n, d)[0] for n, d in delta.items()}
         parts = [p for n, d in delta.items() for p in wire.tensor_parts(n, tuple(d.shape), encoded[n])]
         header = pb.UpdateHeader(client_id=self.client_id, session_token=self.token, task_id=task.task_id,
-                                 round=task.round, num_examples=result.num_examples, train_loss=result.train_loss,
-                                 num_tensors=len(delta), num_parts=len(parts), train_seconds=result.seconds)
+                                 round=task.round, num_examples=num_examples, train_loss=train_loss,
+                                 num_tensors=len(delta), num_parts=len(parts), train_seconds=seconds)
         raw_parts = [pb.UpdateChunk(part=p).SerializeToString() for p in parts]
         if self.identity:  # the coordinator hashes exactly these bytes: send them as they are
             header.signature = self.identity.sign_update(self.run_id, task.round, self.client_id, task.task_id,
@@ -186,12 +206,13 @@ class ClientDaemon:
         except grpc.RpcError:
             self.feedback.residuals = saved  # nothing was applied: the residual must not move on
             raise
-        log.info("round %d: loss %.4f in %.1f s, uploaded %d bytes (%s)", task.round, result.train_loss,
-                 result.seconds, reply.bytes_received, self.run_cfg["upload_codec"])
+        return reply
 
-    def fetch_model(self, task_id: str) -> dict[str, torch.Tensor]:
+    def fetch_model(self, task_id: str, stage: int = -1) -> dict[str, torch.Tensor]:
+        """The weights of a task, or (swarm, no task) a stage's latest committed average."""
         def download():
-            req = pb.FetchModelRequest(client_id=self.client_id, session_token=self.token, task_id=task_id)
+            req = pb.FetchModelRequest(client_id=self.client_id, session_token=self.token, task_id=task_id,
+                                       stage=stage + 1)
             shapes: dict[str, tuple[int, ...]] = {}
             chunks = []
             for chunk in self.stub.FetchModel(req, timeout=self.t.transfer_s):
@@ -212,6 +233,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--name", default="", help="name shown in status (default: host name + random suffix)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--role", default="client", choices=["client", "peer", "trainer"],
+                   help="client: federated rounds; peer: serve a swarm pipeline stage; trainer: drive swarm micro-batches")
+    p.add_argument("--inflight", type=int, default=2, help="trainer: micro-batches in flight at once")
     p.add_argument("--tls-ca", metavar="FILE", help="CA certificate (PEM) to verify a TLS coordinator")
     p.add_argument("--key", metavar="FILE", help="Ed25519 private key (PEM) proving this client's identity")
 
@@ -220,8 +244,13 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    cls = ClientDaemon
+    if args.role != "client":
+        from fedswarm.client.swarm.roles import PeerDaemon, TrainerDaemon
+
+        cls = PeerDaemon if args.role == "peer" else TrainerDaemon
     try:
-        daemon = ClientDaemon(args)
+        daemon = cls(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

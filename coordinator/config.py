@@ -24,6 +24,11 @@ class RunConfig:
     proximal_mu: float = 0.01          # FedProx only
     eval_data: str = "stdlib"
     eval_windows: int = 64
+    # swarm mode (--mode swarm): pipeline stages served by peers, micro-batches driven by trainers
+    mode: str = "federated"
+    stages: int = 3
+    average_every: int = 20            # replicas' optimizer steps between stage averages
+    activation_codec: str = "bf16"     # activations and their gradients on the swarm wire
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -49,6 +54,17 @@ class RunConfig:
         for name in ("local_steps", "grad_accum", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.mode not in ("federated", "swarm"):
+            raise ValueError("--mode must be federated or swarm")
+        if self.mode == "swarm":
+            from fedswarm.stages import num_layers_of
+
+            if not 1 <= self.stages <= num_layers_of(self.model):
+                raise ValueError(f"--stages must be 1..{num_layers_of(self.model)} for {self.model}")
+            if self.activation_codec not in ("fp16", "bf16", "int8", "none"):
+                raise ValueError("--activation-codec must be fp16, bf16, int8 or none")
+            if self.average_every < 1:
+                raise ValueError("--average-every must be >= 1")
         if not 0 < self.lr < 1:
             raise ValueError("--lr must be in (0, 1)")
 

@@ -28,10 +28,12 @@ from fedswarm.proto import wire
 from fedswarm.proto.codec import CODEC_NAMES
 
 log = logging.getLogger("fedswarm.coordinator")
+SWARM_LEASE_S, SWARM_HEARTBEAT_S = 3.0, 0.5   # stage peers must be noticed gone within seconds
 RUN_FLAGS = {  # CLI flag -> RunConfig field
     "rounds": "rounds", "min_clients": "min_clients", "strategy": "strategy", "upload_codec": "upload_codec",
     "model": "model", "local_steps": "local_steps", "batch_size": "batch_size", "seq_len": "seq_len",
     "lr": "lr", "seed": "seed", "grad_accum": "grad_accum", "eval_data": "eval_data",
+    "mode": "mode", "stages": "stages", "average_every": "average_every", "activation_codec": "activation_codec",
 }
 
 
@@ -52,7 +54,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-data", default=d.eval_data, help="held-out data for centralized eval (stdlib or PATH)")
     p.add_argument("--round-timeout", type=float, default=CoordinatorTimeouts.round_timeout_s)
-    p.add_argument("--lease", type=float, default=CoordinatorTimeouts.lease_s, help="seconds of silence before a client is dropped")
+    p.add_argument("--lease", type=float, default=None,
+                   help=f"seconds of silence before a client is dropped (default {CoordinatorTimeouts.lease_s:.0f}; "
+                        f"swarm: {SWARM_LEASE_S:.0f})")
+    p.add_argument("--mode", default=d.mode, choices=["federated", "swarm"],
+                   help="federated rounds, or swarm pipelines (stage peers + trainers over hivemind)")
+    p.add_argument("--stages", type=int, default=d.stages, help="swarm: pipeline stages the model is cut into")
+    p.add_argument("--average-every", type=int, default=d.average_every,
+                   help="swarm: replicas' optimizer steps between per-stage averages (one averaging = one round)")
+    p.add_argument("--activation-codec", default=d.activation_codec, choices=["bf16", "fp16", "int8", "none"],
+                   help="swarm: activations and gradients on the wire")
     p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")
@@ -107,25 +118,40 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run_id = store.get_meta("run_id")
-    timeouts = CoordinatorTimeouts(lease_s=args.lease, round_timeout_s=args.round_timeout)
+    swarm_mode = cfg.mode == "swarm"
+    timeouts = CoordinatorTimeouts(round_timeout_s=args.round_timeout)
+    if swarm_mode:
+        timeouts.lease_s, timeouts.heartbeat_interval_s = SWARM_LEASE_S, SWARM_HEARTBEAT_S
+    if args.lease is not None:
+        timeouts.lease_s = args.lease
 
     # Flower's Message reads the sender's identity from TaskIdentity.
     TaskIdentity.run_id = int(run_id, 16) & ((1 << 63) - 1)
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     TaskIdentity.task_id = 1
 
-    model = build_model(cfg.model, seed=cfg.seed)
-    initial = trainable_state(model)
-    spec = {name: tuple(t.shape) for name, t in initial.items()}
     windows = eval_windows(load_eval_tokens(cfg.eval_data), cfg.seq_len, cfg.eval_windows)
     progress = RunProgress(cfg, store.rounds())
 
-    grid_ref: list[SessionGrid] = []
-    membership = Membership(timeouts.lease_s, on_lost=lambda cid, why: grid_ref[0].fail_node(cid, why),
+    lost_hooks = []
+    membership = Membership(timeouts.lease_s, on_lost=lambda cid, why: [hook(cid, why) for hook in lost_hooks],
                             reaper_interval_s=timeouts.reaper_interval_s)
     grid = SessionGrid(TaskIdentity.run_id, membership.live_ids)
-    grid_ref.append(grid)
-    service = CoordinatorService(cfg, run_id, grid, membership, progress, spec, timeouts, auth=auth)
+    lost_hooks.append(grid.fail_node)
+    swarm = None
+    if swarm_mode:
+        from fedswarm.coordinator.swarm_driver import start_swarm
+
+        swarm, initial = start_swarm(cfg, grid, store, progress, windows, timeouts.round_timeout_s)
+        lost_hooks.append(swarm.registry.remove)
+        driver, run_driver = swarm.driver, swarm.driver.run
+    else:
+        model = build_model(cfg.model, seed=cfg.seed)
+        initial = trainable_state(model)
+        driver = RoundDriver(cfg, grid, build_strategy(cfg), store, model, windows, progress, timeouts.round_timeout_s)
+        run_driver = driver.run
+    spec = {name: tuple(t.shape) for name, t in initial.items()}
+    service = CoordinatorService(cfg, run_id, grid, membership, progress, spec, timeouts, auth=auth, swarm=swarm)
 
     options = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
                ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]
@@ -140,14 +166,13 @@ def serve(args: argparse.Namespace) -> int:
     server.start()
     print(f"listening on {host}:{bound}", flush=True)
 
-    driver = RoundDriver(cfg, grid, build_strategy(cfg), store, model, windows, progress, timeouts.round_timeout_s)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
     def drive():
         try:
-            driver.run(initial)
+            run_driver(initial)
         except Exception:  # noqa: BLE001 - a driver crash must not leave a zombie server
             log.exception("round driver failed")
             stop.set()
@@ -159,6 +184,8 @@ def serve(args: argparse.Namespace) -> int:
     driver.stop.set()
     membership.close()
     server.stop(grace=2.0).wait()
+    if swarm is not None:
+        swarm.node.shutdown()
     store.close()
     log.info("stopped after committed round %d", progress.committed_round)
     return 0

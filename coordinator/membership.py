@@ -21,6 +21,7 @@ class Member:
     joined_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     rounds_done: int = 0
+    role: str = "client"
     public_key: bytes = b""          # Ed25519 raw key proven at join (authenticated runs)
 
 

@@ -49,16 +49,14 @@ def unauthenticated(err: AuthError) -> Rejected:
 class CoordinatorService:
     def __init__(self, cfg: RunConfig, run_id: str, grid: SessionGrid, membership: Membership,
                  progress: RunProgress, spec: dict[str, tuple[int, ...]], timeouts: CoordinatorTimeouts,
-                 auth: Authenticator | None = None):
+                 auth: Authenticator | None = None, swarm=None):
         self.cfg, self.run_id, self.grid, self.members = cfg, run_id, grid, membership
         self.auth = auth or Authenticator(None)  # None: dev mode, anyone may join
         self._answered, self._seen_signatures = SeenSet(), SeenSet()  # replayed-update guards
         self.progress, self.spec, self.timeouts = progress, spec, timeouts
+        self.swarm = swarm  # SwarmContext in --mode swarm: registry, driver, DHT peers
         self.codec = C.codec_by_name(cfg.upload_codec)
         self.block_size = cfg.codec_block_size or C.DEFAULT_BLOCK_SIZE.get(self.codec, 0)
-        self.raw_update_bytes = 4 * sum(math.prod(s) for s in spec.values())
-        self.max_update_bytes = int(self.raw_update_bytes * MAX_UPDATE_BYTES_FACTOR) + (1 << 20)
-        self.expected_parts = wire.count_parts(spec, self.codec, self.block_size)
         self.rejections: collections.Counter[str] = collections.Counter()
         self._base_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._cache_lock = threading.Lock()
@@ -109,20 +107,40 @@ class CoordinatorService:
         except AuthError as err:
             log.warning("refused join of %r: %s", req.name, err.reason)
             raise unauthenticated(err) from None
+        role = req.role or "client"
+        allowed = ("peer", "trainer") if self.swarm else ("client",)
+        if role not in allowed:
+            raise invalid("bad_role", f"role {role[:16]!r} does not fit this {self.cfg.mode} run (use {' or '.join(allowed)})")
         member, resumed = self.members.join(req.name, req.device, req.precision,
                                             req.resume_client_id, req.resume_token,
                                             public_key=bytes(req.public_key) if self.auth.enabled else b"")
+        member.role = role
+        stage = -1
+        if role == "peer":
+            stage = self.swarm.registry.stage(member.client_id)
+            if stage < 0:
+                stage = self.swarm.registry.assign(member.client_id, member.name)
         if resumed:
             self.grid.requeue_for(member.client_id)
         log.info("client %s %s as %d%s", req.name, "re-joined" if resumed else "joined", member.client_id,
                  f" (key {key_name})" if key_name else "")
         return pb.JoinReply(client_id=member.client_id, session_token=member.token, run_id=self.run_id,
                             run_config_json=self.cfg.to_json(),
-                            heartbeat_interval_s=self.timeouts.heartbeat_interval_s, lease_s=self.timeouts.lease_s)
+                            heartbeat_interval_s=self.timeouts.heartbeat_interval_s, lease_s=self.timeouts.lease_s,
+                            dht_peers=self.swarm.dht_peers if self.swarm else [], stage=stage)
 
     def heartbeat(self, req: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
-        self._session(req.client_id, req.session_token)
-        return pb.HeartbeatReply(state=self.progress.state, round=self.progress.committed_round)
+        member = self._session(req.client_id, req.session_token)
+        stage = -1
+        if self.swarm and member.role == "peer":
+            if not (math.isfinite(req.throughput) and req.throughput >= 0):
+                raise invalid("bad_heartbeat", "throughput must be a finite number >= 0")
+            self.swarm.registry.report_peer(member.client_id, req.throughput, int(req.optimizer_steps))
+            stage = self.swarm.registry.stage(member.client_id)
+        elif self.swarm and member.role == "trainer":
+            self.swarm.registry.report_trainer(member.client_id, member.name, int(req.microbatches_completed),
+                                               int(req.microbatches_retried), int(req.microbatches_lost), int(req.tokens))
+        return pb.HeartbeatReply(state=self.progress.state, round=self.progress.committed_round, stage=stage)
 
     def pull_task(self, req: pb.PullTaskRequest, context) -> pb.Task:
         member = self._session(req.client_id, req.session_token)
@@ -137,15 +155,19 @@ class CoordinatorService:
             return pb.Task(kind=kind, round=self.progress.committed_round)
         config = dict(msg.content["config"]) if "config" in msg.content else {}
         return pb.Task(kind=pb.TASK_TRAIN, task_id=msg.metadata.message_id, round=int(msg.metadata.group_id or config.get("server-round", 0)),
-                       config_json=json.dumps(config), num_tensors=len(self.spec))
+                       config_json=json.dumps(config), num_tensors=len(msg.content["arrays"]))
 
     def fetch_model(self, req: pb.FetchModelRequest, context) -> Iterator[pb.ModelChunk]:
         member = self._session(req.client_id, req.session_token)
-        msg = self._open_task(req.task_id, member)
         max_bytes = min(req.max_part_bytes or wire.MAX_PART_BYTES, wire.MAX_PART_BYTES)
         if max_bytes < 1024:
             raise invalid("bad_part_size", "max_part_bytes must be >= 1024")
-        base = self._base_state(req.task_id, msg)
+        if not req.task_id and req.stage > 0:  # swarm: a stage's latest committed average
+            if not self.swarm or req.stage > len(self.swarm.driver.stage_names):
+                raise invalid("bad_stage", f"no stage {req.stage - 1} in this run")
+            base = self.swarm.driver.stage_state(req.stage - 1)
+        else:
+            base = self._base_state(req.task_id, self._open_task(req.task_id, member))
         encode = lambda name, t: C.encode(t.flatten(), C.CODEC_NAMES["none"])  # noqa: E731
         return (pb.ModelChunk(part=p) for p in wire.state_parts(base, encode, max_bytes))
 
@@ -167,19 +189,24 @@ class CoordinatorService:
             raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "bad_signature",
                            "the update is not signed: start the client with --key")
         msg = self._open_task(h.task_id, member)
-        if h.num_parts != self.expected_parts:
-            raise invalid("bad_part_count", f"num_parts {h.num_parts}, expected {self.expected_parts} "
+        base = self._base_state(h.task_id, msg)
+        spec = {n: tuple(t.shape) for n, t in base.items()}  # what this task's model (or stage) holds
+        raw_update_bytes = 4 * sum(math.prod(shape) for shape in spec.values())
+        max_update_bytes = int(raw_update_bytes * MAX_UPDATE_BYTES_FACTOR) + (1 << 20)
+        expected_parts = wire.count_parts(spec, self.codec, self.block_size)
+        if h.num_parts != expected_parts:
+            raise invalid("bad_part_count", f"num_parts {h.num_parts}, expected {expected_parts} "
                           f"for codec {self.cfg.upload_codec}")
         if not math.isfinite(h.train_loss) or h.num_examples == 0 or h.num_examples > 10**9:
             raise invalid("bad_header", "train_loss must be finite and num_examples in 1..1e9")
-        assembler = wire.PartAssembler(self.spec, {self.codec})
+        assembler = wire.PartAssembler(spec, {self.codec})
         digest = signing.UpdateDigest(h.num_examples, h.train_loss, h.num_parts)
         parts = 0
         for raw in chunks:
             received += len(raw)
-            if received > self.max_update_bytes:
+            if received > max_update_bytes:
                 raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "oversized",
-                               f"update stream over {self.max_update_bytes} bytes")
+                               f"update stream over {max_update_bytes} bytes")
             chunk = _parse(pb.UpdateChunk, raw)
             if chunk.WhichOneof("kind") != "part":
                 raise invalid("bad_chunk", "only TensorPart chunks may follow the header")
@@ -201,14 +228,13 @@ class CoordinatorService:
             delta = assembler.finish()
         except wire.WireError as err:
             raise invalid("incomplete", str(err)) from None
-        base = self._base_state(h.task_id, msg)
-        weights = {n: base[n] + delta[n] for n in self.spec}
+        weights = {n: base[n] + delta[n] for n in spec}
         if not all(torch.isfinite(w).all() for w in weights.values()):
             raise invalid("non_finite", "the update makes the model non-finite")
         content = RecordDict({
             "arrays": state_to_arrays(weights),
             "metrics": MetricRecord({"num-examples": int(h.num_examples), "train_loss": float(h.train_loss),
-                                     "bytes-up": int(received), "bytes-up-raw": int(self.raw_update_bytes),
+                                     "bytes-up": int(received), "bytes-up-raw": int(raw_update_bytes),
                                      "train-seconds": float(h.train_seconds)}),
             "client": ConfigRecord({"name": member.name}),
         })
@@ -232,11 +258,13 @@ class CoordinatorService:
         return {
             "state": state, "run_id": self.run_id, "round": rounds[-1]["round"] if rounds else 0,
             "current_round": current, "rounds_total": self.cfg.rounds,
-            "clients": [{"name": m.name, "id": str(m.client_id), "device": m.device, "precision": m.precision,
-                         "rounds_done": m.rounds_done, "seen_s_ago": round(time.monotonic() - m.last_seen, 2)}
+            "clients": [{"name": m.name, "id": str(m.client_id), "role": m.role, "device": m.device,
+                         "precision": m.precision, "rounds_done": m.rounds_done,
+                         "seen_s_ago": round(time.monotonic() - m.last_seen, 2)}
                         for m in self.members.snapshot()],
             "rounds": rounds, "config": json.loads(self.cfg.to_json()),
             "rejections": dict(self.rejections),
+            **({"swarm": self.swarm.registry.snapshot()} if self.swarm else {}),
         }
 
     # -- helpers ---------------------------------------------------------------------

@@ -50,7 +50,7 @@ class TensorPart(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "device", "precision", "resume_client_id", "public_key", "signature", "resume_token", "timestamp", "nonce")
+    __slots__ = ("name", "device", "precision", "resume_client_id", "public_key", "signature", "resume_token", "timestamp", "nonce", "role")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class JoinRequest(_message.Message):
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     precision: str
@@ -69,39 +70,62 @@ class JoinRequest(_message.Message):
     resume_token: str
     timestamp: float
     nonce: bytes
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., resume_client_id: _Optional[int] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., resume_token: _Optional[str] = ..., timestamp: _Optional[float] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    role: str
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., resume_client_id: _Optional[int] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., resume_token: _Optional[str] = ..., timestamp: _Optional[float] = ..., nonce: _Optional[bytes] = ..., role: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("client_id", "session_token", "run_id", "run_config_json", "heartbeat_interval_s", "lease_s")
+    __slots__ = ("client_id", "session_token", "run_id", "run_config_json", "heartbeat_interval_s", "lease_s", "dht_peers", "stage")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    DHT_PEERS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session_token: str
     run_id: str
     run_config_json: str
     heartbeat_interval_s: float
     lease_s: float
-    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_s: _Optional[float] = ...) -> None: ...
+    dht_peers: _containers.RepeatedScalarFieldContainer[str]
+    stage: int
+    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., dht_peers: _Optional[_Iterable[str]] = ..., stage: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("client_id", "session_token")
+    __slots__ = ("client_id", "session_token", "stage", "throughput", "optimizer_steps", "microbatches_completed", "microbatches_retried", "microbatches_lost", "tokens", "load")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCHES_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCHES_RETRIED_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCHES_LOST_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session_token: str
-    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ...) -> None: ...
+    stage: int
+    throughput: float
+    optimizer_steps: int
+    microbatches_completed: int
+    microbatches_retried: int
+    microbatches_lost: int
+    tokens: int
+    load: float
+    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., stage: _Optional[int] = ..., throughput: _Optional[float] = ..., optimizer_steps: _Optional[int] = ..., microbatches_completed: _Optional[int] = ..., microbatches_retried: _Optional[int] = ..., microbatches_lost: _Optional[int] = ..., tokens: _Optional[int] = ..., load: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("state", "round")
+    __slots__ = ("state", "round", "stage")
     STATE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     state: str
     round: int
-    def __init__(self, state: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    stage: int
+    def __init__(self, state: _Optional[str] = ..., round: _Optional[int] = ..., stage: _Optional[int] = ...) -> None: ...
 
 class PullTaskRequest(_message.Message):
     __slots__ = ("client_id", "session_token", "wait_s")
@@ -128,16 +152,18 @@ class Task(_message.Message):
     def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., config_json: _Optional[str] = ..., num_tensors: _Optional[int] = ...) -> None: ...
 
 class FetchModelRequest(_message.Message):
-    __slots__ = ("client_id", "session_token", "task_id", "max_part_bytes")
+    __slots__ = ("client_id", "session_token", "task_id", "max_part_bytes", "stage")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_PART_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session_token: str
     task_id: str
     max_part_bytes: int
-    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., max_part_bytes: _Optional[int] = ...) -> None: ...
+    stage: int
+    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., max_part_bytes: _Optional[int] = ..., stage: _Optional[int] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("part",)

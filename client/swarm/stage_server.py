@@ -1,0 +1,203 @@
+"""A peer serving one pipeline stage over hivemind P2P (forward, backward, its own AdamW)."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from fedswarm.client.swarm.tensors import BadStageInput, from_wire, ids_from_bytes, to_wire
+from fedswarm.data import VOCAB_SIZE
+from fedswarm.proto import codec as C
+from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.stages import build_stage, load_stage_state, stage_state
+
+log = logging.getLogger(__name__)
+HANDLER = "fedswarm.stage"
+GRAPH_CACHE = 32              # forward graphs kept for a backward on this replica
+
+
+def _fault_plan() -> tuple[str, int] | None:
+    """FEDSWARM_FAULT=die_on_forward:N or die_on_backward:N: SIGKILL this peer (its whole process
+    group, p2pd included) while it handles its N-th such request. For fault-injection tests and sims."""
+    spec = os.environ.get("FEDSWARM_FAULT", "")
+    if not spec:
+        return None
+    kind, _, count = spec.partition(":")
+    if kind not in ("die_on_forward", "die_on_backward") or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"FEDSWARM_FAULT={spec!r}: use die_on_forward:N or die_on_backward:N")
+    return kind, int(count)
+
+
+class StageServer:
+    """All model work runs on one worker thread, so requests never race on the weights."""
+
+    def __init__(self, run_id: str, cfg: dict, device: torch.device, precision: str):
+        self.run_id, self.cfg, self.device, self.precision = run_id, cfg, device, precision
+        self.codec = C.codec_by_name(cfg["activation_codec"])
+        self.allowed = {self.codec, C.CODEC_NAMES["none"], C.CODEC_NAMES["fp16"], C.CODEC_NAMES["bf16"]}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
+        self.stage_index = -1
+        self.module = None
+        self.optimizer = None
+        self.snapshot: dict[str, torch.Tensor] = {}   # weights right after the last sync
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.load = 0
+        self.steps_since_sync = 0
+        self.optimizer_steps = 0
+        self.weights_version = 0     # bumped by every in-place change of the weights (step, sync)
+        self.tokens_since_sync = 0
+        self._rate_tokens, self._rate_t0, self.throughput = 0, time.monotonic(), 0.0
+        self._lock = threading.Lock()
+        self._fault = _fault_plan()
+        self._fault_seen = 0
+
+    # -- control (called from the daemon's threads) ---------------------------------------
+    def serve(self, stage: int, weights: dict[str, torch.Tensor]) -> None:
+        self.pool.submit(self._serve, stage, weights).result()
+
+    def _serve(self, stage: int, weights: dict[str, torch.Tensor]) -> None:
+        module = build_stage(self.cfg["model"], stage, self.cfg["stages"], seed=self.cfg["seed"])
+        load_stage_state(module, weights)
+        self.module = module.to(self.device).train()
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.cfg["lr"], weight_decay=0.01)
+        self.snapshot = stage_state(self.module)
+        self.graphs.clear()
+        self.stage_index, self.steps_since_sync, self.tokens_since_sync = stage, 0, 0
+        log.info("serving stage %d of %d (%d tensors)", stage, self.cfg["stages"], len(weights))
+
+    def sync(self, stage: int, average: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        """Adopt the stage's new average, keep the progress made since the last sync; return that progress."""
+        return self.pool.submit(self._sync, stage, average).result()
+
+    def _sync(self, stage: int, average: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        if stage != self.stage_index:
+            raise BadStageInput(f"sync for stage {stage}, but this peer serves stage {self.stage_index}")
+        current = stage_state(self.module)
+        progress = {n: current[n] - self.snapshot[n] for n in current}
+        merged = {n: average[n] + progress[n] for n in current}
+        load_stage_state(self.module, merged)
+        self.weights_version += 1
+        self.snapshot = merged
+        tokens, self.tokens_since_sync, self.steps_since_sync = self.tokens_since_sync, 0, 0
+        return progress, max(tokens, 1)
+
+    def stats(self) -> tuple[float, int, float]:
+        """(tokens/s over the last window, optimizer steps since sync, requests in flight)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._rate_t0 >= 2.0:
+                self.throughput = self._rate_tokens / (now - self._rate_t0)
+                self._rate_tokens, self._rate_t0 = 0, now
+            return self.throughput, self.steps_since_sync, float(self.load)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the P2P handler -------------------------------------------------------------------
+    async def handle(self, request: pb.StageRequest, context) -> pb.StageReply:
+        self.load += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, self._compute, request)
+        finally:
+            self.load -= 1
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _inputs(self, req: pb.StageRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        m = self.module
+        if req.run_id != self.run_id:
+            raise BadStageInput(f"run {req.run_id[:32]!r} is not this peer's run")
+        if req.stage != self.stage_index:
+            raise BadStageInput(f"this peer serves stage {self.stage_index}, not {req.stage} (re-assigned)")
+        max_len = self.cfg["seq_len"] * 4
+        if m.is_first:
+            x = ids_from_bytes(req.ids, req.ids_shape, VOCAB_SIZE, max_len)
+            shape = tuple(x.shape)
+        else:
+            shape = tuple(req.hidden.shape)
+            if len(shape) != 3 or shape[2] != m.config.hidden_size or shape[0] * shape[1] > (1 << 16) or shape[1] > max_len:
+                raise BadStageInput(f"hidden shape {shape} invalid for hidden size {m.config.hidden_size}")
+            x = from_wire(req.hidden, shape, self.allowed).requires_grad_()
+        labels = ids_from_bytes(req.labels, shape[:2], VOCAB_SIZE, max_len) if m.is_last else None
+        return x.to(self.device), (labels.to(self.device) if labels is not None else None)
+
+    def _maybe_die(self, req: pb.StageRequest) -> None:
+        kind = "die_on_backward" if req.backward else "die_on_forward"
+        if self._fault and self._fault[0] == kind:
+            self._fault_seen += 1
+            if self._fault_seen >= self._fault[1]:
+                log.error("fault injection: dying during %s of micro-batch %s", kind[7:], req.microbatch_id)
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    def _compute(self, req: pb.StageRequest) -> pb.StageReply:
+        if self.module is None:
+            raise BadStageInput("this peer is not serving a stage yet")
+        self._maybe_die(req)
+        m = self.module
+        if m.is_last:  # forward and backward at once: logits never leave this peer
+            x, labels = self._inputs(req)
+            with self._autocast():
+                loss = m(x, labels)
+            if not torch.isfinite(loss):
+                raise BadStageInput("the loss is not finite")
+            loss.backward()
+            reply = pb.StageReply(loss=loss.item())
+            if not m.is_first:
+                reply.grad_input.CopyFrom(to_wire(x.grad, self.codec))
+            self._after_backward(x)
+            return reply
+        if not req.backward:
+            x, _ = self._inputs(req)
+            with self._autocast():
+                out = m(x)
+            self.graphs[req.microbatch_id] = (x, out, self.weights_version)
+            while len(self.graphs) > GRAPH_CACHE:
+                self.graphs.popitem(last=False)
+            self._count(x)
+            return pb.StageReply(hidden=to_wire(out, self.codec))
+        cached = self.graphs.pop(req.microbatch_id, None)
+        # A graph is only valid if the weights it saved did not change (step or sync) since its forward.
+        recomputed = cached is None or cached[2] != self.weights_version
+        if recomputed:  # the forward ran on another replica, was evicted, or is stale: re-run it here
+            x, _ = self._inputs(req)
+            with self._autocast():
+                out = m(x)
+        else:
+            x, out, _ = cached
+        grad = from_wire(req.grad_output, tuple(out.shape), self.allowed).to(self.device, out.dtype)
+        out.backward(grad)
+        reply = pb.StageReply(recomputed=recomputed)
+        if not m.is_first:
+            reply.grad_input.CopyFrom(to_wire(x.grad, self.codec))
+        self._after_backward(x)
+        return reply
+
+    def _count(self, x: torch.Tensor) -> None:
+        with self._lock:
+            self._rate_tokens += x.shape[0] * x.shape[1]
+
+    def _after_backward(self, x: torch.Tensor) -> None:
+        """One optimizer step per backward pass (each micro-batch is one step of this replica)."""
+        if self.module.is_last:
+            self._count(x)
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_since_sync += 1
+        self.tokens_since_sync += x.shape[0] * x.shape[1]
+        self.optimizer_steps += 1
+        self.weights_version += 1

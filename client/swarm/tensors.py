@@ -1,0 +1,56 @@
+"""Tensors on the swarm wire: activations/gradients as SwarmTensor, token ids as int32 bytes.
+Everything that arrives is checked (size, shape, dtype, finiteness, vocabulary) before use."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fedswarm.proto import codec as C
+from fedswarm.proto import fedswarm_pb2 as pb
+
+MAX_TOKENS = 1 << 16          # B * T of one micro-batch
+MAX_ELEMENTS = 1 << 24        # elements of one activation tensor
+
+
+class BadStageInput(ValueError):
+    """A malformed stage request; the caller gets the message."""
+
+
+def to_wire(t: torch.Tensor, codec: int) -> pb.SwarmTensor:
+    enc = C.encode(t.detach().reshape(-1).float().cpu(), codec)
+    return pb.SwarmTensor(shape=list(t.shape), codec=enc.codec, block_size=enc.block_size, data=enc.data, scales=enc.scales)
+
+
+def from_wire(msg: pb.SwarmTensor, shape: tuple[int, ...], allowed_codecs: set[int]) -> torch.Tensor:
+    """Decode an activation of the expected `shape`; BadStageInput otherwise."""
+    if tuple(msg.shape) != tuple(shape):
+        raise BadStageInput(f"activation shape {tuple(msg.shape)} != expected {tuple(shape)}")
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise BadStageInput(f"activation of {count} elements is over the limit {MAX_ELEMENTS}")
+    if msg.codec not in allowed_codecs:
+        raise BadStageInput(f"activation codec {msg.codec} not allowed (allowed: {sorted(allowed_codecs)})")
+    try:
+        flat = C.decode(C.Encoded(msg.codec, count, msg.block_size, msg.data, msg.scales))
+    except C.CodecError as err:
+        raise BadStageInput(f"activation: {err}") from None
+    return flat.view(shape)
+
+
+def ids_to_bytes(ids: torch.Tensor) -> bytes:
+    return ids.to(torch.int32).cpu().numpy().astype("<i4").tobytes()
+
+
+def ids_from_bytes(data: bytes, shape, vocab: int, max_len: int) -> torch.Tensor:
+    """int64 [B, T] from int32 LE bytes, checking shape, size and the vocabulary."""
+    shape = tuple(shape)
+    if len(shape) != 2 or min(shape) < 1 or shape[0] * shape[1] > MAX_TOKENS or shape[1] > max_len:
+        raise BadStageInput(f"token shape {shape} invalid (need [B, T], B*T <= {MAX_TOKENS}, T <= {max_len})")
+    if len(data) != 4 * shape[0] * shape[1]:
+        raise BadStageInput(f"{len(data)} bytes of ids for shape {shape} (need {4 * shape[0] * shape[1]})")
+    ids = torch.from_numpy(np.frombuffer(data, dtype="<i4").astype(np.int64)).view(shape)
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise BadStageInput(f"token ids outside the vocabulary 0..{vocab - 1}")
+    return ids

@@ -1,0 +1,255 @@
+"""SwarmNode: one hivemind DHT node plus a P2P replica serving protobuf stage handlers.
+
+Every network operation carries a deadline of ours (``SwarmTimeouts``): hivemind's
+``call_protobuf_handler`` and ``DHT.get/store`` have none of their own.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import threading
+from contextlib import suppress
+from dataclasses import dataclass
+
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, P2PDaemonError, P2PHandlerError
+from hivemind.utils.timed_storage import get_dht_time
+
+# hivemind renames the WARNING level to "WARN" for every logger in the process, which breaks
+# Flower's log formatter (KeyError: 'WARN'); give the level its standard name back.
+logging.addLevelName(logging.WARNING, "WARNING")
+
+__all__ = ["PeerCallError", "SwarmTimeouts", "SwarmNode", "STREAM_SUFFIX"]
+
+logger = logging.getLogger(__name__)
+
+STREAM_SUFFIX = ".stream"  # each handler is served twice: unary `name` and streaming `name.stream`
+# Unary calls ride p2pd's persistent connection, whose frames cap at 4 MiB each way (request AND reply):
+# a stage-0 forward sends a few KiB of ids and gets MiBs of activations back, so streaming is the default.
+# hivemind 1.1.12 bug: an oversized unary *reply* crashes the server's error path (it builds a
+# PersistentConnectionRequest with a nonexistent field), so the caller would hear nothing until its
+# deadline. Our unary wrapper refuses such replies itself, which reaches the caller as a clean error.
+_UNARY_REPLY_LIMIT = DEFAULT_MAX_MSG_SIZE - 4096  # room for the envelope (call id, framing)
+_OUR_FAULT = ("protocol not supported", "protocols not supported", "not registered", "exceeds")
+
+
+class PeerCallError(Exception):
+    """A call to a peer failed; ``kind`` is "timeout", "error" (the peer answered with a failure) or "unreachable"."""
+
+    def __init__(self, peer_id: str, kind: str, reason: str):
+        assert kind in ("timeout", "error", "unreachable"), kind
+        self.peer_id, self.kind, self.reason = peer_id, kind, reason
+        super().__init__(f"call to peer {peer_id} failed ({kind}): {reason}")
+
+
+@dataclass
+class SwarmTimeouts:
+    """Every deadline of the swarm layer, in seconds."""
+    call_s: float = 5.0  # default deadline of one stage call
+    dht_op_s: float = 5.0  # deadline of a DHT store/get
+    announce_every_s: float = 1.0  # how often stage servers re-announce (used by their announce loop)
+    record_ttl_s: float = 4.0  # a stage record expires this long after its last announce
+    startup_s: float = 30.0  # DHT + p2pd start and replica connection
+    shutdown_s: float = 5.0  # grace for the DHT process before it is killed
+
+
+def _child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc); [] where unavailable."""
+    out: list[int] = []
+    with suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    return out
+
+
+def _is_p2pd(pid: int) -> bool:
+    with suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+        return b"p2pd" in f.read().split(b"\0")[0]
+    return False
+
+
+class SwarmNode:
+    """One per process: a hivemind DHT node on loopback (port 0) + a P2P replica whose handlers run on a background asyncio loop.
+
+    Handlers run on that loop: offload heavy compute (``asyncio.to_thread``) so calls and replies keep flowing.
+    """
+
+    def __init__(self, initial_peers: list[str] | None = None, timeouts: SwarmTimeouts | None = None,
+                 host: str = "127.0.0.1"):
+        self.timeouts = timeouts or SwarmTimeouts()
+        self._closed = False
+        self._dht_lock = threading.Lock()
+        self._p2pd_pids: list[int] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._p2p: P2P | None = None
+        self._dht = DHT(initial_peers=list(initial_peers or []) or None, start=True, await_ready=False,
+                        host_maddrs=[f"/ip4/{host}/tcp/0"], startup_timeout=self.timeouts.startup_s)
+        try:
+            self._dht.wait_until_ready(self.timeouts.startup_s)
+            self._p2pd_pids = [p for p in _child_pids(self._dht.pid) if _is_p2pd(p)]
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._loop.run_forever, name="swarm-node-loop", daemon=True)
+            self._thread.start()
+            self._p2p = self.submit(self._dht.replicate_p2p()).result(self.timeouts.startup_s)
+            self.peer_id: str = self._p2p.peer_id.to_base58()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- loop plumbing ----
+
+    def submit(self, coro) -> concurrent.futures.Future:
+        """Run a coroutine on the node's loop; returns a concurrent future."""
+        if self._closed:
+            coro.close()
+            raise RuntimeError("SwarmNode is shut down")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def _run(self, coro, timeout: float):
+        fut = self.submit(coro)
+        try:
+            return fut.result(timeout)
+        finally:
+            fut.cancel()
+
+    def maddrs(self) -> list[str]:
+        """Visible multiaddrs of this node (with /p2p/<id>), to hand to others as initial peers."""
+        return [str(m) for m in self._run(self._p2p.get_visible_maddrs(latest=True), self.timeouts.dht_op_s)]
+
+    # ---- stage traffic ----
+
+    def add_handler(self, name: str, handler, input_type) -> None:
+        """Serve ``handler(request, context) -> reply`` as ``name`` (unary) and ``name + STREAM_SUFFIX`` (stream)."""
+        async def unary(request, context):
+            reply = await handler(request, context)
+            if reply.ByteSize() > _UNARY_REPLY_LIMIT:
+                raise ValueError(f"reply of {reply.ByteSize()} bytes exceeds the unary limit; call with stream=True")
+            return reply
+
+        async def _add():
+            await self._p2p.add_protobuf_handler(name, unary, input_type)
+            await self._p2p.add_protobuf_handler(name + STREAM_SUFFIX, handler, input_type, stream_output=True)
+        self._run(_add(), self.timeouts.startup_s)
+
+    def call(self, peer_id: str, name: str, request, output_type, timeout: float | None = None,
+             stream: bool = True):
+        """Blocking call from any thread but the node's loop; raises PeerCallError."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("SwarmNode.call() would deadlock on the node's own loop; use acall()")
+        deadline = self.timeouts.call_s if timeout is None else timeout
+        fut = self.submit(self.acall(peer_id, name, request, output_type, deadline, stream))
+        try:
+            return fut.result(deadline + 1.0)  # acall enforces the deadline; this margin only guards the loop
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise PeerCallError(peer_id, "timeout", f"{name}: no reply within {deadline:.2f}s (node loop stalled)")
+
+    async def acall(self, peer_id: str, name: str, request, output_type, timeout: float | None = None,
+                    stream: bool = True):
+        """Call ``name`` at ``peer_id`` on the node's loop; raises PeerCallError.
+
+        ``stream=False`` uses hivemind's unary path: ~3x lower latency, but request and reply must fit 4 MiB.
+        """
+        deadline = self.timeouts.call_s if timeout is None else timeout
+        try:
+            pid = PeerID.from_base58(peer_id)
+        except Exception as e:
+            raise PeerCallError(peer_id, "error", f"bad peer id: {e!r}") from None
+        coro = (self._call_stream(pid, name + STREAM_SUFFIX, request, output_type) if stream
+                else self._p2p.call_protobuf_handler(pid, name, request, output_type))
+        try:
+            return await asyncio.wait_for(coro, deadline)
+        except TimeoutError:  # asyncio.TimeoutError is TimeoutError since 3.11
+            raise PeerCallError(peer_id, "timeout", f"{name}: no reply within {deadline:.2f}s") from None
+        except P2PHandlerError as e:
+            raise PeerCallError(peer_id, "error", f"{name}: handler failed: {e}") from None
+        except (P2PDaemonError, ConnectionError, OSError, asyncio.IncompleteReadError, EOFError) as e:
+            kind = "error" if any(s in str(e).lower() for s in _OUR_FAULT) else "unreachable"
+            raise PeerCallError(peer_id, kind, f"{name}: {type(e).__name__}: {e}") from None
+
+    async def _call_stream(self, pid: PeerID, name: str, request, output_type):
+        responses = await self._p2p.iterate_protobuf_handler(pid, name, request, output_type)
+        try:
+            async for reply in responses:
+                return reply
+        finally:
+            await responses.aclose()
+        raise ConnectionError("stream closed before a reply (peer went away?)")
+
+    # ---- DHT records ----
+
+    def _dht_op(self, what: str, start):
+        """Run a DHT op (a callable returning an MPFuture) under dht_op_s; None on timeout or failure."""
+        if self._closed:
+            raise RuntimeError("SwarmNode is shut down")
+        with self._dht_lock:  # the DHT's pipe is shared by all threads; sends are kept whole
+            fut = start()
+        try:
+            return fut.result(self.timeouts.dht_op_s)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            logger.warning(f"DHT {what} took longer than {self.timeouts.dht_op_s:.1f}s; giving up on it")
+        except Exception as e:
+            logger.warning(f"DHT {what} failed: {e!r}")
+        return None
+
+    def announce(self, key: str, subkey: str, value: dict, ttl: float | None = None) -> bool:
+        """Store ``value`` under ``key``/``subkey`` until now + ttl (default record_ttl_s); True if stored."""
+        expiration = get_dht_time() + (self.timeouts.record_ttl_s if ttl is None else ttl)
+        ok = self._dht_op(f"store {key}/{subkey}", lambda: self._dht.store(
+            key, value, expiration, subkey=subkey, return_future=True))
+        return bool(ok)
+
+    def lookup(self, key: str) -> dict[str, dict]:
+        """subkey -> value for unexpired entries under ``key``; {} if none (or on DHT timeout, with a warning)."""
+        found = self._dht_op(f"get {key}", lambda: self._dht.get(key, latest=True, return_future=True))
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        now = get_dht_time()
+        return {str(sub): item.value for sub, item in found.value.items() if item.expiration_time > now}
+
+    # ---- teardown ----
+
+    def shutdown(self) -> None:
+        """Idempotent: stop the loop thread, the P2P replica and the DHT process (its p2pd child too)."""
+        if getattr(self, "_shut", False):
+            return
+        self._shut = True
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            if self._p2p is not None:
+                with suppress(Exception):
+                    asyncio.run_coroutine_threadsafe(self._p2p.shutdown(), self._loop).result(self.timeouts.shutdown_s)
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(self.timeouts.shutdown_s)
+        self._closed = True
+        if self._loop is not None and not self._loop.is_running():
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+            with suppress(Exception):
+                self._loop.run_until_complete(asyncio.sleep(0))
+            self._loop.close()
+        if self._dht.is_alive():
+            self._dht.shutdown_timeout = self.timeouts.shutdown_s
+            with suppress(Exception):
+                self._dht.shutdown()
+            if self._dht.is_alive():
+                with suppress(ProcessLookupError):
+                    os.kill(self._dht.pid, signal.SIGKILL)
+                self._dht.join(self.timeouts.shutdown_s)
+        for pid in self._p2pd_pids:  # orphaned only if the DHT died without cleaning up
+            if _is_p2pd(pid):
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def __enter__(self) -> "SwarmNode":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,162 @@
+"""Which peer serves which pipeline stage; re-assignment when a stage empties or is the clear bottleneck."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SwarmTimeouts:
+    rebalance_cooldown_s: float = 15.0   # at most one bottleneck move this often (an emptied stage moves at once)
+    bottleneck_ratio: float = 0.35       # a stage below this fraction of the best stage's throughput is a bottleneck
+    rate_window_s: float = 10.0          # tokens/s is measured over this window
+
+
+class SwarmRegistry:
+    """Thread-safe: the service reports peers and trainers; the membership reaper reports losses."""
+
+    def __init__(self, num_stages: int, timeouts: SwarmTimeouts | None = None, clock=time.time):
+        self.num_stages = num_stages
+        self.t = timeouts or SwarmTimeouts()
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.stage_of: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self.throughput: dict[int, float] = {}
+        self.steps: dict[int, int] = {}
+        self.trainers: dict[int, dict] = {}           # live trainers' latest totals
+        self.retired = {"completed": 0, "retried": 0, "lost": 0, "tokens": 0}   # totals of trainers that left
+        self.events: list[dict] = []
+        self._last_move = 0.0
+        self._samples: list[tuple[float, int]] = []
+
+    # -- peers -----------------------------------------------------------------------
+    def assign(self, cid: int, name: str) -> int:
+        """A new peer takes the stage with the fewest peers."""
+        with self._lock:
+            counts = self._counts()
+            stage = min(range(self.num_stages), key=lambda s: (counts[s], s))
+            self.stage_of[cid], self.names[cid] = stage, name
+            self.throughput[cid], self.steps[cid] = 0.0, 0
+            self._event(stage, cid, "joined")
+            return stage
+
+    def stage(self, cid: int) -> int:
+        with self._lock:
+            return self.stage_of.get(cid, -1)
+
+    def report_peer(self, cid: int, throughput: float, steps: int) -> None:
+        with self._lock:
+            if cid in self.stage_of:
+                self.throughput[cid], self.steps[cid] = throughput, steps
+        self.rebalance()
+
+    def remove(self, cid: int, reason: str) -> None:
+        with self._lock:
+            if cid in self.trainers:
+                last = self.trainers.pop(cid)
+                for k in self.retired:
+                    self.retired[k] += last.get(k, 0)
+            stage = self.stage_of.pop(cid, None)
+            if stage is None:
+                return
+            self._event(stage, cid, f"left: {reason}")
+            for d in (self.throughput, self.steps):
+                d.pop(cid, None)
+            if self._counts()[stage] == 0:
+                self._move_to(stage, f"stage {stage} lost its last peer")
+
+    def rebalance(self) -> None:
+        """Fill empty stages; move one peer toward a clear throughput bottleneck (with a cooldown)."""
+        with self._lock:
+            counts = self._counts()
+            for stage in range(self.num_stages):
+                if counts[stage] == 0:
+                    self._move_to(stage, f"stage {stage} has no peer")
+                    counts = self._counts()
+            if self.clock() - self._last_move < self.t.rebalance_cooldown_s:
+                return
+            totals = self._totals()
+            if not all(totals) or any(self.throughput.get(c, 0) <= 0 for c in self.stage_of):
+                return  # throughput not yet measured everywhere
+            worst = min(range(self.num_stages), key=lambda s: totals[s])
+            best = max(range(self.num_stages), key=lambda s: totals[s])
+            if totals[worst] < self.t.bottleneck_ratio * totals[best] and counts[best] >= 2:
+                self._move_to(worst, f"stage {worst} is the bottleneck ({totals[worst]:.0f} vs {totals[best]:.0f} tokens/s)",
+                              donor_stage=best)
+
+    def stage_peers(self, stage: int) -> list[int]:
+        with self._lock:
+            return [c for c, s in self.stage_of.items() if s == stage]
+
+    def steps_since_sync(self, stage: int) -> list[int]:
+        with self._lock:
+            return [self.steps.get(c, 0) for c, s in self.stage_of.items() if s == stage]
+
+    # -- trainers --------------------------------------------------------------------
+    def report_trainer(self, cid: int, name: str, completed: int, retried: int, lost: int, tokens: int) -> None:
+        with self._lock:
+            self.names[cid] = name
+            self.trainers[cid] = {"completed": completed, "retried": retried, "lost": lost, "tokens": tokens}
+            now = self.clock()
+            self._samples.append((now, self._total("tokens")))
+            self._samples = [(t, v) for t, v in self._samples if now - t <= self.t.rate_window_s]
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            rate = 0.0
+            if len(self._samples) >= 2 and self._samples[-1][0] > self._samples[0][0]:
+                (t0, v0), (t1, v1) = self._samples[0], self._samples[-1]
+                rate = (v1 - v0) / (t1 - t0)
+            return {
+                "stages": [{"stage": s, "peers": sorted(self.names[c] for c, st in self.stage_of.items() if st == s),
+                            "throughput": round(self._totals()[s], 1)} for s in range(self.num_stages)],
+                "microbatches_completed": self._total("completed"),
+                "microbatches_retried": self._total("retried"),
+                "microbatches_lost": self._total("lost"),
+                "tokens": self._total("tokens"),
+                "tokens_per_s": round(rate, 1),
+                "reassignments": [e for e in self.events if e["reason"] != "joined" and not e["reason"].startswith("left")],
+                "events": list(self.events[-200:]),
+            }
+
+    # -- internals (lock held) ---------------------------------------------------------
+    def _counts(self) -> list[int]:
+        counts = [0] * self.num_stages
+        for s in self.stage_of.values():
+            counts[s] += 1
+        return counts
+
+    def _totals(self) -> list[float]:
+        totals = [0.0] * self.num_stages
+        for c, s in self.stage_of.items():
+            totals[s] += self.throughput.get(c, 0.0)
+        return totals
+
+    def _total(self, key: str) -> int:
+        return self.retired[key] + sum(t.get(key, 0) for t in self.trainers.values())
+
+    def _move_to(self, stage: int, reason: str, donor_stage: int | None = None) -> bool:
+        counts = self._counts()
+        if donor_stage is None:  # the most over-provisioned stage that can spare a peer
+            candidates = [s for s in range(self.num_stages) if counts[s] >= 2]
+            if not candidates:
+                log.warning("%s and no stage has a peer to spare: waiting for a new peer", reason)
+                return False
+            donor_stage = max(candidates, key=lambda s: (counts[s], -self._totals()[s]))
+        donors = [c for c, s in self.stage_of.items() if s == donor_stage]
+        donor = min(donors, key=lambda c: self.throughput.get(c, 0.0))   # the slowest replica moves
+        self.stage_of[donor] = stage
+        self.steps[donor] = 0
+        self._last_move = self.clock()
+        self._event(stage, donor, reason)
+        log.warning("re-assigned %s from stage %d to stage %d: %s", self.names.get(donor), donor_stage, stage, reason)
+        return True
+
+    def _event(self, stage: int, cid: int, reason: str) -> None:
+        self.events.append({"stage": stage, "peer": self.names.get(cid, str(cid)), "reason": reason,
+                            "at": round(self.clock(), 3)})

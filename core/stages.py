@@ -1,0 +1,176 @@
+"""Pipeline stages: a preset cut into S contiguous pieces, SWARM/Petals style.
+
+Stage 0 holds the token (and position) embeddings and the first blocks; stage S-1 holds
+the last blocks, the final norm, the LM head and the loss, so logits never cross the
+wire: the trainer sends labels to the last stage and gets back a scalar loss.
+
+A stage cannot share a tied weight with a peer, so stages are cut from the *untied*
+twin of a preset (`build_untied_model`): lm_head.weight starts as a copy of the input
+embedding, so at init it computes exactly what the tied model computes.
+
+Modules keep their full-model names inside a Stage (stage 1 of 2 of gpt2-tiny owns
+"transformer.h.2.*", "transformer.h.3.*", "transformer.ln_f.*", "lm_head.weight"), so
+`stage.named_parameters()` already speaks the full model's language and the union of
+all stages' states is `trainable_state(build_untied_model(...))` key for key.
+
+Both families in `fedswarm.models` are supported: GPT-2 (transformer.wte/wpe/h/ln_f)
+and Llama-style (model.embed_tokens/layers/norm/rotary_emb).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.masking_utils import create_causal_mask
+
+from fedswarm.models import build_model, load_trainable_state, model_config
+
+
+def split_layers(num_layers: int, num_stages: int) -> list[range]:
+    """Contiguous layer ranges, sizes differ by at most 1, earlier stages get the extra."""
+    if not 1 <= num_stages <= num_layers:
+        raise ValueError(f"num_stages must be in [1, {num_layers}], got {num_stages}")
+    base, extra = divmod(num_layers, num_stages)
+    ranges, start = [], 0
+    for i in range(num_stages):
+        size = base + (1 if i < extra else 0)
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
+
+
+def num_layers_of(preset: str) -> int:
+    return model_config(preset).num_hidden_layers
+
+
+def _untied_config(preset: str):
+    config = model_config(preset)
+    config.tie_word_embeddings = False
+    return config
+
+
+def build_untied_model(preset: str, seed: int = 0) -> nn.Module:
+    """The full causal LM with its own lm_head.weight, equal at init to the tied model's embedding."""
+    tied = build_model(preset, seed)  # also picks up on-disk weights for a folder preset
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(_untied_config(preset))
+    # the tied state_dict lists lm_head.weight (= the embedding); copying it unties the two
+    model.load_state_dict(tied.state_dict(), strict=True)
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    return model
+
+
+class Stage(nn.Module):
+    """Blocks `layer_range` of a causal LM (+ embeddings if first, + norm/head/loss if last)."""
+
+    def __init__(self, model: nn.Module, index: int, num_stages: int):
+        super().__init__()
+        config = model.config
+        layers = split_layers(config.num_hidden_layers, num_stages)[index]
+        self.index, self.num_stages = index, num_stages
+        self.is_first, self.is_last = index == 0, index == num_stages - 1
+        self.layer_range = layers
+        self.config = config  # plain attribute: not a module, owns no parameters
+        # containers named like the full model's, in its order, so names (and order) match it
+        if hasattr(model, "transformer"):  # GPT-2: transformer.{wte,wpe,drop,h,ln_f}
+            self.family, src, blocks, norm = "gpt2", model.transformer, "h", "ln_f"
+            self.transformer = body = nn.Module()
+            if self.is_first:
+                body.wte, body.wpe, body.drop = src.wte, src.wpe, src.drop
+        elif hasattr(model, "model") and hasattr(model.model, "rotary_emb"):  # Llama-style
+            self.family, src, blocks, norm = "llama", model.model, "layers", "norm"
+            self.model = body = nn.Module()
+            if self.is_first:
+                body.embed_tokens = src.embed_tokens
+        else:
+            raise ValueError(f"unsupported architecture {type(model).__name__} for pipeline stages")
+        # ModuleDict keyed by the global layer index -> "transformer.h.2.attn..." etc.
+        setattr(body, blocks, nn.ModuleDict({str(i): getattr(src, blocks)[i] for i in layers}))
+        self.blocks = list(getattr(body, blocks).values())  # plain list: no double registration
+        if self.is_last:
+            setattr(body, norm, getattr(src, norm))
+        if self.family == "llama":
+            body.rotary_emb = src.rotary_emb  # buffers only; every stage needs cos/sin
+        if self.is_last:
+            self.lm_head = model.lm_head
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.is_last and labels is None:
+            raise ValueError("the last stage needs labels: it returns the loss")
+        body = self.transformer if self.family == "gpt2" else self.model
+        T = inputs.size(1)
+        pos = torch.arange(T, device=inputs.device).unsqueeze(0)  # [1, T]
+        if self.is_first:
+            if inputs.dtype != torch.long:
+                raise ValueError(f"the first stage takes int64 token ids [B, T], got {inputs.dtype}")
+            if self.family == "gpt2":
+                h = body.drop(body.wte(inputs) + body.wpe(pos))  # [B, T, D]
+            else:
+                h = body.embed_tokens(inputs)  # [B, T, D]
+        else:
+            if not inputs.is_floating_point():
+                raise ValueError(f"stage {self.index} takes float hidden states [B, T, D], got {inputs.dtype}")
+            # the residual stream lives in the parameter dtype, whatever the wire dtype was
+            h = inputs.to(next(self.parameters()).dtype)
+        # the same mask the full model's forward builds (None for sdpa + no padding: is_causal)
+        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None,
+                                  past_key_values=None, position_ids=pos)
+        if self.family == "gpt2":
+            for block in self.blocks:
+                h = block(h, attention_mask=mask, position_ids=pos)  # [B, T, D]
+        else:
+            cos_sin = body.rotary_emb(h, position_ids=pos)  # 2 x [1, T, head_dim]
+            for block in self.blocks:
+                h = block(h, attention_mask=mask, position_embeddings=cos_sin, position_ids=pos)
+        if not self.is_last:
+            return h  # [B, T, D]
+        h = body.ln_f(h) if self.family == "gpt2" else body.norm(h)
+        logits = self.lm_head(h)  # [B, T, V]
+        # as fedswarm.models.lm_loss: labels are already shifted by the data pipeline
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
+
+
+def build_stage(preset: str, index: int, num_stages: int, seed: int = 0) -> Stage:
+    """Stage `index` of `num_stages`, initialised exactly as build_untied_model(preset, seed)."""
+    _check_index(index, num_stages)
+    return Stage(build_untied_model(preset, seed), index, num_stages)
+
+
+def _check_index(index: int, num_stages: int) -> None:
+    if not 0 <= index < num_stages:
+        raise ValueError(f"stage index must be in [0, {num_stages}), got {index}")
+
+
+def stage_state(stage: Stage) -> "OrderedDict[str, torch.Tensor]":
+    """Float32 CPU detached clones of the stage's parameters, keyed by full-untied-model names."""
+    return OrderedDict(
+        (name, p.detach().to("cpu", torch.float32).clone()) for name, p in stage.named_parameters()
+    )
+
+
+def load_stage_state(stage: Stage, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the stage in place; ValueError on missing/extra names or shapes."""
+    load_trainable_state(stage, state)
+
+
+def stage_param_names(preset: str, index: int, num_stages: int) -> list[str]:
+    """The keys stage_state would have, from a model on the meta device (no memory, no init cost)."""
+    _check_index(index, num_stages)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_untied_config(preset))
+    return [name for name, _ in Stage(model, index, num_stages).named_parameters()]
+
+
+def assemble(states: list[dict[str, torch.Tensor]]) -> "OrderedDict[str, torch.Tensor]":
+    """Union of per-stage states (a full untied-model state); ValueError if two stages share a name."""
+    full: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for i, state in enumerate(states):
+        overlap = sorted(set(full) & set(state))
+        if overlap:
+            raise ValueError(f"state {i} overlaps earlier states on {overlap[:5]}")
+        full.update(state)
+    return full

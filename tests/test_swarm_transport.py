@@ -1,0 +1,195 @@
+"""SwarmNode over real hivemind DHT + P2P on 127.0.0.1 (port 0): records, calls, deadlines, dead peers."""
+import asyncio
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import suppress
+
+import pytest
+
+from fedswarm.client.swarm.transport import PeerCallError, SwarmNode, SwarmTimeouts
+from fedswarm.proto import fedswarm_pb2 as pb
+
+
+async def echo(request, context):
+    """Stage-like handler: loss = len(ids), step = stage, hidden = ids repeated `hidden.block_size` times."""
+    reply = pb.StageReply(loss=float(len(request.ids)), optimizer_step=request.stage)
+    if request.hidden.block_size:
+        reply.hidden.data = request.ids * request.hidden.block_size
+    return reply
+
+
+async def slow(request, context):
+    await asyncio.sleep(10)  # the system under test: a stage that never answers in time
+    return pb.StageReply()
+
+
+async def broken(request, context):
+    raise ValueError("stage exploded")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    nodes = []
+    try:
+        t0 = time.perf_counter()
+        nodes.append(SwarmNode(timeouts=SwarmTimeouts(call_s=3.0)))
+        nodes.append(SwarmNode(initial_peers=nodes[0].maddrs(), timeouts=SwarmTimeouts(call_s=3.0)))
+        print(f"two DHT nodes up in {time.perf_counter() - t0:.2f}s")
+        b = nodes[1]
+        b.add_handler("stage", echo, pb.StageRequest)
+        b.add_handler("slow", slow, pb.StageRequest)
+        b.add_handler("broken", broken, pb.StageRequest)
+        yield nodes[0], b
+    finally:
+        for node in nodes:
+            node.shutdown()
+
+
+def wait_until(predicate, timeout: float, step: float = 0.05):
+    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
+    deadline, tick = time.monotonic() + timeout, threading.Event()
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        tick.wait(step)
+
+
+def test_announce_visible_from_other_node(pair):
+    a, b = pair
+    assert a.announce("fedswarm:t:stage:0", a.peer_id, {"name": "a", "throughput": 10.0, "load": 0.0})
+    assert b.announce("fedswarm:t:stage:0", b.peer_id, {"name": "b", "throughput": 20.0, "load": 1.0})
+    seen = wait_until(lambda: len(b.lookup("fedswarm:t:stage:0")) == 2 and b.lookup("fedswarm:t:stage:0"), 5.0)
+    assert seen == {a.peer_id: {"name": "a", "throughput": 10.0, "load": 0.0},
+                    b.peer_id: {"name": "b", "throughput": 20.0, "load": 1.0}}
+    assert a.lookup("fedswarm:t:nothing-here") == {}
+
+
+def test_record_expires_after_ttl(pair):
+    a, b = pair
+    t0 = time.monotonic()
+    assert a.announce("fedswarm:t:stage:9", a.peer_id, {"x": 1}, ttl=1.0)
+    assert b.lookup("fedswarm:t:stage:9") == {a.peer_id: {"x": 1}}
+    gone = wait_until(lambda: b.lookup("fedswarm:t:stage:9") == {}, 5.0)
+    assert gone and 0.8 < time.monotonic() - t0 < 3.0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_call_round_trips(pair, stream):
+    a, b = pair
+    reply = a.call(b.peer_id, "stage", pb.StageRequest(run_id="r", stage=2, ids=b"\x01" * 40), pb.StageReply,
+                   stream=stream)
+    assert reply.loss == 40.0 and reply.optimizer_step == 2
+    fut = a.submit(a.acall(b.peer_id, "stage", pb.StageRequest(ids=b"xy"), pb.StageReply, 2.0, stream))
+    assert fut.result(5).loss == 2.0
+
+
+def test_large_reply_to_small_request_streams(pair):
+    a, b = pair
+    request = pb.StageRequest(ids=b"\x07" * 1024, hidden=pb.SwarmTensor(block_size=6 * 1024))  # 6 MiB back
+    reply = a.call(b.peer_id, "stage", request, pb.StageReply, timeout=5.0)
+    assert len(reply.hidden.data) == 6 * 1024 * 1024
+    t0 = time.monotonic()
+    with pytest.raises(PeerCallError) as e:  # the unary path caps frames at 4 MiB: a clean error, not a hang
+        a.call(b.peer_id, "stage", request, pb.StageReply, timeout=5.0, stream=False)
+    assert e.value.kind == "error" and e.value.peer_id == b.peer_id and "stream=True" in str(e.value)
+    assert time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_slow_handler_times_out(pair, stream):
+    a, b = pair
+    t0 = time.monotonic()
+    with pytest.raises(PeerCallError) as e:
+        a.call(b.peer_id, "slow", pb.StageRequest(), pb.StageReply, timeout=0.5, stream=stream)
+    assert e.value.kind == "timeout" and e.value.peer_id == b.peer_id
+    assert b.peer_id in str(e.value) and "0.50s" in str(e.value)
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_handler_error_and_missing_handler(pair):
+    a, b = pair
+    for name in ("broken", "no-such-handler"):
+        for stream in (True, False):
+            with pytest.raises(PeerCallError) as e:
+                a.call(b.peer_id, name, pb.StageRequest(), pb.StageReply, timeout=2.0, stream=stream)
+            assert e.value.kind == "error", str(e.value)
+    with pytest.raises(PeerCallError) as e:
+        a.call("not-a-peer-id", "stage", pb.StageRequest(), pb.StageReply)
+    assert e.value.kind == "error"
+
+
+PEER_SCRIPT = """
+import sys
+from fedswarm.client.swarm.transport import SwarmNode
+from fedswarm.proto import fedswarm_pb2 as pb
+async def echo(request, context):
+    return pb.StageReply(loss=float(len(request.ids)), optimizer_step=request.stage)
+node = SwarmNode(initial_peers=sys.argv[1:])
+try:
+    node.add_handler("stage", echo, pb.StageRequest)
+    print(node.peer_id, *node.maddrs(), flush=True)
+    sys.stdin.readline()  # serve until the parent closes stdin or kills us
+finally:
+    node.shutdown()
+"""
+
+
+def read_line(proc, timeout: float) -> str:
+    """One stdout line from ``proc`` or AssertionError after ``timeout``."""
+    deadline, buf = time.monotonic() + timeout, b""
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        assert left > 0 and proc.poll() is None, f"peer process not ready (rc={proc.poll()}, got {buf!r})"
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, f"peer process closed stdout (rc={proc.poll()})"
+            buf += chunk
+    return buf.decode().strip()
+
+
+def test_killed_peer_fails_within_deadline(pair):
+    a, _ = pair
+    proc = subprocess.Popen([sys.executable, "-c", PEER_SCRIPT, *a.maddrs()], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        peer_id, *maddrs = read_line(proc, 60.0).split()
+        assert maddrs and all("/ip4/127.0.0.1/tcp/" in m for m in maddrs)
+        reply = a.call(peer_id, "stage", pb.StageRequest(stage=1, ids=b"abc"), pb.StageReply, timeout=3.0)
+        assert reply.loss == 3.0 and reply.optimizer_step == 1
+
+        os.killpg(proc.pid, signal.SIGKILL)  # the peer, its DHT process and its p2pd
+        proc.wait(10)
+        for stream in (True, False):
+            t0 = time.monotonic()
+            with pytest.raises(PeerCallError) as e:
+                a.call(peer_id, "stage", pb.StageRequest(stage=1), pb.StageReply, timeout=5.0, stream=stream)
+            elapsed = time.monotonic() - t0
+            assert e.value.kind in ("timeout", "unreachable") and e.value.peer_id == peer_id
+            assert elapsed < 6.0
+            print(f"call to killed peer (stream={stream}): {e.value.kind} after {elapsed:.3f}s")
+    finally:
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        for f in (proc.stdin, proc.stdout):
+            with suppress(OSError):
+                f.close()
+
+
+def test_shutdown_is_idempotent_and_final():
+    node = SwarmNode()
+    try:
+        assert node.maddrs()
+    finally:
+        node.shutdown()
+        node.shutdown()
+    with pytest.raises(RuntimeError):
+        node.call(node.peer_id, "stage", pb.StageRequest(), pb.StageReply)
