@@ -74,6 +74,8 @@ class ClientDaemon:
         self.feedback: C.ErrorFeedback | None = None
         self.run_cfg: dict = {}
         self._hb_stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._join_lock = threading.RLock()
 
     # -- connection ------------------------------------------------------------------
     def with_retry(self, what: str, call):
@@ -93,6 +95,10 @@ class ClientDaemon:
                 delay = min(delay * 2, self.t.backoff_max_s)
 
     def join(self) -> None:
+        with self._join_lock:
+            self._join()
+
+    def _join(self) -> None:
         def attempt():  # a fresh timestamp and nonce per attempt: a resent proof would count as a replay
             proof = self.identity.join_proof(self.name) if self.identity else {}
             req = pb.JoinRequest(name=self.name, device=str(self.device), precision=self.precision,
@@ -110,6 +116,9 @@ class ClientDaemon:
         self.client_id, self.token, self.run_id = reply.client_id, reply.session_token, reply.run_id
         self.heartbeat_s = reply.heartbeat_interval_s
         self.assigned_stage, self.dht_peers = reply.stage, list(reply.dht_peers)
+        if self._heartbeat is None:  # before any slow setup: the lease must not lapse while we load
+            self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+            self._heartbeat.start()
         if not self.run_cfg:
             self._setup(json.loads(reply.run_config_json))
         log.info("joined run %s as %s (id %d) on %s/%s", self.run_id, self.name, self.client_id, self.device, self.precision)
@@ -136,7 +145,14 @@ class ClientDaemon:
             try:
                 reply = self.stub.Heartbeat(self.heartbeat_request(), timeout=self.t.rpc_s)
             except grpc.RpcError as err:
-                log.debug("heartbeat failed: %s", err.code().name)
+                if err.code() == grpc.StatusCode.UNAUTHENTICATED and not self._hb_stop.is_set():
+                    log.warning("the coordinator no longer knows this session (%s); joining again", err.details())
+                    try:
+                        self.join()
+                    except Exception:  # noqa: BLE001 - the next beat tries again
+                        log.exception("re-join from the heartbeat failed")
+                else:
+                    log.debug("heartbeat failed: %s", err.code().name)
                 continue
             try:
                 self.on_heartbeat(reply)
@@ -146,8 +162,6 @@ class ClientDaemon:
     # -- work ------------------------------------------------------------------------
     def run(self) -> int:
         self.join()
-        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        heartbeat.start()
         try:
             while True:
                 try:
@@ -172,7 +186,8 @@ class ClientDaemon:
                         raise
         finally:
             self._hb_stop.set()
-            heartbeat.join(timeout=self.t.rpc_s)
+            if self._heartbeat is not None:
+                self._heartbeat.join(timeout=self.t.rpc_s)
             self.channel.close()
 
     def train(self, task: pb.Task) -> None:

@@ -157,6 +157,7 @@ class SwarmDriver:
             return None
         with self._lock:
             self.stage_arrays[stage] = new_arrays
+        self.registry.synced([m.metadata.src_node_id for m in ok])  # else the next epoch starts on stale counts
         return {"clients": [m.content.config_records["client"]["name"] for m in ok],
                 "bytes_up": sum(int(m.content["metrics"]["bytes-up"]) for m in ok),
                 "bytes_up_raw": sum(int(m.content["metrics"]["bytes-up-raw"]) for m in ok),

@@ -55,6 +55,13 @@ class SwarmRegistry:
                 self.throughput[cid], self.steps[cid] = throughput, steps
         self.rebalance()
 
+    def synced(self, cids: list[int]) -> None:
+        """These replicas just synced: their steps restart at 0 (not at their last, pre-sync heartbeat's count)."""
+        with self._lock:
+            for cid in cids:
+                if cid in self.steps:
+                    self.steps[cid] = 0
+
     def remove(self, cid: int, reason: str) -> None:
         with self._lock:
             if cid in self.trainers:

@@ -13,6 +13,7 @@ from fedswarm.coordinator.config import RunConfig
 from fedswarm.proto.codec import CODEC_NAMES
 from fedswarm.sim.processes import client_processes, coordinator_process, fetch_status
 from fedswarm.sim.relay import CountingRelay
+from fedswarm.sim.swarm_sim import add_swarm_arguments, run_swarm_sim
 from fedswarm.sim.report import plot_rounds, write_report
 
 DEFAULT_CLIENTS = 3
@@ -35,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto")
     p.add_argument("--out", default="sim-out", help="folder for report.json, plots, logs and state")
     p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    add_swarm_arguments(p)
 
 
 def run_sim(args: argparse.Namespace, log=print) -> dict:
@@ -97,6 +99,15 @@ def main(args: argparse.Namespace) -> int:
     if args.clients < 1 or args.rounds < 1:
         print("error: --clients and --rounds must be >= 1", file=sys.stderr)
         return 2
+    if args.mode == "swarm":
+        report = run_swarm_sim(args)
+        sw = report["swarm"]
+        first, last = report["rounds"][0]["eval_loss"], report["rounds"][-1]["eval_loss"]
+        print(f"done in {report['wall_seconds']:.0f} s: eval loss {first:.4f} -> {last:.4f}; "
+              f"{sw['microbatches_completed']} micro-batches ({sw['microbatches_retried']} replayed, "
+              f"{sw['microbatches_lost']} lost), {len(sw['reassignments'])} re-assignments; "
+              f"report in {Path(args.out) / 'report.json'}")
+        return 0
     report = run_sim(args)
     first, last = report["rounds"][0]["eval_loss"], report["rounds"][-1]["eval_loss"]
     print(f"done in {report['wall_seconds']:.0f} s: eval loss {first:.4f} -> {last:.4f} "

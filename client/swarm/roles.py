@@ -60,12 +60,14 @@ class PeerDaemon(ClientDaemon):
                 log.debug("announce failed: %s", err)
 
     def heartbeat_request(self) -> pb.HeartbeatRequest:
+        if not hasattr(self, "_announcer_stop"):  # still setting up
+            return super().heartbeat_request()
         throughput, steps, load = self.server.stats()
         return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token, stage=self.server.stage_index,
                                    throughput=throughput, optimizer_steps=steps, load=load)
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
-        if reply.stage >= 0 and reply.stage != self.server.stage_index:
+        if hasattr(self, "_announcer_stop") and reply.stage >= 0 and reply.stage != self.server.stage_index:
             self._switch(reply.stage, "re-assigned by the coordinator")
 
     def train(self, task: pb.Task) -> None:
@@ -107,6 +109,8 @@ class TrainerDaemon(ClientDaemon):
         self.done = threading.Event()
 
     def heartbeat_request(self) -> pb.HeartbeatRequest:
+        if not hasattr(self, "done"):  # still setting up
+            return super().heartbeat_request()
         s = self.swarm.stats
         with s.lock:
             return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token,
@@ -114,7 +118,7 @@ class TrainerDaemon(ClientDaemon):
                                        microbatches_lost=s.lost, tokens=s.tokens)
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
-        if reply.state == "done":
+        if reply.state == "done" and hasattr(self, "done"):
             self.done.set()
 
     def _work(self) -> None:
@@ -128,12 +132,11 @@ class TrainerDaemon(ClientDaemon):
                 continue
             n = self.swarm.stats.completed
             if n % 20 == 0:
-                log.info("%d micro-batches, loss %.4f, %d replayed", n, loss, self.swarm.stats.retried)
+                log.info("%d micro-batches, loss %.4f, %d replayed; DHT read %.3f s", n, loss,
+                         self.swarm.stats.retried, self.swarm.lookup_seconds)
 
     def run(self) -> int:
         self.join()
-        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        heartbeat.start()
         workers = [threading.Thread(target=self._work, name=f"microbatch-{i}", daemon=True)
                    for i in range(max(1, self.args.inflight))]
         try:
@@ -146,10 +149,12 @@ class TrainerDaemon(ClientDaemon):
                 self.stub.Heartbeat(self.heartbeat_request(), timeout=self.t.rpc_s)
             except Exception:  # noqa: BLE001
                 pass
-            log.info("run finished: %d micro-batches, %d replayed, %d lost", self.swarm.stats.completed,
-                     self.swarm.stats.retried, self.swarm.stats.lost)
+            log.info("run finished: %d micro-batches, %d replayed, %d lost (last DHT read %.3f s)",
+                     self.swarm.stats.completed, self.swarm.stats.retried, self.swarm.stats.lost,
+                     self.swarm.lookup_seconds)
             return 0
         finally:
             self._hb_stop.set()
+            self.swarm.close()
             self.node.shutdown()
             self.channel.close()

@@ -47,17 +47,44 @@ class SwarmTrainer:
         self.router = router or Router()
         self.t = timeouts or TrainerTimeouts()
         self.stats = TrainerStats()
-        self._last_refresh = 0.0
-        self._refresh_lock = threading.Lock()
+        self.lookup_seconds = 0.0          # the last DHT refresh's duration (diagnostics)
+        self._wake = threading.Event()      # ask the refresher for a read now
+        self._refreshed = threading.Condition()
+        self._generation = 0
+        self._stop = threading.Event()
+        self._refresher = threading.Thread(target=self._refresh_loop, name="dht-refresh", daemon=True)
+        self._refresher.start()
 
-    def refresh(self, force: bool = False) -> None:
-        """Read every stage's replicas from the DHT (at most every refresh_s unless forced)."""
-        with self._refresh_lock:
-            if not force and time.monotonic() - self._last_refresh < self.t.refresh_s:
-                return
-            self._last_refresh = time.monotonic()
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def refresh(self) -> None:
+        """Read every stage's replicas from the DHT once, now (the background loop does this every refresh_s)."""
+        started = time.monotonic()
         for stage in range(self.num_stages):
             self.router.update(stage, parse_records(stage, self.node.lookup(stage_key(self.run_id, stage))))
+        self.lookup_seconds = time.monotonic() - started
+        with self._refreshed:
+            self._generation += 1
+            self._refreshed.notify_all()
+
+    def _refresh_loop(self) -> None:
+        """Micro-batches never wait on the DHT: records are read here, in the background."""
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception as err:  # noqa: BLE001 - keep the last known records
+                log.warning("DHT refresh failed: %s", err)
+            self._wake.wait(self.t.refresh_s)
+            self._wake.clear()
+
+    def _await_refresh(self, timeout: float) -> None:
+        """Wake the refresher and wait (bounded) for its next read."""
+        with self._refreshed:
+            seen = self._generation
+            self._wake.set()
+            self._refreshed.wait_for(lambda: self._generation > seen, timeout)
 
     def step(self, x, y) -> float:
         """One micro-batch forward through every stage, then backward; returns its loss."""
@@ -103,7 +130,6 @@ class SwarmTrainer:
         """Send to a live replica; on failure ban it and replay on another. Never drops the request."""
         started, retried = time.monotonic(), False
         while True:
-            self.refresh(force=retried)
             peer = prefer if prefer and not self.router.is_banned(prefer) and prefer in self.router.peers(stage) else None
             prefer = None
             if peer is None:
@@ -114,8 +140,7 @@ class SwarmTrainer:
                     with self.stats.lock:
                         self.stats.lost += 1
                     raise MicrobatchLost(f"stage {stage} had no live replica for {self.t.give_up_s:.0f} s")
-                threading.Event().wait(self.t.no_replica_wait_s)
-                self.refresh(force=True)
+                self._await_refresh(max(self.t.no_replica_wait_s, 1.0))
                 continue
             self.router.begin(peer)
             t0 = time.monotonic()

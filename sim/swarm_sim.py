@@ -1,0 +1,176 @@
+"""`fedswarm sim --mode swarm`: a swarm coordinator, stage peers and trainers on loopback, peers
+SIGKILLed on a schedule (and rejoining later), a timeline of throughput and stage occupancy."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status
+from fedswarm.sim.report import write_report
+
+
+def add_swarm_arguments(p) -> None:
+    p.add_argument("--mode", default="federated", choices=["federated", "swarm"])
+    p.add_argument("--stages", type=int, default=3, help="swarm: pipeline stages")
+    p.add_argument("--peers", type=int, default=5, help="swarm: stage server processes")
+    p.add_argument("--trainers", type=int, default=1, help="swarm: trainer processes")
+    p.add_argument("--average-every", type=int, default=20, help="swarm: replica steps between stage averages")
+    p.add_argument("--kill-every", type=float, default=0.0, help="swarm: SIGKILL a random peer every N seconds (0: never)")
+    p.add_argument("--rejoin-after", type=float, default=10.0, help="swarm: a killed peer restarts after N seconds")
+    p.add_argument("--duration", type=float, default=0.0, help="swarm: stop after N seconds even if rounds remain")
+    p.add_argument("--inflight", type=int, default=2, help="swarm: micro-batches in flight per trainer")
+
+
+class Swarm:
+    """The peer and trainer processes of one sim; kills and restarts peers by name."""
+
+    def __init__(self, out: Path, address: str, precision: str, data: str, inflight: int):
+        self.out, self.address, self.precision, self.data, self.inflight = out, address, precision, data, inflight
+        self.procs: dict[str, Proc] = {}
+        self.restarts: dict[str, int] = {}
+
+    def start_peer(self, name: str) -> None:
+        n = self.restarts.get(name, 0)
+        argv = fedswarm_cmd("client", "--role", "peer", "--coordinator", self.address, "--name", name,
+                            "--threads", "1", "--precision", self.precision)
+        self.procs[name] = Proc(name, argv, self.out / f"{name}{'.' + str(n) if n else ''}.log")
+        self.restarts[name] = n + 1
+
+    def start_trainer(self, name: str, index: int, count: int) -> None:
+        argv = fedswarm_cmd("client", "--role", "trainer", "--coordinator", self.address, "--name", name,
+                            "--threads", "1", "--precision", self.precision, "--data", self.data,
+                            "--partition", f"{index}/{count}", "--inflight", str(self.inflight))
+        self.procs[name] = Proc(name, argv, self.out / f"{name}.log")
+
+    def kill(self, name: str) -> None:
+        self.procs[name].signal(signal.SIGKILL)   # the whole process group: its p2pd dies too
+        self.procs[name].stop()
+
+    def live_peers(self) -> list[str]:
+        return [n for n, p in self.procs.items() if n.startswith("peer") and p.popen.poll() is None]
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()
+
+
+def run_swarm_sim(args, log=print) -> dict:
+    out = Path(args.out)
+    if (out / "state").exists():
+        shutil.rmtree(out / "state")
+    out.mkdir(parents=True, exist_ok=True)
+    coord_args = ["--state-dir", str(out / "state"), "--mode", "swarm", "--stages", str(args.stages),
+                  "--rounds", str(args.rounds), "--average-every", str(args.average_every), "--model", args.model,
+                  "--strategy", args.strategy, "--upload-codec", args.upload_codec, "--batch-size", str(args.batch_size),
+                  "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed)]
+    rng = random.Random(args.seed)
+    timeline, faults = [], []
+    started = time.time()
+    with coordinator_process(out, coord_args) as (coordinator, address):
+        swarm = Swarm(out, address, args.precision, args.data, args.inflight)
+        try:
+            for i in range(args.peers):
+                swarm.start_peer(f"peer{i}")
+            for i in range(args.trainers):
+                swarm.start_trainer(f"trainer{i}", i, args.trainers)
+            log(f"coordinator on {address}; {args.peers} peers on {args.stages} stages, {args.trainers} trainer(s)")
+            status = _follow(args, address, coordinator, swarm, rng, timeline, faults, started, log)
+        finally:
+            swarm.stop()
+    report = {
+        "config": status["config"],
+        "sim": {"mode": "swarm", "peers": args.peers, "trainers": args.trainers, "kill_every": args.kill_every,
+                "rejoin_after": args.rejoin_after, "duration": args.duration, "cpu_count": os.cpu_count()},
+        "rounds": status["rounds"], "swarm": status["swarm"], "clients": status["clients"],
+        "timeline": timeline, "faults": faults, "wall_seconds": round(time.time() - started, 2),
+        "started_at": started,
+    }
+    write_report(out, report)
+    plot_swarm(out, report)
+    return report
+
+
+def _follow(args, address, coordinator, swarm: Swarm, rng, timeline, faults, started, log) -> dict:
+    tick, shown = threading.Event(), 0
+    next_kill = started + args.kill_every if args.kill_every else float("inf")
+    rejoin_at: list[tuple[float, str]] = []
+    status = fetch_status(address)
+    while True:
+        if coordinator.popen.poll() is not None:
+            raise RuntimeError(f"the coordinator exited with {coordinator.popen.returncode}; see {coordinator.log_path}")
+        now = time.time()
+        if now >= next_kill and swarm.live_peers():
+            victim = rng.choice(swarm.live_peers())
+            stage = next((s["stage"] for s in status["swarm"]["stages"] if victim in s["peers"]), None)
+            swarm.kill(victim)
+            faults.append({"at": round(now - started, 2), "peer": victim, "stage": stage, "kind": "SIGKILL"})
+            rejoin_at.append((now + args.rejoin_after, victim))
+            log(f"t={now - started:6.1f}s  SIGKILL {victim} (stage {stage})")
+            next_kill = now + args.kill_every
+        for due, name in [r for r in rejoin_at if r[0] <= now]:
+            rejoin_at.remove((due, name))
+            swarm.start_peer(name)
+            faults.append({"at": round(now - started, 2), "peer": name, "stage": None, "kind": "rejoin"})
+        status = fetch_status(address)
+        sw = status["swarm"]
+        timeline.append({"t": round(now - started, 2), "tokens_per_s": sw["tokens_per_s"],
+                         "completed": sw["microbatches_completed"], "tokens": sw["tokens"],
+                         "peers_per_stage": [len(s["peers"]) for s in sw["stages"]]})
+        for r in status["rounds"][shown:]:
+            if log:
+                log(f"round {r['round']:>3}/{args.rounds}  eval loss {r['eval_loss']:.4f}  "
+                    f"{sw['microbatches_completed']} micro-batches, {sw['tokens_per_s']:.0f} tokens/s, "
+                    f"lost {sw['microbatches_lost']}")
+        shown = len(status["rounds"])
+        if status["state"] == "done" or (args.duration and now - started >= args.duration):
+            return status
+        tick.wait(0.5)
+
+
+def plot_swarm(out: Path, report: dict) -> None:
+    """tokens_per_s.png and stage_occupancy.png, with fault events marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = report["timeline"]
+    if not tl:
+        return
+    ts = [p["t"] for p in tl]
+    kills = [f["at"] for f in report["faults"] if f["kind"] == "SIGKILL"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(ts, [p["tokens_per_s"] for p in tl], label="tokens/s (trainers, 10 s window)")
+    for i, k in enumerate(kills):
+        ax.axvline(k, color="red", alpha=0.5, linestyle="--", label="peer SIGKILLed" if i == 0 else None)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"swarm: {report['sim']['peers']} peers, {report['config']['stages']} stages")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "tokens_per_s.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    stages = len(tl[-1]["peers_per_stage"])
+    for s in range(stages):
+        ax.step(ts, [p["peers_per_stage"][s] if s < len(p["peers_per_stage"]) else 0 for p in tl],
+                where="post", label=f"stage {s}")
+    for i, e in enumerate(report["swarm"]["reassignments"]):
+        ax.axvline(e["at"] - report["started_at"], color="green", alpha=0.5, linestyle=":",
+                   label="peer re-assigned" if i == 0 else None)
+    for i, k in enumerate(kills):
+        ax.axvline(k, color="red", alpha=0.4, linestyle="--", label="peer SIGKILLed" if i == 0 else None)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("live peers")
+    ax.set_title("stage occupancy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "stage_occupancy.png", dpi=100)
+    plt.close(fig)
+
