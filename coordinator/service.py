@@ -149,7 +149,8 @@ class CoordinatorService:
         if self.progress.done.is_set():
             return pb.Task(kind=pb.TASK_DONE, round=self.progress.committed_round)
         msg = self.grid.take_task(member.client_id, min(req.wait_s, self.timeouts.max_pull_wait_s))
-        self.members.check(req.client_id, req.session_token)  # the long-poll renews the lease too
+        if context.is_active():  # the long-poll renews the lease too, unless the client went away meanwhile
+            self.members.check(req.client_id, req.session_token)
         if msg is None:
             kind = pb.TASK_DONE if self.progress.done.is_set() else pb.TASK_NONE
             return pb.Task(kind=kind, round=self.progress.committed_round)

@@ -14,7 +14,10 @@ TARGETS = {"int8": (0.26, 0.01), "int4": (0.14, 0.03)}   # bytes ratio, eval-los
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("which", choices=["codecs"], help="codecs: upload bytes and final eval loss per codec vs none")
+    p.add_argument("which", choices=["codecs", "swarm"],
+                   help="codecs: upload bytes and final eval loss per codec vs none; "
+                        "swarm: tokens/s of the swarm vs one process, and with a peer killed every 30 s vs none")
+    p.add_argument("--seconds", type=float, default=90.0, help="swarm: measured seconds per configuration")
     p.add_argument("--codecs", default="none,fp16,int8,int4")
     add_sim_arguments(p)
     p.set_defaults(clients=2, rounds=6, out="bench-out")
@@ -62,7 +65,84 @@ def bench_codecs(args: argparse.Namespace) -> dict:
     return result
 
 
+def single_process_tokens_per_s(args: argparse.Namespace, seconds: float) -> float:
+    """The same model trained in one process on all cores: the swarm's yardstick."""
+    import os
+    import time
+
+    import torch
+
+    from fedswarm.client.trainer import LocalTrainer, resolve_precision
+    from fedswarm.data import BatchSampler, load_train_tokens
+    from fedswarm.models import trainable_state
+    from fedswarm.stages import build_untied_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = build_untied_model(args.model, seed=args.seed)
+    sampler = BatchSampler(load_train_tokens(args.data, 0, 1), args.seq_len, args.batch_size, args.seed)
+    device = torch.device("cpu")
+    trainer = LocalTrainer(model, sampler, device, resolve_precision(args.precision, device), lr=args.lr)
+    state = trainable_state(model)
+    state = trainer.train_round(state, 5).state      # warm-up
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        state = trainer.train_round(state, 10).state
+        steps += 10
+    return steps * args.batch_size * args.seq_len / (time.perf_counter() - start)
+
+
+def _steady_rate(report: dict, warmup: float = 10.0) -> float:
+    """Tokens/s between the first completed micro-batch + warmup and the end of the run."""
+    tl = [p for p in report["timeline"] if p["tokens"] > 0]
+    if len(tl) < 2:
+        return 0.0
+    start = next((p for p in tl if p["t"] >= tl[0]["t"] + warmup), tl[0])
+    end = tl[-1]
+    return (end["tokens"] - start["tokens"]) / max(end["t"] - start["t"], 1e-9)
+
+
+def bench_swarm(args: argparse.Namespace) -> dict:
+    from fedswarm.sim.swarm_sim import run_swarm_sim
+
+    print(f"single process, {args.seconds:.0f} s ...", flush=True)
+    single = single_process_tokens_per_s(args, args.seconds)
+    runs = {}
+    for name, kill_every in (("swarm", 0.0), ("swarm, kill every 30 s", 30.0)):
+        sim_args = copy.copy(args)
+        sim_args.mode, sim_args.kill_every, sim_args.quiet = "swarm", kill_every, True
+        sim_args.rounds, sim_args.duration = 10_000, args.seconds + 25.0   # ~25 s of start-up before trainers run
+        sim_args.out = str(Path(args.out) / ("faults" if kill_every else "nofaults"))
+        print(f"{name}, {sim_args.duration:.0f} s ...", flush=True)
+        report = run_swarm_sim(sim_args, log=lambda *_: None)
+        runs[name] = {"tokens_per_s": _steady_rate(report), "lost": report["swarm"]["microbatches_lost"],
+                      "replayed": report["swarm"]["microbatches_retried"],
+                      "completed": report["swarm"]["microbatches_completed"],
+                      "kills": sum(f["kind"] == "SIGKILL" for f in report["faults"]),
+                      "reassignments": len(report["swarm"]["reassignments"]),
+                      "final_eval_loss": report["rounds"][-1]["eval_loss"]}
+    clean, faulty = runs["swarm"], runs["swarm, kill every 30 s"]
+    rows = [
+        f"| one process ({args.model}, all cores) | {single:.0f} | 1.00 | | | |",
+        f"| swarm: {args.stages} stages, {args.peers} peers, {args.trainers} trainer | {clean['tokens_per_s']:.0f} "
+        f"| {clean['tokens_per_s'] / single:.2f} (target >= 0.8) | {clean['completed']} | {clean['replayed']} | {clean['lost']} |",
+        f"| swarm, a peer SIGKILLed every 30 s ({faulty['kills']} kills, {faulty['reassignments']} re-assignments) "
+        f"| {faulty['tokens_per_s']:.0f} | {faulty['tokens_per_s'] / max(clean['tokens_per_s'], 1e-9):.2f} of no-fault "
+        f"(target >= 0.7) | {faulty['completed']} | {faulty['replayed']} | {faulty['lost']} |",
+    ]
+    table = "\n".join(["| configuration | tokens/s | ratio | micro-batches | replayed | lost |",
+                       "|---|---|---|---|---|---|", *rows])
+    print(f"\n{args.seconds:.0f} s measured per configuration, batch {args.batch_size}x{args.seq_len}, "
+          f"{args.precision} precision, same machine, one run:\n")
+    print(table)
+    result = {"single_tokens_per_s": single, "runs": runs, "table": table}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "bench-swarm.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main(args: argparse.Namespace) -> int:
     if args.which == "codecs":
         bench_codecs(args)
+    elif args.which == "swarm":
+        bench_swarm(args)
     return 0
