@@ -135,7 +135,8 @@ class CoordinatorService:
         if self.swarm and member.role == "peer":
             if not (math.isfinite(req.throughput) and req.throughput >= 0):
                 raise invalid("bad_heartbeat", "throughput must be a finite number >= 0")
-            self.swarm.registry.report_peer(member.client_id, req.throughput, int(req.optimizer_steps))
+            self.swarm.registry.report_peer(member.client_id, req.throughput, int(req.optimizer_steps),
+                                            req.load if math.isfinite(req.load) else 0.0)
             stage = self.swarm.registry.stage(member.client_id)
         elif self.swarm and member.role == "trainer":
             self.swarm.registry.report_trainer(member.client_id, member.name, int(req.microbatches_completed),

@@ -12,7 +12,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class SwarmTimeouts:
     rebalance_cooldown_s: float = 15.0   # at most one bottleneck move this often (an emptied stage moves at once)
-    bottleneck_ratio: float = 0.35       # a stage below this fraction of the best stage's throughput is a bottleneck
+    busy: float = 0.85                   # a stage whose peers compute this fraction of the time is saturated ...
+    idle: float = 0.45                   # ... and takes a peer from a stage (of >= 2 peers) busy at most this much
+    warm_reports: int = 4                # utilization counts only after this many heartbeats of a peer
     rate_window_s: float = 10.0          # tokens/s is measured over this window
 
 
@@ -28,6 +30,9 @@ class SwarmRegistry:
         self.names: dict[int, str] = {}
         self.throughput: dict[int, float] = {}
         self.steps: dict[int, int] = {}
+        self.util: dict[int, float] = {}
+        self.reports: dict[int, int] = {}
+        self._warned_empty: set[int] = set()
         self.trainers: dict[int, dict] = {}           # live trainers' latest totals
         self.retired = {"completed": 0, "retried": 0, "lost": 0, "tokens": 0}   # totals of trainers that left
         self.events: list[dict] = []
@@ -49,10 +54,12 @@ class SwarmRegistry:
         with self._lock:
             return self.stage_of.get(cid, -1)
 
-    def report_peer(self, cid: int, throughput: float, steps: int) -> None:
+    def report_peer(self, cid: int, throughput: float, steps: int, utilization: float = 0.0) -> None:
         with self._lock:
             if cid in self.stage_of:
                 self.throughput[cid], self.steps[cid] = throughput, steps
+                self.util[cid] = min(max(utilization, 0.0), 1.0)
+                self.reports[cid] = self.reports.get(cid, 0) + 1
         self.rebalance()
 
     def synced(self, cids: list[int]) -> None:
@@ -72,13 +79,16 @@ class SwarmRegistry:
             if stage is None:
                 return
             self._event(stage, cid, f"left: {reason}")
-            for d in (self.throughput, self.steps):
+            for d in (self.throughput, self.steps, self.util, self.reports):
                 d.pop(cid, None)
             if self._counts()[stage] == 0:
                 self._move_to(stage, f"stage {stage} lost its last peer")
 
     def rebalance(self) -> None:
-        """Fill empty stages; move one peer toward a clear throughput bottleneck (with a cooldown)."""
+        """Fill empty stages; move one peer to a saturated stage from an idle one (with a cooldown).
+
+        In a pipeline every stage serves the same tokens/s, so throughput cannot show a
+        bottleneck; utilization (the fraction of time a peer spends computing) can."""
         with self._lock:
             counts = self._counts()
             for stage in range(self.num_stages):
@@ -87,14 +97,15 @@ class SwarmRegistry:
                     counts = self._counts()
             if self.clock() - self._last_move < self.t.rebalance_cooldown_s:
                 return
-            totals = self._totals()
-            if not all(totals) or any(self.throughput.get(c, 0) <= 0 for c in self.stage_of):
-                return  # throughput not yet measured everywhere
-            worst = min(range(self.num_stages), key=lambda s: totals[s])
-            best = max(range(self.num_stages), key=lambda s: totals[s])
-            if totals[worst] < self.t.bottleneck_ratio * totals[best] and counts[best] >= 2:
-                self._move_to(worst, f"stage {worst} is the bottleneck ({totals[worst]:.0f} vs {totals[best]:.0f} tokens/s)",
-                              donor_stage=best)
+            if not self.stage_of or any(self.reports.get(c, 0) < self.t.warm_reports for c in self.stage_of):
+                return  # utilization not yet measured everywhere
+            util = [self._mean_util(s) for s in range(self.num_stages)]
+            hot = max(range(self.num_stages), key=lambda s: util[s])
+            donors = [s for s in range(self.num_stages) if counts[s] >= 2 and util[s] <= self.t.idle and s != hot]
+            if util[hot] >= self.t.busy and donors:
+                cold = min(donors, key=lambda s: util[s])
+                self._move_to(hot, f"stage {hot} is the bottleneck (peers {util[hot]:.0%} busy, "
+                                   f"stage {cold}'s {util[cold]:.0%})", donor_stage=cold)
 
     def stage_peers(self, stage: int) -> list[int]:
         with self._lock:
@@ -144,6 +155,10 @@ class SwarmRegistry:
             totals[s] += self.throughput.get(c, 0.0)
         return totals
 
+    def _mean_util(self, stage: int) -> float:
+        vals = [self.util.get(c, 0.0) for c, s in self.stage_of.items() if s == stage]
+        return sum(vals) / len(vals) if vals else 0.0
+
     def _total(self, key: str) -> int:
         return self.retired[key] + sum(t.get(key, 0) for t in self.trainers.values())
 
@@ -152,13 +167,16 @@ class SwarmRegistry:
         if donor_stage is None:  # the most over-provisioned stage that can spare a peer
             candidates = [s for s in range(self.num_stages) if counts[s] >= 2]
             if not candidates:
-                log.warning("%s and no stage has a peer to spare: waiting for a new peer", reason)
+                if stage not in self._warned_empty:
+                    self._warned_empty.add(stage)
+                    log.warning("%s and no stage has a peer to spare: waiting for a new peer", reason)
                 return False
             donor_stage = max(candidates, key=lambda s: (counts[s], -self._totals()[s]))
         donors = [c for c, s in self.stage_of.items() if s == donor_stage]
         donor = min(donors, key=lambda c: self.throughput.get(c, 0.0))   # the slowest replica moves
         self.stage_of[donor] = stage
-        self.steps[donor] = 0
+        self.steps[donor], self.reports[donor] = 0, 0
+        self._warned_empty.discard(stage)
         self._last_move = self.clock()
         self._event(stage, donor, reason)
         log.warning("re-assigned %s from stage %d to stage %d: %s", self.names.get(donor), donor_stage, stage, reason)

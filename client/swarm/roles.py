@@ -47,7 +47,7 @@ class PeerDaemon(ClientDaemon):
             log.warning("now serving stage %d (was %d): %s; ready in %.2f s", stage, old, why, time.monotonic() - started)
 
     def _announce(self) -> None:
-        throughput, _, load = self.server.stats()
+        throughput, _, _, load = self.server.stats()
         record = StageRecord(self.node.peer_id, self.name, self.server.stage_index, max(throughput, 1.0), load)
         self.node.announce(stage_key(self.run_id, self.server.stage_index), self.node.peer_id, record.to_value(),
                            ttl=RECORD_TTL_S)
@@ -62,9 +62,9 @@ class PeerDaemon(ClientDaemon):
     def heartbeat_request(self) -> pb.HeartbeatRequest:
         if not hasattr(self, "_announcer_stop"):  # still setting up
             return super().heartbeat_request()
-        throughput, steps, load = self.server.stats()
+        throughput, steps, utilization, _ = self.server.stats()
         return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token, stage=self.server.stage_index,
-                                   throughput=throughput, optimizer_steps=steps, load=load)
+                                   throughput=throughput, optimizer_steps=steps, load=utilization)
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
         if hasattr(self, "_announcer_stop") and reply.stage >= 0 and reply.stage != self.server.stage_index:

@@ -55,6 +55,7 @@ class StageServer:
         self.weights_version = 0     # bumped by every in-place change of the weights (step, sync)
         self.tokens_since_sync = 0
         self._rate_tokens, self._rate_t0, self.throughput = 0, time.monotonic(), 0.0
+        self._busy_s, self.utilization = 0.0, 0.0
         self._lock = threading.Lock()
         self._fault = _fault_plan()
         self._fault_seen = 0
@@ -89,14 +90,15 @@ class StageServer:
         tokens, self.tokens_since_sync, self.steps_since_sync = self.tokens_since_sync, 0, 0
         return progress, max(tokens, 1)
 
-    def stats(self) -> tuple[float, int, float]:
-        """(tokens/s over the last window, optimizer steps since sync, requests in flight)."""
+    def stats(self) -> tuple[float, int, float, float]:
+        """(tokens/s and busy fraction over the last window, optimizer steps since sync, requests in flight)."""
         with self._lock:
             now = time.monotonic()
             if now - self._rate_t0 >= 2.0:
                 self.throughput = self._rate_tokens / (now - self._rate_t0)
-                self._rate_tokens, self._rate_t0 = 0, now
-            return self.throughput, self.steps_since_sync, float(self.load)
+                self.utilization = min(self._busy_s / (now - self._rate_t0), 1.0)
+                self._rate_tokens, self._busy_s, self._rate_t0 = 0, 0.0, now
+            return self.throughput, self.steps_since_sync, self.utilization, float(self.load)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -105,9 +107,17 @@ class StageServer:
     async def handle(self, request: pb.StageRequest, context) -> pb.StageReply:
         self.load += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, self._compute, request)
+            return await asyncio.get_running_loop().run_in_executor(self.pool, self._timed_compute, request)
         finally:
             self.load -= 1
+
+    def _timed_compute(self, request: pb.StageRequest) -> pb.StageReply:
+        started = time.monotonic()
+        try:
+            return self._compute(request)
+        finally:
+            with self._lock:
+                self._busy_s += time.monotonic() - started
 
     def _autocast(self):
         if self.precision == "fp32":
