@@ -39,6 +39,7 @@ class ClientTimeouts:
     backoff_initial_s: float = 0.5    # first retry delay while the coordinator is unreachable
     backoff_max_s: float = 10.0       # cap on the retry delay
     give_up_s: float = 0.0            # stop retrying after this long unreachable (0: never)
+    pending_s: float = 120.0          # how long to keep re-sending an update the coordinator says is early
 
 
 class JoinRefused(Exception):
@@ -89,6 +90,8 @@ class ClientDaemon:
                     raise
                 if self.t.give_up_s and time.monotonic() - started > self.t.give_up_s:
                     raise
+                if err.code() == grpc.StatusCode.ABORTED and time.monotonic() - started > self.t.pending_s:
+                    raise  # "come back shortly" that never resolves: give the work up
                 wait = delay * random.uniform(0.5, 1.5)
                 log.warning("%s failed (%s: %s); retrying in %.1f s", what, err.code().name, err.details(), wait)
                 time.sleep(wait)
@@ -193,35 +196,51 @@ class ClientDaemon:
     def train(self, task: pb.Task) -> None:
         config = json.loads(task.config_json)
         base = self.fetch_model(task.task_id)
+        log.info("round %d: training on task %s", task.round, task.task_id[:12])
         mu = float(config.get("proximal-mu", 0.0))
         steps = int(config.get("local-steps", self.run_cfg["local_steps"]))
         result = self.trainer.train_round(base, steps, self.run_cfg.get("grad_accum", 1),
                                           lr=float(config.get("lr", self.run_cfg["lr"])), proximal_mu=mu)
         delta = {n: result.state[n] - base[n] for n in base}
-        reply = self.upload(task, delta, result.num_examples, result.train_loss, result.seconds)
+        reply = self.upload(task, delta, result.num_examples, result.train_loss, result.seconds,
+                            base_digest=wire.state_digest(base))
         log.info("round %d: loss %.4f in %.1f s, uploaded %d bytes (%s)", task.round, result.train_loss,
                  result.seconds, reply.bytes_received, self.run_cfg["upload_codec"])
 
     def upload(self, task: pb.Task, delta: dict[str, torch.Tensor], num_examples: int, train_loss: float,
-               seconds: float) -> pb.PushReply:
-        """Encode `delta` with the run's codec (error feedback), sign it, stream it; retried while unreachable."""
+               seconds: float, base_digest: bytes = b"") -> pb.PushReply:
+        """Encode `delta` with the run's codec (error feedback), sign it, stream it; retried while unreachable.
+
+        If the coordinator restarted meanwhile (our session is gone), join again and re-send the same
+        encoded update under the new session: it carries the digest of the weights it was trained from,
+        so the coordinator can accept it for the re-run of the same round instead of losing the work."""
         saved = {n: r.clone() for n, r in self.feedback.residuals.items()}
         encoded = {n: self.feedback.compress(n, d)[0] for n, d in delta.items()}
         parts = [p for n, d in delta.items() for p in wire.tensor_parts(n, tuple(d.shape), encoded[n])]
-        header = pb.UpdateHeader(client_id=self.client_id, session_token=self.token, task_id=task.task_id,
-                                 round=task.round, num_examples=num_examples, train_loss=train_loss,
-                                 num_tensors=len(delta), num_parts=len(parts), train_seconds=seconds)
         raw_parts = [pb.UpdateChunk(part=p).SerializeToString() for p in parts]
-        if self.identity:  # the coordinator hashes exactly these bytes: send them as they are
-            header.signature = self.identity.sign_update(self.run_id, task.round, self.client_id, task.task_id,
-                                                         header.num_examples, header.train_loss, len(parts), raw_parts)
-        chunks = [pb.UpdateChunk(header=header).SerializeToString()] + raw_parts
-        try:
-            reply = self.with_retry("upload", lambda: self._push_raw(iter(chunks), timeout=self.t.transfer_s))
-        except grpc.RpcError:
-            self.feedback.residuals = saved  # nothing was applied: the residual must not move on
-            raise
-        return reply
+        for attempt in range(3):
+            header = pb.UpdateHeader(client_id=self.client_id, session_token=self.token, task_id=task.task_id,
+                                     round=task.round, num_examples=num_examples, train_loss=train_loss,
+                                     num_tensors=len(delta), num_parts=len(parts), train_seconds=seconds,
+                                     base_digest=base_digest)
+            if self.identity:  # the coordinator hashes exactly these bytes: send them as they are
+                header.signature = self.identity.sign_update(self.run_id, task.round, self.client_id, task.task_id,
+                                                             num_examples, train_loss, len(parts), raw_parts)
+            chunks = [pb.UpdateChunk(header=header).SerializeToString()] + raw_parts
+            try:
+                reply = self.with_retry("upload", lambda: self._push_raw(iter(chunks), timeout=self.t.transfer_s))
+                if attempt:
+                    log.info("round %d: update re-sent after the coordinator restarted, and accepted", task.round)
+                return reply
+            except grpc.RpcError as err:
+                session_gone = err.code() == grpc.StatusCode.UNAUTHENTICATED and "join again" in (err.details() or "")
+                if not (session_gone and base_digest and attempt < 2):
+                    self.feedback.residuals = saved  # nothing was applied: the residual must not move on
+                    raise
+                log.warning("round %d: the coordinator lost our session while uploading; joining again to re-send",
+                            task.round)
+                self.join()
+        raise AssertionError("unreachable")
 
     def fetch_model(self, task_id: str, stage: int = -1) -> dict[str, torch.Tensor]:
         """The weights of a task, or (swarm, no task) a stage's latest committed average."""

@@ -35,6 +35,7 @@ class RunProgress:
         self.rounds_total = cfg.rounds
         self.rounds: list[dict] = list(rounds)
         self.current_round = 0          # round in flight (0 when none)
+        self.configured_round = 0       # the last round whose instructions went out
         self.done = threading.Event()
 
     @property
@@ -101,6 +102,8 @@ class RoundDriver:
         config = ConfigRecord({"local-steps": self.cfg.local_steps, "lr": self.cfg.lr})
         # Flower's sample_nodes waits (polling) until min_available_nodes have joined.
         messages = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
+        with self.progress.lock:
+            self.progress.configured_round = rnd
         with self.progress.lock:
             self.progress.state = "running"
         log.info("round %d: sent %d train instructions", rnd, len(messages))

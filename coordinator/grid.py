@@ -146,6 +146,11 @@ class SessionGrid(Grid):
                     queue.append(message_id)
             self._cv.notify_all()
 
+    def open_for_node(self, node_id: int) -> list[Message]:
+        """Every open instruction of a node (queued or handed out)."""
+        with self._cv:
+            return [self._instructions[i] for i, n in self._owner.items() if n == node_id]
+
     def is_open(self, message_id: str) -> bool:
         with self._cv:
             return message_id in self._instructions

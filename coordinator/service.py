@@ -190,8 +190,11 @@ class CoordinatorService:
         if self.auth.enabled and len(h.signature) != signing.SIGNATURE_BYTES:
             raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "bad_signature",
                            "the update is not signed: start the client with --key")
-        msg = self._open_task(h.task_id, member)
-        base = self._base_state(h.task_id, msg)
+        msg = self.grid.open_instruction(h.task_id, member.client_id) or self._adopt(h, member)
+        if msg is None:
+            msg = self._open_task(h.task_id, member)   # raises FAILED_PRECONDITION
+        task_id = msg.metadata.message_id            # differs from h.task_id when adopted after a restart
+        base = self._base_state(task_id, msg)
         spec = {n: tuple(t.shape) for n, t in base.items()}  # what this task's model (or stage) holds
         raw_update_bytes = 4 * sum(math.prod(shape) for shape in spec.values())
         max_update_bytes = int(raw_update_bytes * MAX_UPDATE_BYTES_FACTOR) + (1 << 20)
@@ -240,14 +243,15 @@ class CoordinatorService:
                                      "train-seconds": float(h.train_seconds)}),
             "client": ConfigRecord({"name": member.name}),
         })
-        if not self.grid.deliver_reply(h.task_id, member.client_id, content):
+        if not self.grid.deliver_reply(task_id, member.client_id, content):
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "task_closed", "the task closed while uploading")
         self._answered.add((member.client_id, h.task_id))
+        self._answered.add((member.client_id, task_id))
         if h.signature:
             self._seen_signatures.add(bytes(h.signature))
         member.rounds_done += 1
         with self._cache_lock:
-            self._base_cache.pop(h.task_id, None)
+            self._base_cache.pop(task_id, None)
         return pb.PushReply(accepted=True, message="ok", bytes_received=received)
 
     def status(self, req: pb.StatusRequest, context) -> pb.StatusReply:
@@ -278,6 +282,22 @@ class CoordinatorService:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "task_closed",
                            f"task {task_id[:64]!r} is not open for this client (finished, timed out or never sent)")
         return msg
+
+    def _adopt(self, h: pb.UpdateHeader, member: Member) -> Message | None:
+        """An upload for a task this coordinator does not know (it restarted mid-round): accept it as the
+        answer to this client's open instruction of the same round over the very same weights."""
+        if len(h.base_digest) != 32:
+            return None
+        for msg in self.grid.open_for_node(member.client_id):
+            if _task_round(msg) == h.round and wire.state_digest(self._base_state(msg.metadata.message_id, msg)) == h.base_digest:
+                log.info("adopted %s's upload for round %d (task %s predates a restart)", member.name, h.round, h.task_id[:12])
+                return msg
+        with self.progress.lock:
+            pending = self.progress.current_round == h.round and self.progress.configured_round < h.round
+        if pending:  # the re-run of that round has not sent its instructions yet: come back shortly
+            raise Rejected(grpc.StatusCode.ABORTED, "task_pending",
+                           f"round {h.round} is being configured after a restart; retry shortly")
+        return None
 
     def _base_state(self, task_id: str, msg: Message) -> dict[str, torch.Tensor]:
         """The weights the task was configured with (decoded once per task)."""

@@ -148,6 +148,8 @@ class SwarmDriver:
         with self._lock:
             arrays = self.stage_arrays[stage]
         messages = list(strategy.configure_train(epoch, arrays, ConfigRecord({"stage": stage}), view))
+        with self.progress.lock:
+            self.progress.configured_round = max(self.progress.configured_round, epoch)
         replies = list(view.send_and_receive(messages, timeout=self.sync_timeout_s))
         ok = [m for m in replies if not m.has_error()]
         if not ok:

@@ -172,7 +172,7 @@ class ModelChunk(_message.Message):
     def __init__(self, part: _Optional[_Union[TensorPart, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("client_id", "session_token", "task_id", "round", "num_examples", "train_loss", "num_tensors", "num_parts", "train_seconds", "signature")
+    __slots__ = ("client_id", "session_token", "task_id", "round", "num_examples", "train_loss", "num_tensors", "num_parts", "train_seconds", "signature", "base_digest")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,7 @@ class UpdateHeader(_message.Message):
     NUM_PARTS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session_token: str
     task_id: str
@@ -193,7 +194,8 @@ class UpdateHeader(_message.Message):
     num_parts: int
     train_seconds: float
     signature: bytes
-    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., num_tensors: _Optional[int] = ..., num_parts: _Optional[int] = ..., train_seconds: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    base_digest: bytes
+    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., num_tensors: _Optional[int] = ..., num_parts: _Optional[int] = ..., train_seconds: _Optional[float] = ..., signature: _Optional[bytes] = ..., base_digest: _Optional[bytes] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "part")

@@ -14,6 +14,18 @@ MAX_MESSAGE_BYTES = 4 << 20       # gRPC receive limit on both ends: no message 
 MAX_NAME_LEN = 256
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> bytes:
+    """sha256 over names, shapes and float32 bytes, in name order: identifies a set of weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode() + b"\0" + repr(tuple(t.shape)).encode() + b"\0")
+        h.update(t.numpy().tobytes())
+    return h.digest()
+
+
 class WireError(ValueError):
     """A malformed message: maps to INVALID_ARGUMENT."""
 

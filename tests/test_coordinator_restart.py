@@ -29,7 +29,7 @@ def _wait(predicate, timeout: float, what: str):
 
 def _start(tmp_path, listen: str, n: int) -> tuple[Proc, str]:
     args = ["--listen", listen, "--state-dir", str(tmp_path / "state"), "--rounds", str(ROUNDS),
-            "--min-clients", "2", "--local-steps", "8", "--seq-len", "64", "--batch-size", "8",
+            "--min-clients", "2", "--local-steps", "30", "--seq-len", "64", "--batch-size", "8",
             "--strategy", "fedavgm", "--lease", "8"]
     proc = Proc(f"coordinator-{n}", fedswarm_cmd("coordinator", *args), tmp_path / f"coordinator-{n}.log")
     return proc, proc.wait_for_line(READY, 120).group(1)
@@ -49,9 +49,12 @@ def test_sigkill_and_restart_loses_no_round(tmp_path):
             status = _wait(lambda: fetch_status(address), 30, "restarted coordinator")
             assert status["round"] >= 2, "committed rounds survive the SIGKILL"
 
-            # Kill 2: in the middle of a later round (instructions out, reply not yet committed).
-            mid = _wait(lambda: (s := fetch_status(address))["state"] == "running" and s["current_round"] >= 4
-                        and s["round"] == s["current_round"] - 1 and s, 180, "a round in flight")
+            # Kill 2: mid-round, while both clients are training (their uploads will be in flight).
+            _wait(lambda: fetch_status(address)["round"] >= 3, 180, "round 3 to commit")
+            k = fetch_status(address)["round"] + 1
+            for client in clients:
+                client.wait_for_line(re.compile(rf"round {k}: training on task"), 120)
+            mid = fetch_status(address)
             coord.signal(signal.SIGKILL)
             coord.popen.wait()
             coord.stop()
@@ -66,6 +69,15 @@ def test_sigkill_and_restart_loses_no_round(tmp_path):
                 assert client.popen.wait(timeout=60) == 0
                 log = client.log_path.read_text()
                 assert re.search(r"joining again|join", log)
-            assert "resuming after committed round" in (tmp_path / "coordinator-3.log").read_text()
+            coordinator_log = (tmp_path / "coordinator-3.log").read_text()
+            assert "resuming after committed round" in coordinator_log
+            # The uploads in flight at kill 2 were re-sent and accepted for the re-run of round k, not redone.
+            assert "adopted" in coordinator_log
+            resent = 0
+            for client in clients:
+                log = client.log_path.read_text()
+                assert log.count(f"round {k}: training on task") == 1, f"{client.name} trained round {k} twice"
+                resent += "re-sent after the coordinator restarted" in log
+            assert resent == 2
     finally:
         coord.stop()
