@@ -77,6 +77,10 @@ class ClientDaemon:
         self._hb_stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._join_lock = threading.RLock()
+        # hivemind starts its DHT with fork(): a gRPC call in flight at that moment leaves a held mutex in the
+        # child (abseil "Check w->waitp->cond == nullptr failed"). Calls from background threads take this
+        # lock, and so does whoever forks.
+        self.fork_guard = threading.Lock()
 
     # -- connection ------------------------------------------------------------------
     def with_retry(self, what: str, call):
@@ -146,7 +150,8 @@ class ClientDaemon:
     def _heartbeat_loop(self) -> None:
         while not self._hb_stop.wait(self.heartbeat_s):
             try:
-                reply = self.stub.Heartbeat(self.heartbeat_request(), timeout=self.t.rpc_s)
+                with self.fork_guard:
+                    reply = self.stub.Heartbeat(self.heartbeat_request(), timeout=self.t.rpc_s)
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.UNAUTHENTICATED and not self._hb_stop.is_set():
                     log.warning("the coordinator no longer knows this session (%s); joining again", err.details())

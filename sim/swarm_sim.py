@@ -103,6 +103,9 @@ def _follow(args, address, coordinator, swarm: Swarm, rng, timeline, faults, sta
     while True:
         if coordinator.popen.poll() is not None:
             raise RuntimeError(f"the coordinator exited with {coordinator.popen.returncode}; see {coordinator.log_path}")
+        dead = [n for n, p in swarm.procs.items() if n.startswith("trainer") and p.popen.poll() not in (None, 0)]
+        if dead:
+            raise RuntimeError(f"trainer(s) {dead} failed; see {swarm.procs[dead[0]].log_path}")
         now = time.time()
         if now >= next_kill and swarm.live_peers():
             victim = rng.choice(swarm.live_peers())

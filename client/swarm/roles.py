@@ -28,7 +28,8 @@ class PeerDaemon(ClientDaemon):
         self.run_cfg = cfg
         self.codec = C.codec_by_name(cfg["upload_codec"])
         self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
-        self.node = SwarmNode(initial_peers=self.dht_peers)
+        with self.fork_guard:  # no gRPC call in flight while hivemind forks its DHT process
+            self.node = SwarmNode(initial_peers=self.dht_peers)
         self.server = StageServer(self.run_id, cfg, self.device, self.precision)
         self.node.add_handler(HANDLER, self.server.handle, pb.StageRequest)
         self._switch_lock = threading.Lock()
@@ -80,8 +81,9 @@ class PeerDaemon(ClientDaemon):
         with self._switch_lock:
             progress, tokens = self.server.sync(stage, average)
         reply = self.upload(task, progress, tokens, 0.0, time.monotonic() - started)
-        log.info("stage %d sync %d: uploaded %d bytes of progress over %d tokens", stage, task.round,
-                 reply.bytes_received, tokens)
+        log.info("stage %d sync %d: uploaded %d bytes of progress over %d tokens; %d of %d backward passes "
+                 "re-ran their forward", stage, task.round, reply.bytes_received, tokens,
+                 self.server.recomputed_total, self.server.backward_total)
 
     def run(self) -> int:
         try:
@@ -104,7 +106,8 @@ class TrainerDaemon(ClientDaemon):
         seed = int.from_bytes(hashlib.sha256(f"{cfg['seed']}/trainer/{self.index}".encode()).digest()[:4], "little")
         self.sampler = BatchSampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
         self._sample_lock = threading.Lock()
-        self.node = SwarmNode(initial_peers=self.dht_peers)
+        with self.fork_guard:  # no gRPC call in flight while hivemind forks its DHT process
+            self.node = SwarmNode(initial_peers=self.dht_peers)
         self.swarm = SwarmTrainer(self.node, self.run_id, cfg["stages"])
         self.done = threading.Event()
 

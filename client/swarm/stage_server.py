@@ -52,6 +52,7 @@ class StageServer:
         self.load = 0
         self.steps_since_sync = 0
         self.optimizer_steps = 0
+        self.backward_total, self.recomputed_total = 0, 0   # diagnostics: how often a graph had to be re-run
         self.weights_version = 0     # bumped by every in-place change of the weights (step, sync)
         self.tokens_since_sync = 0
         self._rate_tokens, self._rate_t0, self.throughput = 0, time.monotonic(), 0.0
@@ -190,6 +191,8 @@ class StageServer:
             x, out, _ = cached
         grad = from_wire(req.grad_output, tuple(out.shape), self.allowed).to(self.device, out.dtype)
         out.backward(grad)
+        self.backward_total += 1
+        self.recomputed_total += int(recomputed)
         reply = pb.StageReply(recomputed=recomputed)
         if not m.is_first:
             reply.grad_input.CopyFrom(to_wire(x.grad, self.codec))
