@@ -8,7 +8,6 @@ import signal
 import sys
 import threading
 from concurrent import futures
-from dataclasses import fields
 
 import grpc
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -150,8 +149,7 @@ def serve(args: argparse.Namespace) -> int:
         initial = trainable_state(model)
         driver = RoundDriver(cfg, grid, build_strategy(cfg), store, model, windows, progress, timeouts.round_timeout_s)
         run_driver = driver.run
-    spec = {name: tuple(t.shape) for name, t in initial.items()}
-    service = CoordinatorService(cfg, run_id, grid, membership, progress, spec, timeouts, auth=auth, swarm=swarm)
+    service = CoordinatorService(cfg, run_id, grid, membership, progress, timeouts, auth=auth, swarm=swarm)
 
     options = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
                ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]

@@ -48,12 +48,12 @@ def unauthenticated(err: AuthError) -> Rejected:
 
 class CoordinatorService:
     def __init__(self, cfg: RunConfig, run_id: str, grid: SessionGrid, membership: Membership,
-                 progress: RunProgress, spec: dict[str, tuple[int, ...]], timeouts: CoordinatorTimeouts,
+                 progress: RunProgress, timeouts: CoordinatorTimeouts,
                  auth: Authenticator | None = None, swarm=None):
         self.cfg, self.run_id, self.grid, self.members = cfg, run_id, grid, membership
         self.auth = auth or Authenticator(None)  # None: dev mode, anyone may join
         self._answered, self._seen_signatures = SeenSet(), SeenSet()  # replayed-update guards
-        self.progress, self.spec, self.timeouts = progress, spec, timeouts
+        self.progress, self.timeouts = progress, timeouts
         self.swarm = swarm  # SwarmContext in --mode swarm: registry, driver, DHT peers
         self.codec = C.codec_by_name(cfg.upload_codec)
         self.block_size = cfg.codec_block_size or C.DEFAULT_BLOCK_SIZE.get(self.codec, 0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 from fedswarm.sim.launcher import add_arguments as add_sim_arguments

@@ -125,3 +125,20 @@ def fetch_status(address: str, timeout: float = 10.0, tls_ca: str | Path | None 
 
     with open_channel(address, tls_ca) as channel:
         return json.loads(pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout).json)
+
+
+def wait_until(what: str, check, deadline_s: float, watch=(), poll_s: float = 0.2, clean_exit_ok: bool = True):
+    """Poll `check()` until it returns something truthy, and return it. Raise at once if a watched
+    process exits (with any code, or only a failing one if clean_exit_ok), TimeoutError after deadline_s."""
+    tick, deadline = threading.Event(), time.monotonic() + deadline_s
+    while True:
+        for proc in watch:
+            code = proc.popen.poll()
+            if code is not None and not (clean_exit_ok and code == 0):
+                raise RuntimeError(f"{proc.name} exited with {code} while waiting for {what}:\n{proc.output()[-3000:]}")
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} after {deadline_s:.0f} s")
+        tick.wait(poll_s)

@@ -5,7 +5,6 @@ import base64
 import json
 import re
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import signing, wire
 from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status
+from fedswarm.sim.processes import wait_until
 
 SMALL = ["--rounds", "1", "--min-clients", "1", "--local-steps", "5", "--seq-len", "64", "--batch-size", "8"]
 OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
@@ -48,19 +48,6 @@ def tls_args(keys: Path) -> list[str]:
             "--authorized-keys", str(keys / "authorized_keys")]
 
 
-def wait_until(what: str, check, deadline_s: float, watch: list[Proc] = ()):
-    """Poll `check()` until truthy; fail early if a watched process dies."""
-    tick, deadline = threading.Event(), time.monotonic() + deadline_s
-    while True:
-        for proc in watch:
-            if proc.popen.poll() not in (None, 0):
-                pytest.fail(f"{proc.name} exited with {proc.popen.returncode} waiting for {what}:\n{proc.output()[-3000:]}")
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {deadline_s:.0f} s")
-        tick.wait(0.3)
 
 
 # -- unit: signing helpers and authorized_keys --------------------------------------------

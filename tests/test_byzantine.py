@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 
 import grpc
@@ -28,6 +27,7 @@ from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import wire
 from fedswarm.sim.processes import Proc, client_processes, coordinator_process, fetch_status
+from fedswarm.sim.processes import wait_until
 
 POISON = 5.0
 ROBUST = ["fedmedian", "krum", "fedtrimmedavg"]
@@ -37,20 +37,7 @@ OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]
 
 
-def _until(what: str, check, deadline_s: float, watch: list[Proc]):
-    """Poll `check()` until truthy; fail at once if a watched process died."""
-    tick, deadline = threading.Event(), time.monotonic() + deadline_s
-    while True:
-        for proc in watch:
-            if proc.popen.poll() not in (None, 0):
-                pytest.fail(f"{proc.name} exited with {proc.popen.returncode} waiting for {what}:\n"
-                            f"{proc.output()[-3000:]}")
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {deadline_s:.0f} s")
-        tick.wait(0.2)
+_until = wait_until  # (what, check, deadline_s, watch)
 
 
 def _poison(address: str, watch: list[Proc]) -> None:

@@ -8,6 +8,7 @@ each peer is started only once the previous one shows up in status, so p0, p1, .
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import signal
@@ -25,7 +26,7 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import wire
-from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status
+from fedswarm.sim.processes import wait_until, Proc, coordinator_process, fedswarm_cmd, fetch_status
 
 SMALL = ["--seq-len", "64", "--batch-size", "8"]
 OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
@@ -33,20 +34,7 @@ OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def _until(what: str, check, deadline_s: float, watch=(), poll_s: float = 0.2):
-    """Poll `check()` until truthy and return its value; fail at once if a watched process exited."""
-    tick, deadline = threading.Event(), time.monotonic() + deadline_s
-    while True:
-        for proc in watch:
-            if proc.popen.poll() is not None:
-                pytest.fail(f"{proc.name} exited with {proc.popen.returncode} while waiting for {what}:\n"
-                            f"{proc.output()[-3000:]}")
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {deadline_s:.0f} s")
-        tick.wait(poll_s)
+_until = functools.partial(wait_until, clean_exit_ok=False)  # any exit is a failure here
 
 
 def _swarm_status(address: str) -> dict:
