@@ -140,7 +140,8 @@ class CoordinatorService:
             stage = self.swarm.registry.stage(member.client_id)
         elif self.swarm and member.role == "trainer":
             self.swarm.registry.report_trainer(member.client_id, member.name, int(req.microbatches_completed),
-                                               int(req.microbatches_retried), int(req.microbatches_lost), int(req.tokens))
+                                               int(req.microbatches_retried), int(req.microbatches_lost), int(req.tokens),
+                                               req.train_loss if math.isfinite(req.train_loss) and req.train_loss > 0 else None)
         return pb.HeartbeatReply(state=self.progress.state, round=self.progress.committed_round, stage=stage)
 
     def pull_task(self, req: pb.PullTaskRequest, context) -> pb.Task:

@@ -114,7 +114,7 @@ class SwarmDriver:
                 continue
             with self._lock:
                 full = {k: v for arrays in self.stage_arrays for k, v in arrays_to_state(arrays).items()}
-            record = {"round": epoch, "eval_loss": self._eval(full), "train_loss": None,
+            record = {"round": epoch, "eval_loss": self._eval(full), "train_loss": self.registry.take_train_loss(),
                       "clients": sorted({n for r in results if r for n in r["clients"]}),
                       "bytes_up": sum(r["bytes_up"] for r in results if r),
                       "bytes_up_raw": sum(r["bytes_up_raw"] for r in results if r),

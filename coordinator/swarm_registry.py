@@ -38,6 +38,7 @@ class SwarmRegistry:
         self.events: list[dict] = []
         self._last_move = 0.0
         self._samples: list[tuple[float, int]] = []
+        self._losses: list[float] = []           # trainers' reported losses since the last round
 
     # -- peers -----------------------------------------------------------------------
     def assign(self, cid: int, name: str) -> int:
@@ -116,13 +117,22 @@ class SwarmRegistry:
             return [self.steps.get(c, 0) for c, s in self.stage_of.items() if s == stage]
 
     # -- trainers --------------------------------------------------------------------
-    def report_trainer(self, cid: int, name: str, completed: int, retried: int, lost: int, tokens: int) -> None:
+    def report_trainer(self, cid: int, name: str, completed: int, retried: int, lost: int, tokens: int,
+                       train_loss: float | None = None) -> None:
         with self._lock:
+            if train_loss is not None:
+                self._losses.append(train_loss)
             self.names[cid] = name
             self.trainers[cid] = {"completed": completed, "retried": retried, "lost": lost, "tokens": tokens}
             now = self.clock()
             self._samples.append((now, self._total("tokens")))
             self._samples = [(t, v) for t, v in self._samples if now - t <= self.t.rate_window_s]
+
+    def take_train_loss(self) -> float | None:
+        """Mean of the trainers' reported losses since the last call (one round's train loss)."""
+        with self._lock:
+            losses, self._losses = self._losses, []
+        return sum(losses) / len(losses) if losses else None
 
     def snapshot(self) -> dict:
         with self._lock:

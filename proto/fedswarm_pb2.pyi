@@ -94,7 +94,7 @@ class JoinReply(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., dht_peers: _Optional[_Iterable[str]] = ..., stage: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("client_id", "session_token", "stage", "throughput", "optimizer_steps", "microbatches_completed", "microbatches_retried", "microbatches_lost", "tokens", "load")
+    __slots__ = ("client_id", "session_token", "stage", "throughput", "optimizer_steps", "microbatches_completed", "microbatches_retried", "microbatches_lost", "tokens", "load", "train_loss")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class HeartbeatRequest(_message.Message):
     MICROBATCHES_LOST_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session_token: str
     stage: int
@@ -115,7 +116,8 @@ class HeartbeatRequest(_message.Message):
     microbatches_lost: int
     tokens: int
     load: float
-    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., stage: _Optional[int] = ..., throughput: _Optional[float] = ..., optimizer_steps: _Optional[int] = ..., microbatches_completed: _Optional[int] = ..., microbatches_retried: _Optional[int] = ..., microbatches_lost: _Optional[int] = ..., tokens: _Optional[int] = ..., load: _Optional[float] = ...) -> None: ...
+    train_loss: float
+    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., stage: _Optional[int] = ..., throughput: _Optional[float] = ..., optimizer_steps: _Optional[int] = ..., microbatches_completed: _Optional[int] = ..., microbatches_retried: _Optional[int] = ..., microbatches_lost: _Optional[int] = ..., tokens: _Optional[int] = ..., load: _Optional[float] = ..., train_loss: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("state", "round", "stage")

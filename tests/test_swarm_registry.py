@@ -85,3 +85,13 @@ def test_trainer_totals_survive_the_trainer_leaving():
     reg.report_trainer(101, "t1", completed=5, retried=0, lost=0, tokens=500)
     snap = reg.snapshot()
     assert snap["microbatches_completed"] == 35 and snap["microbatches_retried"] == 3 and snap["tokens"] == 3500
+
+
+def test_trainer_losses_average_into_one_round_then_reset():
+    reg, _, _ = _registry()
+    assert reg.take_train_loss() is None
+    reg.report_trainer(100, "t0", 1, 0, 0, 100, train_loss=3.0)
+    reg.report_trainer(101, "t1", 1, 0, 0, 100, train_loss=2.0)
+    reg.report_trainer(100, "t0", 2, 0, 0, 200)            # a heartbeat with no new micro-batch
+    assert reg.take_train_loss() == 2.5
+    assert reg.take_train_loss() is None

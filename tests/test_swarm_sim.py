@@ -26,6 +26,8 @@ def test_swarm_sim_with_a_kill_writes_report(tmp_path):
     assert sw["microbatches_completed"] > 0 and sw["microbatches_lost"] == 0
     assert any(f["kind"] == "SIGKILL" for f in report["faults"]), "the schedule injected no fault"
     assert report["rounds"][-1]["eval_loss"] < report["rounds"][0]["eval_loss"]
+    losses = [r["train_loss"] for r in report["rounds"][1:]]
+    assert all(loss is not None and 0 < loss < 6 for loss in losses), losses   # trainers' loss per round
     assert report["timeline"] and "peers_per_stage" in report["timeline"][-1]
     for name in ("tokens_per_s.png", "stage_occupancy.png"):
         assert (out / name).read_bytes()[:8] == PNG

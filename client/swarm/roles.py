@@ -116,9 +116,11 @@ class TrainerDaemon(ClientDaemon):
             return super().heartbeat_request()
         s = self.swarm.stats
         with s.lock:
+            losses, s.losses = s.losses, []
             return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token,
                                        microbatches_completed=s.completed, microbatches_retried=s.retried,
-                                       microbatches_lost=s.lost, tokens=s.tokens)
+                                       microbatches_lost=s.lost, tokens=s.tokens,
+                                       train_loss=sum(losses) / len(losses) if losses else 0.0)
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
         if reply.state == "done" and hasattr(self, "done"):
