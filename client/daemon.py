@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from fedswarm.client.identity import Identity, open_channel
+from fedswarm.client.identity import Identity, open_channel, signed_join_fields
 from fedswarm.client.trainer import PRECISIONS, LocalTrainer, resolve_device, resolve_precision
 from fedswarm.data import BatchSampler, load_train_tokens, parse_partition
 from fedswarm.models import build_model
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
-from fedswarm.proto import wire
+from fedswarm.proto import refusals, wire
 
 log = logging.getLogger("fedswarm.client")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -48,6 +48,10 @@ class JoinRefused(Exception):
 
 class SessionLost(Exception):
     """The coordinator no longer knows this session (it restarted or dropped us): join again."""
+
+
+class SessionReplaced(Exception):
+    """Another daemon joined with this client's key; only one may run per key, so this one stops."""
 
 
 class ClientDaemon:
@@ -90,7 +94,7 @@ class ClientDaemon:
             try:
                 return call()
             except grpc.RpcError as err:
-                if err.code() not in RETRYABLE:
+                if err.code() not in RETRYABLE or refusals.reason(err) in refusals.FINAL:
                     raise
                 if self.t.give_up_s and time.monotonic() - started > self.t.give_up_s:
                     raise
@@ -106,18 +110,25 @@ class ClientDaemon:
             self._join()
 
     def _join(self) -> None:
-        def attempt():  # a fresh timestamp and nonce per attempt: a resent proof would count as a replay
-            proof = self.identity.join_proof(self.name) if self.identity else {}
+        def attempt():  # a fresh challenge and nonce per attempt: a resent proof would count as a replay
+            proof = signed_join_fields(self.stub, self.identity, self.name, self.role, self.t.rpc_s)
             req = pb.JoinRequest(name=self.name, device=str(self.device), precision=self.precision,
                                  resume_client_id=self.client_id, resume_token=self.token, role=self.role, **proof)
             return self.stub.Join(req, timeout=self.t.rpc_s)
-        try:
-            reply = self.with_retry("join", attempt)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.UNAUTHENTICATED:
-                raise
-            hint = "" if self.identity else " (this client has no --key)"
-            raise JoinRefused(f"the coordinator refused to let {self.name} join: {err.details()}{hint}") from None
+        for tries in range(1, 4):
+            try:
+                reply = self.with_retry("join", attempt)
+                break
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                why = refusals.reason(err)
+                if why in refusals.RETRY_JOIN and tries < 3:  # the coordinator restarted between challenge and join
+                    log.warning("join refused (%s); signing a fresh challenge", why)
+                    continue
+                hint = "" if self.identity else " (this client has no --key)"
+                raise JoinRefused(f"the coordinator refused to let {self.name} join ({why or err.code().name}): "
+                                  f"{err.details()}{hint}") from None
         if self.run_id and reply.run_id != self.run_id:
             raise RuntimeError(f"the coordinator now serves run {reply.run_id}, not {self.run_id}; restart the client")
         self.client_id, self.token, self.run_id = reply.client_id, reply.session_token, reply.run_id
@@ -153,14 +164,19 @@ class ClientDaemon:
                 with self.fork_guard:
                     reply = self.stub.Heartbeat(self.heartbeat_request(), timeout=self.t.rpc_s)
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAUTHENTICATED and not self._hb_stop.is_set():
-                    log.warning("the coordinator no longer knows this session (%s); joining again", err.details())
+                why = refusals.reason(err)
+                if why in refusals.REJOIN and not self._hb_stop.is_set():
+                    log.warning("heartbeat refused (%s): the coordinator no longer knows this session; joining again",
+                                why)
                     try:
                         self.join()
                     except Exception:  # noqa: BLE001 - the next beat tries again
                         log.exception("re-join from the heartbeat failed")
+                elif why == refusals.REPLACED:
+                    log.error("heartbeat refused (%s): %s", why, err.details())
+                    self._hb_stop.set()
                 else:
-                    log.debug("heartbeat failed: %s", err.code().name)
+                    log.debug("heartbeat failed: %s %s", err.code().name, why)
                 continue
             try:
                 self.on_heartbeat(reply)
@@ -185,11 +201,14 @@ class ClientDaemon:
                     log.warning("session lost; joining again")
                     self.join()
                 except grpc.RpcError as err:
-                    if err.code() == grpc.StatusCode.UNAUTHENTICATED:
-                        log.warning("coordinator refused the session (%s); joining again", err.details())
+                    why = refusals.reason(err)
+                    if why in refusals.REJOIN:
+                        log.warning("refused (%s): the coordinator no longer knows this session; joining again", why)
                         self.join()
-                    elif err.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                        log.warning("task dropped: %s", err.details())
+                    elif why == refusals.REPLACED:
+                        raise SessionReplaced(f"{err.details()} (refused: {why})") from None
+                    elif err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED):
+                        log.warning("task dropped (%s): %s", why or err.code().name, err.details())
                     else:
                         raise
         finally:
@@ -238,7 +257,7 @@ class ClientDaemon:
                     log.info("round %d: update re-sent after the coordinator restarted, and accepted", task.round)
                 return reply
             except grpc.RpcError as err:
-                session_gone = err.code() == grpc.StatusCode.UNAUTHENTICATED and "join again" in (err.details() or "")
+                session_gone = refusals.reason(err) in refusals.REJOIN
                 if not (session_gone and base_digest and attempt < 2):
                     self.feedback.residuals = saved  # nothing was applied: the residual must not move on
                     raise
@@ -295,6 +314,6 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         return daemon.run()
-    except JoinRefused as err:
+    except (JoinRefused, SessionReplaced) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -54,12 +53,17 @@ class Identity:
     def load(cls, path: str | Path) -> "Identity":
         return cls(load_private_key(path))
 
-    def join_proof(self, name: str, timestamp: float | None = None, nonce: bytes | None = None) -> dict:
-        """JoinRequest fields: public_key, signature, timestamp, nonce."""
-        ts = time.time() if timestamp is None else timestamp
+    def join_proof(self, name: str, role: str, run_id: str, challenge: bytes, nonce: bytes | None = None) -> dict:
+        """JoinRequest fields (public_key, signature, challenge, nonce) for a Challenge reply's run id and challenge."""
         nonce = os.urandom(signing.NONCE_BYTES) if nonce is None else nonce
-        sig = self.key.sign(signing.join_message(name, ts, nonce))
-        return {"public_key": self.public_key, "signature": sig, "timestamp": ts, "nonce": nonce}
+        sig = self.key.sign(signing.join_message(run_id, role, name, challenge, nonce))
+        return {"public_key": self.public_key, "signature": sig, "challenge": challenge, "nonce": nonce}
+
+    def status_proof(self, run_id: str, challenge: bytes) -> dict:
+        """StatusRequest fields for a Challenge reply's run id and challenge."""
+        nonce = os.urandom(signing.NONCE_BYTES)
+        sig = self.key.sign(signing.status_message(run_id, challenge, nonce))
+        return {"public_key": self.public_key, "signature": sig, "challenge": challenge, "nonce": nonce}
 
     def sign_update(self, run_id: str, round_: int, client_id: int, task_id: str, num_examples: int,
                     train_loss: float, num_parts: int, raw_part_chunks: Iterable[bytes]) -> bytes:
@@ -84,3 +88,23 @@ def open_channel(address: str, tls_ca: str | Path | None = None, options: list |
     if tls_ca:
         return grpc.secure_channel(address, channel_credentials(tls_ca), options=options)
     return grpc.insecure_channel(address, options=options)
+
+
+def signed_join_fields(stub, identity: Identity | None, name: str, role: str = "client", timeout: float = 30.0) -> dict:
+    """JoinRequest proof fields (empty without an identity): asks the coordinator for a challenge and signs it."""
+    if identity is None:
+        return {}
+    from fedswarm.proto import fedswarm_pb2 as pb
+
+    reply = stub.Challenge(pb.ChallengeRequest(), timeout=timeout)
+    return identity.join_proof(name, role, reply.run_id, reply.challenge)
+
+
+def status_request(stub, identity: Identity | None, timeout: float = 30.0):
+    """A StatusRequest, signed when an identity is given (authenticated runs require it)."""
+    from fedswarm.proto import fedswarm_pb2 as pb
+
+    if identity is None:
+        return pb.StatusRequest()
+    reply = stub.Challenge(pb.ChallengeRequest(), timeout=timeout)
+    return pb.StatusRequest(**identity.status_proof(reply.run_id, reply.challenge))

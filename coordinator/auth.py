@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import heapq
+import hmac
+import os
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -17,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedswarm.proto import signing
 
-JOIN_WINDOW_S = 120.0
+JOIN_WINDOW_S = 120.0       # a challenge is valid this long after it was issued
+MAX_NONCES = 200_000        # remembered proofs (each is signed by an authorized key, so this caps a flood)
 KEY_TYPE = "ed25519"
 
 
@@ -60,11 +65,10 @@ def parse_authorized_keys(text: str, source: str = "authorized_keys") -> dict[by
     return keys
 
 
-def load_authorized_keys(path: str | Path) -> dict[bytes, str]:
-    keys = parse_authorized_keys(_read(path, "--authorized-keys").decode("utf-8", "replace"),
-                                 f"--authorized-keys {path}")
+def load_authorized_keys(path: str | Path, flag: str = "--authorized-keys") -> dict[bytes, str]:
+    keys = parse_authorized_keys(_read(path, flag).decode("utf-8", "replace"), f"{flag} {path}")
     if not keys:
-        raise ValueError(f"--authorized-keys {path} lists no keys: nobody could join "
+        raise ValueError(f"{flag} {path} lists no keys: nobody could use it "
                          "(add `ed25519 <base64> name` lines, e.g. from `fedswarm keygen DIR`)")
     return keys
 
@@ -90,7 +94,8 @@ def server_credentials(cert_path: str | Path, key_path: str | Path) -> grpc.Serv
 class NonceCache:
     """Nonces remembered until their expiry time; thread-safe."""
 
-    def __init__(self):
+    def __init__(self, max_entries: int = MAX_NONCES):
+        self._max = max_entries
         self._expiry: dict[bytes, float] = {}
         self._heap: list[tuple[float, bytes]] = []
         self._lock = threading.Lock()
@@ -100,7 +105,7 @@ class NonceCache:
         with self._lock:
             while self._heap and self._heap[0][0] < now:
                 self._expiry.pop(heapq.heappop(self._heap)[1], None)
-            if nonce in self._expiry:
+            if nonce in self._expiry or len(self._expiry) >= self._max:
                 return False
             self._expiry[nonce] = expires_at
             heapq.heappush(self._heap, (expires_at, nonce))
@@ -139,35 +144,70 @@ def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
 
 
 class Authenticator:
-    """Checks join proofs against authorized keys, and update signatures; None keys = dev mode (anyone)."""
+    """Checks join and status proofs against authorized keys, and update signatures; None keys = dev mode.
 
-    def __init__(self, authorized: dict[bytes, str] | None, window_s: float = JOIN_WINDOW_S):
-        self.authorized, self.window_s = authorized, window_s
+    Proofs sign a challenge this process issued (an HMAC under a key made at start-up, so a proof
+    recorded before a restart is refused) and the run id and role, and each is accepted once."""
+
+    def __init__(self, authorized: dict[bytes, str] | None, window_s: float = JOIN_WINDOW_S,
+                 admin: dict[bytes, str] | None = None, run_id: str = ""):
+        self.authorized, self.window_s, self.run_id = authorized, window_s, run_id
+        self.admin = admin or {}
         self.nonces = NonceCache()
+        self._secret = os.urandom(32)
 
     @property
     def enabled(self) -> bool:
         return self.authorized is not None
 
-    def check_join(self, name: str, public_key: bytes, signature: bytes, timestamp: float, nonce: bytes,
-                   now: float | None = None) -> str:
-        """The key's authorized_keys comment, or AuthError(unknown_key|stale_join|bad_signature|replayed_join)."""
-        if self.authorized is None:
-            return ""
-        label = self.authorized.get(bytes(public_key))
+    def challenge(self, now: float | None = None) -> bytes:
+        issued = struct.pack("<d", time.time() if now is None else now)
+        return issued + hmac.new(self._secret, issued, hashlib.sha256).digest()[:16]
+
+    def _check_challenge(self, challenge: bytes, now: float) -> None:
+        if len(challenge) != signing.CHALLENGE_BYTES or not hmac.compare_digest(
+                challenge[8:], hmac.new(self._secret, challenge[:8], hashlib.sha256).digest()[:16]):
+            raise AuthError("stale_challenge", "the proof signs a challenge this coordinator did not issue "
+                            "(a replay, or a proof made before a restart): fetch a fresh challenge and sign again")
+        issued = struct.unpack("<d", challenge[:8])[0]
+        if not 0 <= now - issued <= self.window_s:
+            raise AuthError("stale_join", f"the challenge is {now - issued:.0f} s old (limit {self.window_s:.0f} s): "
+                            "fetch a fresh one")
+
+    def _check_proof(self, keys: dict[bytes, str], public_key: bytes, signature: bytes, challenge: bytes,
+                     nonce: bytes, message: bytes, now: float | None) -> str:
+        label = keys.get(bytes(public_key))
         if label is None:
             raise AuthError("unknown_key", "this public key is not in the coordinator's authorized_keys: "
                             "add its line there (client-I.pub) or start the client with a listed --key")
         now = time.time() if now is None else now
-        if not abs(now - timestamp) <= self.window_s:  # also refuses NaN
-            raise AuthError("stale_join", f"join timestamp {now - timestamp:+.0f} s off the coordinator's clock "
-                            f"(limit {self.window_s:.0f} s): check the client's clock")
-        if len(nonce) != signing.NONCE_BYTES or not verify(public_key, signature,
-                                                           signing.join_message(name, timestamp, nonce)):
-            raise AuthError("bad_signature", "the join signature does not verify for this key")
-        if not self.nonces.add(bytes(nonce), max(now, timestamp) + self.window_s, now):
-            raise AuthError("replayed_join", "this join request was already used")
+        self._check_challenge(bytes(challenge), now)
+        if len(nonce) != signing.NONCE_BYTES or not verify(public_key, signature, message):
+            raise AuthError("bad_signature", "the proof's signature does not verify for this key, run and role")
+        if not self.nonces.add(bytes(nonce), now + self.window_s, now):
+            raise AuthError("replayed_join", "this proof was already used")
         return label
+
+    def check_join(self, name: str, role: str, public_key: bytes, signature: bytes, challenge: bytes, nonce: bytes,
+                   now: float | None = None) -> str:
+        """The key's authorized_keys comment, or AuthError(unknown_key|stale_challenge|stale_join|
+        bad_signature|replayed_join)."""
+        if self.authorized is None:
+            return ""
+        message = signing.join_message(self.run_id, role, name, bytes(challenge), bytes(nonce))
+        return self._check_proof(self.authorized, public_key, signature, challenge, nonce, message, now)
+
+    def check_status(self, public_key: bytes, signature: bytes, challenge: bytes, nonce: bytes,
+                     now: float | None = None) -> str:
+        """Status in an authenticated run: a proof by an authorized or admin key (no-op in dev mode)."""
+        if self.authorized is None:
+            return ""
+        if not public_key:
+            raise AuthError("no_key", "this run is authenticated: `fedswarm status --key FILE` with an authorized "
+                            "or admin key")
+        message = signing.status_message(self.run_id, bytes(challenge), bytes(nonce))
+        return self._check_proof({**self.authorized, **self.admin}, public_key, signature, challenge, nonce,
+                                 message, now)
 
     def check_update(self, public_key: bytes, signature: bytes, run_id: str, round_: int, client_id: int,
                      task_id: str, digest: bytes) -> None:

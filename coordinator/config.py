@@ -29,6 +29,7 @@ class RunConfig:
     stages: int = 3
     average_every: int = 20            # replicas' optimizer steps between stage averages
     activation_codec: str = "bf16"     # activations and their gradients on the swarm wire
+    clip_update_norm: float = 0.0      # > 0: updates with a larger L2 norm are scaled down to it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -65,6 +66,8 @@ class RunConfig:
                 raise ValueError("--activation-codec must be fp16, bf16, int8 or none")
             if self.average_every < 1:
                 raise ValueError("--average-every must be >= 1")
+        if not (self.clip_update_norm >= 0 and self.clip_update_norm < float("inf")):
+            raise ValueError("--clip-update-norm must be a finite number >= 0")
         if not 0 < self.lr < 1:
             raise ValueError("--lr must be in (0, 1)")
 
@@ -78,3 +81,6 @@ class CoordinatorTimeouts:
     round_timeout_s: float = 600.0     # replies not in by then count as failures
     max_pull_wait_s: float = 30.0      # upper bound on a PullTask long-poll
     reaper_interval_s: float = 1.0     # how often leases are checked
+    failed_round_backoff_s: float = 1.0       # wait before repeating a round with no usable reply (doubles) ...
+    failed_round_backoff_max_s: float = 60.0  # ... up to this
+    max_failed_rounds: int = 10        # rounds in a row with no usable reply before the run fails (0: never)

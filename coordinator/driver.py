@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedswarm.coordinator.config import RunConfig
+from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.store import Store
 from fedswarm.coordinator.strategy_state import export_state, import_state, split_checkpoint
 from fedswarm.models import evaluate, load_trainable_state
@@ -44,13 +44,18 @@ class RunProgress:
             return self.rounds[-1]["round"] if self.rounds else 0
 
 
+class RunFailed(RuntimeError):
+    """Too many rounds in a row brought no usable reply: the run gives up (state `failed`)."""
+
+
 class RoundDriver:
     """Runs rounds (last committed + 1) .. cfg.rounds; resumes from the store's last checkpoint."""
 
     def __init__(self, cfg: RunConfig, grid: Grid, strategy: Strategy, store: Store, model: torch.nn.Module,
                  eval_windows: torch.Tensor, progress: RunProgress, round_timeout_s: float,
-                 accept_failures: bool = True):
+                 accept_failures: bool = True, timeouts: CoordinatorTimeouts | None = None):
         self.cfg, self.grid, self.strategy, self.store = cfg, grid, strategy, store
+        self.timeouts = timeouts or CoordinatorTimeouts(round_timeout_s=round_timeout_s)
         self.model, self.eval_windows, self.progress = model, eval_windows, progress
         self.round_timeout_s = round_timeout_s
         self.accept_failures = accept_failures
@@ -76,11 +81,14 @@ class RoundDriver:
             restored = import_state(self.strategy, strategy_state, list(state))
             log.info("resuming after committed round %d (%d strategy state entries restored)", last, restored)
         arrays = state_to_arrays(state)
-        rnd = last + 1
+        rnd, failed = last + 1, 0
         while rnd <= self.cfg.rounds and not self.stop.is_set():
             new_arrays, record = self._one_round(rnd, arrays)
-            if new_arrays is None:
-                continue  # redo the same round: nothing usable came back
+            if new_arrays is None:  # redo the same round (nothing usable came back), after a growing pause
+                failed += 1
+                self._back_off(rnd, failed)
+                continue
+            failed = 0
             arrays = new_arrays
             self._commit(record, arrays_to_state(arrays))
             rnd += 1
@@ -93,6 +101,17 @@ class RoundDriver:
             close = getattr(self.grid, "close", None)
             if close is not None:
                 close()
+
+    def _back_off(self, rnd: int, failed: int) -> None:
+        t = self.timeouts
+        if t.max_failed_rounds and failed >= t.max_failed_rounds:
+            with self.progress.lock:
+                self.progress.state, self.progress.current_round = "failed", 0
+            raise RunFailed(f"round {rnd} brought no usable reply {failed} times in a row (--max-failed-rounds "
+                            f"{t.max_failed_rounds}): check the clients' logs, then restart on the same --state-dir")
+        delay = min(t.failed_round_backoff_s * 2 ** (failed - 1), t.failed_round_backoff_max_s)
+        log.warning("round %d: attempt %d brought no usable reply; repeating it in %.1f s", rnd, failed, delay)
+        self.stop.wait(delay)
 
     def _one_round(self, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord | None, dict]:
         start = time.time()

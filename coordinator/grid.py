@@ -8,6 +8,7 @@ strategy sees a failure (as data) rather than waiting forever.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -33,6 +34,7 @@ class SessionGrid(Grid):
         self._owner: dict[str, int] = {}                 # message id -> node id
         self._queues: dict[int, deque[str]] = {}         # node id -> message ids not yet handed out
         self._replies: dict[str, Message] = {}           # message id -> reply, until pulled
+        self._waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}  # async long-polls
         self._closed = False
 
     # -- Grid API used by strategies ------------------------------------------------
@@ -63,6 +65,7 @@ class SessionGrid(Grid):
                 self._owner[message_id] = msg.metadata.dst_node_id
                 if msg.metadata.dst_node_id in live:
                     self._queues.setdefault(msg.metadata.dst_node_id, deque()).append(message_id)
+                    self._wake(msg.metadata.dst_node_id)
                 else:
                     self._reply_error(message_id, ERROR_NODE_LOST, "node not connected")
                 ids.append(message_id)
@@ -102,10 +105,43 @@ class SessionGrid(Grid):
                 self._cv.wait(timeout=remaining)
             return None
 
+    async def take_task_async(self, node_id: int, wait_s: float) -> Message | None:
+        """`take_task` for an asyncio long-poll: waiting parks no thread (the driver wakes it thread-safely)."""
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+        deadline = loop.time() + wait_s
+        with self._cv:
+            waiter = (loop, wake)
+            self._waiters.setdefault(node_id, []).append(waiter)
+        try:
+            while True:
+                with self._cv:
+                    if self._closed:
+                        return None
+                    queue = self._queues.get(node_id)
+                    if queue:
+                        return self._instructions[queue.popleft()]
+                    wake.clear()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(wake.wait(), remaining)
+                except asyncio.TimeoutError:
+                    return None
+        finally:
+            with self._cv:
+                waiters = self._waiters.get(node_id, [])
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                if not waiters:
+                    self._waiters.pop(node_id, None)
+
     def close(self) -> None:
         """The run is over: wake every long-poll."""
         with self._cv:
             self._closed = True
+            for node_id in list(self._waiters):
+                self._wake(node_id)
             self._cv.notify_all()
 
     def open_instruction(self, message_id: str, node_id: int) -> Message | None:
@@ -144,6 +180,7 @@ class SessionGrid(Grid):
             for message_id, owner in self._owner.items():
                 if owner == node_id and message_id not in queue:
                     queue.append(message_id)
+            self._wake(node_id)
             self._cv.notify_all()
 
     def open_for_node(self, node_id: int) -> list[Message]:
@@ -160,6 +197,11 @@ class SessionGrid(Grid):
             return len(self._instructions)
 
     # -- internals (caller holds the lock) ---------------------------------------------
+    def _wake(self, node_id: int) -> None:
+        for loop, event in self._waiters.get(node_id, ()):
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(event.set)
+
     def _reply_error(self, message_id: str, code: int, reason: str) -> None:
         msg = self._instructions.get(message_id)
         if msg is not None:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import secrets
 import signal
 import sys
 import threading
-from concurrent import futures
 
 import grpc
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -19,11 +19,11 @@ from fedswarm.coordinator.driver import RoundDriver, RunProgress
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Membership
 from fedswarm.coordinator.service import CoordinatorService
+from fedswarm.coordinator.serving import Server, ServingLimits
 from fedswarm.coordinator.store import Store
 from fedswarm.coordinator.strategies import STRATEGIES, build_strategy
 from fedswarm.data import eval_windows, load_eval_tokens
 from fedswarm.models import PRESETS, build_model, trainable_state
-from fedswarm.proto import wire
 from fedswarm.proto.codec import CODEC_NAMES
 
 log = logging.getLogger("fedswarm.coordinator")
@@ -33,7 +33,9 @@ RUN_FLAGS = {  # CLI flag -> RunConfig field
     "model": "model", "local_steps": "local_steps", "batch_size": "batch_size", "seq_len": "seq_len",
     "lr": "lr", "seed": "seed", "grad_accum": "grad_accum", "eval_data": "eval_data",
     "mode": "mode", "stages": "stages", "average_every": "average_every", "activation_codec": "activation_codec",
+    "clip_update_norm": "clip_update_norm",
 }
+EXIT_DRIVER_CRASHED, EXIT_RUN_FAILED = 1, 3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +70,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")
     p.add_argument("--authorized-keys", metavar="FILE",
                    help="only clients proving a key listed here may join (`ed25519 <base64> name` lines)")
+    p.add_argument("--admin-keys", metavar="FILE",
+                   help="keys (authorized_keys format) that may read Status but not join; any authorized key may too")
+    p.add_argument("--clip-update-norm", type=float, default=d.clip_update_norm, metavar="C",
+                   help="scale each update whose L2 norm exceeds C down to C (0: off; default %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=ServingLimits.max_sessions,
+                   help="most joined clients at once (default %(default)s)")
+    p.add_argument("--max-failed-rounds", type=int, default=CoordinatorTimeouts.max_failed_rounds,
+                   help="give up (state failed, exit 3) after this many rounds in a row with no usable reply "
+                        "(0: never; default %(default)s)")
 
 
 def load_security(args: argparse.Namespace) -> tuple[grpc.ServerCredentials | None, Authenticator]:
@@ -77,7 +88,10 @@ def load_security(args: argparse.Namespace) -> tuple[grpc.ServerCredentials | No
                          "from `fedswarm keygen DIR`) or neither")
     creds = server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None
     keys = load_authorized_keys(args.authorized_keys) if args.authorized_keys else None
-    return creds, Authenticator(keys)
+    if args.admin_keys and keys is None:
+        raise ValueError("--admin-keys needs --authorized-keys (without it Status is open to anyone)")
+    admin = load_authorized_keys(args.admin_keys, "--admin-keys") if args.admin_keys else None
+    return creds, Authenticator(keys, admin=admin)
 
 
 def resolve_config(args: argparse.Namespace, store: Store) -> RunConfig:
@@ -117,8 +131,9 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run_id = store.get_meta("run_id")
+    auth.run_id = run_id
     swarm_mode = cfg.mode == "swarm"
-    timeouts = CoordinatorTimeouts(round_timeout_s=args.round_timeout)
+    timeouts = CoordinatorTimeouts(round_timeout_s=args.round_timeout, max_failed_rounds=args.max_failed_rounds)
     if swarm_mode:
         timeouts.lease_s, timeouts.heartbeat_interval_s = SWARM_LEASE_S, SWARM_HEARTBEAT_S
     if args.lease is not None:
@@ -133,8 +148,9 @@ def serve(args: argparse.Namespace) -> int:
     progress = RunProgress(cfg, store.rounds())
 
     lost_hooks = []
+    limits = ServingLimits(max_sessions=args.max_sessions)
     membership = Membership(timeouts.lease_s, on_lost=lambda cid, why: [hook(cid, why) for hook in lost_hooks],
-                            reaper_interval_s=timeouts.reaper_interval_s)
+                            reaper_interval_s=timeouts.reaper_interval_s, max_sessions=limits.max_sessions)
     grid = SessionGrid(TaskIdentity.run_id, membership.live_ids)
     lost_hooks.append(grid.fail_node)
     swarm = None
@@ -147,43 +163,68 @@ def serve(args: argparse.Namespace) -> int:
     else:
         model = build_model(cfg.model, seed=cfg.seed)
         initial = trainable_state(model)
-        driver = RoundDriver(cfg, grid, build_strategy(cfg), store, model, windows, progress, timeouts.round_timeout_s)
+        driver = RoundDriver(cfg, grid, build_strategy(cfg), store, model, windows, progress, timeouts.round_timeout_s,
+                             timeouts=timeouts)
         run_driver = driver.run
-    service = CoordinatorService(cfg, run_id, grid, membership, progress, timeouts, auth=auth, swarm=swarm)
+    service = CoordinatorService(cfg, run_id, grid, membership, progress, timeouts, auth=auth, swarm=swarm,
+                                 limits=limits)
+    try:
+        code = asyncio.run(_serve_until_done(args, service, tls, lambda: run_driver(initial), progress))
+    finally:
+        driver.stop.set()
+        membership.close()
+        if swarm is not None:
+            swarm.node.shutdown()
+        store.close()
+    log.info("stopped after committed round %d", progress.committed_round)
+    return code
 
-    options = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
-               ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"), options=options)
-    server.add_generic_rpc_handlers((service.handler(),))
+
+async def _serve_until_done(args: argparse.Namespace, service: CoordinatorService, tls, run_driver,
+                            progress: RunProgress) -> int:
+    """Serve until a signal, the end of the run (--exit-when-done) or a driver failure; the exit code."""
+    server = Server(service.handler(), service.limits)
     host, _, port = args.listen.rpartition(":")
-    address = f"{host}:{port}"
-    bound = server.add_secure_port(address, tls) if tls else server.add_insecure_port(address)
+    bound = server.bind(f"{host}:{port}", tls)
     if bound == 0:
         print(f"error: cannot listen on {args.listen}", file=sys.stderr)
         return 2
-    server.start()
+    await server.start()
     print(f"listening on {host}:{bound}", flush=True)
 
-    stop = threading.Event()
+    loop = asyncio.get_running_loop()
+    stop, driver_ended = asyncio.Event(), asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        loop.add_signal_handler(sig, stop.set)
+    failure: list[BaseException] = []
 
     def drive():
         try:
-            run_driver(initial)
-        except Exception:  # noqa: BLE001 - a driver crash must not leave a zombie server
+            run_driver()
+        except BaseException as err:  # noqa: BLE001 - reported below: a crashed driver must exit non-zero
             log.exception("round driver failed")
-            stop.set()
+            failure.append(err)
+        finally:
+            loop.call_soon_threadsafe(driver_ended.set)
 
     threading.Thread(target=drive, name="round-driver", daemon=True).start()
-    while not stop.wait(0.5):
-        if args.exit_when_done and progress.done.is_set():
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(driver_ended.wait())]
+    code = 0
+    while not stop.is_set():
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if not driver_ended.is_set():
+            continue
+        with progress.lock:
+            state = progress.state
+        if failure:
+            print(f"error: the round driver crashed: {type(failure[0]).__name__}: {failure[0]}", file=sys.stderr)
+            code = EXIT_RUN_FAILED if state == "failed" else EXIT_DRIVER_CRASHED
             break
-    driver.stop.set()
-    membership.close()
-    server.stop(grace=2.0).wait()
-    if swarm is not None:
-        swarm.node.shutdown()
-    store.close()
-    log.info("stopped after committed round %d", progress.committed_round)
-    return 0
+        if args.exit_when_done or state != "done":
+            break
+        waits = [w for w in waits if not w.done()]
+    for w in waits:
+        w.cancel()
+    service.grid.close()
+    await server.stop(grace_s=2.0)
+    return code

@@ -5,6 +5,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
@@ -23,15 +24,28 @@ class Member:
     rounds_done: int = 0
     role: str = "client"
     public_key: bytes = b""          # Ed25519 raw key proven at join (authenticated runs)
+    replaced: int = 0                # the id of the older session of the same key this join replaced
+
+
+class SessionsFull(Exception):
+    """The coordinator holds its maximum number of sessions."""
+
+
+MAX_REPLACED_REMEMBERED = 10_000
 
 
 class Membership:
-    """Thread-safe registry; a background reaper drops members whose lease ran out."""
+    """Thread-safe registry; a background reaper drops members whose lease ran out.
 
-    def __init__(self, lease_s: float, on_lost: Callable[[int, str], None], reaper_interval_s: float = 1.0):
-        self.lease_s = lease_s
+    One live session per public key: a new (not resumed) join with a key replaces the older session,
+    which is dropped like a lost lease (its open tasks fail). At most `max_sessions` (0: no limit)."""
+
+    def __init__(self, lease_s: float, on_lost: Callable[[int, str], None], reaper_interval_s: float = 1.0,
+                 max_sessions: int = 0):
+        self.lease_s, self.max_sessions = lease_s, max_sessions
         self._on_lost = on_lost
         self._members: dict[int, Member] = {}
+        self._replaced: OrderedDict[int, None] = OrderedDict()   # ids dropped for a newer session (bounded)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, args=(reaper_interval_s,),
@@ -47,12 +61,28 @@ class Membership:
                     and old.public_key == public_key):
                 old.last_seen = time.monotonic()
                 return old, True
+            same_key = [m for m in self._members.values() if public_key and m.public_key == public_key]
+            if self.max_sessions and len(self._members) - len(same_key) >= self.max_sessions:
+                raise SessionsFull(f"the coordinator holds its maximum of {self.max_sessions} sessions: retry later")
+            for m in same_key:
+                del self._members[m.client_id]
+                self._replaced[m.client_id] = None
+                while len(self._replaced) > MAX_REPLACED_REMEMBERED:
+                    self._replaced.popitem(last=False)
             client_id = secrets.randbits(62) + 1
             while client_id in self._members:
                 client_id = secrets.randbits(62) + 1
-            member = Member(client_id, name, secrets.token_hex(16), device, precision, public_key=public_key)
+            member = Member(client_id, name, secrets.token_hex(16), device, precision, public_key=public_key,
+                            replaced=same_key[0].client_id if same_key else 0)
             self._members[client_id] = member
-            return member, False
+        for m in same_key:
+            log.warning("session %s (%d) replaced by a new join with the same key", m.name, m.client_id)
+            self._on_lost(m.client_id, "replaced by a newer session of the same key")
+        return member, False
+
+    def was_replaced(self, client_id: int) -> bool:
+        with self._lock:
+            return client_id in self._replaced
 
     def check(self, client_id: int, token: str) -> Member | None:
         """The member if the session is valid (and renew its lease), else None."""

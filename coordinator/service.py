@@ -1,7 +1,9 @@
-"""The Coordinator gRPC service. Handlers take raw bytes and parse them here, so a
-malformed request gets INVALID_ARGUMENT (stock grpcio would answer INTERNAL)."""
+"""The Coordinator gRPC service (grpc.aio). Handlers take raw bytes and parse them here, so a
+malformed request gets INVALID_ARGUMENT (stock grpcio would answer INTERNAL). Every refusal
+carries its reason in the trailing metadata key `fedswarm-reason` (serving.REASON_KEY)."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
@@ -19,7 +21,8 @@ from fedswarm.coordinator.auth import AuthError, Authenticator, SeenSet
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.driver import RunProgress, arrays_to_state, state_to_arrays
 from fedswarm.coordinator.grid import SessionGrid
-from fedswarm.coordinator.membership import Member, Membership
+from fedswarm.coordinator.membership import Member, Membership, SessionsFull
+from fedswarm.coordinator.serving import REASON_KEY, ServingLimits, StreamBridge, StreamRefused
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import signing, wire
@@ -49,7 +52,7 @@ def unauthenticated(err: AuthError) -> Rejected:
 class CoordinatorService:
     def __init__(self, cfg: RunConfig, run_id: str, grid: SessionGrid, membership: Membership,
                  progress: RunProgress, timeouts: CoordinatorTimeouts,
-                 auth: Authenticator | None = None, swarm=None):
+                 auth: Authenticator | None = None, swarm=None, limits: ServingLimits | None = None):
         self.cfg, self.run_id, self.grid, self.members = cfg, run_id, grid, membership
         self.auth = auth or Authenticator(None)  # None: dev mode, anyone may join
         self._answered, self._seen_signatures = SeenSet(), SeenSet()  # replayed-update guards
@@ -57,41 +60,102 @@ class CoordinatorService:
         self.swarm = swarm  # SwarmContext in --mode swarm: registry, driver, DHT peers
         self.codec = C.codec_by_name(cfg.upload_codec)
         self.block_size = cfg.codec_block_size or C.DEFAULT_BLOCK_SIZE.get(self.codec, 0)
-        self.rejections: collections.Counter[str] = collections.Counter()
+        self.rejections: collections.Counter[str] = collections.Counter()  # under _counter_lock
+        self.clipped_updates = 0                                            # under _counter_lock
+        self._counter_lock = threading.Lock()
+        self.limits = limits or ServingLimits()
+        self._awaiting_header = 0   # PushUpdate streams that have not sent their first message (loop only)
         self._base_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._cache_lock = threading.Lock()
 
     # -- plumbing --------------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
+        """The aio handlers: quick unary bodies run on the event loop; model transfers run on bounded pools."""
         ser = lambda m: m.SerializeToString()  # noqa: E731
         return grpc.method_handlers_generic_handler(SERVICE, {
             "Join": grpc.unary_unary_rpc_method_handler(self._unary(pb.JoinRequest, self.join), response_serializer=ser),
             "Heartbeat": grpc.unary_unary_rpc_method_handler(self._unary(pb.HeartbeatRequest, self.heartbeat), response_serializer=ser),
             "PullTask": grpc.unary_unary_rpc_method_handler(self._unary(pb.PullTaskRequest, self.pull_task), response_serializer=ser),
-            "FetchModel": grpc.unary_stream_rpc_method_handler(self._unary(pb.FetchModelRequest, self.fetch_model), response_serializer=ser),
-            "PushUpdate": grpc.stream_unary_rpc_method_handler(self._guard(self.push_update), response_serializer=ser),
+            "FetchModel": grpc.unary_stream_rpc_method_handler(self._unary_stream(pb.FetchModelRequest, self.fetch_model), response_serializer=ser),
+            "PushUpdate": grpc.stream_unary_rpc_method_handler(self._stream_unary(self.push_update), response_serializer=ser),
             "Status": grpc.unary_unary_rpc_method_handler(self._unary(pb.StatusRequest, self.status), response_serializer=ser),
+            "Challenge": grpc.unary_unary_rpc_method_handler(self._unary(pb.ChallengeRequest, self.challenge), response_serializer=ser),
         })
 
-    def _guard(self, fn: Callable) -> Callable:
-        def wrapped(request, context: grpc.ServicerContext):
-            try:
-                return fn(request, context)
-            except Rejected as rej:
-                self.rejections[rej.reason] += 1
-                context.abort(rej.code, rej.detail)
-        return wrapped
+    def count(self, reason: str) -> None:
+        with self._counter_lock:
+            self.rejections[reason] += 1
+
+    async def _refuse(self, context, rej: Rejected) -> None:
+        self.count(rej.reason)
+        await context.abort(rej.code, rej.detail, trailing_metadata=((REASON_KEY, rej.reason),))
+
+    def _parse_unary(self, msg_type, raw: bytes):
+        if len(raw) > wire.MAX_MESSAGE_BYTES:
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "oversized", f"request of {len(raw)} bytes")
+        return _parse(msg_type, raw)
 
     def _unary(self, msg_type, fn: Callable) -> Callable:
-        def parse_then_call(raw: bytes, context):
-            if len(raw) > wire.MAX_MESSAGE_BYTES:
-                raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "oversized", f"request of {len(raw)} bytes")
-            return fn(_parse(msg_type, raw), context)
-        return self._guard(parse_then_call)
+        async def parse_then_call(raw: bytes, context):
+            try:
+                result = fn(self._parse_unary(msg_type, raw), context)
+                return await result if asyncio.iscoroutine(result) else result
+            except Rejected as rej:
+                await self._refuse(context, rej)
+        return parse_then_call
+
+    def _unary_stream(self, msg_type, fn: Callable) -> Callable:
+        """The body builds its iterator on a worker thread; each item is made there too; writing waits on
+        flow control without a thread, so a slow reader holds none."""
+        async def parse_then_stream(raw: bytes, context):
+            loop, done = asyncio.get_running_loop(), object()
+            try:
+                req = self._parse_unary(msg_type, raw)
+                items = await loop.run_in_executor(self.limits.cpu_pool, fn, req, context)
+                while (item := await loop.run_in_executor(self.limits.cpu_pool, next, items, done)) is not done:
+                    await context.write(item)
+            except Rejected as rej:
+                await self._refuse(context, rej)
+        return parse_then_stream
+
+    def _stream_unary(self, fn: Callable) -> Callable:
+        """The first message must come within limits.first_message_s, waited for on the loop (an idle stream
+        holds no thread, and only limits.max_awaiting_header of them at once); then the body consumes the
+        stream on an upload worker, each further message within limits.chunk_idle_s."""
+        async def first_then_consume(requests, context):
+            loop = asyncio.get_running_loop()
+            try:
+                if self._awaiting_header >= self.limits.max_awaiting_header:
+                    raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy",
+                                   "too many uploads waiting to start: retry shortly")
+                self._awaiting_header += 1
+                try:
+                    first = await asyncio.wait_for(anext(requests, None), self.limits.first_message_s)
+                except asyncio.TimeoutError:
+                    raise Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, "slow_header",
+                                   f"no first message within {self.limits.first_message_s:.0f} s") from None
+                finally:
+                    self._awaiting_header -= 1
+                bridge = StreamBridge(first, requests, loop, self.limits.chunk_idle_s)
+                return await loop.run_in_executor(self.limits.upload_pool, self._consume, fn, bridge, context)
+            except Rejected as rej:
+                await self._refuse(context, rej)
+
+        return first_then_consume
+
+    @staticmethod
+    def _consume(fn: Callable, bridge: StreamBridge, context):
+        try:
+            return fn(bridge, context)
+        except StreamRefused as err:
+            raise Rejected(err.code, err.reason, err.detail) from None
 
     def _session(self, client_id: int, token: str) -> Member:
         member = self.members.check(client_id, token)
         if member is None:
+            if self.members.was_replaced(client_id):
+                raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "session_replaced",
+                               "a newer session joined with this client's key: only one daemon per key may run")
             raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "bad_session",
                            "unknown client or session token: join again")
         return member
@@ -102,18 +166,24 @@ class CoordinatorService:
             raise invalid("bad_name", f"name must be 1..{MAX_NAME} printable characters")
         if len(req.device) > MAX_NAME or len(req.precision) > 16:
             raise invalid("bad_join", "device/precision field too long")
+        role = req.role or "client"
         try:
-            key_name = self.auth.check_join(req.name, req.public_key, req.signature, req.timestamp, req.nonce)
+            key_name = self.auth.check_join(req.name, role[:16], req.public_key, req.signature, req.challenge, req.nonce)
         except AuthError as err:
             log.warning("refused join of %r: %s", req.name, err.reason)
             raise unauthenticated(err) from None
-        role = req.role or "client"
         allowed = ("peer", "trainer") if self.swarm else ("client",)
         if role not in allowed:
             raise invalid("bad_role", f"role {role[:16]!r} does not fit this {self.cfg.mode} run (use {' or '.join(allowed)})")
-        member, resumed = self.members.join(req.name, req.device, req.precision,
-                                            req.resume_client_id, req.resume_token,
-                                            public_key=bytes(req.public_key) if self.auth.enabled else b"")
+        try:
+            member, resumed = self.members.join(req.name, req.device, req.precision,
+                                                req.resume_client_id, req.resume_token,
+                                                public_key=bytes(req.public_key) if self.auth.enabled else b"")
+        except SessionsFull as err:
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_sessions", str(err)) from None
+        if member.replaced:  # one live session per key: the older one was dropped (its tasks failed)
+            self.count("replaced_session")
+            log.warning("client %s joined with the key of session %d, which it replaces", req.name, member.replaced)
         member.role = role
         stage = -1
         if role == "peer":
@@ -144,14 +214,14 @@ class CoordinatorService:
                                                req.train_loss if math.isfinite(req.train_loss) and req.train_loss > 0 else None)
         return pb.HeartbeatReply(state=self.progress.state, round=self.progress.committed_round, stage=stage)
 
-    def pull_task(self, req: pb.PullTaskRequest, context) -> pb.Task:
+    async def pull_task(self, req: pb.PullTaskRequest, context) -> pb.Task:
         member = self._session(req.client_id, req.session_token)
         if not math.isfinite(req.wait_s) or req.wait_s < 0:
             raise invalid("bad_wait", "wait_s must be a finite number >= 0")
         if self.progress.done.is_set():
             return pb.Task(kind=pb.TASK_DONE, round=self.progress.committed_round)
-        msg = self.grid.take_task(member.client_id, min(req.wait_s, self.timeouts.max_pull_wait_s))
-        if context.is_active():  # the long-poll renews the lease too, unless the client went away meanwhile
+        msg = await self.grid.take_task_async(member.client_id, min(req.wait_s, self.timeouts.max_pull_wait_s))
+        if not context.cancelled():  # the long-poll renews the lease too, unless the client went away meanwhile
             self.members.check(req.client_id, req.session_token)
         if msg is None:
             kind = pb.TASK_DONE if self.progress.done.is_set() else pb.TASK_NONE
@@ -234,12 +304,13 @@ class CoordinatorService:
             delta = assembler.finish()
         except wire.WireError as err:
             raise invalid("incomplete", str(err)) from None
+        delta = self._clip(delta)
         weights = {n: base[n] + delta[n] for n in spec}
         if not all(torch.isfinite(w).all() for w in weights.values()):
             raise invalid("non_finite", "the update makes the model non-finite")
         content = RecordDict({
             "arrays": state_to_arrays(weights),
-            "metrics": MetricRecord({"num-examples": int(h.num_examples), "train_loss": float(h.train_loss),
+            "metrics": MetricRecord({"num-examples": self._weight(msg, h), "train_loss": float(h.train_loss),
                                      "bytes-up": int(received), "bytes-up-raw": int(raw_update_bytes),
                                      "train-seconds": float(h.train_seconds)}),
             "client": ConfigRecord({"name": member.name}),
@@ -256,7 +327,14 @@ class CoordinatorService:
         return pb.PushReply(accepted=True, message="ok", bytes_received=received)
 
     def status(self, req: pb.StatusRequest, context) -> pb.StatusReply:
+        try:
+            self.auth.check_status(req.public_key, req.signature, req.challenge, req.nonce)
+        except AuthError as err:
+            raise unauthenticated(err) from None
         return pb.StatusReply(json=json.dumps(self.status_dict()))
+
+    def challenge(self, req: pb.ChallengeRequest, context) -> pb.ChallengeReply:
+        return pb.ChallengeReply(run_id=self.run_id, challenge=self.auth.challenge(), expires_in_s=self.auth.window_s)
 
     def status_dict(self) -> dict:
         with self.progress.lock:
@@ -270,11 +348,37 @@ class CoordinatorService:
                          "seen_s_ago": round(time.monotonic() - m.last_seen, 2)}
                         for m in self.members.snapshot()],
             "rounds": rounds, "config": json.loads(self.cfg.to_json()),
-            "rejections": dict(self.rejections),
+            **self._counters(),
             **({"swarm": self.swarm.registry.snapshot()} if self.swarm else {}),
         }
 
     # -- helpers ---------------------------------------------------------------------
+    def _counters(self) -> dict:
+        with self._counter_lock:
+            return {"rejections": dict(self.rejections), "clipped_updates": self.clipped_updates}
+
+    def _weight(self, msg: Message, h: pb.UpdateHeader) -> int:
+        """An update's FedAvg weight: the examples the coordinator's task asked for (local steps x batch x
+        accumulation), never the client's own figure. Swarm stage syncs keep the peer's count."""
+        config = msg.content["config"] if "config" in msg.content else {}
+        if self.swarm is not None:
+            return int(h.num_examples)
+        steps = int(config.get("local-steps", self.cfg.local_steps))
+        return steps * self.cfg.batch_size * self.cfg.grad_accum
+
+    def _clip(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """--clip-update-norm C: scale an update whose L2 norm exceeds C down to C (counted)."""
+        limit = self.cfg.clip_update_norm
+        if not limit:
+            return delta
+        norm = math.sqrt(sum(float(d.double().square().sum()) for d in delta.values()))
+        if not norm > limit:
+            return delta
+        with self._counter_lock:
+            self.clipped_updates += 1
+        scale = limit / norm
+        return {n: d * scale for n, d in delta.items()}
+
     def _open_task(self, task_id: str, member: Member) -> Message:
         if len(task_id) > 64:
             raise invalid("bad_task_id", "task_id too long")

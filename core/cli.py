@@ -9,21 +9,28 @@ import sys
 def _status(args: argparse.Namespace) -> int:
     import grpc
 
-    from fedswarm.client.identity import IdentityError, open_channel
-    from fedswarm.proto import fedswarm_pb2 as pb
+    from fedswarm.client.identity import Identity, IdentityError, open_channel, status_request
     from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
+    from fedswarm.proto import refusals
 
     try:
         channel = open_channel(args.coordinator, args.tls_ca)
+        identity = Identity.load(args.key) if args.key else None
     except IdentityError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     with channel:
+        stub = pb_grpc.CoordinatorStub(channel)
         try:
-            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=args.timeout)
+            reply = stub.Status(status_request(stub, identity, args.timeout), timeout=args.timeout)
         except grpc.RpcError as err:
-            print(f"error: cannot reach the coordinator at {args.coordinator}: {err.code().name} {err.details()}",
-                  file=sys.stderr)
+            why = refusals.reason(err)
+            if why:
+                hint = "" if identity else " (pass --key FILE: an authorized or admin key)"
+                print(f"error: the coordinator refused status ({why}): {err.details()}{hint}", file=sys.stderr)
+            else:
+                print(f"error: cannot reach the coordinator at {args.coordinator}: {err.code().name} {err.details()}",
+                      file=sys.stderr)
             return 1
     status = json.loads(reply.json)
     if args.json:
@@ -60,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--tls-ca", default=None, metavar="FILE", help="CA certificate (PEM) to verify a TLS coordinator")
+    p.add_argument("--key", default=None, metavar="FILE",
+                   help="Ed25519 private key (PEM) to sign the request: required by an authenticated coordinator")
     p.set_defaults(func=_status)
 
     p = sub.add_parser("keygen", help="write a development CA, server certificate, client keys, authorized_keys")

@@ -50,7 +50,7 @@ class TensorPart(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "device", "precision", "resume_client_id", "public_key", "signature", "resume_token", "timestamp", "nonce", "role")
+    __slots__ = ("name", "device", "precision", "resume_client_id", "public_key", "signature", "resume_token", "nonce", "role", "challenge")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -58,9 +58,9 @@ class JoinRequest(_message.Message):
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     precision: str
@@ -68,10 +68,24 @@ class JoinRequest(_message.Message):
     public_key: bytes
     signature: bytes
     resume_token: str
-    timestamp: float
     nonce: bytes
     role: str
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., resume_client_id: _Optional[int] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., resume_token: _Optional[str] = ..., timestamp: _Optional[float] = ..., nonce: _Optional[bytes] = ..., role: _Optional[str] = ...) -> None: ...
+    challenge: bytes
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., resume_client_id: _Optional[int] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., resume_token: _Optional[str] = ..., nonce: _Optional[bytes] = ..., role: _Optional[str] = ..., challenge: _Optional[bytes] = ...) -> None: ...
+
+class ChallengeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ChallengeReply(_message.Message):
+    __slots__ = ("run_id", "challenge", "expires_in_s")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    challenge: bytes
+    expires_in_s: float
+    def __init__(self, run_id: _Optional[str] = ..., challenge: _Optional[bytes] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("client_id", "session_token", "run_id", "run_config_json", "heartbeat_interval_s", "lease_s", "dht_peers", "stage")
@@ -218,8 +232,16 @@ class PushReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("public_key", "signature", "challenge", "nonce")
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    public_key: bytes
+    signature: bytes
+    challenge: bytes
+    nonce: bytes
+    def __init__(self, public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., challenge: _Optional[bytes] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("json",)

@@ -64,6 +64,11 @@ class CoordinatorStub:
                 request_serializer=fedswarm_dot_proto_dot_fedswarm__pb2.StatusRequest.SerializeToString,
                 response_deserializer=fedswarm_dot_proto_dot_fedswarm__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Challenge = channel.unary_unary(
+                '/fedswarm.Coordinator/Challenge',
+                request_serializer=fedswarm_dot_proto_dot_fedswarm__pb2.ChallengeRequest.SerializeToString,
+                response_deserializer=fedswarm_dot_proto_dot_fedswarm__pb2.ChallengeReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -105,6 +110,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Challenge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=fedswarm_dot_proto_dot_fedswarm__pb2.StatusRequest.FromString,
                     response_serializer=fedswarm_dot_proto_dot_fedswarm__pb2.StatusReply.SerializeToString,
+            ),
+            'Challenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Challenge,
+                    request_deserializer=fedswarm_dot_proto_dot_fedswarm__pb2.ChallengeRequest.FromString,
+                    response_serializer=fedswarm_dot_proto_dot_fedswarm__pb2.ChallengeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class Coordinator:
             '/fedswarm.Coordinator/Status',
             fedswarm_dot_proto_dot_fedswarm__pb2.StatusRequest.SerializeToString,
             fedswarm_dot_proto_dot_fedswarm__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Challenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedswarm.Coordinator/Challenge',
+            fedswarm_dot_proto_dot_fedswarm__pb2.ChallengeRequest.SerializeToString,
+            fedswarm_dot_proto_dot_fedswarm__pb2.ChallengeReply.FromString,
             options,
             channel_credentials,
             insecure,

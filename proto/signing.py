@@ -4,16 +4,27 @@ from __future__ import annotations
 import hashlib
 import struct
 
-JOIN_DOMAIN = b"fedswarm-join-v1\0"
+JOIN_DOMAIN = b"fedswarm-join-v2\0"
+STATUS_DOMAIN = b"fedswarm-status-v1\0"
 UPDATE_DOMAIN = b"fedswarm-update-v1\0"
 NONCE_BYTES = 16
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
+CHALLENGE_BYTES = 24   # issue time (float64 LE) + 16 bytes of the issuing process's HMAC over it
 
 
-def join_message(name: str, timestamp: float, nonce: bytes) -> bytes:
-    """What a client signs to join: domain, name, timestamp (float64 LE), nonce."""
-    return JOIN_DOMAIN + name.encode() + b"\0" + struct.pack("<d", timestamp) + nonce
+def _field(text: str) -> bytes:
+    return text.encode() + b"\0"
+
+
+def join_message(run_id: str, role: str, name: str, challenge: bytes, nonce: bytes) -> bytes:
+    """What a client signs to join: domain, run id, role, name, the coordinator's challenge, a nonce."""
+    return JOIN_DOMAIN + _field(run_id) + _field(role) + _field(name) + challenge + nonce
+
+
+def status_message(run_id: str, challenge: bytes, nonce: bytes) -> bytes:
+    """What a key holder signs to read Status in an authenticated run."""
+    return STATUS_DOMAIN + _field(run_id) + challenge + nonce
 
 
 class UpdateDigest:

@@ -117,14 +117,17 @@ def client_processes(out_dir: Path, address: str, count: int, extra: list[str] |
             proc.stop()
 
 
-def fetch_status(address: str, timeout: float = 10.0, tls_ca: str | Path | None = None) -> dict:
-    """The coordinator's status object; `tls_ca` (the CA's PEM) for a TLS coordinator."""
-    from fedswarm.client.identity import open_channel
-    from fedswarm.proto import fedswarm_pb2 as pb
+def fetch_status(address: str, timeout: float = 10.0, tls_ca: str | Path | None = None,
+                 key: str | Path | None = None) -> dict:
+    """The coordinator's status object; `tls_ca` (the CA's PEM) for a TLS coordinator, `key` (a private
+    key file) for an authenticated one."""
+    from fedswarm.client.identity import Identity, open_channel, status_request
     from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 
+    identity = Identity.load(key) if key else None
     with open_channel(address, tls_ca) as channel:
-        return json.loads(pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout).json)
+        stub = pb_grpc.CoordinatorStub(channel)
+        return json.loads(stub.Status(status_request(stub, identity, timeout), timeout=timeout).json)
 
 
 def wait_until(what: str, check, deadline_s: float, watch=(), poll_s: float = 0.2, clean_exit_ok: bool = True):

@@ -83,26 +83,52 @@ def test_update_signature_binds_run_round_client_task_and_payload():
 
 def test_join_proof_checks():
     ident, stranger = (Identity(ed25519.Ed25519PrivateKey.generate()) for _ in range(2))
-    auth = Authenticator({ident.public_key: "c0"})
+    auth = Authenticator({ident.public_key: "c0"}, run_id="run-1")
     now = time.time()
+    fresh = auth.challenge(now - 5)
 
-    def reason(proof: dict, name: str = "alice") -> str | None:
+    def reason(proof: dict, name: str = "alice", role: str = "client", at: float = now) -> str | None:
         try:
-            auth.check_join(name, proof["public_key"], proof["signature"], proof["timestamp"], proof["nonce"], now=now)
+            auth.check_join(name, role, proof["public_key"], proof["signature"], proof["challenge"], proof["nonce"],
+                            now=at)
         except AuthError as err:
             return err.reason
         return None
 
-    good = ident.join_proof("alice", timestamp=now - 5)
+    good = ident.join_proof("alice", "client", "run-1", fresh)
     assert reason(good) is None
     assert reason(good) == "replayed_join"
-    assert reason(stranger.join_proof("alice", timestamp=now)) == "unknown_key"
-    assert reason(ident.join_proof("alice", timestamp=now - 121)) == "stale_join"
-    assert reason(ident.join_proof("alice", timestamp=now + 121)) == "stale_join"
-    assert reason(ident.join_proof("alice", timestamp=float("nan"))) == "stale_join"
-    assert reason(ident.join_proof("alice", timestamp=now), name="mallory") == "bad_signature"
-    assert reason({**ident.join_proof("alice", timestamp=now), "nonce": b"short"}) == "bad_signature"
-    assert Authenticator(None).check_join("anyone", b"", b"", 0.0, b"") == ""
+    assert reason(stranger.join_proof("alice", "client", "run-1", fresh)) == "unknown_key"
+    assert reason(ident.join_proof("alice", "client", "run-1", auth.challenge(now - 121))) == "stale_join"
+    assert reason(ident.join_proof("alice", "client", "run-1", auth.challenge(now + 5))) == "stale_join"
+    assert reason(ident.join_proof("alice", "client", "run-1", fresh), name="mallory") == "bad_signature"
+    assert reason(ident.join_proof("alice", "client", "run-1", fresh), role="peer") == "bad_signature"
+    assert reason(ident.join_proof("alice", "client", "run-2", fresh)) == "bad_signature"   # another run
+    assert reason({**ident.join_proof("alice", "client", "run-1", fresh), "nonce": b"short"}) == "bad_signature"
+    # A challenge from another coordinator process (as after a restart) or a forged one is refused.
+    restarted = Authenticator({ident.public_key: "c0"}, run_id="run-1")
+    assert reason(ident.join_proof("alice", "client", "run-1", restarted.challenge(now))) == "stale_challenge"
+    assert reason(ident.join_proof("alice", "client", "run-1", fresh[:8] + bytes(16))) == "stale_challenge"
+    assert Authenticator(None).check_join("anyone", "client", b"", b"", b"", b"") == ""
+
+
+def test_status_proof_checks():
+    ident, admin, stranger = (Identity(ed25519.Ed25519PrivateKey.generate()) for _ in range(3))
+    auth = Authenticator({ident.public_key: "c0"}, admin={admin.public_key: "ops"}, run_id="run-1")
+
+    def reason(who: Identity | None) -> str | None:
+        proof = who.status_proof("run-1", auth.challenge()) if who else {}
+        try:
+            auth.check_status(proof.get("public_key", b""), proof.get("signature", b""), proof.get("challenge", b""),
+                              proof.get("nonce", b""))
+        except AuthError as err:
+            return err.reason
+        return None
+
+    assert reason(ident) is None and reason(admin) is None
+    assert reason(stranger) == "unknown_key" and reason(None) == "no_key"
+    with pytest.raises(AuthError):  # an admin key may read status, not join
+        auth.check_join("ops", "client", **admin.join_proof("ops", "client", "run-1", auth.challenge()))
 
 
 def test_authorized_keys_parsing():
@@ -121,7 +147,7 @@ def test_authorized_keys_parsing():
 # -- real processes -------------------------------------------------------------------------
 @pytest.mark.timeout(300)
 def test_tls_client_completes_round_and_plaintext_client_cannot_join(tmp_path, keys):
-    ca = str(keys / "ca.pem")
+    ca, key0 = str(keys / "ca.pem"), str(keys / "client-0.key")
     with coordinator_process(tmp_path, ["--state-dir", str(tmp_path / "state"), *SMALL, *tls_args(keys)]) as (coord, address):
         assert "accepts ANY client" not in coord.output()
         plain = Proc("plain", fedswarm_cmd("client", "--coordinator", address, "--name", "plain", "--threads", "1",
@@ -137,8 +163,11 @@ def test_tls_client_completes_round_and_plaintext_client_cannot_join(tmp_path, k
                             "--tls-ca", ca, "--key", str(keys / "client-0.key"))
         good = Proc("good", argv, tmp_path / "good.log")
         try:
-            wait_until("state done", lambda: fetch_status(address, tls_ca=ca)["state"] == "done", 200, [coord, good])
-            cli = run_cli("status", "--coordinator", address, "--json", "--tls-ca", ca)
+            wait_until("state done", lambda: fetch_status(address, tls_ca=ca, key=key0)["state"] == "done", 200,
+                       [coord, good])
+            refused = run_cli("status", "--coordinator", address, "--json", "--tls-ca", ca)
+            assert refused.returncode == 1 and "no_key" in refused.stderr, refused.stderr
+            cli = run_cli("status", "--coordinator", address, "--json", "--tls-ca", ca, "--key", key0)
             assert cli.returncode == 0, cli.stderr
             status = json.loads(cli.stdout)
             assert status["state"] == "done" and status["round"] == 1
@@ -183,22 +212,27 @@ def auth_coordinator(tmp_path_factory, keys):
         channel.close()
 
 
+def _proof(stub, ident: Identity, name: str) -> dict:
+    challenge = stub.Challenge(pb.ChallengeRequest(), timeout=30)
+    return ident.join_proof(name, "client", challenge.run_id, challenge.challenge)
+
+
 def _join(stub, proof: dict, name: str):
     return stub.Join(pb.JoinRequest(name=name, device="cpu", precision="fp32", **proof), timeout=30)
 
 
 @pytest.mark.timeout(120)
-def test_unlisted_key_is_refused(auth_coordinator):
+def test_unlisted_key_is_refused(auth_coordinator, keys):
     _, address, channel, ca = auth_coordinator
     stub = pb_grpc.CoordinatorStub(channel)
     stranger = Identity(ed25519.Ed25519PrivateKey.generate())
     with pytest.raises(grpc.RpcError) as err:
-        _join(stub, stranger.join_proof("stranger"), "stranger")
+        _join(stub, _proof(stub, stranger, "stranger"), "stranger")
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.RpcError) as err:
         _join(stub, {}, "keyless")
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    status = fetch_status(address, tls_ca=ca)
+    status = fetch_status(address, tls_ca=ca, key=keys / "client-0.key")
     assert status["rejections"].get("unknown_key", 0) >= 2
     assert not any(c["name"] in ("stranger", "keyless") for c in status["clients"])
 
@@ -210,7 +244,7 @@ def test_tampered_and_replayed_updates_are_refused(auth_coordinator, keys):
     push_raw = channel.stream_unary("/fedswarm.Coordinator/PushUpdate", request_serializer=None,
                                     response_deserializer=pb.PushReply.FromString)
     ident = Identity.load(keys / "client-1.key")
-    proof = ident.join_proof("direct")
+    proof = _proof(stub, ident, "direct")
     joined = _join(stub, proof, "direct")
     with pytest.raises(grpc.RpcError) as err:  # the same proof twice
         _join(stub, proof, "direct")
@@ -244,7 +278,7 @@ def test_tampered_and_replayed_updates_are_refused(auth_coordinator, keys):
     with pytest.raises(grpc.RpcError) as err:
         push_raw(iter([head] + tampered), timeout=60)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
-    status = fetch_status(address, tls_ca=ca)
+    status = fetch_status(address, tls_ca=ca, key=keys / "client-0.key")
     assert status["rejections"].get("bad_signature", 0) >= 1
     assert status["round"] == 0 and status["state"] != "done"
 
@@ -253,7 +287,7 @@ def test_tampered_and_replayed_updates_are_refused(auth_coordinator, keys):
     with pytest.raises(grpc.RpcError) as err:
         push_raw(iter([head] + raw), timeout=60)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
-    status = wait_until("round 1", lambda: (s := fetch_status(address, tls_ca=ca))["round"] == 1 and s, 120, [coord])
+    status = wait_until("round 1", lambda: (s := fetch_status(address, tls_ca=ca, key=keys / "client-0.key"))["round"] == 1 and s, 120, [coord])
     assert status["rejections"].get("replayed_update", 0) >= 1
     assert status["rejections"].get("replayed_join", 0) >= 1
     assert status["rounds"][-1]["clients"] == ["direct"]

@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from fedswarm.client.identity import Identity
+from fedswarm.client.identity import Identity, signed_join_fields, status_request
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
@@ -19,7 +19,7 @@ from fedswarm.sim.processes import coordinator_process, fedswarm_cmd, fetch_stat
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION}
-UNARY = ["Join", "Heartbeat", "PullTask", "Status"]
+UNARY = ["Join", "Heartbeat", "PullTask", "Status", "Challenge"]
 CASES = 120
 
 
@@ -56,7 +56,8 @@ def test_fuzz_every_rpc(tmp_path):
     rng = random.Random(1234)
     # Authenticated run: a mutated copy of a signed update is refused whatever byte it touches.
     subprocess.run(fedswarm_cmd("keygen", str(tmp_path / "keys"), "--clients", "1"), check=True, capture_output=True)
-    ident = Identity.load(tmp_path / "keys" / "client-0.key")
+    key = tmp_path / "keys" / "client-0.key"
+    ident = Identity.load(key)
     args = ["--authorized-keys", str(tmp_path / "keys" / "authorized_keys"), "--state-dir", str(tmp_path / "state"), "--rounds", "1", "--min-clients", "1", "--local-steps", "1",
             "--seq-len", "32", "--batch-size", "2", "--upload-codec", "int8"]
     with coordinator_process(tmp_path, args) as (proc, address):
@@ -68,7 +69,7 @@ def test_fuzz_every_rpc(tmp_path):
 
         # A real session with an open task, so mutated requests reach deep validation.
         joined = stub.Join(pb.JoinRequest(name="fuzzer", device="cpu", precision="fp32",
-                                          **ident.join_proof("fuzzer")), timeout=10)
+                                          **signed_join_fields(stub, ident, "fuzzer")), timeout=10)
         task = stub.PullTask(pb.PullTaskRequest(client_id=joined.client_id, session_token=joined.session_token,
                                                 wait_s=30), timeout=40)
         assert task.kind == pb.TASK_TRAIN
@@ -92,7 +93,8 @@ def test_fuzz_every_rpc(tmp_path):
             "Join": pb.JoinRequest(name="x", device="cpu", precision="bf16").SerializeToString(),
             "Heartbeat": pb.HeartbeatRequest(client_id=joined.client_id, session_token=joined.session_token).SerializeToString(),
             "PullTask": pb.PullTaskRequest(client_id=joined.client_id, session_token=joined.session_token, wait_s=0).SerializeToString(),
-            "Status": b"",
+            "Status": status_request(stub, ident).SerializeToString(),
+            "Challenge": b"",
         }
         seen: dict[str, set] = {}
         for method, good in valid.items():
@@ -120,7 +122,7 @@ def test_fuzz_every_rpc(tmp_path):
         big = b"\x0a" + b"\xff" * (wire.MAX_MESSAGE_BYTES + 10)
         assert _code(lambda: raw["Join"](big, timeout=10)) == grpc.StatusCode.RESOURCE_EXHAUSTED
 
-        status = fetch_status(address)
+        status = fetch_status(address, key=key)
         assert status["round"] == 0, "a rejected update must not change the model"
         assert sum(status["rejections"].values()) > CASES
         for method in ("Join", "Heartbeat", "PullTask", "FetchModel", "PushUpdate"):
@@ -131,9 +133,9 @@ def test_fuzz_every_rpc(tmp_path):
         assert pb.PushReply.FromString(reply).accepted
         wait = __import__("threading").Event()
         for _ in range(600):
-            if fetch_status(address)["round"] == 1:
+            if fetch_status(address, key=key)["round"] == 1:
                 break
             wait.wait(0.1)
-        assert fetch_status(address)["round"] == 1
+        assert fetch_status(address, key=key)["round"] == 1
         assert proc.popen.poll() is None
         channel.close()
