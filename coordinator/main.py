@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedswarm.coordinator.auth import Authenticator, load_authorized_keys, server_credentials
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
-from fedswarm.coordinator.driver import RoundDriver, RunProgress
+from fedswarm.coordinator.driver import RoundDriver, RunFailed, RunProgress
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Membership
 from fedswarm.coordinator.service import CoordinatorService
@@ -201,6 +201,9 @@ async def _serve_until_done(args: argparse.Namespace, service: CoordinatorServic
     def drive():
         try:
             run_driver()
+        except RunFailed as err:
+            log.error("run failed: %s", err)
+            failure.append(err)
         except BaseException as err:  # noqa: BLE001 - reported below: a crashed driver must exit non-zero
             log.exception("round driver failed")
             failure.append(err)
@@ -216,9 +219,13 @@ async def _serve_until_done(args: argparse.Namespace, service: CoordinatorServic
             continue
         with progress.lock:
             state = progress.state
+        if failure and isinstance(failure[0], RunFailed):
+            print(f"error: the run failed (state {state}): {failure[0]}", file=sys.stderr)
+            code = EXIT_RUN_FAILED
+            break
         if failure:
             print(f"error: the round driver crashed: {type(failure[0]).__name__}: {failure[0]}", file=sys.stderr)
-            code = EXIT_RUN_FAILED if state == "failed" else EXIT_DRIVER_CRASHED
+            code = EXIT_DRIVER_CRASHED
             break
         if args.exit_when_done or state != "done":
             break

@@ -4,9 +4,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+MAX_EVENTS = 1000      # stage events kept (oldest forgotten first)
+MAX_LOSSES = 10_000    # trainers' losses kept between two rounds
 
 
 @dataclass
@@ -35,10 +38,10 @@ class SwarmRegistry:
         self._warned_empty: set[int] = set()
         self.trainers: dict[int, dict] = {}           # live trainers' latest totals
         self.retired = {"completed": 0, "retried": 0, "lost": 0, "tokens": 0}   # totals of trainers that left
-        self.events: list[dict] = []
+        self.events: deque[dict] = deque(maxlen=MAX_EVENTS)
         self._last_move = 0.0
         self._samples: list[tuple[float, int]] = []
-        self._losses: list[float] = []           # trainers' reported losses since the last round
+        self._losses: deque[float] = deque(maxlen=MAX_LOSSES)   # trainers' reported losses since the last round
 
     # -- peers -----------------------------------------------------------------------
     def assign(self, cid: int, name: str) -> int:
@@ -131,7 +134,7 @@ class SwarmRegistry:
     def take_train_loss(self) -> float | None:
         """Mean of the trainers' reported losses since the last call (one round's train loss)."""
         with self._lock:
-            losses, self._losses = self._losses, []
+            losses, self._losses = self._losses, deque(maxlen=MAX_LOSSES)
         return sum(losses) / len(losses) if losses else None
 
     def snapshot(self) -> dict:
@@ -149,7 +152,7 @@ class SwarmRegistry:
                 "tokens": self._total("tokens"),
                 "tokens_per_s": round(rate, 1),
                 "reassignments": [e for e in self.events if e["reason"] != "joined" and not e["reason"].startswith("left")],
-                "events": list(self.events[-200:]),
+                "events": list(self.events)[-200:],
             }
 
     # -- internals (lock held) ---------------------------------------------------------

@@ -1,0 +1,158 @@
+"""The aio service under load, with real processes: idle upload streams cost no worker (Status and Heartbeat
+stay fast, the streams are cut at the first-message deadline), 200 long-polling sessions stay members while a
+round commits, and the standard gRPC health service answers SERVING on the same port."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fedswarm.proto import codec as C
+from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
+from fedswarm.proto import refusals, wire
+from fedswarm.sim.processes import coordinator_process, fetch_status, wait_until
+
+SMALL = ["--rounds", "1", "--local-steps", "1", "--seq-len", "32", "--batch-size", "2", "--upload-codec", "int8"]
+OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
+           ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]
+IDLE_STREAMS = 64
+
+
+async def _timed(call) -> float:
+    started = time.monotonic()
+    await call
+    return time.monotonic() - started
+
+
+@pytest.mark.timeout(120)
+def test_idle_upload_streams_leave_status_and_heartbeat_fast(tmp_path):
+    args = ["--state-dir", str(tmp_path / "state"), "--min-clients", "5", *SMALL]
+    with coordinator_process(tmp_path, args) as (coord, address):
+        async def scenario():
+            async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
+                stub = pb_grpc.CoordinatorStub(channel)
+                health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
+                joined = await stub.Join(pb.JoinRequest(name="beater", device="cpu", precision="fp32"), timeout=10)
+                beat = pb.HeartbeatRequest(client_id=joined.client_id, session_token=joined.session_token)
+
+                silence = asyncio.Event()
+
+                async def never_sends():
+                    await silence.wait()
+                    yield b""
+                push = channel.stream_unary("/fedswarm.Coordinator/PushUpdate")
+                streams = [push(never_sends(), timeout=60) for _ in range(IDLE_STREAMS)]
+                latencies, window_end = [], time.monotonic() + 4.0   # well inside the 10 s first-message deadline
+                while time.monotonic() < window_end:
+                    latencies.append(await _timed(stub.Status(pb.StatusRequest(), timeout=5)))
+                    latencies.append(await _timed(stub.Heartbeat(beat, timeout=5)))
+                    latencies.append(await _timed(health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service="fedswarm.Coordinator"), timeout=5)))
+                assert max(latencies) < 1.0, latencies
+                # The first-message deadline cuts every silent stream, with its reason.
+                codes = set()
+                for call in streams:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await call
+                    codes.add((err.value.code(), refusals.reason(err.value)))
+                silence.set()
+                assert codes == {(grpc.StatusCode.DEADLINE_EXCEEDED, "slow_header")}, codes
+        asyncio.run(scenario())
+        status = fetch_status(address)
+        assert status["rejections"]["slow_header"] == IDLE_STREAMS
+        assert [c["name"] for c in status["clients"]] == ["beater"]
+        assert coord.popen.poll() is None
+
+
+SESSIONS = 200
+
+
+async def _session(stub, i: int, stop: asyncio.Event, stats: dict) -> None:
+    """Join, heartbeat every 2 s, long-poll; session 0 answers its train task with a small update."""
+    joined = await stub.Join(pb.JoinRequest(name=f"light-{i}", device="cpu", precision="fp32"), timeout=30)
+    cid, token = joined.client_id, joined.session_token
+
+    async def beat():
+        while not stop.is_set():
+            started = time.monotonic()
+            await stub.Heartbeat(pb.HeartbeatRequest(client_id=cid, session_token=token), timeout=30)
+            stats["heartbeat"].append(time.monotonic() - started)
+            try:
+                await asyncio.wait_for(stop.wait(), 2.0)
+            except asyncio.TimeoutError:
+                pass
+    beating = asyncio.create_task(beat())
+    try:
+        while not stop.is_set():
+            task = await stub.PullTask(pb.PullTaskRequest(client_id=cid, session_token=token, wait_s=5), timeout=30)
+            if task.kind == pb.TASK_DONE:
+                break
+            if task.kind == pb.TASK_TRAIN and i == 0:
+                await _answer(stub, joined, task)
+    finally:
+        await beating
+
+
+async def _answer(stub, joined, task) -> None:
+    cid, token = joined.client_id, joined.session_token
+    shapes = {}
+    async for chunk in stub.FetchModel(pb.FetchModelRequest(client_id=cid, session_token=token, task_id=task.task_id),
+                                       timeout=60):
+        shapes[chunk.part.name] = tuple(chunk.part.shape)
+    codec = C.codec_by_name(json.loads(joined.run_config_json)["upload_codec"])
+    parts = [p for name, shape in shapes.items()
+             for p in wire.tensor_parts(name, shape, C.encode(torch.full((torch.Size(shape).numel(),), 1e-3), codec))]
+    header = pb.UpdateHeader(client_id=cid, session_token=token, task_id=task.task_id, round=task.round,
+                             num_examples=2, train_loss=3.0, num_tensors=len(shapes), num_parts=len(parts))
+    chunks = [pb.UpdateChunk(header=header)] + [pb.UpdateChunk(part=p) for p in parts]
+    assert (await stub.PushUpdate(iter(chunks), timeout=60)).accepted
+
+
+@pytest.mark.timeout(240)
+def test_200_sessions_stay_members_while_a_round_commits(tmp_path):
+    """Every session long-polls; all get a task (FedAvg samples everyone), one answers; the round commits at
+    its timeout with one reply, and no session loses its lease meanwhile."""
+    args = ["--state-dir", str(tmp_path / "state"), "--min-clients", str(SESSIONS), "--round-timeout", "15",
+            *SMALL]
+    with coordinator_process(tmp_path, args) as (coord, address):
+        stats: dict = {"heartbeat": [], "status": [], "members": []}
+
+        async def scenario():
+            async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
+                stub = pb_grpc.CoordinatorStub(channel)
+                stop = asyncio.Event()
+                sessions = [asyncio.create_task(_session(stub, i, stop, stats)) for i in range(SESSIONS)]
+                deadline = time.monotonic() + 150
+                while time.monotonic() < deadline:
+                    started = time.monotonic()
+                    status = json.loads((await stub.Status(pb.StatusRequest(), timeout=10)).json)
+                    stats["status"].append(time.monotonic() - started)
+                    if status["state"] != "waiting":
+                        stats["members"].append(len(status["clients"]))
+                    if status["round"] >= 1:
+                        stats["final"] = status
+                        break
+                    await asyncio.sleep(0.5)
+                stop.set()
+                for session in asyncio.as_completed(sessions):
+                    try:
+                        await session
+                    except grpc.aio.AioRpcError as err:
+                        pytest.fail(f"a session failed: {err.code()} {err.details()}")
+        asyncio.run(scenario())
+        final = stats.get("final")
+        assert final is not None, f"round 1 never committed; members seen {stats['members'][-5:]}"
+        assert final["rounds"][-1]["clients"] == ["light-0"]
+        assert stats["members"] and min(stats["members"]) == SESSIONS, stats["members"]
+        assert "lost its lease" not in coord.output()
+        ordered = sorted(stats["status"])
+        assert ordered[int(0.99 * (len(ordered) - 1))] < 1.0, ordered[-5:]
+        beats = sorted(stats["heartbeat"])
+        assert beats[int(0.99 * (len(beats) - 1))] < 1.0, beats[-5:]
