@@ -21,6 +21,8 @@ class ServingLimits:
 
     max_sessions: int = 5000              # joined clients (a join beyond is RESOURCE_EXHAUSTED too_many_sessions)
     max_concurrent_rpcs: int = 12000      # beyond, gRPC answers RESOURCE_EXHAUSTED at once
+    max_pending_rpcs: int = 12000         # calls queued in gRPC core before the loop takes them (core's default,
+                                          # 1000, cancels calls in bursts: 1000 sessions' synchronized polls)
     max_awaiting_header: int = 256        # PushUpdate streams allowed to wait for their first message at once
     first_message_s: float = 10.0         # a PushUpdate stream must send its header within this
     chunk_idle_s: float = 30.0            # ... and each later chunk within this of the previous one
@@ -43,6 +45,8 @@ class ServingLimits:
         ms = lambda s: int(s * 1000)  # noqa: E731
         return [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
                 ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096),
+                ("grpc.server.max_pending_requests", self.max_pending_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * self.max_pending_rpcs),
                 ("grpc.keepalive_time_ms", ms(self.keepalive_time_s)),
                 ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
                 ("grpc.keepalive_permit_without_calls", 1),
