@@ -6,10 +6,12 @@ import logging
 import threading
 import time
 
+import grpc
+
 from fedswarm.client.daemon import ClientDaemon
 from fedswarm.client.swarm.routing import StageRecord, stage_key
 from fedswarm.client.swarm.stage_server import HANDLER, StageServer
-from fedswarm.client.swarm.swarm_trainer import MicrobatchLost, SwarmTrainer
+from fedswarm.client.swarm.swarm_trainer import MicrobatchLost, SwarmTrainer, run_workers
 from fedswarm.client.swarm.transport import SwarmNode
 from fedswarm.data import BatchSampler, load_train_tokens
 from fedswarm.proto import codec as C
@@ -17,6 +19,44 @@ from fedswarm.proto import fedswarm_pb2 as pb
 
 log = logging.getLogger("fedswarm.swarm")
 ANNOUNCE_EVERY_S, RECORD_TTL_S = 1.0, 4.0
+
+
+class StageSwitcher:
+    """Runs stage switches (a fetch and a build: seconds) on a thread of its own, so the heartbeat thread that
+    asks for one returns at once and keeps the lease (3 s) alive. The latest request wins; a switch that
+    raises is logged and handed to ``on_fail`` (the peer stops: it cannot serve what it was assigned)."""
+
+    def __init__(self, switch, on_fail):
+        self._switch, self._on_fail = switch, on_fail
+        self._cv = threading.Condition()
+        self._pending: tuple[int, str] | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="stage-switch", daemon=True)
+        self._thread.start()
+
+    def request(self, stage: int, why: str) -> None:
+        with self._cv:
+            self._pending = (stage, why)
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._pending is not None or self._stopped)
+                if self._stopped:
+                    return
+                (stage, why), self._pending = self._pending, None
+            try:
+                self._switch(stage, why)
+            except BaseException as err:  # noqa: BLE001 - handed on: the peer stops loudly
+                log.exception("switching to stage %d failed", stage)
+                self._on_fail(err)
+                return
 
 
 class PeerDaemon(ClientDaemon):
@@ -34,6 +74,7 @@ class PeerDaemon(ClientDaemon):
         self.node.add_handler(HANDLER, self.server.handle, pb.StageRequest)
         self._switch_lock = threading.Lock()
         self._switch(self.assigned_stage, "assigned at join")
+        self.switcher = StageSwitcher(self._switch, self._abort)
         self._announcer_stop = threading.Event()
         threading.Thread(target=self._announce_loop, name="announce", daemon=True).start()
 
@@ -68,8 +109,15 @@ class PeerDaemon(ClientDaemon):
                                    throughput=throughput, optimizer_steps=steps, load=utilization)
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
-        if hasattr(self, "_announcer_stop") and reply.stage >= 0 and reply.stage != self.server.stage_index:
-            self._switch(reply.stage, "re-assigned by the coordinator")
+        if hasattr(self, "switcher") and reply.stage >= 0 and reply.stage != self.server.stage_index:
+            self.switcher.request(reply.stage, "re-assigned by the coordinator")  # never on this thread
+
+    _failure: BaseException | None = None
+
+    def _abort(self, err: BaseException) -> None:
+        """A switch failed: this peer cannot serve its stage. Closing the channel ends run()'s task loop."""
+        self._failure = err
+        self.channel.close()
 
     def train(self, task: pb.Task) -> None:
         """A stage sync: adopt the new average, upload the progress made since the last sync."""
@@ -88,7 +136,13 @@ class PeerDaemon(ClientDaemon):
     def run(self) -> int:
         try:
             return super().run()
+        except Exception:
+            if self._failure is not None:
+                raise RuntimeError(f"this peer stopped: its stage switch failed ({self._failure!r})") from self._failure
+            raise
         finally:
+            if hasattr(self, "switcher"):
+                self.switcher.close()
             if hasattr(self, "node"):
                 self._announcer_stop.set()
                 self.server.close()
@@ -126,34 +180,28 @@ class TrainerDaemon(ClientDaemon):
         if reply.state == "done" and hasattr(self, "done"):
             self.done.set()
 
-    def _work(self) -> None:
-        while not self.done.is_set():
-            with self._sample_lock:
-                x, y = self.sampler.sample()
-            try:
-                loss = self.swarm.step(x, y)
-            except MicrobatchLost as err:
-                log.error("micro-batch lost: %s", err)
-                continue
-            n = self.swarm.stats.completed
-            if n % 20 == 0:
-                log.info("%d micro-batches, loss %.4f, %d replayed; DHT read %.3f s", n, loss,
-                         self.swarm.stats.retried, self.swarm.lookup_seconds)
+    def _work_once(self) -> None:
+        """One micro-batch; a lost one is logged (and counted), anything else stops the trainer (run_workers)."""
+        with self._sample_lock:
+            x, y = self.sampler.sample()
+        try:
+            loss = self.swarm.step(x, y)
+        except MicrobatchLost as err:
+            log.error("micro-batch lost: %s", err)
+            return
+        n = self.swarm.stats.completed
+        if n % 20 == 0:
+            log.info("%d micro-batches, loss %.4f, %d replayed; DHT read %.3f s", n, loss,
+                     self.swarm.stats.retried, self.swarm.lookup_seconds)
 
     def run(self) -> int:
         self.join()
-        workers = [threading.Thread(target=self._work, name=f"microbatch-{i}", daemon=True)
-                   for i in range(max(1, self.args.inflight))]
         try:
-            for w in workers:
-                w.start()
-            self.done.wait()
-            for w in workers:
-                w.join(timeout=60)
+            run_workers(self.args.inflight, self._work_once, self.done, join_s=60)
             try:  # the final counts reach the coordinator
                 self.stub.Heartbeat(self.heartbeat_request(), timeout=self.t.rpc_s)
-            except Exception:  # noqa: BLE001
-                pass
+            except grpc.RpcError as err:
+                log.warning("the final heartbeat failed (%s): the coordinator keeps the previous counts", err.code().name)
             log.info("run finished: %d micro-batches, %d replayed, %d lost (last DHT read %.3f s)",
                      self.swarm.stats.completed, self.swarm.stats.retried, self.swarm.stats.lost,
                      self.swarm.lookup_seconds)

@@ -40,6 +40,40 @@ class MicrobatchLost(RuntimeError):
     pass
 
 
+class WorkerFailed(RuntimeError):
+    """A micro-batch worker thread raised: the trainer stops instead of running on with fewer workers."""
+
+
+def run_workers(count: int, work_once, done: threading.Event, join_s: float) -> None:
+    """Call ``work_once()`` on ``count`` threads until ``done`` is set. The first exception any worker raises
+    stops them all (``done`` is set) and is re-raised here as WorkerFailed, so a bug cannot silently kill
+    a thread and leave the trainer running at reduced width (or not at all)."""
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def loop(i: int) -> None:
+        try:
+            while not done.is_set():
+                work_once()
+        except BaseException as err:  # noqa: BLE001 - recorded and re-raised by run_workers
+            log.exception("micro-batch worker %d failed; stopping the trainer", i)
+            with lock:
+                failures.append(err)
+            done.set()
+
+    threads = [threading.Thread(target=loop, args=(i,), name=f"microbatch-{i}", daemon=True)
+               for i in range(max(1, count))]
+    for t in threads:
+        t.start()
+    done.wait()
+    for t in threads:
+        t.join(join_s)
+    with lock:
+        first = failures[0] if failures else None
+    if first is not None:
+        raise WorkerFailed(f"a micro-batch worker failed: {type(first).__name__}: {first}") from first
+
+
 class SwarmTrainer:
     def __init__(self, node: SwarmNode, run_id: str, num_stages: int, router: Router | None = None,
                  timeouts: TrainerTimeouts | None = None):
@@ -63,7 +97,10 @@ class SwarmTrainer:
         """Read every stage's replicas from the DHT once, now (the background loop does this every refresh_s)."""
         started = time.monotonic()
         for stage in range(self.num_stages):
-            self.router.update(stage, parse_records(stage, self.node.lookup(stage_key(self.run_id, stage))))
+            raw = self.node.lookup(stage_key(self.run_id, stage))
+            if raw is None:  # the DHT did not answer: keep the last known replicas rather than forget them all
+                continue
+            self.router.update(stage, parse_records(stage, raw))
         self.lookup_seconds = time.monotonic() - started
         with self._refreshed:
             self._generation += 1

@@ -184,31 +184,35 @@ class SwarmNode:
 
     # ---- DHT records ----
 
-    def _dht_op(self, what: str, start):
-        """Run a DHT op (a callable returning an MPFuture) under dht_op_s; None on timeout or failure."""
+    def _dht_op(self, what: str, start) -> tuple[bool, object]:
+        """Run a DHT op (a callable returning an MPFuture) under dht_op_s: (True, result), or (False, None) on
+        timeout or failure (logged), so callers can tell "nothing stored" from "no answer"."""
         if self._closed:
             raise RuntimeError("SwarmNode is shut down")
         with self._dht_lock:  # the DHT's pipe is shared by all threads; sends are kept whole
             fut = start()
         try:
-            return fut.result(self.timeouts.dht_op_s)
+            return True, fut.result(self.timeouts.dht_op_s)
         except concurrent.futures.TimeoutError:
             fut.cancel()
             logger.warning(f"DHT {what} took longer than {self.timeouts.dht_op_s:.1f}s; giving up on it")
         except Exception as e:
             logger.warning(f"DHT {what} failed: {e!r}")
-        return None
+        return False, None
 
     def announce(self, key: str, subkey: str, value: dict, ttl: float | None = None) -> bool:
         """Store ``value`` under ``key``/``subkey`` until now + ttl (default record_ttl_s); True if stored."""
         expiration = get_dht_time() + (self.timeouts.record_ttl_s if ttl is None else ttl)
-        ok = self._dht_op(f"store {key}/{subkey}", lambda: self._dht.store(
+        _, stored = self._dht_op(f"store {key}/{subkey}", lambda: self._dht.store(
             key, value, expiration, subkey=subkey, return_future=True))
-        return bool(ok)
+        return bool(stored)
 
-    def lookup(self, key: str) -> dict[str, dict]:
-        """subkey -> value for unexpired entries under ``key``; {} if none (or on DHT timeout, with a warning)."""
-        found = self._dht_op(f"get {key}", lambda: self._dht.get(key, latest=True, return_future=True))
+    def lookup(self, key: str) -> dict[str, dict] | None:
+        """subkey -> value for unexpired entries under ``key`` ({} if none); None if the DHT did not answer
+        within dht_op_s (the caller keeps what it knew: no answer is not "no replicas")."""
+        answered, found = self._dht_op(f"get {key}", lambda: self._dht.get(key, latest=True, return_future=True))
+        if not answered:
+            return None
         if found is None or not isinstance(found.value, dict):
             return {}
         now = get_dht_time()
