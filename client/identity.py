@@ -54,11 +54,12 @@ class Identity:
     def load(cls, path: str | Path) -> "Identity":
         return cls(load_private_key(path))
 
-    def join_proof(self, name: str, timestamp: float | None = None, nonce: bytes | None = None) -> dict:
-        """JoinRequest fields: public_key, signature, timestamp, nonce."""
+    def join_proof(self, name: str, timestamp: float | None = None, nonce: bytes | None = None,
+                   p2p_peer_id: str = "") -> dict:
+        """JoinRequest fields: public_key, signature, timestamp, nonce (the signature covers p2p_peer_id too)."""
         ts = time.time() if timestamp is None else timestamp
         nonce = os.urandom(signing.NONCE_BYTES) if nonce is None else nonce
-        sig = self.key.sign(signing.join_message(name, ts, nonce))
+        sig = self.key.sign(signing.join_message(name, ts, nonce, p2p_peer_id))
         return {"public_key": self.public_key, "signature": sig, "timestamp": ts, "nonce": nonce}
 
     def sign_update(self, run_id: str, round_: int, client_id: int, task_id: str, num_examples: int,

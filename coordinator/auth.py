@@ -150,7 +150,7 @@ class Authenticator:
         return self.authorized is not None
 
     def check_join(self, name: str, public_key: bytes, signature: bytes, timestamp: float, nonce: bytes,
-                   now: float | None = None) -> str:
+                   now: float | None = None, p2p_peer_id: str = "") -> str:
         """The key's authorized_keys comment, or AuthError(unknown_key|stale_join|bad_signature|replayed_join)."""
         if self.authorized is None:
             return ""
@@ -163,7 +163,7 @@ class Authenticator:
             raise AuthError("stale_join", f"join timestamp {now - timestamp:+.0f} s off the coordinator's clock "
                             f"(limit {self.window_s:.0f} s): check the client's clock")
         if len(nonce) != signing.NONCE_BYTES or not verify(public_key, signature,
-                                                           signing.join_message(name, timestamp, nonce)):
+                                                           signing.join_message(name, timestamp, nonce, p2p_peer_id)):
             raise AuthError("bad_signature", "the join signature does not verify for this key")
         if not self.nonces.add(bytes(nonce), max(now, timestamp) + self.window_s, now):
             raise AuthError("replayed_join", "this join request was already used")

@@ -23,6 +23,7 @@ class Member:
     rounds_done: int = 0
     role: str = "client"
     public_key: bytes = b""          # Ed25519 raw key proven at join (authenticated runs)
+    address: str = ""                # the host it joined from (grpc context.peer())
 
 
 class Membership:

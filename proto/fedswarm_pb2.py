@@ -24,51 +24,59 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64swarm/proto/fedswarm.proto\x12\x08\x66\x65\x64swarm\"\x9a\x01\n\nTensorPart\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1e\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x0f.fedswarm.Codec\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\r\n\x05\x63ount\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12\x0e\n\x06scales\x18\x08 \x01(\x0c\"\xc5\x01\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x18\n\x10resume_client_id\x18\x04 \x01(\x04\x12\x12\n\npublic_key\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\x12\x14\n\x0cresume_token\x18\x07 \x01(\t\x12\x11\n\ttimestamp\x18\x08 \x01(\x01\x12\r\n\x05nonce\x18\t \x01(\x0c\x12\x0c\n\x04role\x18\n \x01(\t\"\xaf\x01\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x17\n\x0frun_config_json\x18\x04 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x0f\n\x07lease_s\x18\x06 \x01(\x01\x12\x11\n\tdht_peers\x18\x07 \x03(\t\x12\r\n\x05stage\x18\x08 \x01(\x05\"\x83\x02\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\x17\n\x0foptimizer_steps\x18\x05 \x01(\x04\x12\x1e\n\x16microbatches_completed\x18\x06 \x01(\x04\x12\x1c\n\x14microbatches_retried\x18\x07 \x01(\x04\x12\x19\n\x11microbatches_lost\x18\x08 \x01(\x04\x12\x0e\n\x06tokens\x18\t \x01(\x04\x12\x0c\n\x04load\x18\n \x01(\x01\x12\x12\n\ntrain_loss\x18\x0b \x01(\x01\"=\n\x0eHeartbeatReply\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05stage\x18\x03 \x01(\x05\"K\n\x0fPullTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"r\n\x04Task\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.fedswarm.TaskKind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x13\n\x0bnum_tensors\x18\x05 \x01(\x04\"u\n\x11\x46\x65tchModelRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x16\n\x0emax_part_bytes\x18\x04 \x01(\r\x12\r\n\x05stage\x18\x05 \x01(\x05\"0\n\nModelChunk\x12\"\n\x04part\x18\x01 \x01(\x0b\x32\x14.fedswarm.TensorPart\"\xe9\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x04\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x13\n\x0bnum_tensors\x18\x07 \x01(\x04\x12\x11\n\tnum_parts\x18\x08 \x01(\x04\x12\x15\n\rtrain_seconds\x18\t \x01(\x01\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x13\n\x0b\x62\x61se_digest\x18\x0b \x01(\x0c\"e\n\x0bUpdateChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedswarm.UpdateHeaderH\x00\x12$\n\x04part\x18\x02 \x01(\x0b\x32\x14.fedswarm.TensorPartH\x00\x42\x06\n\x04kind\"F\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"n\n\x0bSwarmTensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1e\n\x05\x63odec\x18\x02 \x01(\x0e\x32\x0f.fedswarm.Codec\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\"\xd9\x01\n\x0cStageRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x15\n\rmicrobatch_id\x18\x03 \x01(\t\x12\x0b\n\x03ids\x18\x04 \x01(\x0c\x12\x11\n\tids_shape\x18\x05 \x03(\x03\x12%\n\x06hidden\x18\x06 \x01(\x0b\x32\x15.fedswarm.SwarmTensor\x12\x0e\n\x06labels\x18\x07 \x01(\x0c\x12*\n\x0bgrad_output\x18\x08 \x01(\x0b\x32\x15.fedswarm.SwarmTensor\x12\x10\n\x08\x62\x61\x63kward\x18\t \x01(\x08\"\x98\x01\n\nStageReply\x12%\n\x06hidden\x18\x01 \x01(\x0b\x32\x15.fedswarm.SwarmTensor\x12)\n\ngrad_input\x18\x02 \x01(\x0b\x32\x15.fedswarm.SwarmTensor\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x16\n\x0eoptimizer_step\x18\x04 \x01(\x04\x12\x12\n\nrecomputed\x18\x05 \x01(\x08*W\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x0e\n\nCODEC_FP16\x10\x01\x12\x0e\n\nCODEC_BF16\x10\x02\x12\x0e\n\nCODEC_INT8\x10\x03\x12\x0e\n\nCODEC_INT4\x10\x04*8\n\x08TaskKind\x12\r\n\tTASK_NONE\x10\x00\x12\x0e\n\nTASK_TRAIN\x10\x01\x12\r\n\tTASK_DONE\x10\x02\x32\xf4\x02\n\x0b\x43oordinator\x12\x32\n\x04Join\x12\x15.fedswarm.JoinRequest\x1a\x13.fedswarm.JoinReply\x12\x41\n\tHeartbeat\x12\x1a.fedswarm.HeartbeatRequest\x1a\x18.fedswarm.HeartbeatReply\x12\x35\n\x08PullTask\x12\x19.fedswarm.PullTaskRequest\x1a\x0e.fedswarm.Task\x12\x41\n\nFetchModel\x12\x1b.fedswarm.FetchModelRequest\x1a\x14.fedswarm.ModelChunk0\x01\x12:\n\nPushUpdate\x12\x15.fedswarm.UpdateChunk\x1a\x13.fedswarm.PushReply(\x01\x12\x38\n\x06Status\x12\x17.fedswarm.StatusRequest\x1a\x15.fedswarm.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64swarm/proto/fedswarm.proto\x12\x08\x66\x65\x64swarm\"\x9a\x01\n\nTensorPart\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1e\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x0f.fedswarm.Codec\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\r\n\x05\x63ount\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12\x0e\n\x06scales\x18\x08 \x01(\x0c\"\xda\x01\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x18\n\x10resume_client_id\x18\x04 \x01(\x04\x12\x12\n\npublic_key\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\x12\x14\n\x0cresume_token\x18\x07 \x01(\t\x12\x11\n\ttimestamp\x18\x08 \x01(\x01\x12\r\n\x05nonce\x18\t \x01(\x0c\x12\x0c\n\x04role\x18\n \x01(\t\x12\x13\n\x0bp2p_peer_id\x18\x0b \x01(\t\"\x1f\n\x0bStageRoster\x12\x10\n\x08peer_ids\x18\x01 \x03(\t\"_\n\x0bSwarmRoster\x12%\n\x06stages\x18\x01 \x03(\x0b\x32\x15.fedswarm.StageRoster\x12\x18\n\x10trainer_peer_ids\x18\x02 \x03(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\"\xd6\x01\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x17\n\x0frun_config_json\x18\x04 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x0f\n\x07lease_s\x18\x06 \x01(\x01\x12\x11\n\tdht_peers\x18\x07 \x03(\t\x12\r\n\x05stage\x18\x08 \x01(\x05\x12%\n\x06roster\x18\t \x01(\x0b\x32\x15.fedswarm.SwarmRoster\"\xed\x02\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\x17\n\x0foptimizer_steps\x18\x05 \x01(\x04\x12\x1e\n\x16microbatches_completed\x18\x06 \x01(\x04\x12\x1c\n\x14microbatches_retried\x18\x07 \x01(\x04\x12\x19\n\x11microbatches_lost\x18\x08 \x01(\x04\x12\x0e\n\x06tokens\x18\t \x01(\x04\x12\x0c\n\x04load\x18\n \x01(\x01\x12\x12\n\ntrain_loss\x18\x0b \x01(\x01\x12\x38\n\x07refused\x18\x0c \x03(\x0b\x32\'.fedswarm.HeartbeatRequest.RefusedEntry\x1a.\n\x0cRefusedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"d\n\x0eHeartbeatReply\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05stage\x18\x03 \x01(\x05\x12%\n\x06roster\x18\x04 \x01(\x0b\x32\x15.fedswarm.SwarmRoster\"K\n\x0fPullTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"r\n\x04Task\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.fedswarm.TaskKind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x13\n\x0bnum_tensors\x18\x05 \x01(\x04\"u\n\x11\x46\x65tchModelRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x16\n\x0emax_part_bytes\x18\x04 \x01(\r\x12\r\n\x05stage\x18\x05 \x01(\x05\"0\n\nModelChunk\x12\"\n\x04part\x18\x01 \x01(\x0b\x32\x14.fedswarm.TensorPart\"\xe9\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x04\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x13\n\x0bnum_tensors\x18\x07 \x01(\x04\x12\x11\n\tnum_parts\x18\x08 \x01(\x04\x12\x15\n\rtrain_seconds\x18\t \x01(\x01\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x13\n\x0b\x62\x61se_digest\x18\x0b \x01(\x0c\"e\n\x0bUpdateChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedswarm.UpdateHeaderH\x00\x12$\n\x04part\x18\x02 \x01(\x0b\x32\x14.fedswarm.TensorPartH\x00\x42\x06\n\x04kind\"F\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"n\n\x0bSwarmTensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1e\n\x05\x63odec\x18\x02 \x01(\x0e\x32\x0f.fedswarm.Codec\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\"\xd9\x01\n\x0cStageRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x15\n\rmicrobatch_id\x18\x03 \x01(\t\x12\x0b\n\x03ids\x18\x04 \x01(\x0c\x12\x11\n\tids_shape\x18\x05 \x03(\x03\x12%\n\x06hidden\x18\x06 \x01(\x0b\x32\x15.fedswarm.SwarmTensor\x12\x0e\n\x06labels\x18\x07 \x01(\x0c\x12*\n\x0bgrad_output\x18\x08 \x01(\x0b\x32\x15.fedswarm.SwarmTensor\x12\x10\n\x08\x62\x61\x63kward\x18\t \x01(\x08\"\x98\x01\n\nStageReply\x12%\n\x06hidden\x18\x01 \x01(\x0b\x32\x15.fedswarm.SwarmTensor\x12)\n\ngrad_input\x18\x02 \x01(\x0b\x32\x15.fedswarm.SwarmTensor\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x16\n\x0eoptimizer_step\x18\x04 \x01(\x04\x12\x12\n\nrecomputed\x18\x05 \x01(\x08*W\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x0e\n\nCODEC_FP16\x10\x01\x12\x0e\n\nCODEC_BF16\x10\x02\x12\x0e\n\nCODEC_INT8\x10\x03\x12\x0e\n\nCODEC_INT4\x10\x04*8\n\x08TaskKind\x12\r\n\tTASK_NONE\x10\x00\x12\x0e\n\nTASK_TRAIN\x10\x01\x12\r\n\tTASK_DONE\x10\x02\x32\xf4\x02\n\x0b\x43oordinator\x12\x32\n\x04Join\x12\x15.fedswarm.JoinRequest\x1a\x13.fedswarm.JoinReply\x12\x41\n\tHeartbeat\x12\x1a.fedswarm.HeartbeatRequest\x1a\x18.fedswarm.HeartbeatReply\x12\x35\n\x08PullTask\x12\x19.fedswarm.PullTaskRequest\x1a\x0e.fedswarm.Task\x12\x41\n\nFetchModel\x12\x1b.fedswarm.FetchModelRequest\x1a\x14.fedswarm.ModelChunk0\x01\x12:\n\nPushUpdate\x12\x15.fedswarm.UpdateChunk\x1a\x13.fedswarm.PushReply(\x01\x12\x38\n\x06Status\x12\x17.fedswarm.StatusRequest\x1a\x15.fedswarm.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedswarm.proto.fedswarm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=2209
-  _globals['_CODEC']._serialized_end=2296
-  _globals['_TASKKIND']._serialized_start=2298
-  _globals['_TASKKIND']._serialized_end=2354
+  _globals['_HEARTBEATREQUEST_REFUSEDENTRY']._loaded_options = None
+  _globals['_HEARTBEATREQUEST_REFUSEDENTRY']._serialized_options = b'8\001'
+  _globals['_CODEC']._serialized_start=2544
+  _globals['_CODEC']._serialized_end=2631
+  _globals['_TASKKIND']._serialized_start=2633
+  _globals['_TASKKIND']._serialized_end=2689
   _globals['_TENSORPART']._serialized_start=44
   _globals['_TENSORPART']._serialized_end=198
   _globals['_JOINREQUEST']._serialized_start=201
-  _globals['_JOINREQUEST']._serialized_end=398
-  _globals['_JOINREPLY']._serialized_start=401
-  _globals['_JOINREPLY']._serialized_end=576
-  _globals['_HEARTBEATREQUEST']._serialized_start=579
-  _globals['_HEARTBEATREQUEST']._serialized_end=838
-  _globals['_HEARTBEATREPLY']._serialized_start=840
-  _globals['_HEARTBEATREPLY']._serialized_end=901
-  _globals['_PULLTASKREQUEST']._serialized_start=903
-  _globals['_PULLTASKREQUEST']._serialized_end=978
-  _globals['_TASK']._serialized_start=980
-  _globals['_TASK']._serialized_end=1094
-  _globals['_FETCHMODELREQUEST']._serialized_start=1096
-  _globals['_FETCHMODELREQUEST']._serialized_end=1213
-  _globals['_MODELCHUNK']._serialized_start=1215
-  _globals['_MODELCHUNK']._serialized_end=1263
-  _globals['_UPDATEHEADER']._serialized_start=1266
-  _globals['_UPDATEHEADER']._serialized_end=1499
-  _globals['_UPDATECHUNK']._serialized_start=1501
-  _globals['_UPDATECHUNK']._serialized_end=1602
-  _globals['_PUSHREPLY']._serialized_start=1604
-  _globals['_PUSHREPLY']._serialized_end=1674
-  _globals['_STATUSREQUEST']._serialized_start=1676
-  _globals['_STATUSREQUEST']._serialized_end=1691
-  _globals['_STATUSREPLY']._serialized_start=1693
-  _globals['_STATUSREPLY']._serialized_end=1720
-  _globals['_SWARMTENSOR']._serialized_start=1722
-  _globals['_SWARMTENSOR']._serialized_end=1832
-  _globals['_STAGEREQUEST']._serialized_start=1835
-  _globals['_STAGEREQUEST']._serialized_end=2052
-  _globals['_STAGEREPLY']._serialized_start=2055
-  _globals['_STAGEREPLY']._serialized_end=2207
-  _globals['_COORDINATOR']._serialized_start=2357
-  _globals['_COORDINATOR']._serialized_end=2729
+  _globals['_JOINREQUEST']._serialized_end=419
+  _globals['_STAGEROSTER']._serialized_start=421
+  _globals['_STAGEROSTER']._serialized_end=452
+  _globals['_SWARMROSTER']._serialized_start=454
+  _globals['_SWARMROSTER']._serialized_end=549
+  _globals['_JOINREPLY']._serialized_start=552
+  _globals['_JOINREPLY']._serialized_end=766
+  _globals['_HEARTBEATREQUEST']._serialized_start=769
+  _globals['_HEARTBEATREQUEST']._serialized_end=1134
+  _globals['_HEARTBEATREQUEST_REFUSEDENTRY']._serialized_start=1088
+  _globals['_HEARTBEATREQUEST_REFUSEDENTRY']._serialized_end=1134
+  _globals['_HEARTBEATREPLY']._serialized_start=1136
+  _globals['_HEARTBEATREPLY']._serialized_end=1236
+  _globals['_PULLTASKREQUEST']._serialized_start=1238
+  _globals['_PULLTASKREQUEST']._serialized_end=1313
+  _globals['_TASK']._serialized_start=1315
+  _globals['_TASK']._serialized_end=1429
+  _globals['_FETCHMODELREQUEST']._serialized_start=1431
+  _globals['_FETCHMODELREQUEST']._serialized_end=1548
+  _globals['_MODELCHUNK']._serialized_start=1550
+  _globals['_MODELCHUNK']._serialized_end=1598
+  _globals['_UPDATEHEADER']._serialized_start=1601
+  _globals['_UPDATEHEADER']._serialized_end=1834
+  _globals['_UPDATECHUNK']._serialized_start=1836
+  _globals['_UPDATECHUNK']._serialized_end=1937
+  _globals['_PUSHREPLY']._serialized_start=1939
+  _globals['_PUSHREPLY']._serialized_end=2009
+  _globals['_STATUSREQUEST']._serialized_start=2011
+  _globals['_STATUSREQUEST']._serialized_end=2026
+  _globals['_STATUSREPLY']._serialized_start=2028
+  _globals['_STATUSREPLY']._serialized_end=2055
+  _globals['_SWARMTENSOR']._serialized_start=2057
+  _globals['_SWARMTENSOR']._serialized_end=2167
+  _globals['_STAGEREQUEST']._serialized_start=2170
+  _globals['_STAGEREQUEST']._serialized_end=2387
+  _globals['_STAGEREPLY']._serialized_start=2390
+  _globals['_STAGEREPLY']._serialized_end=2542
+  _globals['_COORDINATOR']._serialized_start=2692
+  _globals['_COORDINATOR']._serialized_end=3064
 # @@protoc_insertion_point(module_scope)

@@ -11,9 +11,10 @@ PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 
 
-def join_message(name: str, timestamp: float, nonce: bytes) -> bytes:
-    """What a client signs to join: domain, name, timestamp (float64 LE), nonce."""
-    return JOIN_DOMAIN + name.encode() + b"\0" + struct.pack("<d", timestamp) + nonce
+def join_message(name: str, timestamp: float, nonce: bytes, p2p_peer_id: str = "") -> bytes:
+    """What a client signs to join: domain, name, timestamp (float64 LE), nonce, and (swarm) its libp2p peer id."""
+    bound = b"\0" + p2p_peer_id.encode() if p2p_peer_id else b""
+    return JOIN_DOMAIN + name.encode() + b"\0" + struct.pack("<d", timestamp) + nonce + bound
 
 
 class UpdateDigest:

@@ -9,9 +9,11 @@ import time
 import pytest
 
 from fedswarm.client.swarm.roles import StageSwitcher
+from fedswarm.client.swarm.roster import Roster
 from fedswarm.client.swarm.routing import Router, RoutingConfig, StageRecord, stage_key
 from fedswarm.client.swarm.swarm_trainer import SwarmTrainer, TrainerTimeouts, WorkerFailed, run_workers
 from fedswarm.client.swarm.transport import SwarmNode, SwarmTimeouts
+from fedswarm.proto import fedswarm_pb2 as pb
 
 
 def rec(peer, throughput=100.0, stage=0):
@@ -164,19 +166,24 @@ def test_a_failing_switch_is_reported():
 
 
 def test_a_dht_that_stops_answering_keeps_the_last_records():
-    """SIGSTOP the DHT process: lookups time out. The trainer must keep routing to the replicas it knew."""
+    """SIGSTOP the DHT process: lookups time out. The trainer must keep the load records it knew (not fall
+    back to knowing nothing about the replicas)."""
     node = SwarmNode(timeouts=SwarmTimeouts(dht_op_s=0.5))
     trainer = None
+    roster = Roster()
+    roster.update(pb.SwarmRoster(stages=[pb.StageRoster(peer_ids=["peer-a", "peer-b"])], version=1))
     try:
-        assert node.announce(stage_key("run", 0), "peer-a", rec("peer-a").to_value(), ttl=60)
-        trainer = SwarmTrainer(node, "run", 1, timeouts=TrainerTimeouts(refresh_s=0.1))
+        assert node.announce(stage_key("run", 0), "peer-a", rec("peer-a", 1000.0).to_value(), ttl=60)
+        assert node.announce(stage_key("run", 0), "peer-b", rec("peer-b", 10.0).to_value(), ttl=60)
+        trainer = SwarmTrainer(node, "run", 1, roster, hidden_size=8, timeouts=TrainerTimeouts(refresh_s=0.1))
         trainer.refresh()
-        assert trainer.router.peers(0) == ["peer-a"]
+        known = trainer.router.weights(0)
+        assert known == pytest.approx({"peer-a": 1000 / 1010, "peer-b": 10 / 1010})
         os.kill(node._dht.pid, signal.SIGSTOP)
         try:
             assert node.lookup(stage_key("run", 0)) is None   # no answer, not "no replicas"
             trainer.refresh()
-            assert trainer.router.peers(0) == ["peer-a"]
+            assert trainer.router.weights(0) == pytest.approx(known)
         finally:
             os.kill(node._dht.pid, signal.SIGCONT)
     finally:

@@ -9,11 +9,13 @@ import time
 import grpc
 
 from fedswarm.client.daemon import ClientDaemon
+from fedswarm.client.swarm.roster import Roster
 from fedswarm.client.swarm.routing import StageRecord, stage_key
 from fedswarm.client.swarm.stage_server import HANDLER, StageServer
 from fedswarm.client.swarm.swarm_trainer import MicrobatchLost, SwarmTrainer, run_workers
-from fedswarm.client.swarm.transport import SwarmNode
+from fedswarm.client.swarm.transport import SwarmNode, new_identity
 from fedswarm.data import BatchSampler, load_train_tokens
+from fedswarm.models import model_config
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 
@@ -59,7 +61,25 @@ class StageSwitcher:
                 return
 
 
-class PeerDaemon(ClientDaemon):
+class SwarmMember(ClientDaemon):
+    """A client on the swarm's data plane: its libp2p identity exists before it joins (the signed join binds
+    the peer id), and it holds the coordinator's roster of who else is on the data plane."""
+
+    def __init__(self, args, timeouts=None):
+        super().__init__(args, timeouts)
+        self.p2p_key, self.p2p_peer_id = new_identity()
+        self.roster = Roster()
+
+    def _start_node(self, client_mode: bool) -> SwarmNode:
+        self.roster.update(self.joined.roster)
+        # fork_guard: no gRPC call in flight while hivemind forks its DHT process (only the fork: heartbeats
+        # go on while the DHT starts, so the 3 s lease cannot lapse during a slow start)
+        return SwarmNode(initial_peers=self.dht_peers, host=getattr(self.args, "p2p_host", "127.0.0.1"),
+                         announce=getattr(self.args, "p2p_announce", ""), client_mode=client_mode,
+                         identity=self.p2p_key, fork_lock=self.fork_guard)
+
+
+class PeerDaemon(SwarmMember):
     """Serves the stage the coordinator assigns; switches when re-assigned; syncs with the stage average."""
 
     role = "peer"
@@ -68,9 +88,8 @@ class PeerDaemon(ClientDaemon):
         self.run_cfg = cfg
         self.codec = C.codec_by_name(cfg["upload_codec"])
         self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
-        with self.fork_guard:  # no gRPC call in flight while hivemind forks its DHT process
-            self.node = SwarmNode(initial_peers=self.dht_peers)
-        self.server = StageServer(self.run_id, cfg, self.device, self.precision)
+        self.node = self._start_node(client_mode=False)
+        self.server = StageServer(self.run_id, cfg, self.device, self.precision, roster=self.roster)
         self.node.add_handler(HANDLER, self.server.handle, pb.StageRequest)
         self._switch_lock = threading.Lock()
         self._switch(self.assigned_stage, "assigned at join")
@@ -102,13 +121,15 @@ class PeerDaemon(ClientDaemon):
                 log.debug("announce failed: %s", err)
 
     def heartbeat_request(self) -> pb.HeartbeatRequest:
-        if not hasattr(self, "_announcer_stop"):  # still setting up
-            return super().heartbeat_request()
+        if not hasattr(self, "server"):  # still setting up: serving nothing (not on the roster yet)
+            return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token, stage=-1)
         throughput, steps, utilization, _ = self.server.stats()
         return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token, stage=self.server.stage_index,
-                                   throughput=throughput, optimizer_steps=steps, load=utilization)
+                                   throughput=throughput, optimizer_steps=steps, load=utilization,
+                                   refused=self.server.refusals.snapshot())
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
+        self.roster.update(reply.roster)
         if hasattr(self, "switcher") and reply.stage >= 0 and reply.stage != self.server.stage_index:
             self.switcher.request(reply.stage, "re-assigned by the coordinator")  # never on this thread
 
@@ -141,15 +162,16 @@ class PeerDaemon(ClientDaemon):
                 raise RuntimeError(f"this peer stopped: its stage switch failed ({self._failure!r})") from self._failure
             raise
         finally:
-            if hasattr(self, "switcher"):
-                self.switcher.close()
-            if hasattr(self, "node"):
+            for part in ("switcher", "server"):
+                if hasattr(self, part):
+                    getattr(self, part).close()
+            if hasattr(self, "_announcer_stop"):
                 self._announcer_stop.set()
-                self.server.close()
+            if hasattr(self, "node"):
                 self.node.shutdown()
 
 
-class TrainerDaemon(ClientDaemon):
+class TrainerDaemon(SwarmMember):
     """Holds data and drives micro-batches through the swarm until the run is done."""
 
     role = "trainer"
@@ -160,9 +182,9 @@ class TrainerDaemon(ClientDaemon):
         seed = int.from_bytes(hashlib.sha256(f"{cfg['seed']}/trainer/{self.index}".encode()).digest()[:4], "little")
         self.sampler = BatchSampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
         self._sample_lock = threading.Lock()
-        with self.fork_guard:  # no gRPC call in flight while hivemind forks its DHT process
-            self.node = SwarmNode(initial_peers=self.dht_peers)
-        self.swarm = SwarmTrainer(self.node, self.run_id, cfg["stages"])
+        self.node = self._start_node(client_mode=True)   # a trainer only dials out
+        self.swarm = SwarmTrainer(self.node, self.run_id, cfg["stages"], self.roster,
+                                  model_config(cfg["model"]).hidden_size)
         self.done = threading.Event()
 
     def heartbeat_request(self) -> pb.HeartbeatRequest:
@@ -174,9 +196,12 @@ class TrainerDaemon(ClientDaemon):
             return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token,
                                        microbatches_completed=s.completed, microbatches_retried=s.retried,
                                        microbatches_lost=s.lost, tokens=s.tokens,
-                                       train_loss=sum(losses) / len(losses) if losses else 0.0)
+                                       train_loss=sum(losses) / len(losses) if losses else 0.0,
+                                       refused=self.swarm.refusals.snapshot())
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
+        if hasattr(self, "swarm") and self.roster.update(reply.roster):
+            self.swarm.apply_roster()   # a peer the coordinator dropped is not routed to from now on
         if reply.state == "done" and hasattr(self, "done"):
             self.done.set()
 
