@@ -84,6 +84,26 @@ class BadReply(Exception):
     """A replica answered with something unusable (wrong shape, codec, non-finite): that replica is to blame."""
 
 
+def check_reply(stage: int, num_stages: int, req: pb.StageRequest, reply: pb.StageReply, hidden_shape) -> None:
+    """BadReply unless ``reply`` carries what ``stage`` must return for ``req``, well-formed and finite: the
+    trainer checks before relaying, so a malformed activation is blamed on the replica that produced it."""
+    last = stage == num_stages - 1
+    if last and not math.isfinite(reply.loss):
+        raise BadReply(f"loss {reply.loss}")
+    wanted = []
+    if not last and not req.backward:
+        wanted.append(("hidden", reply.hidden))
+    if stage > 0 and (req.backward or last):
+        wanted.append(("grad_input", reply.grad_input))
+    for what, tensor in wanted:
+        try:
+            value = from_wire(tensor, hidden_shape, WIRE_CODECS)
+        except BadStageInput as err:
+            raise BadReply(f"{what}: {err}") from None
+        if not torch.isfinite(value).all():
+            raise BadReply(f"{what} is not finite")
+
+
 class SwarmTrainer:
     """Micro-batches through the roster's peers: the coordinator's roster says who serves each stage, the DHT
     only how busy they are. Replies are checked before they are relayed, so a malformed activation is
@@ -201,24 +221,6 @@ class SwarmTrainer:
             self.stats.losses.append(loss)
         return loss
 
-    def _check(self, stage: int, req: pb.StageRequest, reply: pb.StageReply, hidden_shape) -> None:
-        """BadReply unless the reply carries what this stage must return, well-formed and finite."""
-        last = stage == self.num_stages - 1
-        if last and not math.isfinite(reply.loss):
-            raise BadReply(f"loss {reply.loss}")
-        wanted = []
-        if not last and not req.backward:
-            wanted.append(("hidden", reply.hidden))
-        if stage > 0 and (req.backward or last):
-            wanted.append(("grad_input", reply.grad_input))
-        for what, tensor in wanted:
-            try:
-                value = from_wire(tensor, hidden_shape, WIRE_CODECS)
-            except BadStageInput as err:
-                raise BadReply(f"{what}: {err}") from None
-            if not torch.isfinite(value).all():
-                raise BadReply(f"{what} is not finite")
-
     def _call(self, stage: int, req: pb.StageRequest, hidden_shape, prefer: str | None = None
               ) -> tuple[pb.StageReply, str, bool]:
         """Send to a live roster replica; on failure ban it and replay on another. Never drops the request."""
@@ -241,7 +243,7 @@ class SwarmTrainer:
             t0 = time.monotonic()
             try:
                 reply = self._call_member(peer, stage, req)
-                self._check(stage, req, reply, hidden_shape)
+                check_reply(stage, self.num_stages, req, reply, hidden_shape)
             except PeerCallError as err:
                 self.router.end(peer, ok=False, seconds=time.monotonic() - t0)
                 self.router.ban(peer, f"{what}: {err.kind}: {err}")
