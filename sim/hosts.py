@@ -90,7 +90,7 @@ class Host:
         return ["ip", "netns", "exec", self.netns, *argv]
 
 
-def _burst_bytes(rate: str) -> int:
+def burst_bytes(rate: str) -> int:
     """tbf bucket: 10 ms at `rate` (e.g. 50mbit), at least 16 KiB."""
     units = {"kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8, "bit": 1 / 8}
     for unit, scale in units.items():
@@ -105,7 +105,7 @@ class HostNetwork:
     def __init__(self, count: int, bandwidth: str | None = None, tag: str | None = None):
         if count < 1:
             raise ValueError("a host network needs at least one host")
-        self.burst = _burst_bytes(bandwidth) if bandwidth else 0
+        self.burst = burst_bytes(bandwidth) if bandwidth else 0
         self.count, self.bandwidth = count, bandwidth
         self.tag = tag or f"fsw-{os.getpid()}"
         self.subnet = random.randint(1, 254)
@@ -277,3 +277,16 @@ async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             dst.write_eof()
     except (ConnectionError, OSError):
         dst.close()
+
+
+def start_coordinator(net: HostNetwork, out_dir: Path, args: list[str], ready_timeout: float = 120.0
+                      ) -> tuple[Proc, str, str]:
+    """`fedswarm coordinator` on host 0, serving gRPC and (swarm) hivemind on that host's IP. Returns the
+    process, the address other hosts dial and a relayed 127.0.0.1 address for this (root-namespace) process."""
+    from fedswarm.sim.processes import READY, fedswarm_cmd
+
+    ip = net.hosts[0].ip
+    proc = net.start(0, "coordinator", fedswarm_cmd("coordinator", "--listen", f"{ip}:0", "--p2p-host", ip, *args),
+                     out_dir / "coordinator.log")
+    address = proc.wait_for_line(READY, ready_timeout).group(1)
+    return proc, address, net.forward(0, int(address.rsplit(":", 1)[1]))

@@ -156,3 +156,23 @@ def test_swarm_across_hosts_admits_only_members_and_heals(tmp_path):
         assert sw["microbatches_lost"] == 0, sw
         assert "micro-batch lost" not in trainer.output()
         assert int(re.findall(r"calls (\d+)", fake.output())[-1]) == 0
+
+
+def test_sim_hosts_reports_each_process_on_its_own_host(tmp_path):
+    import subprocess
+    bad = subprocess.run(fedswarm_cmd("sim", "--hosts", "--host-bandwidth", "fast", "--out", str(tmp_path / "bad")),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "error: --host-bandwidth" in bad.stderr and "Traceback" not in bad.stderr
+    out = tmp_path / "sim"
+    done = subprocess.run(fedswarm_cmd("sim", "--hosts", "--host-bandwidth", "50mbit", "--clients", "2", "--rounds", "1",
+                                       "--local-steps", "2", *SMALL, "--out", str(out), "--quiet"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    hosts = report["sim"]["hosts"]
+    assert [h["name"] for h in hosts] == ["coordinator", "client-0", "client-1"]
+    assert len({h["ip"] for h in hosts}) == 3 and len({h["netns"] for h in hosts}) == 3
+    assert report["sim"]["address"].startswith(hosts[0]["ip"] + ":")
+    assert report["socket_bytes"]["up"] >= report["rounds"][1]["bytes_up"] > 0
+    assert not {h["netns"] for h in hosts} & set(subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                                text=True).stdout.split())

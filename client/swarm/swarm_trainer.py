@@ -19,6 +19,7 @@ from fedswarm.client.swarm.transport import PeerCallError, SwarmNode
 from fedswarm.proto import fedswarm_pb2 as pb
 
 log = logging.getLogger(__name__)
+FOREIGN_GRACE_S = 6.0   # > a stage record's TTL (4 s): an honest peer's stale record is gone by then
 
 
 @dataclass
@@ -121,6 +122,7 @@ class SwarmTrainer:
         self.lookup_seconds = 0.0          # the last DHT refresh's duration (diagnostics)
         self._raw: dict[int, dict] = {}     # the last DHT answer per stage (kept when the DHT does not answer)
         self._ignored: dict[str, set] = {"record_not_member": set(), "record_malformed": set()}
+        self._foreign_since: dict[str, float] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()      # ask the refresher for a read now
         self._refreshed = threading.Condition()
@@ -155,7 +157,14 @@ class SwarmTrainer:
             records, ignored = roster_records(stage, self.roster.stage_peers(stage), raw, self.cap_factor,
                                               self.router.config.min_throughput)
             self.router.update(stage, records)
+            # a record of a peer on no stage's roster: a peer that just switched, joined or died leaves one
+            # for up to the record TTL; only one that outlives FOREIGN_GRACE_S counts as foreign
+            now, members = time.monotonic(), set().union(*(self.roster.stage_peers(s) for s in range(self.num_stages)))
             with self._lock:
+                for peer in ignored["record_not_member"]:
+                    self._foreign_since.setdefault(peer, now)
+                ignored["record_not_member"] = {p for p in ignored["record_not_member"]
+                                                if p not in members and now - self._foreign_since[p] >= FOREIGN_GRACE_S}
                 for reason, items in ignored.items():
                     fresh = items - self._ignored[reason]
                     if fresh:
