@@ -56,6 +56,7 @@ class SessionReplaced(Exception):
 
 class ClientDaemon:
     role = "client"   # federated client; swarm roles subclass this (client/swarm/roles.py)
+    p2p_peer_id = ""  # swarm roles: the libp2p peer id their signed join binds
     def __init__(self, args: argparse.Namespace, timeouts: ClientTimeouts | None = None):
         self.args = args
         self.t = timeouts or ClientTimeouts()
@@ -111,9 +112,10 @@ class ClientDaemon:
 
     def _join(self) -> None:
         def attempt():  # a fresh challenge and nonce per attempt: a resent proof would count as a replay
-            proof = signed_join_fields(self.stub, self.identity, self.name, self.role, self.t.rpc_s)
+            proof = signed_join_fields(self.stub, self.identity, self.name, self.role, self.t.rpc_s, self.p2p_peer_id)
             req = pb.JoinRequest(name=self.name, device=str(self.device), precision=self.precision,
-                                 resume_client_id=self.client_id, resume_token=self.token, role=self.role, **proof)
+                                 resume_client_id=self.client_id, resume_token=self.token, role=self.role,
+                                 p2p_peer_id=self.p2p_peer_id, **proof)
             return self.stub.Join(req, timeout=self.t.rpc_s)
         for tries in range(1, 4):
             try:
@@ -134,6 +136,7 @@ class ClientDaemon:
         self.client_id, self.token, self.run_id = reply.client_id, reply.session_token, reply.run_id
         self.heartbeat_s = reply.heartbeat_interval_s
         self.assigned_stage, self.dht_peers = reply.stage, list(reply.dht_peers)
+        self.joined = reply  # swarm roles read the roster from it
         if self._heartbeat is None:  # before any slow setup: the lease must not lapse while we load
             self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
             self._heartbeat.start()
@@ -296,6 +299,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inflight", type=int, default=2, help="trainer: micro-batches in flight at once")
     p.add_argument("--tls-ca", metavar="FILE", help="CA certificate (PEM) to verify a TLS coordinator")
     p.add_argument("--key", metavar="FILE", help="Ed25519 private key (PEM) proving this client's identity")
+    p.add_argument("--p2p-host", default="127.0.0.1", metavar="IP[:PORT]",
+                   help="swarm: address the hivemind node binds (default loopback; port 0/omitted: any free port)")
+    p.add_argument("--p2p-announce", default="", metavar="IP[:PORT]",
+                   help="swarm: address other hosts dial when it differs from --p2p-host (NAT, containers)")
 
 
 def main(args: argparse.Namespace) -> int:

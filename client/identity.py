@@ -53,10 +53,12 @@ class Identity:
     def load(cls, path: str | Path) -> "Identity":
         return cls(load_private_key(path))
 
-    def join_proof(self, name: str, role: str, run_id: str, challenge: bytes, nonce: bytes | None = None) -> dict:
-        """JoinRequest fields (public_key, signature, challenge, nonce) for a Challenge reply's run id and challenge."""
+    def join_proof(self, name: str, role: str, run_id: str, challenge: bytes, nonce: bytes | None = None,
+                   p2p_peer_id: str = "") -> dict:
+        """JoinRequest fields (public_key, signature, challenge, nonce) for a Challenge reply's run id and challenge;
+        the signature covers the swarm peer id too."""
         nonce = os.urandom(signing.NONCE_BYTES) if nonce is None else nonce
-        sig = self.key.sign(signing.join_message(run_id, role, name, challenge, nonce))
+        sig = self.key.sign(signing.join_message(run_id, role, name, challenge, nonce, p2p_peer_id))
         return {"public_key": self.public_key, "signature": sig, "challenge": challenge, "nonce": nonce}
 
     def status_proof(self, run_id: str, challenge: bytes) -> dict:
@@ -90,14 +92,15 @@ def open_channel(address: str, tls_ca: str | Path | None = None, options: list |
     return grpc.insecure_channel(address, options=options)
 
 
-def signed_join_fields(stub, identity: Identity | None, name: str, role: str = "client", timeout: float = 30.0) -> dict:
+def signed_join_fields(stub, identity: Identity | None, name: str, role: str = "client", timeout: float = 30.0,
+                       p2p_peer_id: str = "") -> dict:
     """JoinRequest proof fields (empty without an identity): asks the coordinator for a challenge and signs it."""
     if identity is None:
         return {}
     from fedswarm.proto import fedswarm_pb2 as pb
 
     reply = stub.Challenge(pb.ChallengeRequest(), timeout=timeout)
-    return identity.join_proof(name, role, reply.run_id, reply.challenge)
+    return identity.join_proof(name, role, reply.run_id, reply.challenge, p2p_peer_id=p2p_peer_id)
 
 
 def status_request(stub, identity: Identity | None, timeout: float = 30.0):

@@ -189,12 +189,12 @@ class Authenticator:
         return label
 
     def check_join(self, name: str, role: str, public_key: bytes, signature: bytes, challenge: bytes, nonce: bytes,
-                   now: float | None = None) -> str:
+                   now: float | None = None, p2p_peer_id: str = "") -> str:
         """The key's authorized_keys comment, or AuthError(unknown_key|stale_challenge|stale_join|
         bad_signature|replayed_join)."""
         if self.authorized is None:
             return ""
-        message = signing.join_message(self.run_id, role, name, bytes(challenge), bytes(nonce))
+        message = signing.join_message(self.run_id, role, name, bytes(challenge), bytes(nonce), p2p_peer_id)
         return self._check_proof(self.authorized, public_key, signature, challenge, nonce, message, now)
 
     def check_status(self, public_key: bytes, signature: bytes, challenge: bytes, nonce: bytes,

@@ -68,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")
+    # swarm data plane (hivemind): where the coordinator's bootstrap node listens and what it announces
+    p.add_argument("--p2p-host", default="127.0.0.1", metavar="IP[:PORT]",
+                   help="swarm: address the coordinator's hivemind node binds (default loopback, any free port)")
+    p.add_argument("--p2p-announce", default="", metavar="IP[:PORT]",
+                   help="swarm: address peers dial to bootstrap when it differs from --p2p-host (NAT, containers)")
     p.add_argument("--authorized-keys", metavar="FILE",
                    help="only clients proving a key listed here may join (`ed25519 <base64> name` lines)")
     p.add_argument("--admin-keys", metavar="FILE",
@@ -157,7 +162,8 @@ def serve(args: argparse.Namespace) -> int:
     if swarm_mode:
         from fedswarm.coordinator.swarm_driver import start_swarm
 
-        swarm, initial = start_swarm(cfg, grid, store, progress, windows, timeouts.round_timeout_s)
+        swarm, initial = start_swarm(cfg, grid, store, progress, windows, timeouts.round_timeout_s,
+                                     p2p_host=args.p2p_host, p2p_announce=args.p2p_announce)
         lost_hooks.append(swarm.registry.remove)
         driver, run_driver = swarm.driver, swarm.driver.run
     else:

@@ -25,6 +25,7 @@ class Member:
     role: str = "client"
     public_key: bytes = b""          # Ed25519 raw key proven at join (authenticated runs)
     replaced: int = 0                # the id of the older session of the same key this join replaced
+    address: str = ""                # the host it joined from (grpc context.peer())
 
 
 class SessionsFull(Exception):

@@ -23,6 +23,7 @@ from fedswarm.coordinator.driver import RunProgress, arrays_to_state, state_to_a
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Member, Membership, SessionsFull
 from fedswarm.coordinator.serving import REASON_KEY, ServingLimits, StreamBridge, StreamRefused
+from fedswarm.coordinator.swarm_registry import PEER_ID
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import signing, wire
@@ -168,7 +169,8 @@ class CoordinatorService:
             raise invalid("bad_join", "device/precision field too long")
         role = req.role or "client"
         try:
-            key_name = self.auth.check_join(req.name, role[:16], req.public_key, req.signature, req.challenge, req.nonce)
+            key_name = self.auth.check_join(req.name, role[:16], req.public_key, req.signature, req.challenge, req.nonce,
+                                            p2p_peer_id=req.p2p_peer_id)
         except AuthError as err:
             log.warning("refused join of %r: %s", req.name, err.reason)
             raise unauthenticated(err) from None
@@ -185,11 +187,17 @@ class CoordinatorService:
             self.count("replaced_session")
             log.warning("client %s joined with the key of session %d, which it replaces", req.name, member.replaced)
         member.role = role
+        member.address = _peer_host(context.peer())
         stage = -1
+        if self.swarm:
+            if req.p2p_peer_id and not PEER_ID.fullmatch(req.p2p_peer_id):
+                raise invalid("bad_peer_id", "p2p_peer_id must be a base58 libp2p peer id")
         if role == "peer":
             stage = self.swarm.registry.stage(member.client_id)
             if stage < 0:
-                stage = self.swarm.registry.assign(member.client_id, member.name)
+                stage = self.swarm.registry.assign(member.client_id, member.name, req.p2p_peer_id)
+        elif role == "trainer":
+            self.swarm.registry.add_trainer(member.client_id, member.name, req.p2p_peer_id)
         if resumed:
             self.grid.requeue_for(member.client_id)
         log.info("client %s %s as %d%s", req.name, "re-joined" if resumed else "joined", member.client_id,
@@ -197,7 +205,8 @@ class CoordinatorService:
         return pb.JoinReply(client_id=member.client_id, session_token=member.token, run_id=self.run_id,
                             run_config_json=self.cfg.to_json(),
                             heartbeat_interval_s=self.timeouts.heartbeat_interval_s, lease_s=self.timeouts.lease_s,
-                            dht_peers=self.swarm.dht_peers if self.swarm else [], stage=stage)
+                            dht_peers=self.swarm.dht_peers if self.swarm else [], stage=stage,
+                            roster=self.swarm.registry.roster() if self.swarm else None)
 
     def heartbeat(self, req: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         member = self._session(req.client_id, req.session_token)
@@ -206,13 +215,16 @@ class CoordinatorService:
             if not (math.isfinite(req.throughput) and req.throughput >= 0):
                 raise invalid("bad_heartbeat", "throughput must be a finite number >= 0")
             self.swarm.registry.report_peer(member.client_id, req.throughput, int(req.optimizer_steps),
-                                            req.load if math.isfinite(req.load) else 0.0)
+                                            req.load if math.isfinite(req.load) else 0.0, serving=req.stage,
+                                            refused=dict(req.refused))
             stage = self.swarm.registry.stage(member.client_id)
         elif self.swarm and member.role == "trainer":
             self.swarm.registry.report_trainer(member.client_id, member.name, int(req.microbatches_completed),
                                                int(req.microbatches_retried), int(req.microbatches_lost), int(req.tokens),
-                                               req.train_loss if math.isfinite(req.train_loss) and req.train_loss > 0 else None)
-        return pb.HeartbeatReply(state=self.progress.state, round=self.progress.committed_round, stage=stage)
+                                               req.train_loss if math.isfinite(req.train_loss) and req.train_loss > 0 else None,
+                                               refused=dict(req.refused))
+        return pb.HeartbeatReply(state=self.progress.state, round=self.progress.committed_round, stage=stage,
+                                 roster=self.swarm.registry.roster() if self.swarm else None)
 
     async def pull_task(self, req: pb.PullTaskRequest, context) -> pb.Task:
         member = self._session(req.client_id, req.session_token)
@@ -344,7 +356,7 @@ class CoordinatorService:
             "state": state, "run_id": self.run_id, "round": rounds[-1]["round"] if rounds else 0,
             "current_round": current, "rounds_total": self.cfg.rounds,
             "clients": [{"name": m.name, "id": str(m.client_id), "role": m.role, "device": m.device,
-                         "precision": m.precision, "rounds_done": m.rounds_done,
+                         "precision": m.precision, "rounds_done": m.rounds_done, "address": m.address,
                          "seen_s_ago": round(time.monotonic() - m.last_seen, 2)}
                         for m in self.members.snapshot()],
             "rounds": rounds, "config": json.loads(self.cfg.to_json()),
@@ -414,6 +426,16 @@ class CoordinatorService:
                 arrays: ArrayRecord = msg.content["arrays"]
                 state = self._base_cache[task_id] = arrays_to_state(arrays)
             return state
+
+
+def _peer_host(peer: str) -> str:
+    """The caller's host from grpc's context.peer() ("ipv4:10.0.0.3:5123", "ipv6:[::1]:5123", "unix:...")."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        return rest.rpartition("]")[0].lstrip("[") or rest
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return peer
 
 
 def _parse(msg_type, raw: bytes):

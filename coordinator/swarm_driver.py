@@ -190,8 +190,10 @@ class SwarmContext:
     node: object  # the coordinator's own hivemind node (the swarm's bootstrap peer)
 
 
-def start_swarm(cfg, grid, store, progress: RunProgress, windows: torch.Tensor, round_timeout_s: float):
-    """Build the eval model, stage layout, registry, driver and the coordinator's DHT node."""
+def start_swarm(cfg, grid, store, progress: RunProgress, windows: torch.Tensor, round_timeout_s: float,
+                p2p_host: str = "127.0.0.1", p2p_announce: str = ""):
+    """Build the eval model, stage layout, registry, driver and the coordinator's DHT node (the bootstrap peer
+    everyone is handed: it binds `p2p_host` and announces `p2p_announce` if given)."""
     from fedswarm.client.swarm.transport import SwarmNode
     from fedswarm.models import trainable_state
     from fedswarm.stages import build_untied_model, stage_param_names
@@ -202,5 +204,7 @@ def start_swarm(cfg, grid, store, progress: RunProgress, windows: torch.Tensor, 
     registry = SwarmRegistry(cfg.stages)
     driver = SwarmDriver(cfg, grid, registry, store, names, model, windows, progress,
                          sync_timeout_s=min(round_timeout_s, 60.0))
-    node = SwarmNode()
-    return SwarmContext(registry, driver, node.maddrs(), node), initial
+    node = SwarmNode(host=p2p_host, announce=p2p_announce)
+    maddrs = node.maddrs()
+    log.info("swarm bootstrap peers: %s", " ".join(maddrs))
+    return SwarmContext(registry, driver, maddrs, node), initial

@@ -1,15 +1,21 @@
 """Which peer serves which pipeline stage; re-assignment when a stage empties or is the clear bottleneck."""
 from __future__ import annotations
 
+import collections
 import logging
+import re
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 
+from fedswarm.proto import fedswarm_pb2 as pb
+
 log = logging.getLogger(__name__)
 MAX_EVENTS = 1000      # stage events kept (oldest forgotten first)
 MAX_LOSSES = 10_000    # trainers' losses kept between two rounds
+PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,128}")   # a base58 libp2p peer id
+MAX_REFUSAL_REASONS = 32                                  # distinct reasons kept per reporter
 
 
 @dataclass
@@ -42,14 +48,22 @@ class SwarmRegistry:
         self._last_move = 0.0
         self._samples: list[tuple[float, int]] = []
         self._losses: deque[float] = deque(maxlen=MAX_LOSSES)   # trainers' reported losses since the last round
+        self.peer_ids: dict[int, str] = {}       # peers' and trainers' libp2p ids, from their signed joins
+        self.serving: dict[int, int] = {}         # the stage each peer reports it serves now
+        self.refused: dict[int, collections.Counter] = {}        # live reporters' refusal totals
+        self.refused_retired: collections.Counter = collections.Counter()
+        self._roster_key: tuple = ()
+        self._roster_version = 0
 
     # -- peers -----------------------------------------------------------------------
-    def assign(self, cid: int, name: str) -> int:
-        """A new peer takes the stage with the fewest peers."""
+    def assign(self, cid: int, name: str, peer_id: str = "") -> int:
+        """A new peer takes the stage with the fewest peers; it is on the roster once it reports serving it."""
         with self._lock:
             counts = self._counts()
             stage = min(range(self.num_stages), key=lambda s: (counts[s], s))
             self.stage_of[cid], self.names[cid] = stage, name
+            if peer_id:
+                self.peer_ids[cid] = peer_id
             self.throughput[cid], self.steps[cid] = 0.0, 0
             self._event(stage, cid, "joined")
             return stage
@@ -58,13 +72,38 @@ class SwarmRegistry:
         with self._lock:
             return self.stage_of.get(cid, -1)
 
-    def report_peer(self, cid: int, throughput: float, steps: int, utilization: float = 0.0) -> None:
+    def report_peer(self, cid: int, throughput: float, steps: int, utilization: float = 0.0,
+                    serving: int = -1, refused: dict[str, int] | None = None) -> None:
         with self._lock:
             if cid in self.stage_of:
                 self.throughput[cid], self.steps[cid] = throughput, steps
                 self.util[cid] = min(max(utilization, 0.0), 1.0)
                 self.reports[cid] = self.reports.get(cid, 0) + 1
+                self.serving[cid] = serving
+                self._take_refused(cid, refused)
         self.rebalance()
+
+    def add_trainer(self, cid: int, name: str, peer_id: str) -> None:
+        """A trainer joined: its peer id goes on the roster the stage servers admit."""
+        with self._lock:
+            self.names[cid] = name
+            if peer_id:
+                self.peer_ids[cid] = peer_id
+            self.trainers.setdefault(cid, {"completed": 0, "retried": 0, "lost": 0, "tokens": 0})
+
+    def roster(self) -> pb.SwarmRoster:
+        """Who is on the data plane now: per stage the peers assigned to it that report serving it (a peer
+        that is still loading a new stage is not routed to), and the live trainers."""
+        with self._lock:
+            stages = [sorted(self.peer_ids[c] for c, s in self.stage_of.items()
+                             if s == st and self.serving.get(c) == st and c in self.peer_ids)
+                      for st in range(self.num_stages)]
+            trainers = sorted(self.peer_ids[c] for c in self.trainers if c in self.peer_ids)
+            key = (tuple(map(tuple, stages)), tuple(trainers))
+            if key != self._roster_key:
+                self._roster_key, self._roster_version = key, self._roster_version + 1
+            return pb.SwarmRoster(stages=[pb.StageRoster(peer_ids=ids) for ids in stages],
+                                  trainer_peer_ids=trainers, version=self._roster_version)
 
     def synced(self, cids: list[int]) -> None:
         """These replicas just synced: their steps restart at 0 (not at their last, pre-sync heartbeat's count)."""
@@ -75,6 +114,9 @@ class SwarmRegistry:
 
     def remove(self, cid: int, reason: str) -> None:
         with self._lock:
+            self.peer_ids.pop(cid, None)
+            self.serving.pop(cid, None)
+            self.refused_retired.update(self.refused.pop(cid, {}))
             if cid in self.trainers:
                 last = self.trainers.pop(cid)
                 for k in self.retired:
@@ -121,8 +163,9 @@ class SwarmRegistry:
 
     # -- trainers --------------------------------------------------------------------
     def report_trainer(self, cid: int, name: str, completed: int, retried: int, lost: int, tokens: int,
-                       train_loss: float | None = None) -> None:
+                       train_loss: float | None = None, refused: dict[str, int] | None = None) -> None:
         with self._lock:
+            self._take_refused(cid, refused)
             if train_loss is not None:
                 self._losses.append(train_loss)
             self.names[cid] = name
@@ -145,17 +188,33 @@ class SwarmRegistry:
                 rate = (v1 - v0) / (t1 - t0)
             return {
                 "stages": [{"stage": s, "peers": sorted(self.names[c] for c, st in self.stage_of.items() if st == s),
-                            "throughput": round(self._totals()[s], 1)} for s in range(self.num_stages)],
+                            "throughput": round(self._totals()[s], 1),
+                            "optimizer_steps": sum(self.steps.get(c, 0) for c, st in self.stage_of.items() if st == s)}
+                           for s in range(self.num_stages)],
                 "microbatches_completed": self._total("completed"),
                 "microbatches_retried": self._total("retried"),
                 "microbatches_lost": self._total("lost"),
                 "tokens": self._total("tokens"),
                 "tokens_per_s": round(rate, 1),
+                "refused": dict(sorted(self._refused_totals().items())),
                 "reassignments": [e for e in self.events if e["reason"] != "joined" and not e["reason"].startswith("left")],
                 "events": list(self.events)[-200:],
             }
 
     # -- internals (lock held) ---------------------------------------------------------
+    def _take_refused(self, cid: int, refused: dict[str, int] | None) -> None:
+        """A reporter's refusal totals (since it started): kept per reporter, bounded in reasons and length."""
+        if not refused:
+            return
+        clean = {str(k)[:40]: int(v) for k, v in list(refused.items())[:MAX_REFUSAL_REASONS]}
+        self.refused[cid] = collections.Counter(clean)
+
+    def _refused_totals(self) -> collections.Counter:
+        total = collections.Counter(self.refused_retired)
+        for counts in self.refused.values():
+            total.update(counts)
+        return total
+
     def _counts(self) -> list[int]:
         counts = [0] * self.num_stages
         for s in self.stage_of.values():

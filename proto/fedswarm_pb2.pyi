@@ -50,7 +50,7 @@ class TensorPart(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "device", "precision", "resume_client_id", "public_key", "signature", "resume_token", "nonce", "role", "challenge")
+    __slots__ = ("name", "device", "precision", "resume_client_id", "public_key", "signature", "resume_token", "nonce", "role", "challenge", "p2p_peer_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class JoinRequest(_message.Message):
     NONCE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    P2P_PEER_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     device: str
     precision: str
@@ -71,7 +72,8 @@ class JoinRequest(_message.Message):
     nonce: bytes
     role: str
     challenge: bytes
-    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., resume_client_id: _Optional[int] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., resume_token: _Optional[str] = ..., nonce: _Optional[bytes] = ..., role: _Optional[str] = ..., challenge: _Optional[bytes] = ...) -> None: ...
+    p2p_peer_id: str
+    def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., resume_client_id: _Optional[int] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., resume_token: _Optional[str] = ..., nonce: _Optional[bytes] = ..., role: _Optional[str] = ..., challenge: _Optional[bytes] = ..., p2p_peer_id: _Optional[str] = ...) -> None: ...
 
 class ChallengeRequest(_message.Message):
     __slots__ = ()
@@ -87,8 +89,24 @@ class ChallengeReply(_message.Message):
     expires_in_s: float
     def __init__(self, run_id: _Optional[str] = ..., challenge: _Optional[bytes] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
 
+class StageRoster(_message.Message):
+    __slots__ = ("peer_ids",)
+    PEER_IDS_FIELD_NUMBER: _ClassVar[int]
+    peer_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peer_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SwarmRoster(_message.Message):
+    __slots__ = ("stages", "trainer_peer_ids", "version")
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_PEER_IDS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedCompositeFieldContainer[StageRoster]
+    trainer_peer_ids: _containers.RepeatedScalarFieldContainer[str]
+    version: int
+    def __init__(self, stages: _Optional[_Iterable[_Union[StageRoster, _Mapping]]] = ..., trainer_peer_ids: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ...) -> None: ...
+
 class JoinReply(_message.Message):
-    __slots__ = ("client_id", "session_token", "run_id", "run_config_json", "heartbeat_interval_s", "lease_s", "dht_peers", "stage")
+    __slots__ = ("client_id", "session_token", "run_id", "run_config_json", "heartbeat_interval_s", "lease_s", "dht_peers", "stage", "roster")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +115,7 @@ class JoinReply(_message.Message):
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     DHT_PEERS_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session_token: str
     run_id: str
@@ -105,10 +124,18 @@ class JoinReply(_message.Message):
     lease_s: float
     dht_peers: _containers.RepeatedScalarFieldContainer[str]
     stage: int
-    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., dht_peers: _Optional[_Iterable[str]] = ..., stage: _Optional[int] = ...) -> None: ...
+    roster: SwarmRoster
+    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., dht_peers: _Optional[_Iterable[str]] = ..., stage: _Optional[int] = ..., roster: _Optional[_Union[SwarmRoster, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("client_id", "session_token", "stage", "throughput", "optimizer_steps", "microbatches_completed", "microbatches_retried", "microbatches_lost", "tokens", "load", "train_loss")
+    __slots__ = ("client_id", "session_token", "stage", "throughput", "optimizer_steps", "microbatches_completed", "microbatches_retried", "microbatches_lost", "tokens", "load", "train_loss", "refused")
+    class RefusedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +147,7 @@ class HeartbeatRequest(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session_token: str
     stage: int
@@ -131,17 +159,20 @@ class HeartbeatRequest(_message.Message):
     tokens: int
     load: float
     train_loss: float
-    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., stage: _Optional[int] = ..., throughput: _Optional[float] = ..., optimizer_steps: _Optional[int] = ..., microbatches_completed: _Optional[int] = ..., microbatches_retried: _Optional[int] = ..., microbatches_lost: _Optional[int] = ..., tokens: _Optional[int] = ..., load: _Optional[float] = ..., train_loss: _Optional[float] = ...) -> None: ...
+    refused: _containers.ScalarMap[str, int]
+    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., stage: _Optional[int] = ..., throughput: _Optional[float] = ..., optimizer_steps: _Optional[int] = ..., microbatches_completed: _Optional[int] = ..., microbatches_retried: _Optional[int] = ..., microbatches_lost: _Optional[int] = ..., tokens: _Optional[int] = ..., load: _Optional[float] = ..., train_loss: _Optional[float] = ..., refused: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("state", "round", "stage")
+    __slots__ = ("state", "round", "stage", "roster")
     STATE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
     state: str
     round: int
     stage: int
-    def __init__(self, state: _Optional[str] = ..., round: _Optional[int] = ..., stage: _Optional[int] = ...) -> None: ...
+    roster: SwarmRoster
+    def __init__(self, state: _Optional[str] = ..., round: _Optional[int] = ..., stage: _Optional[int] = ..., roster: _Optional[_Union[SwarmRoster, _Mapping]] = ...) -> None: ...
 
 class PullTaskRequest(_message.Message):
     __slots__ = ("client_id", "session_token", "wait_s")

@@ -17,9 +17,11 @@ def _field(text: str) -> bytes:
     return text.encode() + b"\0"
 
 
-def join_message(run_id: str, role: str, name: str, challenge: bytes, nonce: bytes) -> bytes:
-    """What a client signs to join: domain, run id, role, name, the coordinator's challenge, a nonce."""
-    return JOIN_DOMAIN + _field(run_id) + _field(role) + _field(name) + challenge + nonce
+def join_message(run_id: str, role: str, name: str, challenge: bytes, nonce: bytes, p2p_peer_id: str = "") -> bytes:
+    """What a client signs to join: domain, run id, role, name, the coordinator's challenge, a nonce, and (swarm)
+    its libp2p peer id, so the roster's peer ids are as authenticated as the keys."""
+    bound = _field(p2p_peer_id) if p2p_peer_id else b""
+    return JOIN_DOMAIN + _field(run_id) + _field(role) + _field(name) + challenge + nonce + bound
 
 
 def status_message(run_id: str, challenge: bytes, nonce: bytes) -> bytes:

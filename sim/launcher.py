@@ -11,7 +11,8 @@ from pathlib import Path
 
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.proto.codec import CODEC_NAMES
-from fedswarm.sim.processes import client_processes, coordinator_process, fetch_status
+from fedswarm.sim.hosts import HostNetwork, burst_bytes, probe, start_coordinator
+from fedswarm.sim.processes import client_processes, coordinator_process, fedswarm_cmd, fetch_status
 from fedswarm.sim.relay import CountingRelay
 from fedswarm.sim.swarm_sim import add_swarm_arguments, run_swarm_sim
 from fedswarm.sim.report import plot_rounds, write_report
@@ -51,23 +52,40 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
                   "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
                   "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed)]
     started = time.time()
-    with coordinator_process(out, coord_args) as (coordinator, address), CountingRelay(address) as relay:
-        log(f"coordinator on {address}; starting {args.clients} clients ({threads} thread(s) each)")
-        client_args = ["--data", args.data, "--precision", args.precision]
-        # Clients reach the coordinator through the relay, so every byte they send is counted at a socket.
-        with client_processes(out, relay.address, args.clients, client_args, threads=threads) as clients:
-            status = _follow(address, coordinator, clients, args.rounds, log if not args.quiet else None)
-            for client in clients:  # they exit by themselves on TASK_DONE
+    client_args = ["--data", args.data, "--precision", args.precision]
+    hosts = []
+    if getattr(args, "hosts", False):  # each process on its own network-namespace host
+        with HostNetwork(args.clients + 1, args.host_bandwidth or None) as net:
+            coordinator, address, status_address = start_coordinator(net, out, coord_args)
+            log(f"coordinator on {address}; starting {args.clients} clients on hosts of their own")
+            clients = [net.start(i + 1, f"client-{i}", fedswarm_cmd(
+                "client", "--coordinator", address, "--partition", f"{i}/{args.clients}", "--name", f"client-{i}",
+                "--threads", str(threads), *client_args), out / f"client-{i}.log") for i in range(args.clients)]
+            status = _follow(status_address, coordinator, clients, args.rounds, log if not args.quiet else None)
+            for client in clients:
                 client.popen.wait(timeout=60)
-        socket_up, socket_down = relay.counts()
+            socket_up, socket_down = net.link_bytes(0)   # what the coordinator's host received / sent, at its link
+            coordinator.stop()
+            hosts = [{"name": n, "netns": h.netns, "ip": h.ip}
+                     for n, h in zip(["coordinator"] + [f"client-{i}" for i in range(args.clients)], net.hosts)]
+    else:
+        with coordinator_process(out, coord_args) as (coordinator, address), CountingRelay(address) as relay:
+            log(f"coordinator on {address}; starting {args.clients} clients ({threads} thread(s) each)")
+            # Clients reach the coordinator through the relay, so every byte they send is counted at a socket.
+            with client_processes(out, relay.address, args.clients, client_args, threads=threads) as clients:
+                status = _follow(address, coordinator, clients, args.rounds, log if not args.quiet else None)
+                for client in clients:  # they exit by themselves on TASK_DONE
+                    client.popen.wait(timeout=60)
+            socket_up, socket_down = relay.counts()
     report = {
         "config": status["config"],
         "sim": {"clients": args.clients, "data": args.data, "precision": args.precision,
-                "threads_per_client": threads, "address": address},
+                "threads_per_client": threads, "address": address, "hosts": hosts,
+                "host_bandwidth": (args.host_bandwidth or None) if hosts else None},
         "rounds": status["rounds"],
         "clients": status["clients"],
         "rejections": status.get("rejections", {}),
-        "socket_bytes": {"up": socket_up, "down": socket_down},
+        "socket_bytes": {"up": socket_up, "down": socket_down, "measured_at": "coordinator host link" if hosts else "socket"},
         "wall_seconds": round(time.time() - started, 2),
     }
     write_report(out, report)
@@ -98,6 +116,18 @@ def _follow(address: str, coordinator, clients, rounds: int, log) -> dict:
 def main(args: argparse.Namespace) -> int:
     if args.clients < 1 or args.rounds < 1:
         print("error: --clients and --rounds must be >= 1", file=sys.stderr)
+        return 2
+    if args.host_bandwidth and not args.hosts:
+        print("error: --host-bandwidth caps the links of --hosts: add --hosts", file=sys.stderr)
+        return 2
+    if args.host_bandwidth:
+        try:
+            burst_bytes(args.host_bandwidth)
+        except ValueError as err:
+            print(f"error: --host-bandwidth {err}", file=sys.stderr)
+            return 2
+    if args.hosts and (reason := probe()):
+        print(f"error: --hosts cannot make network namespaces here: {reason}", file=sys.stderr)
         return 2
     if args.mode == "swarm":
         report = run_swarm_sim(args)

@@ -2,6 +2,7 @@
 SIGKILLed on a schedule (and rejoining later), a timeline of throughput and stage occupancy."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -10,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from fedswarm.sim.hosts import HostNetwork, start_coordinator
 from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status
 from fedswarm.sim.report import write_report
 
@@ -24,28 +26,41 @@ def add_swarm_arguments(p) -> None:
     p.add_argument("--rejoin-after", type=float, default=10.0, help="swarm: a killed peer restarts after N seconds")
     p.add_argument("--duration", type=float, default=0.0, help="swarm: stop after N seconds even if rounds remain")
     p.add_argument("--inflight", type=int, default=2, help="swarm: micro-batches in flight per trainer")
+    p.add_argument("--hosts", action="store_true",
+                   help="each process on its own network-namespace host with its own IP (needs root)")
+    p.add_argument("--host-bandwidth", default="", metavar="RATE",
+                   help="with --hosts: cap every host's link with tbf, e.g. 50mbit")
 
 
 class Swarm:
-    """The peer and trainer processes of one sim; kills and restarts peers by name."""
+    """The peer and trainer processes of one sim; kills and restarts peers by name. With a HostNetwork each
+    process runs on a host of its own (peer i on host 1 + i, trainers after the peers; host 0: coordinator)."""
 
-    def __init__(self, out: Path, address: str, precision: str, data: str, inflight: int):
+    def __init__(self, out: Path, address: str, precision: str, data: str, inflight: int, net=None, peers: int = 0):
         self.out, self.address, self.precision, self.data, self.inflight = out, address, precision, data, inflight
+        self.net, self.num_peers = net, peers
         self.procs: dict[str, Proc] = {}
         self.restarts: dict[str, int] = {}
+
+    def _start(self, name: str, host: int, argv: list[str], log: Path) -> None:
+        if self.net is None:
+            self.procs[name] = Proc(name, argv, log)
+        else:
+            argv += ["--p2p-host", self.net.hosts[host].ip]
+            self.procs[name] = self.net.start(host, name, argv, log)
 
     def start_peer(self, name: str) -> None:
         n = self.restarts.get(name, 0)
         argv = fedswarm_cmd("client", "--role", "peer", "--coordinator", self.address, "--name", name,
                             "--threads", "1", "--precision", self.precision)
-        self.procs[name] = Proc(name, argv, self.out / f"{name}{'.' + str(n) if n else ''}.log")
+        self._start(name, 1 + int(name[len("peer"):]), argv, self.out / f"{name}{'.' + str(n) if n else ''}.log")
         self.restarts[name] = n + 1
 
     def start_trainer(self, name: str, index: int, count: int) -> None:
         argv = fedswarm_cmd("client", "--role", "trainer", "--coordinator", self.address, "--name", name,
                             "--threads", "1", "--precision", self.precision, "--data", self.data,
                             "--partition", f"{index}/{count}", "--inflight", str(self.inflight))
-        self.procs[name] = Proc(name, argv, self.out / f"{name}.log")
+        self._start(name, 1 + self.num_peers + index, argv, self.out / f"{name}.log")
 
     def kill(self, name: str) -> None:
         self.procs[name].signal(signal.SIGKILL)   # the whole process group: its p2pd dies too
@@ -71,21 +86,31 @@ def run_swarm_sim(args, log=print) -> dict:
     rng = random.Random(args.seed)
     timeline, faults = [], []
     started = time.time()
-    with coordinator_process(out, coord_args) as (coordinator, address):
-        swarm = Swarm(out, address, args.precision, args.data, args.inflight)
-        try:
-            for i in range(args.peers):
-                swarm.start_peer(f"peer{i}")
-            for i in range(args.trainers):
-                swarm.start_trainer(f"trainer{i}", i, args.trainers)
-            log(f"coordinator on {address}; {args.peers} peers on {args.stages} stages, {args.trainers} trainer(s)")
-            status = _follow(args, address, coordinator, swarm, rng, timeline, faults, started, log)
-        finally:
-            swarm.stop()
+    with contextlib.ExitStack() as stack:
+        net = None
+        if args.hosts:
+            net = stack.enter_context(HostNetwork(1 + args.peers + args.trainers, args.host_bandwidth or None))
+            coordinator, address, status_address = start_coordinator(net, out, coord_args)
+            stack.callback(coordinator.stop)
+        else:
+            coordinator, address = stack.enter_context(coordinator_process(out, coord_args))
+            status_address = address
+        swarm = Swarm(out, address, args.precision, args.data, args.inflight, net=net, peers=args.peers)
+        stack.callback(swarm.stop)
+        for i in range(args.peers):
+            swarm.start_peer(f"peer{i}")
+        for i in range(args.trainers):
+            swarm.start_trainer(f"trainer{i}", i, args.trainers)
+        log(f"coordinator on {address}; {args.peers} peers on {args.stages} stages, {args.trainers} trainer(s)"
+            + (f", each on its own host ({args.host_bandwidth or 'uncapped'} links)" if net else ""))
+        status = _follow(args, status_address, coordinator, swarm, rng, timeline, faults, started, log)
+        placed = [("coordinator", 0)] + [(name, _host_of(swarm, name)) for name in swarm.procs]
+        hosts = [{"name": n, "netns": net.hosts[h].netns, "ip": net.hosts[h].ip} for n, h in placed] if net else []
     report = {
         "config": status["config"],
         "sim": {"mode": "swarm", "peers": args.peers, "trainers": args.trainers, "kill_every": args.kill_every,
-                "rejoin_after": args.rejoin_after, "duration": args.duration, "cpu_count": os.cpu_count()},
+                "rejoin_after": args.rejoin_after, "duration": args.duration, "cpu_count": os.cpu_count(),
+                "hosts": hosts, "host_bandwidth": args.host_bandwidth if args.hosts else None},
         "rounds": status["rounds"], "swarm": status["swarm"], "clients": status["clients"],
         "timeline": timeline, "faults": faults, "wall_seconds": round(time.time() - started, 2),
         "started_at": started,
@@ -93,6 +118,12 @@ def run_swarm_sim(args, log=print) -> dict:
     write_report(out, report)
     plot_swarm(out, report)
     return report
+
+
+def _host_of(swarm: Swarm, name: str) -> int:
+    if name.startswith("peer"):
+        return 1 + int(name[len("peer"):])
+    return 1 + swarm.num_peers + int(name[len("trainer"):])
 
 
 def _follow(args, address, coordinator, swarm: Swarm, rng, timeline, faults, started, log) -> dict:

@@ -6,12 +6,16 @@ import logging
 import threading
 import time
 
+import grpc
+
 from fedswarm.client.daemon import ClientDaemon
+from fedswarm.client.swarm.roster import Roster
 from fedswarm.client.swarm.routing import StageRecord, stage_key
 from fedswarm.client.swarm.stage_server import HANDLER, StageServer
-from fedswarm.client.swarm.swarm_trainer import MicrobatchLost, SwarmTrainer
-from fedswarm.client.swarm.transport import SwarmNode
+from fedswarm.client.swarm.swarm_trainer import MicrobatchLost, SwarmTrainer, run_workers
+from fedswarm.client.swarm.transport import SwarmNode, new_identity
 from fedswarm.data import BatchSampler, load_train_tokens
+from fedswarm.models import model_config
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 
@@ -19,7 +23,63 @@ log = logging.getLogger("fedswarm.swarm")
 ANNOUNCE_EVERY_S, RECORD_TTL_S = 1.0, 4.0
 
 
-class PeerDaemon(ClientDaemon):
+class StageSwitcher:
+    """Runs stage switches (a fetch and a build: seconds) on a thread of its own, so the heartbeat thread that
+    asks for one returns at once and keeps the lease (3 s) alive. The latest request wins; a switch that
+    raises is logged and handed to ``on_fail`` (the peer stops: it cannot serve what it was assigned)."""
+
+    def __init__(self, switch, on_fail):
+        self._switch, self._on_fail = switch, on_fail
+        self._cv = threading.Condition()
+        self._pending: tuple[int, str] | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="stage-switch", daemon=True)
+        self._thread.start()
+
+    def request(self, stage: int, why: str) -> None:
+        with self._cv:
+            self._pending = (stage, why)
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._pending is not None or self._stopped)
+                if self._stopped:
+                    return
+                (stage, why), self._pending = self._pending, None
+            try:
+                self._switch(stage, why)
+            except BaseException as err:  # noqa: BLE001 - handed on: the peer stops loudly
+                log.exception("switching to stage %d failed", stage)
+                self._on_fail(err)
+                return
+
+
+class SwarmMember(ClientDaemon):
+    """A client on the swarm's data plane: its libp2p identity exists before it joins (the signed join binds
+    the peer id), and it holds the coordinator's roster of who else is on the data plane."""
+
+    def __init__(self, args, timeouts=None):
+        super().__init__(args, timeouts)
+        self.p2p_key, self.p2p_peer_id = new_identity()
+        self.roster = Roster()
+
+    def _start_node(self, client_mode: bool) -> SwarmNode:
+        self.roster.update(self.joined.roster)
+        # fork_guard: no gRPC call in flight while hivemind forks its DHT process (only the fork: heartbeats
+        # go on while the DHT starts, so the 3 s lease cannot lapse during a slow start)
+        return SwarmNode(initial_peers=self.dht_peers, host=getattr(self.args, "p2p_host", "127.0.0.1"),
+                         announce=getattr(self.args, "p2p_announce", ""), client_mode=client_mode,
+                         identity=self.p2p_key, fork_lock=self.fork_guard)
+
+
+class PeerDaemon(SwarmMember):
     """Serves the stage the coordinator assigns; switches when re-assigned; syncs with the stage average."""
 
     role = "peer"
@@ -28,12 +88,12 @@ class PeerDaemon(ClientDaemon):
         self.run_cfg = cfg
         self.codec = C.codec_by_name(cfg["upload_codec"])
         self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
-        with self.fork_guard:  # no gRPC call in flight while hivemind forks its DHT process
-            self.node = SwarmNode(initial_peers=self.dht_peers)
-        self.server = StageServer(self.run_id, cfg, self.device, self.precision)
+        self.node = self._start_node(client_mode=False)
+        self.server = StageServer(self.run_id, cfg, self.device, self.precision, roster=self.roster)
         self.node.add_handler(HANDLER, self.server.handle, pb.StageRequest)
         self._switch_lock = threading.Lock()
         self._switch(self.assigned_stage, "assigned at join")
+        self.switcher = StageSwitcher(self._switch, self._abort)
         self._announcer_stop = threading.Event()
         threading.Thread(target=self._announce_loop, name="announce", daemon=True).start()
 
@@ -61,15 +121,24 @@ class PeerDaemon(ClientDaemon):
                 log.debug("announce failed: %s", err)
 
     def heartbeat_request(self) -> pb.HeartbeatRequest:
-        if not hasattr(self, "_announcer_stop"):  # still setting up
-            return super().heartbeat_request()
+        if not hasattr(self, "server"):  # still setting up: serving nothing (not on the roster yet)
+            return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token, stage=-1)
         throughput, steps, utilization, _ = self.server.stats()
         return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token, stage=self.server.stage_index,
-                                   throughput=throughput, optimizer_steps=steps, load=utilization)
+                                   throughput=throughput, optimizer_steps=steps, load=utilization,
+                                   refused=self.server.refusals.snapshot())
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
-        if hasattr(self, "_announcer_stop") and reply.stage >= 0 and reply.stage != self.server.stage_index:
-            self._switch(reply.stage, "re-assigned by the coordinator")
+        self.roster.update(reply.roster)
+        if hasattr(self, "switcher") and reply.stage >= 0 and reply.stage != self.server.stage_index:
+            self.switcher.request(reply.stage, "re-assigned by the coordinator")  # never on this thread
+
+    _failure: BaseException | None = None
+
+    def _abort(self, err: BaseException) -> None:
+        """A switch failed: this peer cannot serve its stage. Closing the channel ends run()'s task loop."""
+        self._failure = err
+        self.channel.close()
 
     def train(self, task: pb.Task) -> None:
         """A stage sync: adopt the new average, upload the progress made since the last sync."""
@@ -88,14 +157,21 @@ class PeerDaemon(ClientDaemon):
     def run(self) -> int:
         try:
             return super().run()
+        except Exception:
+            if self._failure is not None:
+                raise RuntimeError(f"this peer stopped: its stage switch failed ({self._failure!r})") from self._failure
+            raise
         finally:
-            if hasattr(self, "node"):
+            for part in ("switcher", "server"):
+                if hasattr(self, part):
+                    getattr(self, part).close()
+            if hasattr(self, "_announcer_stop"):
                 self._announcer_stop.set()
-                self.server.close()
+            if hasattr(self, "node"):
                 self.node.shutdown()
 
 
-class TrainerDaemon(ClientDaemon):
+class TrainerDaemon(SwarmMember):
     """Holds data and drives micro-batches through the swarm until the run is done."""
 
     role = "trainer"
@@ -106,9 +182,9 @@ class TrainerDaemon(ClientDaemon):
         seed = int.from_bytes(hashlib.sha256(f"{cfg['seed']}/trainer/{self.index}".encode()).digest()[:4], "little")
         self.sampler = BatchSampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
         self._sample_lock = threading.Lock()
-        with self.fork_guard:  # no gRPC call in flight while hivemind forks its DHT process
-            self.node = SwarmNode(initial_peers=self.dht_peers)
-        self.swarm = SwarmTrainer(self.node, self.run_id, cfg["stages"])
+        self.node = self._start_node(client_mode=True)   # a trainer only dials out
+        self.swarm = SwarmTrainer(self.node, self.run_id, cfg["stages"], self.roster,
+                                  model_config(cfg["model"]).hidden_size)
         self.done = threading.Event()
 
     def heartbeat_request(self) -> pb.HeartbeatRequest:
@@ -120,40 +196,37 @@ class TrainerDaemon(ClientDaemon):
             return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token,
                                        microbatches_completed=s.completed, microbatches_retried=s.retried,
                                        microbatches_lost=s.lost, tokens=s.tokens,
-                                       train_loss=sum(losses) / len(losses) if losses else 0.0)
+                                       train_loss=sum(losses) / len(losses) if losses else 0.0,
+                                       refused=self.swarm.refusals.snapshot())
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
+        if hasattr(self, "swarm") and self.roster.update(reply.roster):
+            self.swarm.apply_roster()   # a peer the coordinator dropped is not routed to from now on
         if reply.state == "done" and hasattr(self, "done"):
             self.done.set()
 
-    def _work(self) -> None:
-        while not self.done.is_set():
-            with self._sample_lock:
-                x, y = self.sampler.sample()
-            try:
-                loss = self.swarm.step(x, y)
-            except MicrobatchLost as err:
-                log.error("micro-batch lost: %s", err)
-                continue
-            n = self.swarm.stats.completed
-            if n % 20 == 0:
-                log.info("%d micro-batches, loss %.4f, %d replayed; DHT read %.3f s", n, loss,
-                         self.swarm.stats.retried, self.swarm.lookup_seconds)
+    def _work_once(self) -> None:
+        """One micro-batch; a lost one is logged (and counted), anything else stops the trainer (run_workers)."""
+        with self._sample_lock:
+            x, y = self.sampler.sample()
+        try:
+            loss = self.swarm.step(x, y)
+        except MicrobatchLost as err:
+            log.error("micro-batch lost: %s", err)
+            return
+        n = self.swarm.stats.completed
+        if n % 20 == 0:
+            log.info("%d micro-batches, loss %.4f, %d replayed; DHT read %.3f s", n, loss,
+                     self.swarm.stats.retried, self.swarm.lookup_seconds)
 
     def run(self) -> int:
         self.join()
-        workers = [threading.Thread(target=self._work, name=f"microbatch-{i}", daemon=True)
-                   for i in range(max(1, self.args.inflight))]
         try:
-            for w in workers:
-                w.start()
-            self.done.wait()
-            for w in workers:
-                w.join(timeout=60)
+            run_workers(self.args.inflight, self._work_once, self.done, join_s=60)
             try:  # the final counts reach the coordinator
                 self.stub.Heartbeat(self.heartbeat_request(), timeout=self.t.rpc_s)
-            except Exception:  # noqa: BLE001
-                pass
+            except grpc.RpcError as err:
+                log.warning("the final heartbeat failed (%s): the coordinator keeps the previous counts", err.code().name)
             log.info("run finished: %d micro-batches, %d replayed, %d lost (last DHT read %.3f s)",
                      self.swarm.stats.completed, self.swarm.stats.retried, self.swarm.stats.lost,
                      self.swarm.lookup_seconds)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -71,7 +72,8 @@ class RoutingConfig:
 class Router:
     """Stochastic wiring (SWARM): pick a replica with probability proportional to throughput / (1 + load + our own in-flight to it); banned peers get weight 0.
 
-    Not thread-safe: use it from one thread (or the node's loop).
+    Thread-safe: the trainer's micro-batch workers and its DHT refresher share one Router; every method
+    takes one re-entrant lock, so a read never sees a half-applied update or ban.
     """
 
     def __init__(self, config: RoutingConfig | None = None, rng: random.Random | None = None, clock=time.monotonic):
@@ -83,16 +85,19 @@ class Router:
         self._banned_until: dict[str, float] = {}
         self._last_ban_s: dict[str, float] = {}  # failure streak: length of the last ban, cleared by a success
         self.latency_s: dict[str, float] = {}  # EMA of call durations that ended ok, for diagnostics
+        self._lock = threading.RLock()
 
     def update(self, stage: int, records: list[StageRecord]) -> None:
         """Replace the known replicas of ``stage`` (peers missing from ``records`` are forgotten)."""
-        if any(r.stage != stage for r in records):
-            raise ValueError(f"records for another stage passed to update(stage={stage})")
-        self._records[stage] = {r.peer_id: r for r in records}
+        with self._lock:
+            if any(r.stage != stage for r in records):
+                raise ValueError(f"records for another stage passed to update(stage={stage})")
+            self._records[stage] = {r.peer_id: r for r in records}
 
     def peers(self, stage: int) -> list[str]:
         """Known replicas of ``stage``, banned ones included."""
-        return sorted(self._records.get(stage, {}))
+        with self._lock:
+            return sorted(self._records.get(stage, {}))
 
     def _raw_weight(self, r: StageRecord) -> float:
         if self.is_banned(r.peer_id):
@@ -102,54 +107,61 @@ class Router:
 
     def weights(self, stage: int, exclude: set[str] = frozenset()) -> dict[str, float]:
         """Choice probabilities over eligible (unbanned, not excluded) peers, summing to 1; {} if none."""
-        raw = {p: self._raw_weight(r) for p, r in self._records.get(stage, {}).items() if p not in exclude}
-        total = sum(raw.values())
-        if total <= 0:
-            return {}
-        return {p: w / total for p, w in raw.items() if w > 0}
+        with self._lock:
+            raw = {p: self._raw_weight(r) for p, r in self._records.get(stage, {}).items() if p not in exclude}
+            total = sum(raw.values())
+            if total <= 0:
+                return {}
+            return {p: w / total for p, w in raw.items() if w > 0}
 
     def choose(self, stage: int, exclude: set[str] = frozenset()) -> StageRecord | None:
         """Draw one replica of ``stage`` by weight; None if every replica is banned, excluded or unknown."""
-        w = self.weights(stage, exclude)
-        if not w:
-            return None
-        peers = sorted(w)
-        chosen = self.rng.choices(peers, weights=[w[p] for p in peers], k=1)[0]
-        return self._records[stage][chosen]
+        with self._lock:
+            w = self.weights(stage, exclude)
+            if not w:
+                return None
+            peers = sorted(w)
+            chosen = self.rng.choices(peers, weights=[w[p] for p in peers], k=1)[0]
+            return self._records[stage][chosen]
 
     def begin(self, peer_id: str) -> None:
         """A call to ``peer_id`` starts (lowers its weight until end())."""
-        self._inflight[peer_id] = self._inflight.get(peer_id, 0) + 1
+        with self._lock:
+            self._inflight[peer_id] = self._inflight.get(peer_id, 0) + 1
 
     def end(self, peer_id: str, ok: bool, seconds: float) -> None:
         """A call to ``peer_id`` ended; a success clears the peer's ban streak."""
-        left = self._inflight.get(peer_id, 0) - 1
-        if left > 0:
-            self._inflight[peer_id] = left
-        else:
-            self._inflight.pop(peer_id, None)
-        if ok:
-            self._last_ban_s.pop(peer_id, None)
-            prev = self.latency_s.get(peer_id)
-            self.latency_s[peer_id] = seconds if prev is None else 0.8 * prev + 0.2 * seconds
+        with self._lock:
+            left = self._inflight.get(peer_id, 0) - 1
+            if left > 0:
+                self._inflight[peer_id] = left
+            else:
+                self._inflight.pop(peer_id, None)
+            if ok:
+                self._last_ban_s.pop(peer_id, None)
+                prev = self.latency_s.get(peer_id)
+                self.latency_s[peer_id] = seconds if prev is None else 0.8 * prev + 0.2 * seconds
 
     def inflight(self, peer_id: str) -> int:
-        return self._inflight.get(peer_id, 0)
+        with self._lock:
+            return self._inflight.get(peer_id, 0)
 
     def ban(self, peer_id: str, reason: str) -> float:
         """Ban ``peer_id`` for ban_initial_s, doubling on each repeat up to ban_max_s; returns the length."""
-        prev = self._last_ban_s.get(peer_id)
-        length = self.config.ban_initial_s if prev is None else min(2.0 * prev, self.config.ban_max_s)
-        self._last_ban_s[peer_id] = length
-        self._banned_until[peer_id] = self.clock() + length
-        logger.warning(f"Peer {peer_id} failed ({reason}); not routing to it for {length:.1f} s")
-        return length
+        with self._lock:
+            prev = self._last_ban_s.get(peer_id)
+            length = self.config.ban_initial_s if prev is None else min(2.0 * prev, self.config.ban_max_s)
+            self._last_ban_s[peer_id] = length
+            self._banned_until[peer_id] = self.clock() + length
+            logger.warning(f"Peer {peer_id} failed ({reason}); not routing to it for {length:.1f} s")
+            return length
 
     def is_banned(self, peer_id: str) -> bool:
-        until = self._banned_until.get(peer_id)
-        if until is None:
-            return False
-        if self.clock() >= until:
-            del self._banned_until[peer_id]
-            return False
-        return True
+        with self._lock:
+            until = self._banned_until.get(peer_id)
+            if until is None:
+                return False
+            if self.clock() >= until:
+                del self._banned_until[peer_id]
+                return False
+            return True

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from fedswarm.client.swarm.roster import Refusals, Roster
 from fedswarm.client.swarm.tensors import BadStageInput, from_wire, ids_from_bytes, to_wire
 from fedswarm.data import VOCAB_SIZE
 from fedswarm.proto import codec as C
@@ -22,6 +23,8 @@ from fedswarm.stages import build_stage, load_stage_state, stage_state
 log = logging.getLogger(__name__)
 HANDLER = "fedswarm.stage"
 GRAPH_CACHE = 32              # forward graphs kept for a backward on this replica
+ROSTER_WAIT_S = 1.0           # an unknown caller may be a trainer that just joined: wait this long for the roster
+MAX_ROSTER_WAITERS = 8        # ... but only this many at once; more unknown callers are refused at once
 
 
 def _fault_plan() -> tuple[str, int] | None:
@@ -39,8 +42,11 @@ def _fault_plan() -> tuple[str, int] | None:
 class StageServer:
     """All model work runs on one worker thread, so requests never race on the weights."""
 
-    def __init__(self, run_id: str, cfg: dict, device: torch.device, precision: str):
+    def __init__(self, run_id: str, cfg: dict, device: torch.device, precision: str, roster: Roster | None = None):
         self.run_id, self.cfg, self.device, self.precision = run_id, cfg, device, precision
+        self.roster = roster      # None: serve any caller (tests of the stage math only)
+        self.refusals = Refusals()
+        self._roster_waiters = 0
         self.codec = C.codec_by_name(cfg["activation_codec"])
         self.allowed = {self.codec, C.CODEC_NAMES["none"], C.CODEC_NAMES["fp16"], C.CODEC_NAMES["bf16"]}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
@@ -81,7 +87,7 @@ class StageServer:
 
     def _sync(self, stage: int, average: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
         if stage != self.stage_index:
-            raise BadStageInput(f"sync for stage {stage}, but this peer serves stage {self.stage_index}")
+            raise BadStageInput(f"sync for stage {stage}, but this peer serves stage {self.stage_index}", "wrong_stage")
         current = stage_state(self.module)
         progress = {n: current[n] - self.snapshot[n] for n in current}
         merged = {n: average[n] + progress[n] for n in current}
@@ -106,16 +112,35 @@ class StageServer:
 
     # -- the P2P handler -------------------------------------------------------------------
     async def handle(self, request: pb.StageRequest, context) -> pb.StageReply:
+        await self._admit(context.remote_id.to_base58() if context.remote_id is not None else "")
         self.load += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, self._timed_compute, request)
         finally:
             self.load -= 1
 
+    async def _admit(self, caller: str) -> None:
+        """Serve only the run's trainers (the coordinator's roster); refuse anyone else before any work."""
+        if self.roster is None or self.roster.is_trainer(caller):
+            return
+        if self._roster_waiters < MAX_ROSTER_WAITERS:  # a trainer that joined a moment ago: the next roster has it
+            self._roster_waiters += 1
+            try:
+                if await asyncio.to_thread(self.roster.wait_for, lambda: self.roster.is_trainer(caller), ROSTER_WAIT_S):
+                    return
+            finally:
+                self._roster_waiters -= 1
+        self.refusals.add("not_member")
+        log.warning("refused a call from %s: not a trainer of this run", caller)
+        raise BadStageInput(f"refused: peer {caller} is not a trainer of this run", "not_member")
+
     def _timed_compute(self, request: pb.StageRequest) -> pb.StageReply:
         started = time.monotonic()
         try:
             return self._compute(request)
+        except BadStageInput as err:
+            self.refusals.add(err.reason)
+            raise
         finally:
             with self._lock:
                 self._busy_s += time.monotonic() - started
@@ -129,18 +154,23 @@ class StageServer:
     def _inputs(self, req: pb.StageRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
         m = self.module
         if req.run_id != self.run_id:
-            raise BadStageInput(f"run {req.run_id[:32]!r} is not this peer's run")
+            raise BadStageInput(f"run {req.run_id[:32]!r} is not this peer's run", "wrong_run")
         if req.stage != self.stage_index:
-            raise BadStageInput(f"this peer serves stage {self.stage_index}, not {req.stage} (re-assigned)")
-        max_len = self.cfg["seq_len"] * 4
+            raise BadStageInput(f"this peer serves stage {self.stage_index}, not {req.stage} (re-assigned)", "wrong_stage")
+        # the run's micro-batch is batch x seq_len: anything larger is refused before any compute
+        max_batch, max_len = self.cfg["batch_size"], self.cfg["seq_len"]
+        shape = tuple(req.ids_shape) if m.is_first else tuple(req.hidden.shape)
+        if len(shape) != (2 if m.is_first else 3) or not 1 <= shape[0] <= max_batch or not 1 <= shape[1] <= max_len \
+                or (not m.is_first and shape[2] != m.config.hidden_size):
+            raise BadStageInput(f"input shape {shape[:8]} invalid: this run takes at most [{max_batch}, {max_len}"
+                                f"{'' if m.is_first else f', {m.config.hidden_size}'}]", "bad_shape")
         if m.is_first:
             x = ids_from_bytes(req.ids, req.ids_shape, VOCAB_SIZE, max_len)
-            shape = tuple(x.shape)
         else:
-            shape = tuple(req.hidden.shape)
-            if len(shape) != 3 or shape[2] != m.config.hidden_size or shape[0] * shape[1] > (1 << 16) or shape[1] > max_len:
-                raise BadStageInput(f"hidden shape {shape} invalid for hidden size {m.config.hidden_size}")
-            x = from_wire(req.hidden, shape, self.allowed).requires_grad_()
+            x = from_wire(req.hidden, shape, self.allowed)
+            if not torch.isfinite(x).all():
+                raise BadStageInput("input activations are not finite", "non_finite")
+            x = x.requires_grad_()
         labels = ids_from_bytes(req.labels, shape[:2], VOCAB_SIZE, max_len) if m.is_last else None
         return x.to(self.device), (labels.to(self.device) if labels is not None else None)
 
@@ -156,7 +186,7 @@ class StageServer:
 
     def _compute(self, req: pb.StageRequest) -> pb.StageReply:
         if self.module is None:
-            raise BadStageInput("this peer is not serving a stage yet")
+            raise BadStageInput("this peer is not serving a stage yet", "not_serving")
         self._maybe_die(req)
         m = self.module
         if m.is_last:  # forward and backward at once: logits never leave this peer
@@ -164,7 +194,7 @@ class StageServer:
             with self._autocast():
                 loss = m(x, labels)
             if not torch.isfinite(loss):
-                raise BadStageInput("the loss is not finite")
+                raise BadStageInput("the loss is not finite", "non_finite")
             loss.backward()
             reply = pb.StageReply(loss=loss.item())
             if not m.is_first:
@@ -189,7 +219,10 @@ class StageServer:
                 out = m(x)
         else:
             x, out, _ = cached
-        grad = from_wire(req.grad_output, tuple(out.shape), self.allowed).to(self.device, out.dtype)
+        grad = from_wire(req.grad_output, tuple(out.shape), self.allowed)
+        if not torch.isfinite(grad).all():
+            raise BadStageInput("the output gradient is not finite", "non_finite")
+        grad = grad.to(self.device, out.dtype)
         out.backward(grad)
         self.backward_total += 1
         self.recomputed_total += int(recomputed)

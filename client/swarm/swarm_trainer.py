@@ -1,19 +1,25 @@
 """A trainer drives micro-batches through the stages: stochastic wiring, replay, never a lost micro-batch."""
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import math
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 
-from fedswarm.client.swarm.routing import Router, parse_records, stage_key
+import torch
+
+from fedswarm.client.swarm.roster import Refusals, Roster, roster_records
+from fedswarm.client.swarm.routing import Router, stage_key
 from fedswarm.client.swarm.stage_server import HANDLER
-from fedswarm.client.swarm.tensors import ids_to_bytes
+from fedswarm.client.swarm.tensors import WIRE_CODECS, BadStageInput, from_wire, ids_to_bytes
 from fedswarm.client.swarm.transport import PeerCallError, SwarmNode
 from fedswarm.proto import fedswarm_pb2 as pb
 
 log = logging.getLogger(__name__)
+FOREIGN_GRACE_S = 6.0   # > a stage record's TTL (4 s): an honest peer's stale record is gone by then
 
 
 @dataclass
@@ -24,6 +30,7 @@ class TrainerTimeouts:
     refresh_s: float = 0.5            # how often the DHT is read for stage records
     no_replica_wait_s: float = 0.1    # re-check interval while a stage has no live replica
     give_up_s: float = 300.0          # a micro-batch still unplaced after this is counted lost
+    roster_check_s: float = 0.2       # while a call is in flight, how often to check its peer is still on the roster
 
 
 @dataclass
@@ -40,14 +47,83 @@ class MicrobatchLost(RuntimeError):
     pass
 
 
+class WorkerFailed(RuntimeError):
+    """A micro-batch worker thread raised: the trainer stops instead of running on with fewer workers."""
+
+
+def run_workers(count: int, work_once, done: threading.Event, join_s: float) -> None:
+    """Call ``work_once()`` on ``count`` threads until ``done`` is set. The first exception any worker raises
+    stops them all (``done`` is set) and is re-raised here as WorkerFailed, so a bug cannot silently kill
+    a thread and leave the trainer running at reduced width (or not at all)."""
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def loop(i: int) -> None:
+        try:
+            while not done.is_set():
+                work_once()
+        except BaseException as err:  # noqa: BLE001 - recorded and re-raised by run_workers
+            log.exception("micro-batch worker %d failed; stopping the trainer", i)
+            with lock:
+                failures.append(err)
+            done.set()
+
+    threads = [threading.Thread(target=loop, args=(i,), name=f"microbatch-{i}", daemon=True)
+               for i in range(max(1, count))]
+    for t in threads:
+        t.start()
+    done.wait()
+    for t in threads:
+        t.join(join_s)
+    with lock:
+        first = failures[0] if failures else None
+    if first is not None:
+        raise WorkerFailed(f"a micro-batch worker failed: {type(first).__name__}: {first}") from first
+
+
+class BadReply(Exception):
+    """A replica answered with something unusable (wrong shape, codec, non-finite): that replica is to blame."""
+
+
+def check_reply(stage: int, num_stages: int, req: pb.StageRequest, reply: pb.StageReply, hidden_shape) -> None:
+    """BadReply unless ``reply`` carries what ``stage`` must return for ``req``, well-formed and finite: the
+    trainer checks before relaying, so a malformed activation is blamed on the replica that produced it."""
+    last = stage == num_stages - 1
+    if last and not math.isfinite(reply.loss):
+        raise BadReply(f"loss {reply.loss}")
+    wanted = []
+    if not last and not req.backward:
+        wanted.append(("hidden", reply.hidden))
+    if stage > 0 and (req.backward or last):
+        wanted.append(("grad_input", reply.grad_input))
+    for what, tensor in wanted:
+        try:
+            value = from_wire(tensor, hidden_shape, WIRE_CODECS)
+        except BadStageInput as err:
+            raise BadReply(f"{what}: {err}") from None
+        if not torch.isfinite(value).all():
+            raise BadReply(f"{what} is not finite")
+
+
 class SwarmTrainer:
-    def __init__(self, node: SwarmNode, run_id: str, num_stages: int, router: Router | None = None,
-                 timeouts: TrainerTimeouts | None = None):
+    """Micro-batches through the roster's peers: the coordinator's roster says who serves each stage, the DHT
+    only how busy they are. Replies are checked before they are relayed, so a malformed activation is
+    blamed on (and replayed away from) the replica that produced it, not the next stage."""
+
+    def __init__(self, node: SwarmNode, run_id: str, num_stages: int, roster: Roster, hidden_size: int,
+                 router: Router | None = None, timeouts: TrainerTimeouts | None = None,
+                 cap_factor: float = 4.0):
         self.node, self.run_id, self.num_stages = node, run_id, num_stages
+        self.roster, self.hidden_size, self.cap_factor = roster, hidden_size, cap_factor
         self.router = router or Router()
         self.t = timeouts or TrainerTimeouts()
         self.stats = TrainerStats()
+        self.refusals = Refusals()
         self.lookup_seconds = 0.0          # the last DHT refresh's duration (diagnostics)
+        self._raw: dict[int, dict] = {}     # the last DHT answer per stage (kept when the DHT does not answer)
+        self._ignored: dict[str, set] = {"record_not_member": set(), "record_malformed": set()}
+        self._foreign_since: dict[str, float] = {}
+        self._lock = threading.Lock()
         self._wake = threading.Event()      # ask the refresher for a read now
         self._refreshed = threading.Condition()
         self._generation = 0
@@ -60,14 +136,41 @@ class SwarmTrainer:
         self._wake.set()
 
     def refresh(self) -> None:
-        """Read every stage's replicas from the DHT once, now (the background loop does this every refresh_s)."""
+        """Read every stage's records from the DHT once, now (the background loop does this every refresh_s)."""
         started = time.monotonic()
         for stage in range(self.num_stages):
-            self.router.update(stage, parse_records(stage, self.node.lookup(stage_key(self.run_id, stage))))
+            raw = self.node.lookup(stage_key(self.run_id, stage))
+            if raw is not None:  # None: the DHT did not answer; keep the last records rather than forget them
+                with self._lock:
+                    self._raw[stage] = raw
+        self.apply_roster()
         self.lookup_seconds = time.monotonic() - started
         with self._refreshed:
             self._generation += 1
             self._refreshed.notify_all()
+
+    def apply_roster(self) -> None:
+        """Re-derive the routing table from the roster (called on every roster change, too)."""
+        for stage in range(self.num_stages):
+            with self._lock:
+                raw = dict(self._raw.get(stage, {}))
+            records, ignored = roster_records(stage, self.roster.stage_peers(stage), raw, self.cap_factor,
+                                              self.router.config.min_throughput)
+            self.router.update(stage, records)
+            # a record of a peer on no stage's roster: a peer that just switched, joined or died leaves one
+            # for up to the record TTL; only one that outlives FOREIGN_GRACE_S counts as foreign
+            now, members = time.monotonic(), set().union(*(self.roster.stage_peers(s) for s in range(self.num_stages)))
+            with self._lock:
+                for peer in ignored["record_not_member"]:
+                    self._foreign_since.setdefault(peer, now)
+                ignored["record_not_member"] = {p for p in ignored["record_not_member"]
+                                                if p not in members and now - self._foreign_since[p] >= FOREIGN_GRACE_S}
+                for reason, items in ignored.items():
+                    fresh = items - self._ignored[reason]
+                    if fresh:
+                        self._ignored[reason] |= fresh
+                        self.refusals.add(reason, len(fresh))
+                        log.warning("ignored %d DHT record(s) of stage %d (%s)", len(fresh), stage, reason)
 
     def _refresh_loop(self) -> None:
         """Micro-batches never wait on the DHT: records are read here, in the background."""
@@ -90,6 +193,7 @@ class SwarmTrainer:
         """One micro-batch forward through every stage, then backward; returns its loss."""
         mb = uuid.uuid4().hex
         ids, labels = ids_to_bytes(x), ids_to_bytes(y)
+        hidden_shape = (int(x.shape[0]), int(x.shape[1]), self.hidden_size)
         inputs: list[pb.StageRequest] = []     # what each stage was sent: kept for replay
         used: list[str] = []
         replayed = False
@@ -103,12 +207,12 @@ class SwarmTrainer:
                 req.hidden.CopyFrom(hidden)
             if stage == self.num_stages - 1:
                 req.labels = labels
-            reply, peer, retried = self._call(stage, req)
+            reply, peer, retried = self._call(stage, req, hidden_shape)
             inputs.append(req)
             used.append(peer)
             replayed |= retried
             if stage < self.num_stages - 1:
-                hidden = reply.hidden      # relayed as-is: the trainer never decodes activations
+                hidden = reply.hidden      # checked, then relayed as-is
         loss = reply.loss
         grad = reply.grad_input
         for stage in range(self.num_stages - 2, -1, -1):
@@ -116,7 +220,7 @@ class SwarmTrainer:
             req.CopyFrom(inputs[stage])
             req.backward = True
             req.grad_output.CopyFrom(grad)
-            reply, _, retried = self._call(stage, req, prefer=used[stage])
+            reply, _, retried = self._call(stage, req, hidden_shape, prefer=used[stage])
             replayed |= retried
             grad = reply.grad_input
         with self.stats.lock:
@@ -126,9 +230,11 @@ class SwarmTrainer:
             self.stats.losses.append(loss)
         return loss
 
-    def _call(self, stage: int, req: pb.StageRequest, prefer: str | None = None) -> tuple[pb.StageReply, str, bool]:
-        """Send to a live replica; on failure ban it and replay on another. Never drops the request."""
+    def _call(self, stage: int, req: pb.StageRequest, hidden_shape, prefer: str | None = None
+              ) -> tuple[pb.StageReply, str, bool]:
+        """Send to a live roster replica; on failure ban it and replay on another. Never drops the request."""
         started, retried = time.monotonic(), False
+        what = f"{'backward' if req.backward else 'forward'} of stage {stage}"
         while True:
             peer = prefer if prefer and not self.router.is_banned(prefer) and prefer in self.router.peers(stage) else None
             prefer = None
@@ -145,11 +251,35 @@ class SwarmTrainer:
             self.router.begin(peer)
             t0 = time.monotonic()
             try:
-                reply = self.node.call(peer, HANDLER, req, pb.StageReply, timeout=self.t.call_s)
+                reply = self._call_member(peer, stage, req)
+                check_reply(stage, self.num_stages, req, reply, hidden_shape)
             except PeerCallError as err:
                 self.router.end(peer, ok=False, seconds=time.monotonic() - t0)
-                self.router.ban(peer, f"{'backward' if req.backward else 'forward'} of stage {stage}: {err.kind}: {err}")
+                self.router.ban(peer, f"{what}: {err.kind}: {err}")
+                retried = True
+                continue
+            except BadReply as err:
+                self.router.end(peer, ok=False, seconds=time.monotonic() - t0)
+                self.refusals.add("bad_reply")
+                self.router.ban(peer, f"{what}: malformed reply: {err}")
                 retried = True
                 continue
             self.router.end(peer, ok=True, seconds=time.monotonic() - t0)
             return reply, peer, retried
+
+    def _call_member(self, peer: str, stage: int, req: pb.StageRequest) -> pb.StageReply:
+        """One call, abandoned early if the coordinator takes ``peer`` off the stage's roster meanwhile (its
+        lease ran out: a dead host or a cut link answers nothing until our deadline otherwise)."""
+        fut = self.node.submit(self.node.acall(peer, HANDLER, req, pb.StageReply, self.t.call_s))
+        deadline = time.monotonic() + self.t.call_s + 1.0
+        try:
+            while True:
+                try:
+                    return fut.result(self.t.roster_check_s)
+                except concurrent.futures.TimeoutError:
+                    if peer not in self.roster.stage_peers(stage):
+                        raise PeerCallError(peer, "unreachable", "dropped from the roster by the coordinator") from None
+                    if time.monotonic() > deadline:
+                        raise PeerCallError(peer, "timeout", f"no reply within {self.t.call_s:.1f}s") from None
+        finally:
+            fut.cancel()

@@ -12,10 +12,15 @@ from fedswarm.proto import fedswarm_pb2 as pb
 
 MAX_TOKENS = 1 << 16          # B * T of one micro-batch
 MAX_ELEMENTS = 1 << 24        # elements of one activation tensor
+WIRE_CODECS = frozenset(C.CODEC_NAMES[n] for n in ("none", "fp16", "bf16", "int8"))   # activation codecs
 
 
 class BadStageInput(ValueError):
-    """A malformed stage request; the caller gets the message."""
+    """A malformed or refused stage request; the caller gets the message, ``reason`` is counted."""
+
+    def __init__(self, message: str, reason: str = "bad_input"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def to_wire(t: torch.Tensor, codec: int) -> pb.SwarmTensor:
@@ -26,16 +31,16 @@ def to_wire(t: torch.Tensor, codec: int) -> pb.SwarmTensor:
 def from_wire(msg: pb.SwarmTensor, shape: tuple[int, ...], allowed_codecs: set[int]) -> torch.Tensor:
     """Decode an activation of the expected `shape`; BadStageInput otherwise."""
     if tuple(msg.shape) != tuple(shape):
-        raise BadStageInput(f"activation shape {tuple(msg.shape)} != expected {tuple(shape)}")
+        raise BadStageInput(f"activation shape {tuple(msg.shape)[:8]} != expected {tuple(shape)}", "bad_shape")
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
-        raise BadStageInput(f"activation of {count} elements is over the limit {MAX_ELEMENTS}")
+        raise BadStageInput(f"activation of {count} elements is over the limit {MAX_ELEMENTS}", "oversized")
     if msg.codec not in allowed_codecs:
-        raise BadStageInput(f"activation codec {msg.codec} not allowed (allowed: {sorted(allowed_codecs)})")
+        raise BadStageInput(f"activation codec {msg.codec} not allowed (allowed: {sorted(allowed_codecs)})", "bad_codec")
     try:
         flat = C.decode(C.Encoded(msg.codec, count, msg.block_size, msg.data, msg.scales))
     except C.CodecError as err:
-        raise BadStageInput(f"activation: {err}") from None
+        raise BadStageInput(f"activation: {err}", "bad_encoding") from None
     return flat.view(shape)
 
 
@@ -47,10 +52,11 @@ def ids_from_bytes(data: bytes, shape, vocab: int, max_len: int) -> torch.Tensor
     """int64 [B, T] from int32 LE bytes, checking shape, size and the vocabulary."""
     shape = tuple(shape)
     if len(shape) != 2 or min(shape) < 1 or shape[0] * shape[1] > MAX_TOKENS or shape[1] > max_len:
-        raise BadStageInput(f"token shape {shape} invalid (need [B, T], B*T <= {MAX_TOKENS}, T <= {max_len})")
+        raise BadStageInput(f"token shape {shape[:8]} invalid (need [B, T], B*T <= {MAX_TOKENS}, T <= {max_len})",
+                            "bad_shape")
     if len(data) != 4 * shape[0] * shape[1]:
-        raise BadStageInput(f"{len(data)} bytes of ids for shape {shape} (need {4 * shape[0] * shape[1]})")
+        raise BadStageInput(f"{len(data)} bytes of ids for shape {shape} (need {4 * shape[0] * shape[1]})", "bad_shape")
     ids = torch.from_numpy(np.frombuffer(data, dtype="<i4").astype(np.int64)).view(shape)
     if ids.min() < 0 or ids.max() >= vocab:
-        raise BadStageInput(f"token ids outside the vocabulary 0..{vocab - 1}")
+        raise BadStageInput(f"token ids outside the vocabulary 0..{vocab - 1}", "bad_tokens")
     return ids

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import signal
+import socket
+import tempfile
 import threading
 from contextlib import suppress
 from dataclasses import dataclass
@@ -17,13 +20,15 @@ from dataclasses import dataclass
 from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, P2PDaemonError, P2PHandlerError
+from hivemind.proto import crypto_pb2
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 # hivemind renames the WARNING level to "WARN" for every logger in the process, which breaks
 # Flower's log formatter (KeyError: 'WARN'); give the level its standard name back.
 logging.addLevelName(logging.WARNING, "WARNING")
 
-__all__ = ["PeerCallError", "SwarmTimeouts", "SwarmNode", "STREAM_SUFFIX"]
+__all__ = ["PeerCallError", "SwarmTimeouts", "SwarmNode", "STREAM_SUFFIX", "new_identity", "listen_maddrs"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,38 @@ class SwarmTimeouts:
     shutdown_s: float = 5.0  # grace for the DHT process before it is killed
 
 
+def new_identity() -> tuple[bytes, str]:
+    """A fresh libp2p identity: (the private key as p2pd reads it, its base58 peer id). A client learns its
+    peer id before it starts its node, so the id can go into its signed join."""
+    key = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes()).SerializeToString()
+    return key, PeerID.from_identity(key).to_base58()
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        return address, 0
+    if not port.isdigit() or not host:
+        raise ValueError(f"{address!r}: use IP or IP:PORT (e.g. 10.0.0.5 or 10.0.0.5:4100)")
+    return host, int(port)
+
+
+def listen_maddrs(host: str, announce: str = "") -> tuple[list[str], list[str] | None]:
+    """(host_maddrs, announce_maddrs) for `--p2p-host IP[:PORT]` and `--p2p-announce IP[:PORT]`.
+
+    libp2p cannot announce port 0, so with --p2p-announce and no port a free port of `host` is picked and
+    both addresses use it."""
+    host_ip, port = _split(host)
+    if not announce:
+        return [f"/ip4/{host_ip}/tcp/{port}"], None
+    announce_ip, announce_port = _split(announce)
+    if not port:
+        with socket.socket() as probe:
+            probe.bind((host_ip, 0))
+            port = probe.getsockname()[1]
+    return [f"/ip4/{host_ip}/tcp/{port}"], [f"/ip4/{announce_ip}/tcp/{announce_port or port}"]
+
+
 def _child_pids(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux /proc); [] where unavailable."""
     out: list[int] = []
@@ -74,13 +111,18 @@ def _is_p2pd(pid: int) -> bool:
 
 
 class SwarmNode:
-    """One per process: a hivemind DHT node on loopback (port 0) + a P2P replica whose handlers run on a background asyncio loop.
+    """One per process: a hivemind DHT node + a P2P replica whose handlers run on a background asyncio loop.
 
-    Handlers run on that loop: offload heavy compute (``asyncio.to_thread``) so calls and replies keep flowing.
+    It binds ``host`` ("IP[:PORT]", default loopback, any free port) and announces ``announce`` when others
+    must dial another address (NAT). ``client_mode``: a node that only dials out (trainers): it stores and
+    reads records but serves no DHT requests. ``identity`` (from new_identity()) fixes its peer id.
+    ``fork_lock`` is held only while the DHT process is forked (a caller's gRPC threads must be quiet then).
+    Handlers run on the loop: offload heavy compute (``asyncio.to_thread``) so calls and replies keep flowing.
     """
 
     def __init__(self, initial_peers: list[str] | None = None, timeouts: SwarmTimeouts | None = None,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", announce: str = "", client_mode: bool = False,
+                 identity: bytes | None = None, fork_lock=None):
         self.timeouts = timeouts or SwarmTimeouts()
         self._closed = False
         self._dht_lock = threading.Lock()
@@ -88,10 +130,30 @@ class SwarmNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._p2p: P2P | None = None
-        self._dht = DHT(initial_peers=list(initial_peers or []) or None, start=True, await_ready=False,
-                        host_maddrs=[f"/ip4/{host}/tcp/0"], startup_timeout=self.timeouts.startup_s)
+        host_maddrs, announce_maddrs = listen_maddrs(host, announce)
+        extra = {}
+        identity_file = None
+        if identity is not None:  # p2pd reads the key at start; the file lives only until then
+            fd, identity_file = tempfile.mkstemp(prefix="fedswarm-p2p-", suffix=".key")
+            with os.fdopen(fd, "wb") as f:
+                f.write(identity)
+            extra = {"identity_path": identity_file, "check_if_identity_free": False}
+        if announce_maddrs:
+            extra["announce_maddrs"] = announce_maddrs
         try:
+            with fork_lock or contextlib.nullcontext():
+                self._dht = DHT(initial_peers=list(initial_peers or []) or None, start=True, await_ready=False,
+                                host_maddrs=host_maddrs, startup_timeout=self.timeouts.startup_s,
+                                client_mode=client_mode, **extra)
             self._dht.wait_until_ready(self.timeouts.startup_s)
+        except BaseException:
+            if getattr(self, "_dht", None) is not None:
+                self.shutdown()
+            raise
+        finally:
+            if identity_file is not None:
+                os.unlink(identity_file)
+        try:
             self._p2pd_pids = [p for p in _child_pids(self._dht.pid) if _is_p2pd(p)]
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(target=self._loop.run_forever, name="swarm-node-loop", daemon=True)
@@ -184,31 +246,35 @@ class SwarmNode:
 
     # ---- DHT records ----
 
-    def _dht_op(self, what: str, start):
-        """Run a DHT op (a callable returning an MPFuture) under dht_op_s; None on timeout or failure."""
+    def _dht_op(self, what: str, start) -> tuple[bool, object]:
+        """Run a DHT op (a callable returning an MPFuture) under dht_op_s: (True, result), or (False, None) on
+        timeout or failure (logged), so callers can tell "nothing stored" from "no answer"."""
         if self._closed:
             raise RuntimeError("SwarmNode is shut down")
         with self._dht_lock:  # the DHT's pipe is shared by all threads; sends are kept whole
             fut = start()
         try:
-            return fut.result(self.timeouts.dht_op_s)
+            return True, fut.result(self.timeouts.dht_op_s)
         except concurrent.futures.TimeoutError:
             fut.cancel()
             logger.warning(f"DHT {what} took longer than {self.timeouts.dht_op_s:.1f}s; giving up on it")
         except Exception as e:
             logger.warning(f"DHT {what} failed: {e!r}")
-        return None
+        return False, None
 
     def announce(self, key: str, subkey: str, value: dict, ttl: float | None = None) -> bool:
         """Store ``value`` under ``key``/``subkey`` until now + ttl (default record_ttl_s); True if stored."""
         expiration = get_dht_time() + (self.timeouts.record_ttl_s if ttl is None else ttl)
-        ok = self._dht_op(f"store {key}/{subkey}", lambda: self._dht.store(
+        _, stored = self._dht_op(f"store {key}/{subkey}", lambda: self._dht.store(
             key, value, expiration, subkey=subkey, return_future=True))
-        return bool(ok)
+        return bool(stored)
 
-    def lookup(self, key: str) -> dict[str, dict]:
-        """subkey -> value for unexpired entries under ``key``; {} if none (or on DHT timeout, with a warning)."""
-        found = self._dht_op(f"get {key}", lambda: self._dht.get(key, latest=True, return_future=True))
+    def lookup(self, key: str) -> dict[str, dict] | None:
+        """subkey -> value for unexpired entries under ``key`` ({} if none); None if the DHT did not answer
+        within dht_op_s (the caller keeps what it knew: no answer is not "no replicas")."""
+        answered, found = self._dht_op(f"get {key}", lambda: self._dht.get(key, latest=True, return_future=True))
+        if not answered:
+            return None
         if found is None or not isinstance(found.value, dict):
             return {}
         now = get_dht_time()
