@@ -171,8 +171,7 @@ def test_tls_client_completes_round_and_plaintext_client_cannot_join(tmp_path, k
             assert cli.returncode == 0, cli.stderr
             status = json.loads(cli.stdout)
             assert status["state"] == "done" and status["round"] == 1
-            assert [c["name"] for c in status["clients"]] == ["good"]
-            assert status["rounds"][-1]["clients"] == ["good"]
+            assert status["rounds"][-1]["clients"] == ["good"]   # (its live session may have lapsed by now)
             assert good.popen.wait(timeout=60) == 0, good.output()[-3000:]
         finally:
             good.stop()
