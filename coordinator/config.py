@@ -11,6 +11,7 @@ class RunConfig:
 
     rounds: int = 5
     min_clients: int = 2
+    clients_per_round: int = 0         # clients sampled per round (0: every connected client)
     strategy: str = "fedavg"
     upload_codec: str = "int8"
     codec_block_size: int = 0          # 0: the codec's default
@@ -48,6 +49,8 @@ class RunConfig:
             raise ValueError("--rounds must be >= 1")
         if self.min_clients < 1:
             raise ValueError("--min-clients must be >= 1")
+        if self.clients_per_round < 0:
+            raise ValueError("--clients-per-round must be >= 0 (0: every connected client)")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"--strategy {self.strategy!r}: choose one of {sorted(STRATEGIES)}")
         codec_by_name(self.upload_codec)

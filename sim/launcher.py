@@ -14,6 +14,7 @@ from fedswarm.proto.codec import CODEC_NAMES
 from fedswarm.sim.processes import client_processes, coordinator_process, fetch_status
 from fedswarm.sim.relay import CountingRelay
 from fedswarm.sim.swarm_sim import add_swarm_arguments, run_swarm_sim
+from fedswarm.sim.virtual_sim import add_virtual_arguments, check_virtual_args, run_virtual_sim, wants_virtual
 from fedswarm.sim.report import plot_rounds, write_report
 
 DEFAULT_CLIENTS = 3
@@ -24,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
     p.add_argument("--clients", type=int, default=DEFAULT_CLIENTS)
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round,
+                   help="clients sampled per round (0: all)")
     p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES))
     p.add_argument("--strategy", default=d.strategy)
     p.add_argument("--model", default=d.model)
@@ -37,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="sim-out", help="folder for report.json, plots, logs and state")
     p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     add_swarm_arguments(p)
+    add_virtual_arguments(p)
 
 
 def run_sim(args: argparse.Namespace, log=print) -> dict:
@@ -50,13 +54,20 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
                   "--strategy", args.strategy, "--upload-codec", args.upload_codec, "--model", args.model,
                   "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
                   "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed)]
+    if args.clients_per_round:
+        coord_args += ["--clients-per-round", str(args.clients_per_round)]
+    if wants_virtual(args):  # many sessions per worker process, locally or on Ray
+        follow = lambda address, coordinator, failed: _follow(  # noqa: E731
+            address, coordinator, failed, args.rounds, log if not args.quiet else None)
+        return run_virtual_sim(args, coord_args, follow, log)
     started = time.time()
     with coordinator_process(out, coord_args) as (coordinator, address), CountingRelay(address) as relay:
         log(f"coordinator on {address}; starting {args.clients} clients ({threads} thread(s) each)")
         client_args = ["--data", args.data, "--precision", args.precision]
         # Clients reach the coordinator through the relay, so every byte they send is counted at a socket.
         with client_processes(out, relay.address, args.clients, client_args, threads=threads) as clients:
-            status = _follow(address, coordinator, clients, args.rounds, log if not args.quiet else None)
+            failed = lambda: [c.name for c in clients if c.popen.poll() not in (None, 0)]  # noqa: E731
+            status = _follow(address, coordinator, failed, args.rounds, log if not args.quiet else None)
             for client in clients:  # they exit by themselves on TASK_DONE
                 client.popen.wait(timeout=60)
         socket_up, socket_down = relay.counts()
@@ -75,15 +86,16 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
     return report
 
 
-def _follow(address: str, coordinator, clients, rounds: int, log) -> dict:
-    """Print a line per committed round; return the final status once the run is done."""
+def _follow(address: str, coordinator, failed, rounds: int, log) -> dict:
+    """Print a line per committed round; return the final status once the run is done.
+    `failed()` names the client processes (or workers) that died."""
     shown, tick = 0, threading.Event()
     while True:
         if coordinator.popen.poll() is not None:
             raise RuntimeError(f"the coordinator exited with {coordinator.popen.returncode}; see {coordinator.log_path}")
-        dead = [c.name for c in clients if c.popen.poll() not in (None, 0)]
+        dead = failed()
         if dead:
-            raise RuntimeError(f"client(s) {dead} failed; see their logs in {clients[0].log_path.parent}")
+            raise RuntimeError(f"client(s) {dead} failed; see their logs in {coordinator.log_path.parent}")
         status = fetch_status(address)
         for r in status["rounds"][shown:]:
             if log:
@@ -98,6 +110,10 @@ def _follow(address: str, coordinator, clients, rounds: int, log) -> dict:
 def main(args: argparse.Namespace) -> int:
     if args.clients < 1 or args.rounds < 1:
         print("error: --clients and --rounds must be >= 1", file=sys.stderr)
+        return 2
+    problem = check_virtual_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.mode == "swarm":
         report = run_swarm_sim(args)
