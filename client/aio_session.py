@@ -5,6 +5,7 @@ sim/bench_load.py's load sessions). What a role does with a task is not here (cl
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import random
@@ -31,6 +32,13 @@ class SessionRefused(Exception):
     """The coordinator refused this session's join (UNAUTHENTICATED / INVALID_ARGUMENT): retrying will not help."""
 
 
+def assemble(parts: list[pb.TensorPart]) -> dict[str, torch.Tensor]:
+    assembler = wire.PartAssembler({p.name: tuple(p.shape) for p in parts}, {C.CODEC_NAMES["none"]})
+    for part in parts:
+        assembler.add(part)
+    return assembler.finish()
+
+
 def open_aio_channel(address: str, own_connection: bool = True) -> grpc.aio.Channel:
     """A plaintext channel (the sim runs on loopback or a private Ray network)."""
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS if own_connection else CHANNEL_OPTIONS[:2])
@@ -40,7 +48,8 @@ class AsyncSession:
     """A session with the coordinator; `heartbeats()` runs as a task beside the work.
 
     `on_latency(kind, seconds)`, if given, is called after every successful Heartbeat ("heartbeat")
-    and Join ("join"); `lost_leases` counts the times the coordinator had forgotten the session."""
+    and Join ("join"); `lost_leases` counts the times the coordinator had forgotten the session,
+    `heartbeat_failures` the failed heartbeats by status code name."""
 
     def __init__(self, channel: grpc.aio.Channel, name: str, timeouts: ClientTimeouts | None = None,
                  on_latency: Callable[[str, float], None] | None = None, role: str = "client"):
@@ -54,6 +63,7 @@ class AsyncSession:
         self.heartbeat_s = 2.0
         self.run_cfg: dict = {}
         self.lost_leases = 0
+        self.heartbeat_failures: collections.Counter[str] = collections.Counter()
         self.closed = asyncio.Event()
         self._join_lock = asyncio.Lock()
 
@@ -114,6 +124,7 @@ class AsyncSession:
                                           timeout=self.t.rpc_s)
                 self.on_latency("heartbeat", time.perf_counter() - started)
             except grpc.aio.AioRpcError as err:
+                self.heartbeat_failures[err.code().name] += 1
                 if err.code() == grpc.StatusCode.UNAUTHENTICATED and not self.closed.is_set():
                     await self.rejoin(err.details() or "")
                 else:
@@ -132,16 +143,16 @@ class AsyncSession:
             await self.rejoin(err.details() or "")
             return pb.Task(kind=pb.TASK_NONE)
 
-    async def fetch_model(self, task_id: str) -> dict[str, torch.Tensor]:
-        """The task's weights (float32 parts, checked by wire.PartAssembler)."""
+    async def fetch_parts(self, task_id: str) -> list[pb.TensorPart]:
+        """The task's weights as they travel (float32 parts), not yet decoded."""
         async def download():
             req = pb.FetchModelRequest(client_id=self.client_id, session_token=self.token, task_id=task_id)
-            parts = [chunk.part async for chunk in self.stub.FetchModel(req, timeout=self.t.transfer_s)]
-            assembler = wire.PartAssembler({p.name: tuple(p.shape) for p in parts}, {C.CODEC_NAMES["none"]})
-            for part in parts:
-                assembler.add(part)
-            return assembler.finish()
+            return [chunk.part async for chunk in self.stub.FetchModel(req, timeout=self.t.transfer_s)]
         return await self.with_retry("model download", download)
+
+    async def fetch_model(self, task_id: str) -> dict[str, torch.Tensor]:
+        """The task's weights, checked and decoded by wire.PartAssembler off the event loop."""
+        return await asyncio.to_thread(assemble, await self.fetch_parts(task_id))
 
     async def push(self, chunks: list[bytes]) -> pb.PushReply:
         """Stream an encoded update (client/work.py's update_stream)."""

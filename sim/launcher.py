@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
+
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.proto.codec import CODEC_NAMES
 from fedswarm.sim.processes import client_processes, coordinator_process, fetch_status
@@ -19,6 +21,7 @@ from fedswarm.sim.report import plot_rounds, write_report
 
 DEFAULT_CLIENTS = 3
 DEFAULT_ROUNDS = 6
+STATUS_TRIES = 6   # Status calls (10 s deadline each) the coordinator may leave unanswered in a row
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,14 +92,23 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
 def _follow(address: str, coordinator, failed, rounds: int, log) -> dict:
     """Print a line per committed round; return the final status once the run is done.
     `failed()` names the client processes (or workers) that died."""
-    shown, tick = 0, threading.Event()
+    shown, unanswered, tick = 0, 0, threading.Event()
     while True:
         if coordinator.popen.poll() is not None:
             raise RuntimeError(f"the coordinator exited with {coordinator.popen.returncode}; see {coordinator.log_path}")
         dead = failed()
         if dead:
             raise RuntimeError(f"client(s) {dead} failed; see their logs in {coordinator.log_path.parent}")
-        status = fetch_status(address)
+        try:
+            status = fetch_status(address)
+        except grpc.RpcError as err:
+            unanswered += 1
+            if unanswered >= STATUS_TRIES:
+                raise RuntimeError(f"the coordinator did not answer Status {unanswered} times in a row "
+                                   f"({err.code().name}); see {coordinator.log_path}") from None
+            tick.wait(0.5)
+            continue
+        unanswered = 0
         for r in status["rounds"][shown:]:
             if log:
                 up = f"{r['bytes_up'] / 1e6:6.2f} MB up" if r["round"] else "initial model"

@@ -91,8 +91,8 @@ class Trainer:
         self.model: torch.nn.Module | None = None
 
     def train(self, index: int, run_cfg: dict, task: pb.Task,
-              base: dict[str, torch.Tensor]) -> tuple[list[bytes], int, float, float]:
-        """(serialized parts, num_examples, train_loss, seconds) of virtual client `index` on `task`."""
+              base: dict[str, torch.Tensor]) -> tuple[list[bytes], int, float, float, bytes]:
+        """(serialized parts, num_examples, train_loss, seconds, base digest) of virtual client `index` on `task`."""
         if self.model is None:
             self.model = build_model(run_cfg["model"], seed=run_cfg["seed"])
         tokens = load_train_tokens(self.spec.data, index, self.spec.total)
@@ -102,7 +102,8 @@ class Trainer:
         trainer = LocalTrainer(self.model, sampler, self.device, self.precision, lr=run_cfg["lr"])
         delta, result = work.train_on_task(trainer, run_cfg, task, base)
         feedback = C.ErrorFeedback(C.codec_by_name(run_cfg["upload_codec"]), run_cfg.get("codec_block_size") or None)
-        return work.encode_delta(feedback, delta), result.num_examples, result.train_loss, result.seconds
+        parts = work.encode_delta(feedback, delta)
+        return parts, result.num_examples, result.train_loss, result.seconds, wire.state_digest(base)
 
 
 class Worker:
@@ -159,7 +160,7 @@ class Worker:
     async def train(self, index: int, session: AsyncSession, task: pb.Task) -> None:
         base = await session.fetch_model(task.task_id)
         loop = asyncio.get_running_loop()
-        parts, examples, loss, seconds = await loop.run_in_executor(
+        parts, examples, loss, seconds, digest = await loop.run_in_executor(
             self.pool, self.trainer.train, index, session.run_cfg, task, base)
         self.stats.train_seconds += seconds
         if _roll(self.spec.seed, index, task.round, "straggler") < self.spec.straggler_rate:
@@ -167,7 +168,7 @@ class Worker:
             await asyncio.sleep(self.spec.straggler_delay_s)
         chunks = work.update_stream(parts, client_id=session.client_id, token=session.token, run_id=session.run_id,
                                     task=task, num_tensors=len(base), num_examples=examples, train_loss=loss,
-                                    seconds=seconds, base_digest=wire.state_digest(base))
+                                    seconds=seconds, base_digest=digest)
         try:
             await session.push(chunks)
             self.stats.trained += 1
