@@ -11,7 +11,6 @@ class RunConfig:
 
     rounds: int = 5
     min_clients: int = 2
-    clients_per_round: int = 0         # clients sampled per round (0: every connected client)
     strategy: str = "fedavg"
     upload_codec: str = "int8"
     codec_block_size: int = 0          # 0: the codec's default
@@ -30,6 +29,8 @@ class RunConfig:
     stages: int = 3
     average_every: int = 20            # replicas' optimizer steps between stage averages
     activation_codec: str = "bf16"     # activations and their gradients on the swarm wire
+    # sampled rounds (federated): K clients per round
+    clients_per_round: int = 0         # 0: every connected client
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -49,8 +50,6 @@ class RunConfig:
             raise ValueError("--rounds must be >= 1")
         if self.min_clients < 1:
             raise ValueError("--min-clients must be >= 1")
-        if self.clients_per_round < 0:
-            raise ValueError("--clients-per-round must be >= 0 (0: every connected client)")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"--strategy {self.strategy!r}: choose one of {sorted(STRATEGIES)}")
         codec_by_name(self.upload_codec)
@@ -70,6 +69,8 @@ class RunConfig:
                 raise ValueError("--average-every must be >= 1")
         if not 0 < self.lr < 1:
             raise ValueError("--lr must be in (0, 1)")
+        if self.clients_per_round < 0:
+            raise ValueError("--clients-per-round must be >= 0 (0: every connected client)")
 
 
 @dataclass

@@ -30,10 +30,10 @@ log = logging.getLogger("fedswarm.coordinator")
 SWARM_LEASE_S, SWARM_HEARTBEAT_S = 3.0, 0.5   # stage peers must be noticed gone within seconds
 RUN_FLAGS = {  # CLI flag -> RunConfig field
     "rounds": "rounds", "min_clients": "min_clients", "strategy": "strategy", "upload_codec": "upload_codec",
-    "clients_per_round": "clients_per_round",
     "model": "model", "local_steps": "local_steps", "batch_size": "batch_size", "seq_len": "seq_len",
     "lr": "lr", "seed": "seed", "grad_accum": "grad_accum", "eval_data": "eval_data",
     "mode": "mode", "stages": "stages", "average_every": "average_every", "activation_codec": "activation_codec",
+    "clients_per_round": "clients_per_round",
 }
 
 
@@ -43,8 +43,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", required=True, help="folder for the SQLite database and checkpoints")
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--min-clients", type=int, default=d.min_clients)
-    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round,
-                   help="clients the strategy samples per round (0: every connected client)")
     p.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGIES))
     p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES))
     p.add_argument("--model", default=d.model, help=f"preset ({', '.join(PRESETS)}) or config JSON / HF folder")
@@ -66,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="swarm: replicas' optimizer steps between per-stage averages (one averaging = one round)")
     p.add_argument("--activation-codec", default=d.activation_codec, choices=["bf16", "fp16", "int8", "none"],
                    help="swarm: activations and gradients on the wire")
+    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, metavar="K",
+                   help="sample K of the connected clients each round (Flower's min_train_nodes); "
+                        "the others stay connected, long-polling (0: every client)")
     p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")

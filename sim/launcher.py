@@ -28,8 +28,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
     p.add_argument("--clients", type=int, default=DEFAULT_CLIENTS)
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
-    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round,
-                   help="clients sampled per round (0: all)")
     p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES))
     p.add_argument("--strategy", default=d.strategy)
     p.add_argument("--model", default=d.model)
@@ -38,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, metavar="K",
+                   help="clients sampled per round (0: all of them)")
     p.add_argument("--data", default="stdlib", help="stdlib or a text file / folder (split across clients)")
     p.add_argument("--precision", default="auto")
     p.add_argument("--out", default="sim-out", help="folder for report.json, plots, logs and state")

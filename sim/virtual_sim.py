@@ -20,8 +20,8 @@ PROCESS_PER_CLIENT_MAX = 8     # beyond this many clients, `fedswarm sim` uses v
 
 def add_virtual_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0,
-                   help="virtual clients over W worker processes (0: auto, virtual when --clients > "
-                        f"{PROCESS_PER_CLIENT_MAX} or with --backend ray, on min(2, cores) workers)")
+                   help="virtual clients over W worker processes (0: auto: virtual when --clients > "
+                        f"{PROCESS_PER_CLIENT_MAX} or with any option below, on min(2, cores) workers)")
     p.add_argument("--backend", default="local", choices=["local", "ray"],
                    help="where virtual-client workers run: local processes, or tasks on a Ray cluster")
     p.add_argument("--ray-address", default="", metavar="ADDR",
@@ -34,13 +34,18 @@ def add_virtual_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def wants_virtual(args: argparse.Namespace) -> bool:
-    return args.workers > 0 or args.backend == "ray" or args.clients > PROCESS_PER_CLIENT_MAX
+    """Virtual clients when asked for (workers, Ray, dropouts, stragglers) or when there are many."""
+    return (args.workers > 0 or args.backend == "ray" or args.dropout_rate > 0 or args.straggler_rate > 0
+            or args.clients > PROCESS_PER_CLIENT_MAX)
 
 
 def check_virtual_args(args: argparse.Namespace) -> str | None:
     """An error message for settings that cannot run, else None."""
     if args.workers < 0:
         return "--workers must be >= 0"
+    if getattr(args, "mode", "federated") == "swarm" and (args.workers or args.backend != "local"
+                                                          or args.dropout_rate or args.straggler_rate):
+        return "--workers, --backend, --dropout-rate and --straggler-rate are for federated runs, not --mode swarm"
     if not 0 <= args.dropout_rate < 1 or not 0 <= args.straggler_rate <= 1:
         return "--dropout-rate must be in [0, 1) and --straggler-rate in [0, 1]"
     if args.straggler_delay < 0:
@@ -109,7 +114,8 @@ class RayWorkers:
         self.started_ray = not ray.is_initialized()
         if self.started_ray and address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        elif self.started_ray:  # a private local instance on loopback
+        elif self.started_ray:  # a private local instance on loopback, reporting nothing anywhere
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             ray.init(num_cpus=local_cpus, include_dashboard=False, log_to_driver=False,
                      object_store_memory=RAY_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1")
 
