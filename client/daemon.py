@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from fedswarm.client import work
 from fedswarm.client.identity import Identity, open_channel, signed_join_fields
 from fedswarm.client.trainer import PRECISIONS, LocalTrainer, resolve_device, resolve_precision
 from fedswarm.data import BatchSampler, load_train_tokens, parse_partition
@@ -221,14 +222,9 @@ class ClientDaemon:
             self.channel.close()
 
     def train(self, task: pb.Task) -> None:
-        config = json.loads(task.config_json)
         base = self.fetch_model(task.task_id)
         log.info("round %d: training on task %s", task.round, task.task_id[:12])
-        mu = float(config.get("proximal-mu", 0.0))
-        steps = int(config.get("local-steps", self.run_cfg["local_steps"]))
-        result = self.trainer.train_round(base, steps, self.run_cfg.get("grad_accum", 1),
-                                          lr=float(config.get("lr", self.run_cfg["lr"])), proximal_mu=mu)
-        delta = {n: result.state[n] - base[n] for n in base}
+        delta, result = work.train_on_task(self.trainer, self.run_cfg, task, base)
         reply = self.upload(task, delta, result.num_examples, result.train_loss, result.seconds,
                             base_digest=wire.state_digest(base))
         log.info("round %d: loss %.4f in %.1f s, uploaded %d bytes (%s)", task.round, result.train_loss,
@@ -242,18 +238,12 @@ class ClientDaemon:
         encoded update under the new session: it carries the digest of the weights it was trained from,
         so the coordinator can accept it for the re-run of the same round instead of losing the work."""
         saved = {n: r.clone() for n, r in self.feedback.residuals.items()}
-        encoded = {n: self.feedback.compress(n, d)[0] for n, d in delta.items()}
-        parts = [p for n, d in delta.items() for p in wire.tensor_parts(n, tuple(d.shape), encoded[n])]
-        raw_parts = [pb.UpdateChunk(part=p).SerializeToString() for p in parts]
+        raw_parts = work.encode_delta(self.feedback, delta)
         for attempt in range(3):
-            header = pb.UpdateHeader(client_id=self.client_id, session_token=self.token, task_id=task.task_id,
-                                     round=task.round, num_examples=num_examples, train_loss=train_loss,
-                                     num_tensors=len(delta), num_parts=len(parts), train_seconds=seconds,
-                                     base_digest=base_digest)
-            if self.identity:  # the coordinator hashes exactly these bytes: send them as they are
-                header.signature = self.identity.sign_update(self.run_id, task.round, self.client_id, task.task_id,
-                                                             num_examples, train_loss, len(parts), raw_parts)
-            chunks = [pb.UpdateChunk(header=header).SerializeToString()] + raw_parts
+            chunks = work.update_stream(raw_parts, client_id=self.client_id, token=self.token, run_id=self.run_id,
+                                        task=task, num_tensors=len(delta), num_examples=num_examples,
+                                        train_loss=train_loss, seconds=seconds, base_digest=base_digest,
+                                        identity=self.identity)
             try:
                 reply = self.with_retry("upload", lambda: self._push_raw(iter(chunks), timeout=self.t.transfer_s))
                 if attempt:

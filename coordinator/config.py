@@ -30,6 +30,8 @@ class RunConfig:
     average_every: int = 20            # replicas' optimizer steps between stage averages
     activation_codec: str = "bf16"     # activations and their gradients on the swarm wire
     clip_update_norm: float = 0.0      # > 0: updates with a larger L2 norm are scaled down to it
+    # sampled rounds (federated): K clients per round
+    clients_per_round: int = 0         # 0: every connected client
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -70,6 +72,8 @@ class RunConfig:
             raise ValueError("--clip-update-norm must be a finite number >= 0")
         if not 0 < self.lr < 1:
             raise ValueError("--lr must be in (0, 1)")
+        if self.clients_per_round < 0:
+            raise ValueError("--clients-per-round must be >= 0 (0: every connected client)")
 
 
 @dataclass

@@ -34,6 +34,7 @@ RUN_FLAGS = {  # CLI flag -> RunConfig field
     "lr": "lr", "seed": "seed", "grad_accum": "grad_accum", "eval_data": "eval_data",
     "mode": "mode", "stages": "stages", "average_every": "average_every", "activation_codec": "activation_codec",
     "clip_update_norm": "clip_update_norm",
+    "clients_per_round": "clients_per_round",
 }
 EXIT_DRIVER_CRASHED, EXIT_RUN_FAILED = 1, 3
 
@@ -65,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="swarm: replicas' optimizer steps between per-stage averages (one averaging = one round)")
     p.add_argument("--activation-codec", default=d.activation_codec, choices=["bf16", "fp16", "int8", "none"],
                    help="swarm: activations and gradients on the wire")
+    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, metavar="K",
+                   help="sample K of the connected clients each round (Flower's min_train_nodes); "
+                        "the others stay connected, long-polling (0: every client)")
     p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")

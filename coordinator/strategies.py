@@ -32,4 +32,7 @@ def build_strategy(cfg) -> S.Strategy:
         factory = STRATEGIES[cfg.strategy]
     except KeyError:
         raise ValueError(f"unknown strategy {cfg.strategy!r}: choose one of {sorted(STRATEGIES)}") from None
-    return factory(cfg.min_clients, cfg)
+    strategy = factory(cfg.min_clients, cfg)
+    if cfg.clients_per_round:  # Flower samples max(int(connected * fraction_train), min_train_nodes) = K
+        strategy.fraction_train, strategy.min_train_nodes = 1e-9, cfg.clients_per_round
+    return strategy

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedswarm import keygen
     from fedswarm.client import daemon
     from fedswarm.coordinator import main as coordinator
-    from fedswarm.sim import bench, launcher
+    from fedswarm.sim import bench, bench_load, launcher
 
     parser = argparse.ArgumentParser(prog="fedswarm", description="Federated rounds and swarm pipelines for transformer LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,8 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=launcher.main)
 
     p = sub.add_parser("bench", help="benchmarks whose ratios go in the README")
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.main)
+    kinds = p.add_subparsers(dest="which", required=True)
+    for which, text in bench.KINDS.items():
+        q = kinds.add_parser(which, help=text, description=text)
+        bench.add_arguments(q)
+        q.set_defaults(func=bench.main)
+    q = kinds.add_parser("load", help="sessions one coordinator holds", description=bench_load.__doc__)
+    bench_load.add_arguments(q)
+    q.set_defaults(func=bench_load.main)
     return parser
 
 

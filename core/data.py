@@ -5,7 +5,8 @@ Tokens are raw UTF-8 bytes (vocab 256). A corpus is named by ``data``:
 * ``"stdlib"`` -- the ``*.py`` sources of the running Python's standard library
   (no download needed). Groups are top-level modules; ~10% of groups (by a
   stable hash) are held out for eval, the rest are binned greedily by size
-  into balanced but non-IID train partitions.
+  into balanced but non-IID train partitions (with more partitions than groups, the
+  train groups in path order are cut into equal contiguous pieces instead).
 * a path to a text file -- eval is the last 10% of its bytes, train is the
   first 90% cut into equal contiguous pieces.
 * a path to a folder -- UTF-8 files under it, grouped by top-level entry, then
@@ -190,7 +191,13 @@ def load_train_tokens(data: str, index: int, num_partitions: int) -> np.ndarray:
     """uint8 tokens of train partition ``index`` (0-based) of ``num_partitions``."""
     _check_partition(index, num_partitions)
     plan = _plan(data)
-    if plan.by_groups:
+    train_files = tuple(f for f in plan.files if not is_eval_group(f.group)) if plan.by_groups else ()
+    if plan.by_groups and num_partitions > len({f.group for f in train_files}):
+        # More partitions than groups (a thousand-client simulation): cut the train groups, in path
+        # order, into equal contiguous pieces, so each piece still comes mostly from one module.
+        total = sum(f.size for f in train_files) + len(train_files) - 1
+        buf = _read_span(train_files, index * total // num_partitions, (index + 1) * total // num_partitions)
+    elif plan.by_groups:
         mine = set(group_assignment(data, num_partitions)[0][index])
         files = tuple(f for f in plan.files if f.group in mine)
         buf = _read_span(files, 0, sum(f.size for f in files) + len(files) - 1) if files else bytearray()

@@ -12,10 +12,13 @@ from fedswarm.sim.launcher import run_sim
 TARGETS = {"int8": (0.26, 0.01), "int4": (0.14, 0.03)}   # bytes ratio, eval-loss tolerance vs none
 
 
+KINDS = {  # `fedswarm bench KIND` (sim/bench_load.py adds "load")
+    "codecs": "upload bytes and final eval loss per codec vs none",
+    "swarm": "tokens/s of the swarm vs one process, and with a peer killed every 30 s vs none",
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("which", choices=["codecs", "swarm"],
-                   help="codecs: upload bytes and final eval loss per codec vs none; "
-                        "swarm: tokens/s of the swarm vs one process, and with a peer killed every 30 s vs none")
     p.add_argument("--seconds", type=float, default=90.0, help="swarm: measured seconds per configuration")
     p.add_argument("--codecs", default="none,fp16,int8,int4")
     add_sim_arguments(p)

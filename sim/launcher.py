@@ -9,16 +9,20 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
+
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.proto.codec import CODEC_NAMES
 from fedswarm.sim.hosts import HostNetwork, burst_bytes, probe, start_coordinator
 from fedswarm.sim.processes import client_processes, coordinator_process, fedswarm_cmd, fetch_status
 from fedswarm.sim.relay import CountingRelay
 from fedswarm.sim.swarm_sim import add_swarm_arguments, run_swarm_sim
+from fedswarm.sim.virtual_sim import add_virtual_arguments, check_virtual_args, run_virtual_sim, wants_virtual
 from fedswarm.sim.report import plot_rounds, write_report
 
 DEFAULT_CLIENTS = 3
 DEFAULT_ROUNDS = 6
+STATUS_TRIES = 6   # Status calls (10 s deadline each) the coordinator may leave unanswered in a row
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,11 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, metavar="K",
+                   help="clients sampled per round (0: all of them)")
     p.add_argument("--data", default="stdlib", help="stdlib or a text file / folder (split across clients)")
     p.add_argument("--precision", default="auto")
     p.add_argument("--out", default="sim-out", help="folder for report.json, plots, logs and state")
     p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     add_swarm_arguments(p)
+    add_virtual_arguments(p)
 
 
 def run_sim(args: argparse.Namespace, log=print) -> dict:
@@ -51,6 +58,12 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
                   "--strategy", args.strategy, "--upload-codec", args.upload_codec, "--model", args.model,
                   "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
                   "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed)]
+    if args.clients_per_round:
+        coord_args += ["--clients-per-round", str(args.clients_per_round)]
+    if wants_virtual(args):  # many sessions per worker process, locally or on Ray
+        follow = lambda address, coordinator, failed: _follow(  # noqa: E731
+            address, coordinator, failed, args.rounds, log if not args.quiet else None)
+        return run_virtual_sim(args, coord_args, follow, log)
     started = time.time()
     client_args = ["--data", args.data, "--precision", args.precision]
     hosts = []
@@ -61,7 +74,8 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
             clients = [net.start(i + 1, f"client-{i}", fedswarm_cmd(
                 "client", "--coordinator", address, "--partition", f"{i}/{args.clients}", "--name", f"client-{i}",
                 "--threads", str(threads), *client_args), out / f"client-{i}.log") for i in range(args.clients)]
-            status = _follow(status_address, coordinator, clients, args.rounds, log if not args.quiet else None)
+            failed = lambda: [c.name for c in clients if c.popen.poll() not in (None, 0)]  # noqa: E731
+            status = _follow(status_address, coordinator, failed, args.rounds, log if not args.quiet else None)
             for client in clients:
                 client.popen.wait(timeout=60)
             socket_up, socket_down = net.link_bytes(0)   # what the coordinator's host received / sent, at its link
@@ -73,7 +87,8 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
             log(f"coordinator on {address}; starting {args.clients} clients ({threads} thread(s) each)")
             # Clients reach the coordinator through the relay, so every byte they send is counted at a socket.
             with client_processes(out, relay.address, args.clients, client_args, threads=threads) as clients:
-                status = _follow(address, coordinator, clients, args.rounds, log if not args.quiet else None)
+                failed = lambda: [c.name for c in clients if c.popen.poll() not in (None, 0)]  # noqa: E731
+                status = _follow(address, coordinator, failed, args.rounds, log if not args.quiet else None)
                 for client in clients:  # they exit by themselves on TASK_DONE
                     client.popen.wait(timeout=60)
             socket_up, socket_down = relay.counts()
@@ -93,16 +108,26 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
     return report
 
 
-def _follow(address: str, coordinator, clients, rounds: int, log) -> dict:
-    """Print a line per committed round; return the final status once the run is done."""
-    shown, tick = 0, threading.Event()
+def _follow(address: str, coordinator, failed, rounds: int, log) -> dict:
+    """Print a line per committed round; return the final status once the run is done.
+    `failed()` names the client processes (or workers) that died."""
+    shown, unanswered, tick = 0, 0, threading.Event()
     while True:
         if coordinator.popen.poll() is not None:
             raise RuntimeError(f"the coordinator exited with {coordinator.popen.returncode}; see {coordinator.log_path}")
-        dead = [c.name for c in clients if c.popen.poll() not in (None, 0)]
+        dead = failed()
         if dead:
-            raise RuntimeError(f"client(s) {dead} failed; see their logs in {clients[0].log_path.parent}")
-        status = fetch_status(address)
+            raise RuntimeError(f"client(s) {dead} failed; see their logs in {coordinator.log_path.parent}")
+        try:
+            status = fetch_status(address)
+        except grpc.RpcError as err:
+            unanswered += 1
+            if unanswered >= STATUS_TRIES:
+                raise RuntimeError(f"the coordinator did not answer Status {unanswered} times in a row "
+                                   f"({err.code().name}); see {coordinator.log_path}") from None
+            tick.wait(0.5)
+            continue
+        unanswered = 0
         for r in status["rounds"][shown:]:
             if log:
                 up = f"{r['bytes_up'] / 1e6:6.2f} MB up" if r["round"] else "initial model"
@@ -128,6 +153,10 @@ def main(args: argparse.Namespace) -> int:
             return 2
     if args.hosts and (reason := probe()):
         print(f"error: --hosts cannot make network namespaces here: {reason}", file=sys.stderr)
+        return 2
+    problem = check_virtual_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.mode == "swarm":
         report = run_swarm_sim(args)

@@ -1,0 +1,162 @@
+"""One client session on a `grpc.aio` channel: join, heartbeats, re-join, long-poll, download, upload.
+
+It holds no thread: hundreds of sessions share one event loop (sim/virtual.py's virtual clients,
+sim/bench_load.py's load sessions). What a role does with a task is not here (client/work.py)."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+
+import grpc
+import torch
+
+from fedswarm.client.daemon import RETRYABLE, ClientTimeouts
+from fedswarm.proto import codec as C
+from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
+from fedswarm.proto import wire
+
+log = logging.getLogger("fedswarm.session")
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
+                   ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096),
+                   # each session its own connection, as separate client hosts would have
+                   ("grpc.use_local_subchannel_pool", 1)]
+
+
+class SessionRefused(Exception):
+    """The coordinator refused this session's join (UNAUTHENTICATED / INVALID_ARGUMENT): retrying will not help."""
+
+
+def assemble(parts: list[pb.TensorPart]) -> dict[str, torch.Tensor]:
+    assembler = wire.PartAssembler({p.name: tuple(p.shape) for p in parts}, {C.CODEC_NAMES["none"]})
+    for part in parts:
+        assembler.add(part)
+    return assembler.finish()
+
+
+def open_aio_channel(address: str, own_connection: bool = True) -> grpc.aio.Channel:
+    """A plaintext channel (the sim runs on loopback or a private Ray network)."""
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS if own_connection else CHANNEL_OPTIONS[:2])
+
+
+class AsyncSession:
+    """A session with the coordinator; `heartbeats()` runs as a task beside the work.
+
+    `on_latency(kind, seconds)`, if given, is called after every successful Heartbeat ("heartbeat")
+    and Join ("join"); `lost_leases` counts the times the coordinator had forgotten the session,
+    `heartbeat_failures` the failed heartbeats by status code name."""
+
+    def __init__(self, channel: grpc.aio.Channel, name: str, timeouts: ClientTimeouts | None = None,
+                 on_latency: Callable[[str, float], None] | None = None, role: str = "client"):
+        self.channel, self.name, self.role = channel, name, role
+        self.t = timeouts or ClientTimeouts()
+        self.stub = pb_grpc.CoordinatorStub(channel)
+        self._push_raw = channel.stream_unary("/fedswarm.Coordinator/PushUpdate", request_serializer=None,
+                                              response_deserializer=pb.PushReply.FromString)
+        self.on_latency = on_latency or (lambda kind, s: None)
+        self.client_id, self.token, self.run_id = 0, "", ""
+        self.heartbeat_s = 2.0
+        self.run_cfg: dict = {}
+        self.lost_leases = 0
+        self.heartbeat_failures: collections.Counter[str] = collections.Counter()
+        self.closed = asyncio.Event()
+        self._join_lock = asyncio.Lock()
+
+    async def with_retry(self, what: str, call):
+        """Await `call()` until it succeeds; capped exponential backoff with jitter on retryable codes."""
+        delay, started = self.t.backoff_initial_s, time.monotonic()
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in RETRYABLE or self.closed.is_set():
+                    raise
+                if self.t.give_up_s and time.monotonic() - started > self.t.give_up_s:
+                    raise
+                wait = delay * random.uniform(0.5, 1.5)
+                log.debug("%s: %s failed (%s); retrying in %.1f s", self.name, what, err.code().name, wait)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, self.t.backoff_max_s)
+
+    async def join(self) -> None:
+        """Join, or re-join keeping the id while the coordinator still knows the old session."""
+        async with self._join_lock:
+            async def attempt():
+                req = pb.JoinRequest(name=self.name, device="cpu", precision="bf16", role=self.role,
+                                     resume_client_id=self.client_id, resume_token=self.token)
+                started = time.perf_counter()
+                reply = await self.stub.Join(req, timeout=self.t.rpc_s)
+                self.on_latency("join", time.perf_counter() - started)
+                return reply
+            try:
+                reply = await self.with_retry("join", attempt)
+            except grpc.aio.AioRpcError as err:
+                if err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
+                    raise SessionRefused(f"the coordinator refused {self.name}: {err.details()}") from None
+                raise
+            if self.run_id and reply.run_id != self.run_id:
+                raise SessionRefused(f"the coordinator now serves run {reply.run_id}, not {self.run_id}")
+            self.client_id, self.token, self.run_id = reply.client_id, reply.session_token, reply.run_id
+            self.heartbeat_s = reply.heartbeat_interval_s or self.heartbeat_s
+            self.run_cfg = json.loads(reply.run_config_json)
+
+    async def rejoin(self, why: str) -> None:
+        self.lost_leases += 1
+        log.warning("%s: the coordinator no longer knows the session (%s); joining again", self.name, why)
+        await self.join()
+
+    async def heartbeats(self) -> None:
+        """Beat every heartbeat_s until closed; re-join when the coordinator forgot the session."""
+        while not self.closed.is_set():
+            try:
+                await asyncio.wait_for(self.closed.wait(), self.heartbeat_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            started = time.perf_counter()
+            try:
+                await self.stub.Heartbeat(pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token),
+                                          timeout=self.t.rpc_s)
+                self.on_latency("heartbeat", time.perf_counter() - started)
+            except grpc.aio.AioRpcError as err:
+                self.heartbeat_failures[err.code().name] += 1
+                if err.code() == grpc.StatusCode.UNAUTHENTICATED and not self.closed.is_set():
+                    await self.rejoin(err.details() or "")
+                else:
+                    log.debug("%s: heartbeat failed: %s", self.name, err.code().name)
+
+    async def pull(self) -> pb.Task:
+        """Long-poll for the next task (TASK_NONE when none came within pull_wait_s)."""
+        async def call():
+            req = pb.PullTaskRequest(client_id=self.client_id, session_token=self.token, wait_s=self.t.pull_wait_s)
+            return await self.stub.PullTask(req, timeout=self.t.pull_wait_s + self.t.rpc_s)
+        try:
+            return await self.with_retry("pull task", call)
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            await self.rejoin(err.details() or "")
+            return pb.Task(kind=pb.TASK_NONE)
+
+    async def fetch_parts(self, task_id: str) -> list[pb.TensorPart]:
+        """The task's weights as they travel (float32 parts), not yet decoded."""
+        async def download():
+            req = pb.FetchModelRequest(client_id=self.client_id, session_token=self.token, task_id=task_id)
+            return [chunk.part async for chunk in self.stub.FetchModel(req, timeout=self.t.transfer_s)]
+        return await self.with_retry("model download", download)
+
+    async def fetch_model(self, task_id: str) -> dict[str, torch.Tensor]:
+        """The task's weights, checked and decoded by wire.PartAssembler off the event loop."""
+        return await asyncio.to_thread(assemble, await self.fetch_parts(task_id))
+
+    async def push(self, chunks: list[bytes]) -> pb.PushReply:
+        """Stream an encoded update (client/work.py's update_stream)."""
+        return await self.with_retry("upload", lambda: self._push_raw(iter(chunks), timeout=self.t.transfer_s))
+
+    def close(self) -> None:
+        self.closed.set()

@@ -1,0 +1,31 @@
+"""`fedswarm bench load` smoke test: 20 sessions against a real coordinator for ~10 s."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from fedswarm.sim.processes import fedswarm_cmd
+
+
+@pytest.mark.timeout(180)
+def test_bench_load_holds_twenty_sessions(tmp_path):
+    proc = subprocess.run(fedswarm_cmd("bench", "load", "--clients", "20", "--seconds", "10", "--clients-per-round", "4",
+                                       "--out", str(tmp_path)),
+                          capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "| sessions | held (min / end)" in proc.stdout
+    (row,) = json.loads((tmp_path / "load.json").read_text())
+    assert row["sessions"] == 20 and row["joined"] == 20
+    assert row["members_min"] == 20 and row["members_end"] == 20 and row["lost_leases"] == 0
+    assert row["heartbeats"] > 0 and row["heartbeat_p50_ms"] is not None
+    assert row["status_calls"] >= 5 and row["status_p99_ms"] < 1000
+    assert row["uploads"] > 0 and row["rounds_per_min"] > 0     # sampled rounds commit under the load
+    assert row["coordinator_rss_mb"] > 0 and row["holds"]
+
+
+def test_bench_load_refuses_bad_counts(tmp_path):
+    proc = subprocess.run(fedswarm_cmd("bench", "load", "--clients", "ten", "--out", str(tmp_path)),
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and "--clients 'ten'" in proc.stderr

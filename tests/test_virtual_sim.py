@@ -1,0 +1,104 @@
+"""Virtual clients: many real sessions per worker process (sim/virtual.py), sampled rounds, and the
+data partitions a thousand clients need. The simulations run real coordinator and worker processes
+on 127.0.0.1 through the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedswarm.coordinator.config import RunConfig
+from fedswarm.coordinator.grid import SessionGrid
+from fedswarm.coordinator.strategies import build_strategy
+from fedswarm.data import load_train_tokens
+from fedswarm.sim.processes import fedswarm_cmd
+from fedswarm.sim.virtual import _roll
+
+SMALL = ["--local-steps", "5", "--seq-len", "64", "--batch-size", "8"]
+
+
+def run_sim(out, *args: str, timeout: float = 240) -> dict:
+    proc = subprocess.run(fedswarm_cmd("sim", "--out", str(out), "--quiet", *SMALL, *args), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads((out / "report.json").read_text())
+
+
+def test_more_partitions_than_groups_cut_the_train_stream():
+    n = 1000  # the standard library has ~180 train groups
+    pieces = [load_train_tokens("stdlib", i, n) for i in (0, 1, 500, 999)]
+    assert all(len(p) >= 129 for p in pieces)   # one window of the default seq_len, at least
+    sizes = {len(p) for p in pieces}
+    assert max(sizes) - min(sizes) <= 2          # equal cuts (a separator byte may differ)
+    assert not np.array_equal(pieces[0][:64], pieces[1][:64])
+    # the cuts are contiguous: piece 0 and piece 1 of a 500-way split cover piece 0 of the 1000-way one
+    assert np.array_equal(load_train_tokens("stdlib", 0, 500)[:len(pieces[0])], pieces[0])
+    with pytest.raises(ValueError, match="partition 1000/1000"):
+        load_train_tokens("stdlib", 1000, n)
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's Message reads the sender's identity from TaskIdentity (as coordinator/main.py sets it)."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, SUPERLINK_NODE_ID, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def test_clients_per_round_samples_k_distinct_connected_nodes(task_identity):
+    nodes = list(range(1, 21))
+    strategy = build_strategy(RunConfig(min_clients=20, clients_per_round=4))
+    grid = SessionGrid(7, live_nodes=lambda: nodes)
+    arrays = ArrayRecord(torch_state_dict={"w": torch.zeros(3)})
+    for rnd in (1, 2):
+        sent = list(strategy.configure_train(rnd, arrays, ConfigRecord({"lr": 0.1}), grid))
+        targets = [m.metadata.dst_node_id for m in sent]
+        assert len(targets) == 4 and len(set(targets)) == 4 and set(targets) <= set(nodes)
+    with pytest.raises(ValueError, match="clients-per-round"):
+        RunConfig(clients_per_round=-1).check()
+
+
+@pytest.mark.timeout(300)
+def test_forty_virtual_clients_on_two_workers(tmp_path):
+    report = run_sim(tmp_path, "--clients", "40", "--clients-per-round", "4", "--rounds", "2", "--workers", "2")
+    assert report["sim"]["virtual"] and report["sim"]["workers"] == 2
+    assert len(report["clients"]) == 40   # every virtual client held its own session to the end
+    assert len({c["id"] for c in report["clients"]}) == 40
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds[1:]:
+        assert len(r["clients"]) == 4 and len(set(r["clients"])) == 4, r
+        assert all(name.startswith("v00") for name in r["clients"])
+        assert math.isfinite(r["eval_loss"]) and r["bytes_up"] > 0
+    assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
+    v = report["virtual"]
+    assert v["trained"] == 8 and v["finished"] == 40 and v["dropped"] == [] and v["lost_leases"] == 0
+    assert (tmp_path / "worker-0.log").exists() and (tmp_path / "worker-1.log").exists()
+
+
+@pytest.mark.timeout(300)
+def test_dropouts_leave_and_stragglers_still_count(tmp_path):
+    # 6 clients, 4 sampled, and (seed 1) clients 0, 2 and 4 leave when sampled in round 1: any sample
+    # holds 1 to 3 of them, so round 1 commits with the others, once each dropout's lease ran out.
+    seed, clients = 1, 6
+    would_drop = {f"v{i:04d}" for i in range(clients) if _roll(seed, i, 1, "dropout") < 0.5}
+    assert would_drop == {"v0000", "v0002", "v0004"}
+    report = run_sim(tmp_path, "--clients", str(clients), "--clients-per-round", "4", "--rounds", "1",
+                     "--workers", "2", "--seed", str(seed), "--dropout-rate", "0.5",
+                     "--straggler-rate", "1", "--straggler-delay", "1")
+    v = report["virtual"]
+    assert 1 <= len(v["dropped"]) <= 3 and set(v["dropped"]) <= would_drop
+    (r1,) = [r for r in report["rounds"] if r["round"] == 1]
+    assert not set(r1["clients"]) & set(v["dropped"])        # a client that left never reported
+    assert len(r1["clients"]) == 4 - len(v["dropped"]) == v["trained"]
+    assert v["stragglers"] == v["trained"]                    # late uploads were still accepted
+    assert v["finished"] == clients - len(v["dropped"])
+    assert {c["name"] for c in report["clients"]} == {f"v{i:04d}" for i in range(clients)} - set(v["dropped"])
