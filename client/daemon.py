@@ -23,6 +23,7 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import wire
+from fedswarm.threads import BUDGET
 
 log = logging.getLogger("fedswarm.client")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -200,6 +201,7 @@ class ClientDaemon:
 
     def train(self, task: pb.Task) -> None:
         config = json.loads(task.config_json)
+        BUDGET.refresh()   # other fedswarm processes may have started beside us since the last round
         base = self.fetch_model(task.task_id)
         log.info("round %d: training on task %s", task.round, task.task_id[:12])
         mu = float(config.get("proximal-mu", 0.0))
@@ -271,7 +273,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--name", default="", help="name shown in status (default: host name + random suffix)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: this host's CPUs shared among the fedswarm processes running on it, "
+                        "re-checked each round)")
     p.add_argument("--role", default="client", choices=["client", "peer", "trainer"],
                    help="client: federated rounds; peer: serve a swarm pipeline stage; trainer: drive swarm micro-batches")
     p.add_argument("--inflight", type=int, default=2, help="trainer: micro-batches in flight at once")
@@ -281,8 +285,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    BUDGET.configure(args.threads)
     cls = ClientDaemon
     if args.role != "client":
         from fedswarm.client.swarm.roles import PeerDaemon, TrainerDaemon

@@ -25,6 +25,7 @@ from fedswarm.data import eval_windows, load_eval_tokens
 from fedswarm.models import PRESETS, build_model, trainable_state
 from fedswarm.proto import wire
 from fedswarm.proto.codec import CODEC_NAMES
+from fedswarm.threads import BUDGET
 
 log = logging.getLogger("fedswarm.coordinator")
 SWARM_LEASE_S, SWARM_HEARTBEAT_S = 3.0, 0.5   # stage peers must be noticed gone within seconds
@@ -63,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="swarm: replicas' optimizer steps between per-stage averages (one averaging = one round)")
     p.add_argument("--activation-codec", default=d.activation_codec, choices=["bf16", "fp16", "int8", "none"],
                    help="swarm: activations and gradients on the wire")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads for evaluation (0: this host's CPUs shared among the fedswarm processes "
+                        "running on it, re-checked at each eval)")
     p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")
@@ -117,6 +121,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run_id = store.get_meta("run_id")
+    BUDGET.configure(args.threads)
     swarm_mode = cfg.mode == "swarm"
     timeouts = CoordinatorTimeouts(round_timeout_s=args.round_timeout)
     if swarm_mode:

@@ -13,9 +13,10 @@ TARGETS = {"int8": (0.26, 0.01), "int4": (0.14, 0.03)}   # bytes ratio, eval-los
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("which", choices=["codecs", "swarm"],
+    p.add_argument("which", choices=["codecs", "swarm", "threads"],
                    help="codecs: upload bytes and final eval loss per codec vs none; "
-                        "swarm: tokens/s of the swarm vs one process, and with a peer killed every 30 s vs none")
+                        "swarm: tokens/s of the swarm vs one process, and with a peer killed every 30 s vs none; "
+                        "threads: seconds per round of a hand-started coordinator + 2 clients, defaults vs --threads 1")
     p.add_argument("--seconds", type=float, default=90.0, help="swarm: measured seconds per configuration")
     p.add_argument("--codecs", default="none,fp16,int8,int4")
     add_sim_arguments(p)
@@ -144,4 +145,8 @@ def main(args: argparse.Namespace) -> int:
         bench_codecs(args)
     elif args.which == "swarm":
         bench_swarm(args)
+    elif args.which == "threads":
+        from fedswarm.sim.bench_threads import bench_threads
+
+        bench_threads(args)
     return 0
