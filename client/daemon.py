@@ -72,6 +72,7 @@ class ClientDaemon:
         self._push_raw = self.channel.stream_unary(  # PushUpdate taking pre-serialized UpdateChunks
             "/fedswarm.Coordinator/PushUpdate", request_serializer=None, response_deserializer=pb.PushReply.FromString)
         self.client_id, self.token, self.run_id = 0, "", ""
+        self.metrics = None   # fedswarm.metrics.ClientMetrics with --metrics-port
         self.trainer: LocalTrainer | None = None
         self.feedback: C.ErrorFeedback | None = None
         self.run_cfg: dict = {}
@@ -209,8 +210,12 @@ class ClientDaemon:
         result = self.trainer.train_round(base, steps, self.run_cfg.get("grad_accum", 1),
                                           lr=float(config.get("lr", self.run_cfg["lr"])), proximal_mu=mu)
         delta = {n: result.state[n] - base[n] for n in base}
+        uploading = time.monotonic()
         reply = self.upload(task, delta, result.num_examples, result.train_loss, result.seconds,
                             base_digest=wire.state_digest(base))
+        if self.metrics:
+            self.metrics.record_round(steps, result.num_examples * self.run_cfg["seq_len"], result.seconds,
+                                      time.monotonic() - uploading, reply.bytes_received)
         log.info("round %d: loss %.4f in %.1f s, uploaded %d bytes (%s)", task.round, result.train_loss,
                  result.seconds, reply.bytes_received, self.run_cfg["upload_codec"])
 
@@ -271,7 +276,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="stdlib", help="stdlib (the running Python's sources) or a text file / folder")
     p.add_argument("--partition", default="0/1", help="I/N: this client's share of --data (0-based)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 autocast on CPU and bf16 GPUs, else fp16 with a scaler")
     p.add_argument("--name", default="", help="name shown in status (default: host name + random suffix)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: this host's CPUs shared among the fedswarm processes running on it, "
@@ -281,6 +287,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inflight", type=int, default=2, help="trainer: micro-batches in flight at once")
     p.add_argument("--tls-ca", metavar="FILE", help="CA certificate (PEM) to verify a TLS coordinator")
     p.add_argument("--key", metavar="FILE", help="Ed25519 private key (PEM) proving this client's identity")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics at http://--metrics-host:PORT/metrics (0: a free port; default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -296,6 +305,10 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.metrics_port is not None:
+        from fedswarm.metrics import ClientMetrics, serve as serve_metrics
+        daemon.metrics = ClientMetrics(daemon)
+        serve_metrics(daemon.metrics.registry, args.metrics_host, args.metrics_port)
     try:
         return daemon.run()
     except JoinRefused as err:

@@ -41,19 +41,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
     p.add_argument("--listen", default="127.0.0.1:7000", help="HOST:PORT to serve on (port 0 picks a free port)")
     p.add_argument("--state-dir", required=True, help="folder for the SQLite database and checkpoints")
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--min-clients", type=int, default=d.min_clients)
-    p.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGIES))
-    p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES))
+    p.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (swarm: stage averagings) to run")
+    p.add_argument("--min-clients", type=int, default=d.min_clients, help="clients a round waits for and trains")
+    p.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGIES),
+                   help="Flower strategy that aggregates the updates")
+    p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES),
+                   help="how clients encode their update deltas")
     p.add_argument("--model", default=d.model, help=f"preset ({', '.join(PRESETS)}) or config JSON / HF folder")
-    p.add_argument("--local-steps", type=int, default=d.local_steps)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--local-steps", type=int, default=d.local_steps, help="optimizer steps each client makes per round")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches accumulated per optimizer step")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=d.lr, help="clients' local AdamW learning rate")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial model and the data sampling")
     p.add_argument("--eval-data", default=d.eval_data, help="held-out data for centralized eval (stdlib or PATH)")
-    p.add_argument("--round-timeout", type=float, default=CoordinatorTimeouts.round_timeout_s)
+    p.add_argument("--round-timeout", type=float, default=CoordinatorTimeouts.round_timeout_s,
+                   help="seconds a round waits for replies before it closes")
     p.add_argument("--lease", type=float, default=None,
                    help=f"seconds of silence before a client is dropped (default {CoordinatorTimeouts.lease_s:.0f}; "
                         f"swarm: {SWARM_LEASE_S:.0f})")
@@ -67,7 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for evaluation (0: this host's CPUs shared among the fedswarm processes "
                         "running on it, re-checked at each eval)")
-    p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics at http://--metrics-host:PORT/metrics (0: a free port; default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="exit 0 after the last round instead of serving status")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")
     p.add_argument("--authorized-keys", metavar="FILE",
@@ -155,6 +162,9 @@ def serve(args: argparse.Namespace) -> int:
         driver = RoundDriver(cfg, grid, build_strategy(cfg), store, model, windows, progress, timeouts.round_timeout_s)
         run_driver = driver.run
     service = CoordinatorService(cfg, run_id, grid, membership, progress, timeouts, auth=auth, swarm=swarm)
+    if args.metrics_port is not None:
+        from fedswarm.metrics import coordinator_registry, serve as serve_metrics
+        serve_metrics(coordinator_registry(service.status_dict), args.metrics_host, args.metrics_port)
 
     options = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
                ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]

@@ -1,4 +1,4 @@
-"""The `fedswarm` command: coordinator, client, status, keygen, sim, bench.
+"""The `fedswarm` command: coordinator, client, status, health, keygen, sim, bench.
 
 Each subcommand's module is imported only when that subcommand runs (or for the full `fedswarm --help`),
 so `fedswarm status` loads grpc and the proto stubs, never torch, transformers or Flower."""
@@ -25,6 +25,12 @@ def _status(args: argparse.Namespace) -> int:
         return run_status(args)
     except KeyboardInterrupt:   # --watch ends with Ctrl-C
         return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from fedswarm.status_view import run_health
+
+    return run_health(args)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -55,6 +61,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator's answer")
         p.add_argument("--tls-ca", default=None, metavar="FILE", help="CA certificate (PEM) to verify a TLS coordinator")
         p.set_defaults(func=_status)
+
+    if p := add("health", "ask the coordinator's standard gRPC health service; exit 0 if SERVING (for probes)"):
+        p.add_argument("--coordinator", required=True, help="HOST:PORT")
+        p.add_argument("--service", default="", help="service name to check ('': the server as a whole)")
+        p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+        p.add_argument("--tls-ca", default=None, metavar="FILE", help="CA certificate (PEM) to verify a TLS coordinator")
+        p.set_defaults(func=_health)
 
     if p := add("keygen", "write a development CA, server certificate, client keys, authorized_keys"):
         from fedswarm import keygen

@@ -94,3 +94,28 @@ def run_status(args: argparse.Namespace) -> int:
             tick.wait(args.watch)
         except KeyboardInterrupt:
             return 0
+
+
+def run_health(args: argparse.Namespace) -> int:
+    """The standard gRPC health check (grpc.health.v1): exit 0 if SERVING, 1 otherwise (for probes)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fedswarm.client.identity import IdentityError, open_channel
+
+    try:
+        channel = open_channel(args.coordinator, args.tls_ca)
+    except IdentityError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                              timeout=args.timeout)
+        except grpc.RpcError as err:
+            print(f"error: health check of {args.coordinator} failed: {err.code().name} {err.details()}",
+                  file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1

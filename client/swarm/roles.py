@@ -28,8 +28,8 @@ class PeerDaemon(ClientDaemon):
         self.run_cfg = cfg
         self.codec = C.codec_by_name(cfg["upload_codec"])
         self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
-        with self.fork_guard:  # no gRPC call in flight while hivemind forks its DHT process
-            self.node = SwarmNode(initial_peers=self.dht_peers)
+        # no gRPC call in flight while hivemind forks its DHT process (held for the fork only)
+        self.node = SwarmNode(initial_peers=self.dht_peers, fork_lock=self.fork_guard)
         self.server = StageServer(self.run_id, cfg, self.device, self.precision)
         self.node.add_handler(HANDLER, self.server.handle, pb.StageRequest)
         self._switch_lock = threading.Lock()
@@ -106,8 +106,8 @@ class TrainerDaemon(ClientDaemon):
         seed = int.from_bytes(hashlib.sha256(f"{cfg['seed']}/trainer/{self.index}".encode()).digest()[:4], "little")
         self.sampler = BatchSampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
         self._sample_lock = threading.Lock()
-        with self.fork_guard:  # no gRPC call in flight while hivemind forks its DHT process
-            self.node = SwarmNode(initial_peers=self.dht_peers)
+        # no gRPC call in flight while hivemind forks its DHT process (held for the fork only)
+        self.node = SwarmNode(initial_peers=self.dht_peers, fork_lock=self.fork_guard)
         self.swarm = SwarmTrainer(self.node, self.run_id, cfg["stages"])
         self.done = threading.Event()
 
@@ -136,7 +136,7 @@ class TrainerDaemon(ClientDaemon):
                 log.error("micro-batch lost: %s", err)
                 continue
             n = self.swarm.stats.completed
-            if n % 20 == 0:
+            if n == 1 or n % 20 == 0:
                 log.info("%d micro-batches, loss %.4f, %d replayed; DHT read %.3f s", n, loss,
                          self.swarm.stats.retried, self.swarm.lookup_seconds)
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import signal
 import threading
+import time
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -80,7 +82,9 @@ class SwarmNode:
     """
 
     def __init__(self, initial_peers: list[str] | None = None, timeouts: SwarmTimeouts | None = None,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", fork_lock: threading.Lock | None = None):
+        """`fork_lock` is held only while hivemind forks the DHT process (no gRPC call may be in flight then),
+        not while it starts up, so the caller's heartbeats keep its lease alive meanwhile."""
         self.timeouts = timeouts or SwarmTimeouts()
         self._closed = False
         self._dht_lock = threading.Lock()
@@ -88,8 +92,10 @@ class SwarmNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._p2p: P2P | None = None
-        self._dht = DHT(initial_peers=list(initial_peers or []) or None, start=True, await_ready=False,
-                        host_maddrs=[f"/ip4/{host}/tcp/0"], startup_timeout=self.timeouts.startup_s)
+        started = time.monotonic()
+        with fork_lock or contextlib.nullcontext():
+            self._dht = DHT(initial_peers=list(initial_peers or []) or None, start=True, await_ready=False,
+                            host_maddrs=[f"/ip4/{host}/tcp/0"], startup_timeout=self.timeouts.startup_s)
         try:
             self._dht.wait_until_ready(self.timeouts.startup_s)
             self._p2pd_pids = [p for p in _child_pids(self._dht.pid) if _is_p2pd(p)]
@@ -98,6 +104,7 @@ class SwarmNode:
             self._thread.start()
             self._p2p = self.submit(self._dht.replicate_p2p()).result(self.timeouts.startup_s)
             self.peer_id: str = self._p2p.peer_id.to_base58()
+            logger.info("DHT node and p2pd up in %.2f s", time.monotonic() - started)
         except BaseException:
             self.shutdown()
             raise
