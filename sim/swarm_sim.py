@@ -191,7 +191,14 @@ def plot_occupancy(out: Path, report: dict, plt) -> None:
         "join": (dict(color="tab:blue", linestyle=":", alpha=0.8), "peer joined"),
         "move": (dict(color="green", linestyle="-", alpha=0.8, linewidth=2), "peer re-assigned here"),
     }
-    events = [("kill", f["at"], f["stage"], f["peer"]) for f in report["faults"] if f["kind"] == "SIGKILL"]
+    placed = sorted((e["at"] - started, e["peer"], e["stage"]) for e in report["swarm"]["events"]
+                    if e["reason"] == "joined" or e in report["swarm"]["reassignments"])
+
+    def stage_at(peer: str, at: float):   # where the registry last put `peer` (the sim's status may lag it)
+        return next((st for t, p, st in reversed(placed) if p == peer and t <= at + 0.5), None)
+
+    events = [("kill", f["at"], f["stage"] if f["stage"] is not None else stage_at(f["peer"], f["at"]), f["peer"])
+              for f in report["faults"] if f["kind"] == "SIGKILL"]
     events += [("join", e["at"] - started, e["stage"], e["peer"]) for e in report["swarm"]["events"]
                if e["reason"] == "joined" and e["at"] - started > (ts[0] if ts else 0)]
     events += [("move", e["at"] - started, e["stage"], e["peer"]) for e in report["swarm"]["reassignments"]]
@@ -216,7 +223,7 @@ def plot_occupancy(out: Path, report: dict, plt) -> None:
     handles = [h for ax in axes[:, 0] for h in ax.get_legend_handles_labels()[0]]
     labels = [lb for ax in axes[:, 0] for lb in ax.get_legend_handles_labels()[1]]
     if handles:
-        fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=len(handles))
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+        fig.legend(handles, labels, loc="lower center", fontsize=8, ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.04 if handles else 0, 1, 0.96))
     fig.savefig(out / "stage_occupancy.png", dpi=100)
     plt.close(fig)

@@ -138,3 +138,17 @@ def test_image_entrypoint_works_in_a_plain_venv():
         proc = subprocess.run([str(FEDSWARM), *argv], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "usage: fedswarm" in proc.stdout
+
+
+def test_grafana_dashboard_queries_metrics_that_exist():
+    import json
+
+    import fedswarm.metrics as metrics
+
+    dash = json.loads((DEPLOY / "grafana" / "fedswarm-dashboard.json").read_text())
+    source = Path(metrics.__file__).read_text()
+    names = set(re.findall(r"fedswarm_[a-z_]+", " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])))
+    assert names
+    for name in names:
+        base = re.sub(r"_(total|sum|count)$", "", name)
+        assert f'"{base}"' in source, f"the dashboard queries {name}, which fedswarm.metrics does not export"
