@@ -23,6 +23,7 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import wire
+from fedswarm.progress import Progress, setup_logging
 from fedswarm.threads import BUDGET
 
 log = logging.getLogger("fedswarm.client")
@@ -73,6 +74,8 @@ class ClientDaemon:
             "/fedswarm.Coordinator/PushUpdate", request_serializer=None, response_deserializer=pb.PushReply.FromString)
         self.client_id, self.token, self.run_id = 0, "", ""
         self.metrics = None   # fedswarm.metrics.ClientMetrics with --metrics-port
+        self.console = None   # a rich Console on a terminal: training shows a rounds bar on it
+        self._rounds_bar = None
         self.trainer: LocalTrainer | None = None
         self.feedback: C.ErrorFeedback | None = None
         self.run_cfg: dict = {}
@@ -199,6 +202,8 @@ class ClientDaemon:
             if self._heartbeat is not None:
                 self._heartbeat.join(timeout=self.t.rpc_s)
             self.channel.close()
+            if self._rounds_bar is not None:
+                self._rounds_bar.close()
 
     def train(self, task: pb.Task) -> None:
         config = json.loads(task.config_json)
@@ -218,6 +223,10 @@ class ClientDaemon:
                                       time.monotonic() - uploading, reply.bytes_received)
         log.info("round %d: loss %.4f in %.1f s, uploaded %d bytes (%s)", task.round, result.train_loss,
                  result.seconds, reply.bytes_received, self.run_cfg["upload_codec"])
+        if self.console is not None:
+            if self._rounds_bar is None:
+                self._rounds_bar = Progress("training rounds", self.run_cfg["rounds"], console=self.console)
+            self._rounds_bar.update(task.round, f"round {task.round}: loss {result.train_loss:.3f}")
 
     def upload(self, task: pb.Task, delta: dict[str, torch.Tensor], num_examples: int, train_loss: float,
                seconds: float, base_digest: bytes = b"") -> pb.PushReply:
@@ -293,7 +302,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = setup_logging()   # through rich on a terminal, so the rounds bar and the log share it
     BUDGET.configure(args.threads)
     cls = ClientDaemon
     if args.role != "client":
@@ -305,10 +314,15 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    daemon.console = console
     if args.metrics_port is not None:
         from fedswarm.metrics import ClientMetrics, serve as serve_metrics
         daemon.metrics = ClientMetrics(daemon)
-        serve_metrics(daemon.metrics.registry, args.metrics_host, args.metrics_port)
+        try:
+            serve_metrics(daemon.metrics.registry, args.metrics_host, args.metrics_port)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         return daemon.run()
     except JoinRefused as err:

@@ -164,7 +164,11 @@ def serve(args: argparse.Namespace) -> int:
     service = CoordinatorService(cfg, run_id, grid, membership, progress, timeouts, auth=auth, swarm=swarm)
     if args.metrics_port is not None:
         from fedswarm.metrics import coordinator_registry, serve as serve_metrics
-        serve_metrics(coordinator_registry(service.status_dict), args.metrics_host, args.metrics_port)
+        try:
+            serve_metrics(coordinator_registry(service.status_dict), args.metrics_host, args.metrics_port)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
     options = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
                ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]

@@ -43,8 +43,13 @@ def counted_down(chunks: Iterable) -> Iterable:
 
 
 def serve(registry: CollectorRegistry, host: str, port: int) -> int:
-    """Serve `registry` at http://host:port/metrics in a background thread; returns the bound port."""
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    """Serve `registry` at http://host:port/metrics in a background thread; returns the bound port.
+    ValueError (saying what to change) if the address cannot be bound."""
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as err:
+        raise ValueError(f"cannot serve metrics on {host}:{port} ({err.strerror or err}); "
+                         f"pick a free --metrics-port or another --metrics-host") from None
     bound = server.server_address[1]
     log.info("metrics on http://%s:%d/metrics", host, bound)
     return bound

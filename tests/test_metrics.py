@@ -50,3 +50,17 @@ def test_metrics_move_during_a_run(tmp_path):
     assert own["fedswarm_client_tokens_total"] == own["fedswarm_client_rounds_total"] * 3 * 8 * 64
     assert own["fedswarm_client_tokens_per_second"] > 0 and own["fedswarm_client_upload_seconds_count"] >= 1
     assert own["fedswarm_client_upload_bytes_total"] > 0
+
+
+def test_a_metrics_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+    import subprocess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(fedswarm_cmd("client", "--coordinator", "127.0.0.1:1", "--metrics-port", str(port)),
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.stderr and "--metrics-port" in proc.stderr
