@@ -24,6 +24,8 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import refusals, wire
+from fedswarm.progress import Progress, setup_logging
+from fedswarm.threads import BUDGET
 
 log = logging.getLogger("fedswarm.client")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -77,6 +79,9 @@ class ClientDaemon:
         self._push_raw = self.channel.stream_unary(  # PushUpdate taking pre-serialized UpdateChunks
             "/fedswarm.Coordinator/PushUpdate", request_serializer=None, response_deserializer=pb.PushReply.FromString)
         self.client_id, self.token, self.run_id = 0, "", ""
+        self.metrics = None   # fedswarm.metrics.ClientMetrics with --metrics-port
+        self.console = None   # a rich Console on a terminal: training shows a rounds bar on it
+        self._rounds_bar = None
         self.trainer: LocalTrainer | None = None
         self.feedback: C.ErrorFeedback | None = None
         self.run_cfg: dict = {}
@@ -220,15 +225,27 @@ class ClientDaemon:
             if self._heartbeat is not None:
                 self._heartbeat.join(timeout=self.t.rpc_s)
             self.channel.close()
+            if self._rounds_bar is not None:
+                self._rounds_bar.close()
 
     def train(self, task: pb.Task) -> None:
+        BUDGET.refresh()   # other fedswarm processes may have started beside us since the last round
         base = self.fetch_model(task.task_id)
         log.info("round %d: training on task %s", task.round, task.task_id[:12])
         delta, result = work.train_on_task(self.trainer, self.run_cfg, task, base)
+        steps = int(json.loads(task.config_json).get("local-steps", self.run_cfg["local_steps"]))
+        uploading = time.monotonic()
         reply = self.upload(task, delta, result.num_examples, result.train_loss, result.seconds,
                             base_digest=wire.state_digest(base))
+        if self.metrics:
+            self.metrics.record_round(steps, result.num_examples * self.run_cfg["seq_len"], result.seconds,
+                                      time.monotonic() - uploading, reply.bytes_received)
         log.info("round %d: loss %.4f in %.1f s, uploaded %d bytes (%s)", task.round, result.train_loss,
                  result.seconds, reply.bytes_received, self.run_cfg["upload_codec"])
+        if self.console is not None:
+            if self._rounds_bar is None:
+                self._rounds_bar = Progress("training rounds", self.run_cfg["rounds"], console=self.console)
+            self._rounds_bar.update(task.round, f"round {task.round}: loss {result.train_loss:.3f}")
 
     def upload(self, task: pb.Task, delta: dict[str, torch.Tensor], num_examples: int, train_loss: float,
                seconds: float, base_digest: bytes = b"") -> pb.PushReply:
@@ -281,9 +298,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="stdlib", help="stdlib (the running Python's sources) or a text file / folder")
     p.add_argument("--partition", default="0/1", help="I/N: this client's share of --data (0-based)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 autocast on CPU and bf16 GPUs, else fp16 with a scaler")
     p.add_argument("--name", default="", help="name shown in status (default: host name + random suffix)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: this host's CPUs shared among the fedswarm processes running on it, "
+                        "re-checked each round)")
     p.add_argument("--role", default="client", choices=["client", "peer", "trainer"],
                    help="client: federated rounds; peer: serve a swarm pipeline stage; trainer: drive swarm micro-batches")
     p.add_argument("--inflight", type=int, default=2, help="trainer: micro-batches in flight at once")
@@ -293,12 +313,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="swarm: address the hivemind node binds (default loopback; port 0/omitted: any free port)")
     p.add_argument("--p2p-announce", default="", metavar="IP[:PORT]",
                    help="swarm: address other hosts dial when it differs from --p2p-host (NAT, containers)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics at http://--metrics-host:PORT/metrics (0: a free port; default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    console = setup_logging()   # through rich on a terminal, so the rounds bar and the log share it
+    BUDGET.configure(args.threads)
     cls = ClientDaemon
     if args.role != "client":
         from fedswarm.client.swarm.roles import PeerDaemon, TrainerDaemon
@@ -309,6 +331,15 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    daemon.console = console
+    if args.metrics_port is not None:
+        from fedswarm.metrics import ClientMetrics, serve as serve_metrics
+        daemon.metrics = ClientMetrics(daemon)
+        try:
+            serve_metrics(daemon.metrics.registry, args.metrics_host, args.metrics_port)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         return daemon.run()
     except (JoinRefused, SessionReplaced) as err:

@@ -14,6 +14,7 @@ from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.store import Store
 from fedswarm.coordinator.strategy_state import export_state, import_state, split_checkpoint
 from fedswarm.models import evaluate, load_trainable_state
+from fedswarm.threads import BUDGET
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class RoundDriver:
 
     def eval_loss(self, state: dict[str, torch.Tensor]) -> float:
         load_trainable_state(self.model, state)
+        BUDGET.refresh()   # share the cores with clients running on this host
         return evaluate(self.model, self.eval_windows)
 
     def run(self, initial_state: dict[str, torch.Tensor]) -> None:

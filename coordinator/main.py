@@ -25,6 +25,7 @@ from fedswarm.coordinator.strategies import STRATEGIES, build_strategy
 from fedswarm.data import eval_windows, load_eval_tokens
 from fedswarm.models import PRESETS, build_model, trainable_state
 from fedswarm.proto.codec import CODEC_NAMES
+from fedswarm.threads import BUDGET
 
 log = logging.getLogger("fedswarm.coordinator")
 SWARM_LEASE_S, SWARM_HEARTBEAT_S = 3.0, 0.5   # stage peers must be noticed gone within seconds
@@ -43,19 +44,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
     p.add_argument("--listen", default="127.0.0.1:7000", help="HOST:PORT to serve on (port 0 picks a free port)")
     p.add_argument("--state-dir", required=True, help="folder for the SQLite database and checkpoints")
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--min-clients", type=int, default=d.min_clients)
-    p.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGIES))
-    p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES))
+    p.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (swarm: stage averagings) to run")
+    p.add_argument("--min-clients", type=int, default=d.min_clients, help="clients a round waits for and trains")
+    p.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGIES),
+                   help="Flower strategy that aggregates the updates")
+    p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES),
+                   help="how clients encode their update deltas")
     p.add_argument("--model", default=d.model, help=f"preset ({', '.join(PRESETS)}) or config JSON / HF folder")
-    p.add_argument("--local-steps", type=int, default=d.local_steps)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--local-steps", type=int, default=d.local_steps, help="optimizer steps each client makes per round")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches accumulated per optimizer step")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=d.lr, help="clients' local AdamW learning rate")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial model and the data sampling")
     p.add_argument("--eval-data", default=d.eval_data, help="held-out data for centralized eval (stdlib or PATH)")
-    p.add_argument("--round-timeout", type=float, default=CoordinatorTimeouts.round_timeout_s)
+    p.add_argument("--round-timeout", type=float, default=CoordinatorTimeouts.round_timeout_s,
+                   help="seconds a round waits for replies before it closes")
     p.add_argument("--lease", type=float, default=None,
                    help=f"seconds of silence before a client is dropped (default {CoordinatorTimeouts.lease_s:.0f}; "
                         f"swarm: {SWARM_LEASE_S:.0f})")
@@ -69,7 +73,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, metavar="K",
                    help="sample K of the connected clients each round (Flower's min_train_nodes); "
                         "the others stay connected, long-polling (0: every client)")
-    p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads for evaluation (0: this host's CPUs shared among the fedswarm processes "
+                        "running on it, re-checked at each eval)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics at http://--metrics-host:PORT/metrics (0: a free port; default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="exit 0 after the last round instead of serving status")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")
     # swarm data plane (hivemind): where the coordinator's bootstrap node listens and what it announces
@@ -141,6 +152,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     run_id = store.get_meta("run_id")
     auth.run_id = run_id
+    BUDGET.configure(args.threads)
     swarm_mode = cfg.mode == "swarm"
     timeouts = CoordinatorTimeouts(round_timeout_s=args.round_timeout, max_failed_rounds=args.max_failed_rounds)
     if swarm_mode:
@@ -178,6 +190,13 @@ def serve(args: argparse.Namespace) -> int:
         run_driver = driver.run
     service = CoordinatorService(cfg, run_id, grid, membership, progress, timeouts, auth=auth, swarm=swarm,
                                  limits=limits)
+    if args.metrics_port is not None:
+        from fedswarm.metrics import coordinator_registry, serve as serve_metrics
+        try:
+            serve_metrics(coordinator_registry(service.status_dict), args.metrics_host, args.metrics_port)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         code = asyncio.run(_serve_until_done(args, service, tls, lambda: run_driver(initial), progress))
     finally:

@@ -24,6 +24,7 @@ from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Member, Membership, SessionsFull
 from fedswarm.coordinator.serving import REASON_KEY, ServingLimits, StreamBridge, StreamRefused
 from fedswarm.coordinator.swarm_registry import PEER_ID
+from fedswarm.metrics import counted_down
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import signing, wire
@@ -254,7 +255,7 @@ class CoordinatorService:
         else:
             base = self._base_state(req.task_id, self._open_task(req.task_id, member))
         encode = lambda name, t: C.encode(t.flatten(), C.CODEC_NAMES["none"])  # noqa: E731
-        return (pb.ModelChunk(part=p) for p in wire.state_parts(base, encode, max_bytes))
+        return counted_down(pb.ModelChunk(part=p) for p in wire.state_parts(base, encode, max_bytes))
 
     def push_update(self, chunks: Iterator[bytes], context) -> pb.PushReply:
         received = 0

@@ -25,6 +25,7 @@ from fedswarm.coordinator.strategies import build_strategy
 from fedswarm.coordinator.strategy_state import export_state, import_state, split_checkpoint
 from fedswarm.coordinator.swarm_registry import SwarmRegistry
 from fedswarm.models import evaluate, load_trainable_state
+from fedswarm.threads import BUDGET
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class SwarmDriver:
 
     def _eval(self, full: dict[str, torch.Tensor]) -> float:
         load_trainable_state(self.eval_model, full)
+        BUDGET.refresh()   # share the cores with the peers and trainers running on this host
         return evaluate(self.eval_model, self.eval_windows)
 
     def _commit(self, record: dict, full: dict[str, torch.Tensor]) -> None:

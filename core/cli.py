@@ -1,98 +1,111 @@
-"""The `fedswarm` command: coordinator, client, status, keygen, sim, bench."""
+"""The `fedswarm` command: coordinator, client, status, health, keygen, sim, bench.
+
+Each subcommand's module is imported only when that subcommand runs (or for the full `fedswarm --help`),
+so `fedswarm status` loads grpc and the proto stubs, never torch, transformers or Flower."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
-def _status(args: argparse.Namespace) -> int:
-    import grpc
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, unless its help text already says it."""
 
-    from fedswarm.client.identity import Identity, IdentityError, open_channel, status_request
-    from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
-    from fedswarm.proto import refusals
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return super()._get_help_string(action)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fedswarm.status_view import run_status
 
     try:
-        channel = open_channel(args.coordinator, args.tls_ca)
-        identity = Identity.load(args.key) if args.key else None
-    except IdentityError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    with channel:
-        stub = pb_grpc.CoordinatorStub(channel)
-        try:
-            reply = stub.Status(status_request(stub, identity, args.timeout), timeout=args.timeout)
-        except grpc.RpcError as err:
-            why = refusals.reason(err)
-            if why:
-                hint = "" if identity else " (pass --key FILE: an authorized or admin key)"
-                print(f"error: the coordinator refused status ({why}): {err.details()}{hint}", file=sys.stderr)
-            else:
-                print(f"error: cannot reach the coordinator at {args.coordinator}: {err.code().name} {err.details()}",
-                      file=sys.stderr)
-            return 1
-    status = json.loads(reply.json)
-    if args.json:
-        print(json.dumps(status))
+        return run_status(args)
+    except KeyboardInterrupt:   # --watch ends with Ctrl-C
         return 0
-    print(f"state {status['state']}  round {status['round']}/{status['rounds_total']}  "
-          f"clients {len(status['clients'])}: {', '.join(c['name'] for c in status['clients'])}")
-    for r in status["rounds"]:
-        loss = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
-        print(f"  round {r['round']:>3}  eval loss {loss}  clients {len(r['clients'])}  "
-              f"up {r['bytes_up'] / 1e6:.2f} MB  {r['seconds']:.1f} s")
-    return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from fedswarm import keygen
-    from fedswarm.client import daemon
-    from fedswarm.coordinator import main as coordinator
-    from fedswarm.sim import bench, bench_load, launcher
+def _health(args: argparse.Namespace) -> int:
+    from fedswarm.status_view import run_health
 
-    parser = argparse.ArgumentParser(prog="fedswarm", description="Federated rounds and swarm pipelines for transformer LMs.")
+    return run_health(args)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (`only`) one whose other subcommands are listed but not loaded."""
+    parser = argparse.ArgumentParser(prog="fedswarm", description="Federated rounds and swarm pipelines for transformer LMs.",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("coordinator", help="run the coordinator service")
-    coordinator.add_arguments(p)
-    p.set_defaults(func=coordinator.serve)
+    def add(name: str, help: str) -> argparse.ArgumentParser | None:  # noqa: A002 - argparse's own keyword
+        p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+        return p if only in (None, name) else None
 
-    p = sub.add_parser("client", help="run a client daemon")
-    daemon.add_arguments(p)
-    p.set_defaults(func=daemon.main)
+    if p := add("coordinator", "run the coordinator service"):
+        from fedswarm.coordinator import main as coordinator
+        coordinator.add_arguments(p)
+        p.set_defaults(func=coordinator.serve)
 
-    p = sub.add_parser("status", help="print the coordinator's status")
-    p.add_argument("--coordinator", required=True, help="HOST:PORT")
-    p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--tls-ca", default=None, metavar="FILE", help="CA certificate (PEM) to verify a TLS coordinator")
-    p.add_argument("--key", default=None, metavar="FILE",
-                   help="Ed25519 private key (PEM) to sign the request: required by an authenticated coordinator")
-    p.set_defaults(func=_status)
+    if p := add("client", "run a client daemon"):
+        from fedswarm.client import daemon
+        daemon.add_arguments(p)
+        p.set_defaults(func=daemon.main)
 
-    p = sub.add_parser("keygen", help="write a development CA, server certificate, client keys, authorized_keys")
-    keygen.add_arguments(p)
-    p.set_defaults(func=keygen.main)
+    if p := add("status", "print the coordinator's status"):
+        p.add_argument("--coordinator", required=True, help="HOST:PORT")
+        p.add_argument("--json", action="store_true", help="one JSON object (the full status)")
+        p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                       help="refresh the table every SECONDS (2 if not given) until interrupted")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator's answer")
+        p.add_argument("--tls-ca", default=None, metavar="FILE", help="CA certificate (PEM) to verify a TLS coordinator")
+        p.add_argument("--key", default=None, metavar="FILE",
+                       help="Ed25519 private key (PEM) to sign the request: required by an authenticated coordinator")
+        p.set_defaults(func=_status)
 
-    p = sub.add_parser("sim", help="coordinator + N clients as local processes")
-    launcher.add_arguments(p)
-    p.set_defaults(func=launcher.main)
+    if p := add("health", "ask the coordinator's standard gRPC health service; exit 0 if SERVING (for probes)"):
+        p.add_argument("--coordinator", required=True, help="HOST:PORT")
+        p.add_argument("--service", default="", help="service name to check ('': the server as a whole)")
+        p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+        p.add_argument("--tls-ca", default=None, metavar="FILE", help="CA certificate (PEM) to verify a TLS coordinator")
+        p.set_defaults(func=_health)
 
-    p = sub.add_parser("bench", help="benchmarks whose ratios go in the README")
-    kinds = p.add_subparsers(dest="which", required=True)
-    for which, text in bench.KINDS.items():
-        q = kinds.add_parser(which, help=text, description=text)
-        bench.add_arguments(q)
-        q.set_defaults(func=bench.main)
-    q = kinds.add_parser("load", help="sessions one coordinator holds", description=bench_load.__doc__)
-    bench_load.add_arguments(q)
-    q.set_defaults(func=bench_load.main)
+    if p := add("keygen", "write a development CA, server certificate, client keys, authorized_keys"):
+        from fedswarm import keygen
+        keygen.add_arguments(p)
+        p.set_defaults(func=keygen.main)
+
+    if p := add("sim", "coordinator + N clients as local processes"):
+        from fedswarm.sim import launcher
+        launcher.add_arguments(p)
+        p.set_defaults(func=launcher.main)
+
+    if p := add("bench", "benchmarks whose ratios go in the README"):
+        from fedswarm.sim import bench, bench_load
+        kinds = p.add_subparsers(dest="which", required=True)
+        for which, text in bench.KINDS.items():
+            q = kinds.add_parser(which, help=text, description=text, formatter_class=HelpFormatter)
+            bench.add_arguments(q)
+            q.set_defaults(func=bench.main)
+        q = kinds.add_parser("load", help="sessions one coordinator holds", description=bench_load.__doc__,
+                             formatter_class=HelpFormatter)
+        bench_load.add_arguments(q)
+        q.set_defaults(func=bench_load.main)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named first on the command line (None: none yet, e.g. `fedswarm --help`)."""
+    return argv[0] if argv and not argv[0].startswith("-") else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from fedswarm.threads import set_wait_policy
+
+    set_wait_policy()   # before torch is imported: idle OpenMP threads sleep instead of spinning
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(only=_command(argv)).parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+from fedswarm.progress import Progress
 from fedswarm.sim.launcher import add_arguments as add_sim_arguments
 from fedswarm.sim.launcher import run_sim
 
@@ -15,12 +16,14 @@ TARGETS = {"int8": (0.26, 0.01), "int4": (0.14, 0.03)}   # bytes ratio, eval-los
 KINDS = {  # `fedswarm bench KIND` (sim/bench_load.py adds "load")
     "codecs": "upload bytes and final eval loss per codec vs none",
     "swarm": "tokens/s of the swarm vs one process, and with a peer killed every 30 s vs none",
+    "threads": "seconds per round of a hand-started coordinator + 2 clients, defaults vs --threads 1",
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=90.0, help="swarm: measured seconds per configuration")
-    p.add_argument("--codecs", default="none,fp16,int8,int4")
+    p.add_argument("--codecs", default="none,fp16,int8,int4",
+                   help="codecs: the codecs to compare (none is always included)")
     add_sim_arguments(p)
     p.set_defaults(clients=2, rounds=6, out="bench-out")
 
@@ -30,11 +33,13 @@ def bench_codecs(args: argparse.Namespace) -> dict:
     if codecs[0] != "none":
         codecs.insert(0, "none")
     runs = {}
-    for codec in codecs:
+    progress = Progress("bench codecs: rounds", len(codecs) * args.rounds)
+    for i, codec in enumerate(codecs):
         sim_args = copy.copy(args)
         sim_args.upload_codec, sim_args.out, sim_args.quiet = codec, str(Path(args.out) / codec), True
-        print(f"running {codec} ({args.clients} clients, {args.rounds} rounds) ...", flush=True)
-        report = run_sim(sim_args, log=lambda *_: None)
+        progress.line(f"running {codec} ({args.clients} clients, {args.rounds} rounds) ...")
+        report = run_sim(sim_args, log=lambda *_: None,
+                         on_round=lambda n, done=i * args.rounds: progress.update(done + n, f"bench codecs: {codec}"))
         rounds = [r for r in report["rounds"] if r["round"] > 0]
         runs[codec] = {
             "update_bytes": sum(r["bytes_up"] for r in rounds),
@@ -44,6 +49,7 @@ def bench_codecs(args: argparse.Namespace) -> dict:
             "initial_eval_loss": report["rounds"][0]["eval_loss"],
             "wall_seconds": report["wall_seconds"],
         }
+    progress.close()
     base = runs["none"]
     rows = []
     for codec, r in runs.items():
@@ -147,4 +153,8 @@ def main(args: argparse.Namespace) -> int:
         bench_codecs(args)
     elif args.which == "swarm":
         bench_swarm(args)
+    elif args.which == "threads":
+        from fedswarm.sim.bench_threads import bench_threads
+
+        bench_threads(args)
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from fedswarm.coordinator.config import RunConfig
+from fedswarm.progress import Progress
 from fedswarm.proto.codec import CODEC_NAMES
 from fedswarm.sim.hosts import HostNetwork, burst_bytes, probe, start_coordinator
 from fedswarm.sim.processes import client_processes, coordinator_process, fedswarm_cmd, fetch_status
@@ -27,28 +28,30 @@ STATUS_TRIES = 6   # Status calls (10 s deadline each) the coordinator may leave
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
-    p.add_argument("--clients", type=int, default=DEFAULT_CLIENTS)
-    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
-    p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES))
-    p.add_argument("--strategy", default=d.strategy)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--local-steps", type=int, default=d.local_steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--clients", type=int, default=DEFAULT_CLIENTS, help="client processes to start")
+    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="rounds to run")
+    p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES),
+                   help="how clients encode their updates")
+    p.add_argument("--strategy", default=d.strategy, help="Flower strategy (as for `fedswarm coordinator`)")
+    p.add_argument("--model", default=d.model, help="model preset, config JSON or Hugging Face folder")
+    p.add_argument("--local-steps", type=int, default=d.local_steps, help="optimizer steps per client per round")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=d.lr, help="local learning rate")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the model and the data sampling")
     p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, metavar="K",
                    help="clients sampled per round (0: all of them)")
     p.add_argument("--data", default="stdlib", help="stdlib or a text file / folder (split across clients)")
-    p.add_argument("--precision", default="auto")
+    p.add_argument("--precision", default="auto", help="clients' precision (auto, fp32, bf16, fp16)")
     p.add_argument("--out", default="sim-out", help="folder for report.json, plots, logs and state")
     p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     add_swarm_arguments(p)
     add_virtual_arguments(p)
 
 
-def run_sim(args: argparse.Namespace, log=print) -> dict:
-    """Run one simulation to completion; returns the report (also written to OUT/report.json)."""
+def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
+    """Run one simulation to completion; returns the report (also written to OUT/report.json).
+    `on_round(n)` is called as round n commits (a progress bar)."""
     out = Path(args.out)
     if (out / "state").exists():
         shutil.rmtree(out / "state")  # a sim is a fresh run; the coordinator resumes only by design
@@ -75,7 +78,7 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
                 "client", "--coordinator", address, "--partition", f"{i}/{args.clients}", "--name", f"client-{i}",
                 "--threads", str(threads), *client_args), out / f"client-{i}.log") for i in range(args.clients)]
             failed = lambda: [c.name for c in clients if c.popen.poll() not in (None, 0)]  # noqa: E731
-            status = _follow(status_address, coordinator, failed, args.rounds, log if not args.quiet else None)
+            status = _follow(status_address, coordinator, failed, args.rounds, log if not args.quiet else None, on_round)
             for client in clients:
                 client.popen.wait(timeout=60)
             socket_up, socket_down = net.link_bytes(0)   # what the coordinator's host received / sent, at its link
@@ -88,7 +91,7 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
             # Clients reach the coordinator through the relay, so every byte they send is counted at a socket.
             with client_processes(out, relay.address, args.clients, client_args, threads=threads) as clients:
                 failed = lambda: [c.name for c in clients if c.popen.poll() not in (None, 0)]  # noqa: E731
-                status = _follow(address, coordinator, failed, args.rounds, log if not args.quiet else None)
+                status = _follow(address, coordinator, failed, args.rounds, log if not args.quiet else None, on_round)
                 for client in clients:  # they exit by themselves on TASK_DONE
                     client.popen.wait(timeout=60)
             socket_up, socket_down = relay.counts()
@@ -108,7 +111,7 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
     return report
 
 
-def _follow(address: str, coordinator, failed, rounds: int, log) -> dict:
+def _follow(address: str, coordinator, failed, rounds: int, log, on_round=None) -> dict:
     """Print a line per committed round; return the final status once the run is done.
     `failed()` names the client processes (or workers) that died."""
     shown, unanswered, tick = 0, 0, threading.Event()
@@ -132,6 +135,8 @@ def _follow(address: str, coordinator, failed, rounds: int, log) -> dict:
             if log:
                 up = f"{r['bytes_up'] / 1e6:6.2f} MB up" if r["round"] else "initial model"
                 log(f"round {r['round']:>3}/{rounds}  eval loss {r['eval_loss']:.4f}  {up}  {r['seconds']:5.1f} s")
+            if on_round:
+                on_round(r["round"])
         shown = len(status["rounds"])
         if status["state"] == "done":
             return status
@@ -159,7 +164,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.mode == "swarm":
-        report = run_swarm_sim(args)
+        with Progress("swarm sim: rounds", args.rounds) as progress:
+            report = run_swarm_sim(args, log=progress.line, on_round=progress.update)
         sw = report["swarm"]
         first, last = report["rounds"][0]["eval_loss"], report["rounds"][-1]["eval_loss"]
         print(f"done in {report['wall_seconds']:.0f} s: eval loss {first:.4f} -> {last:.4f}; "
@@ -167,7 +173,8 @@ def main(args: argparse.Namespace) -> int:
               f"{sw['microbatches_lost']} lost), {len(sw['reassignments'])} re-assignments; "
               f"report in {Path(args.out) / 'report.json'}")
         return 0
-    report = run_sim(args)
+    with Progress("sim: rounds", args.rounds) as progress:
+        report = run_sim(args, log=progress.line, on_round=progress.update)
     first, last = report["rounds"][0]["eval_loss"], report["rounds"][-1]["eval_loss"]
     print(f"done in {report['wall_seconds']:.0f} s: eval loss {first:.4f} -> {last:.4f} "
           f"({last / first:.2f}x); report in {Path(args.out) / 'report.json'}")

@@ -23,11 +23,18 @@ def fedswarm_cmd(*args: str) -> list[str]:
 class Proc:
     """A child process; a reader thread tees its output into a log file and wakes `wait_for_line`."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict | None = None):
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict | None = None, fork: bool = False):
+        """`fork`: a `fedswarm ...` argv forked from the pre-imported fork server (sim/forkstart.py)."""
         self.name, self.argv, self.log_path = name, argv, log_path
-        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        if fork:
+            from fedswarm.sim.forkstart import ForkedPopen
+
+            assert argv[:3] == fedswarm_cmd(), argv
+            self.popen = ForkedPopen(argv[3:], env or {})
+        else:
+            child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+            self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env,
+                                          stdin=subprocess.DEVNULL, start_new_session=True)
         self._text = ""
         self._cv = threading.Condition()
         self._eof = False
@@ -90,10 +97,11 @@ class Proc:
 
 @contextlib.contextmanager
 def coordinator_process(out_dir: Path, args: list[str], ready_timeout: float = 120.0,
-                        name: str = "coordinator") -> Iterator[tuple[Proc, str]]:
+                        name: str = "coordinator", fork: bool = False) -> Iterator[tuple[Proc, str]]:
     """Start `fedswarm coordinator --listen 127.0.0.1:0 ...`; yields (proc, "127.0.0.1:PORT")."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    proc = Proc(name, fedswarm_cmd("coordinator", "--listen", "127.0.0.1:0", *args), out_dir / f"{name}.log")
+    proc = Proc(name, fedswarm_cmd("coordinator", "--listen", "127.0.0.1:0", *args), out_dir / f"{name}.log",
+                fork=fork)
     try:
         address = proc.wait_for_line(READY, ready_timeout).group(1)
         yield proc, address

@@ -11,13 +11,15 @@ import threading
 import time
 from pathlib import Path
 
+from fedswarm.sim.forkstart import warm_up
 from fedswarm.sim.hosts import HostNetwork, start_coordinator
 from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status
 from fedswarm.sim.report import write_report
 
 
 def add_swarm_arguments(p) -> None:
-    p.add_argument("--mode", default="federated", choices=["federated", "swarm"])
+    p.add_argument("--mode", default="federated", choices=["federated", "swarm"],
+                   help="federated rounds, or swarm pipelines with stage peers and trainers")
     p.add_argument("--stages", type=int, default=3, help="swarm: pipeline stages")
     p.add_argument("--peers", type=int, default=5, help="swarm: stage server processes")
     p.add_argument("--trainers", type=int, default=1, help="swarm: trainer processes")
@@ -30,6 +32,9 @@ def add_swarm_arguments(p) -> None:
                    help="each process on its own network-namespace host with its own IP (needs root)")
     p.add_argument("--host-bandwidth", default="", metavar="RATE",
                    help="with --hosts: cap every host's link with tbf, e.g. 50mbit")
+    p.add_argument("--no-fork", action="store_true",
+                   help="swarm: start the coordinator, peers and trainers as fresh interpreters instead of forking "
+                        "them from one process that imported torch and transformers once (slower start-up)")
 
 
 class Swarm:
@@ -44,7 +49,7 @@ class Swarm:
 
     def _start(self, name: str, host: int, argv: list[str], log: Path) -> None:
         if self.net is None:
-            self.procs[name] = Proc(name, argv, log)
+            self.procs[name] = Proc(name, argv, log, fork=self.fork)
         else:
             argv += ["--p2p-host", self.net.hosts[host].ip]
             self.procs[name] = self.net.start(host, name, argv, log)
@@ -74,7 +79,7 @@ class Swarm:
             proc.stop()
 
 
-def run_swarm_sim(args, log=print) -> dict:
+def run_swarm_sim(args, log=print, on_round=None) -> dict:
     out = Path(args.out)
     if (out / "state").exists():
         shutil.rmtree(out / "state")
@@ -86,6 +91,11 @@ def run_swarm_sim(args, log=print) -> dict:
     rng = random.Random(args.seed)
     timeline, faults = [], []
     started = time.time()
+    # Processes are forked from a fork server that imported torch and transformers once, except on --hosts
+    # (each starts inside its own namespace through `ip netns exec`) and with --no-fork.
+    fork = not getattr(args, "no_fork", False) and not args.hosts
+    if fork:
+        warm_up()
     with contextlib.ExitStack() as stack:
         net = None
         if args.hosts:
@@ -93,19 +103,37 @@ def run_swarm_sim(args, log=print) -> dict:
             coordinator, address, status_address = start_coordinator(net, out, coord_args)
             stack.callback(coordinator.stop)
         else:
-            coordinator, address = stack.enter_context(coordinator_process(out, coord_args))
+            coordinator, address = stack.enter_context(coordinator_process(out, coord_args, fork=fork))
             status_address = address
-        swarm = Swarm(out, address, args.precision, args.data, args.inflight, net=net, peers=args.peers)
+        log(f"t={time.time() - started:6.1f}s  coordinator on {address}")
+        swarm = Swarm(out, address, args.precision, args.data, args.inflight, net=net, peers=args.peers, fork=fork)
         stack.callback(swarm.stop)
         for i in range(args.peers):
             swarm.start_peer(f"peer{i}")
         for i in range(args.trainers):
             swarm.start_trainer(f"trainer{i}", i, args.trainers)
-        log(f"coordinator on {address}; {args.peers} peers on {args.stages} stages, {args.trainers} trainer(s)"
-            + (f", each on its own host ({args.host_bandwidth or 'uncapped'} links)" if net else ""))
-        status = _follow(args, status_address, coordinator, swarm, rng, timeline, faults, started, log)
+        log(f"t={time.time() - started:6.1f}s  started {args.peers} peers on {args.stages} stages, "
+            f"{args.trainers} trainer(s)" + (f", each on its own host ({args.host_bandwidth or 'uncapped'} links)"
+                                             if net else " (forked from the pre-imported fork server)" if fork else ""))
+        status = _follow(args, status_address, coordinator, swarm, rng, timeline, faults, started, log, on_round)
         placed = [("coordinator", 0)] + [(name, _host_of(swarm, name)) for name in swarm.procs]
         hosts = [{"name": n, "netns": net.hosts[h].netns, "ip": net.hosts[h].ip} for n, h in placed] if net else []
+    fork = not getattr(args, "no_fork", False)
+    if fork:
+        warm_up()   # the fork server imports torch and transformers once for every process
+    with coordinator_process(out, coord_args, fork=fork) as (coordinator, address):
+        log(f"t={time.time() - started:6.1f}s  coordinator on {address}")
+        swarm = Swarm(out, address, args.precision, args.data, args.inflight, fork=fork)
+        try:
+            for i in range(args.peers):
+                swarm.start_peer(f"peer{i}")
+            for i in range(args.trainers):
+                swarm.start_trainer(f"trainer{i}", i, args.trainers)
+            log(f"t={time.time() - started:6.1f}s  started {args.peers} peers on {args.stages} stages, "
+                f"{args.trainers} trainer(s){' (forked from the pre-imported fork server)' if fork else ''}")
+            status = _follow(args, address, coordinator, swarm, rng, timeline, faults, started, log, on_round)
+        finally:
+            swarm.stop()
     report = {
         "config": status["config"],
         "sim": {"mode": "swarm", "peers": args.peers, "trainers": args.trainers, "kill_every": args.kill_every,
@@ -113,6 +141,7 @@ def run_swarm_sim(args, log=print) -> dict:
                 "hosts": hosts, "host_bandwidth": args.host_bandwidth if args.hosts else None},
         "rounds": status["rounds"], "swarm": status["swarm"], "clients": status["clients"],
         "timeline": timeline, "faults": faults, "wall_seconds": round(time.time() - started, 2),
+        "first_microbatch_s": next((p["t"] for p in timeline if p["completed"] > 0), None),
         "started_at": started,
     }
     write_report(out, report)
@@ -126,7 +155,7 @@ def _host_of(swarm: Swarm, name: str) -> int:
     return 1 + swarm.num_peers + int(name[len("trainer"):])
 
 
-def _follow(args, address, coordinator, swarm: Swarm, rng, timeline, faults, started, log) -> dict:
+def _follow(args, address, coordinator, swarm: Swarm, rng, timeline, faults, started, log, on_round=None) -> dict:
     tick, shown = threading.Event(), 0
     next_kill = started + args.kill_every if args.kill_every else float("inf")
     rejoin_at: list[tuple[float, str]] = []
@@ -155,11 +184,15 @@ def _follow(args, address, coordinator, swarm: Swarm, rng, timeline, faults, sta
         timeline.append({"t": round(now - started, 2), "tokens_per_s": sw["tokens_per_s"],
                          "completed": sw["microbatches_completed"], "tokens": sw["tokens"],
                          "peers_per_stage": [len(s["peers"]) for s in sw["stages"]]})
+        if sw["microbatches_completed"] and not any(p["completed"] for p in timeline[:-1]):
+            log(f"t={now - started:6.1f}s  first micro-batch through all {len(sw['stages'])} stages")
         for r in status["rounds"][shown:]:
             if log:
                 log(f"round {r['round']:>3}/{args.rounds}  eval loss {r['eval_loss']:.4f}  "
                     f"{sw['microbatches_completed']} micro-batches, {sw['tokens_per_s']:.0f} tokens/s, "
                     f"lost {sw['microbatches_lost']}")
+            if on_round:
+                on_round(r["round"])
         shown = len(status["rounds"])
         if status["state"] == "done" or (args.duration and now - started >= args.duration):
             return status
@@ -190,21 +223,55 @@ def plot_swarm(out: Path, report: dict) -> None:
     fig.savefig(out / "tokens_per_s.png", dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    stages = len(tl[-1]["peers_per_stage"])
-    for s in range(stages):
-        ax.step(ts, [p["peers_per_stage"][s] if s < len(p["peers_per_stage"]) else 0 for p in tl],
-                where="post", label=f"stage {s}")
-    for i, e in enumerate(report["swarm"]["reassignments"]):
-        ax.axvline(e["at"] - report["started_at"], color="green", alpha=0.5, linestyle=":",
-                   label="peer re-assigned" if i == 0 else None)
-    for i, k in enumerate(kills):
-        ax.axvline(k, color="red", alpha=0.4, linestyle="--", label="peer SIGKILLed" if i == 0 else None)
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("live peers")
-    ax.set_title("stage occupancy")
-    ax.legend()
-    fig.tight_layout()
+    plot_occupancy(out, report, plt)
+
+
+def plot_occupancy(out: Path, report: dict, plt) -> None:
+    """stage_occupancy.png: one panel per stage (its live peers over time), with the SIGKILLs, joins and
+    re-assignments that touched that stage marked on its own panel."""
+    tl, started = report["timeline"], report["started_at"]
+    ts = [p["t"] for p in tl]
+    stages = max(len(p["peers_per_stage"]) for p in tl)
+    counts = [[p["peers_per_stage"][s] if s < len(p["peers_per_stage"]) else 0 for p in tl] for s in range(stages)]
+    top = max(max(c) for c in counts) + 1
+    marks = {  # kind -> (style, label)
+        "kill": (dict(color="red", linestyle="--", alpha=0.8), "peer SIGKILLed"),
+        "join": (dict(color="tab:blue", linestyle=":", alpha=0.8), "peer joined"),
+        "move": (dict(color="green", linestyle="-", alpha=0.8, linewidth=2), "peer re-assigned here"),
+    }
+    placed = sorted((e["at"] - started, e["peer"], e["stage"]) for e in report["swarm"]["events"]
+                    if e["reason"] == "joined" or e in report["swarm"]["reassignments"])
+
+    def stage_at(peer: str, at: float):   # where the registry last put `peer` (the sim's status may lag it)
+        return next((st for t, p, st in reversed(placed) if p == peer and t <= at + 0.5), None)
+
+    events = [("kill", f["at"], f["stage"] if f["stage"] is not None else stage_at(f["peer"], f["at"]), f["peer"])
+              for f in report["faults"] if f["kind"] == "SIGKILL"]
+    events += [("join", e["at"] - started, e["stage"], e["peer"]) for e in report["swarm"]["events"]
+               if e["reason"] == "joined" and e["at"] - started > (ts[0] if ts else 0)]
+    events += [("move", e["at"] - started, e["stage"], e["peer"]) for e in report["swarm"]["reassignments"]]
+    fig, axes = plt.subplots(stages, 1, figsize=(8, 1.6 + 1.5 * stages), sharex=True, squeeze=False)
+    used = set()
+    for s, ax in enumerate(axes[:, 0]):
+        ax.fill_between(ts, counts[s], step="post", color="tab:gray", alpha=0.3)
+        ax.step(ts, counts[s], where="post", color="black", linewidth=1.2)
+        for kind, at, stage, peer in events:
+            if stage != s:
+                continue
+            style, label = marks[kind]
+            ax.axvline(at, label=label if kind not in used else None, **style)
+            used.add(kind)
+            ax.annotate(peer, (at, top - 0.4), fontsize=7, rotation=90, ha="right", va="top", color=style["color"])
+        ax.set_ylim(0, top)
+        ax.set_yticks(range(top))
+        ax.set_ylabel(f"stage {s}\npeers")
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1, 0].set_xlabel("seconds since the sim started")
+    fig.suptitle(f"stage occupancy: {report['sim']['peers']} peers on {stages} stages")
+    handles = [h for ax in axes[:, 0] for h in ax.get_legend_handles_labels()[0]]
+    labels = [lb for ax in axes[:, 0] for lb in ax.get_legend_handles_labels()[1]]
+    if handles:
+        fig.legend(handles, labels, loc="lower center", fontsize=8, ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.04 if handles else 0, 1, 0.96))
     fig.savefig(out / "stage_occupancy.png", dpi=100)
     plt.close(fig)
-

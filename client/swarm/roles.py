@@ -215,7 +215,7 @@ class TrainerDaemon(SwarmMember):
             log.error("micro-batch lost: %s", err)
             return
         n = self.swarm.stats.completed
-        if n % 20 == 0:
+        if n == 1 or n % 20 == 0:
             log.info("%d micro-batches, loss %.4f, %d replayed; DHT read %.3f s", n, loss,
                      self.swarm.stats.retried, self.swarm.lookup_seconds)
 

@@ -14,6 +14,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -122,7 +123,9 @@ class SwarmNode:
 
     def __init__(self, initial_peers: list[str] | None = None, timeouts: SwarmTimeouts | None = None,
                  host: str = "127.0.0.1", announce: str = "", client_mode: bool = False,
-                 identity: bytes | None = None, fork_lock=None):
+                 identity: bytes | None = None, fork_lock: threading.Lock | None = None):
+        """`fork_lock` is held only while hivemind forks the DHT process (no gRPC call may be in flight then),
+        not while it starts up, so the caller's heartbeats keep its lease alive meanwhile."""
         self.timeouts = timeouts or SwarmTimeouts()
         self._closed = False
         self._dht_lock = threading.Lock()
@@ -140,6 +143,7 @@ class SwarmNode:
             extra = {"identity_path": identity_file, "check_if_identity_free": False}
         if announce_maddrs:
             extra["announce_maddrs"] = announce_maddrs
+        started = time.monotonic()
         try:
             with fork_lock or contextlib.nullcontext():
                 self._dht = DHT(initial_peers=list(initial_peers or []) or None, start=True, await_ready=False,
@@ -160,6 +164,7 @@ class SwarmNode:
             self._thread.start()
             self._p2p = self.submit(self._dht.replicate_p2p()).result(self.timeouts.startup_s)
             self.peer_id: str = self._p2p.peer_id.to_base58()
+            logger.info("DHT node and p2pd up in %.2f s", time.monotonic() - started)
         except BaseException:
             self.shutdown()
             raise

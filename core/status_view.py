@@ -1,0 +1,130 @@
+"""`fedswarm status`: the coordinator's status as a table (or JSON), optionally refreshed.
+
+Imports only grpc, the proto stubs and the client's channel helper: no torch, transformers or Flower."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+
+def fetch(args: argparse.Namespace) -> dict:
+    """One Status call (signed with --key when given: an authenticated run requires it); raises grpc.RpcError or
+    IdentityError."""
+    from fedswarm.client.identity import Identity, open_channel, status_request
+    from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
+
+    identity = Identity.load(args.key) if getattr(args, "key", None) else None
+    with open_channel(args.coordinator, args.tls_ca) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        return json.loads(stub.Status(status_request(stub, identity, args.timeout), timeout=args.timeout).json)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def render(status: dict, address: str) -> str:
+    """The status as readable text: a header line, then rounds, clients and (swarm) stages tables."""
+    cfg = status.get("config", {})
+    out = [f"coordinator {address}  run {status.get('run_id', '?')}  {cfg.get('mode', 'federated')} "
+           f"{cfg.get('model', '')} {cfg.get('strategy', '')}  state {status['state']}  "
+           f"round {status['round']}/{status['rounds_total']}"
+           + (f" (round {status['current_round']} in flight)" if status.get("current_round") else "")]
+    rejections = status.get("rejections") or {}
+    if rejections:
+        out.append("rejections: " + ", ".join(f"{k} {v}" for k, v in sorted(rejections.items())))
+    out += ["", f"rounds ({len(status['rounds'])}, last 10 shown)"] if len(status["rounds"]) > 10 else ["", "rounds"]
+    out += _table(["round", "eval loss", "train loss", "clients", "MB up", "seconds"],
+                  [[str(r["round"]), _num(r["eval_loss"], ".4f"), _num(r.get("train_loss"), ".4f"),
+                    str(len(r["clients"])), f"{r['bytes_up'] / 1e6:.2f}", f"{r['seconds']:.1f}"]
+                   for r in status["rounds"][-10:]])
+    out += ["", f"clients ({len(status['clients'])})"]
+    out += _table(["name", "role", "device", "precision", "rounds", "seen s ago"],
+                  [[c["name"], c.get("role", ""), c.get("device", ""), c.get("precision", ""),
+                    str(c.get("rounds_done", "")), _num(c.get("seen_s_ago"), ".1f")] for c in status["clients"]])
+    sw = status.get("swarm")
+    if sw:
+        out += ["", f"swarm: {sw['microbatches_completed']} micro-batches ({sw['microbatches_retried']} replayed, "
+                    f"{sw['microbatches_lost']} lost), {sw['tokens_per_s']:.0f} tokens/s, "
+                    f"{len(sw['reassignments'])} re-assignments"]
+        out += _table(["stage", "peers", "throughput", "peer names"],
+                      [[str(s["stage"]), str(len(s["peers"])), f"{s['throughput']:.0f}", ", ".join(s["peers"]) or "-"]
+                       for s in sw["stages"]])
+    return "\n".join(out)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from fedswarm.client.identity import IdentityError
+
+    tick = threading.Event()
+    while True:
+        try:
+            status = fetch(args)
+        except IdentityError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except grpc.RpcError as err:
+            from fedswarm.proto import refusals
+
+            why = refusals.reason(err)
+            if why:
+                hint = "" if getattr(args, "key", None) else " (pass --key FILE: an authorized or admin key)"
+                print(f"error: the coordinator refused status ({why}): {err.details()}{hint}", file=sys.stderr)
+            else:
+                print(f"error: cannot reach the coordinator at {args.coordinator}: {err.code().name} {err.details()}",
+                      file=sys.stderr)
+            if not args.watch:
+                return 1
+            status = None
+        if status is not None:
+            if args.json:
+                print(json.dumps(status), flush=True)
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\033[2J\033[H", end="")   # clear the screen: the table refreshes in place
+                print(render(status, args.coordinator), flush=True)
+                if args.watch:
+                    print(f"\n(refreshed {time.strftime('%H:%M:%S')}; every {args.watch:g} s; Ctrl-C to stop)",
+                          flush=True)
+        if not args.watch:
+            return 0
+        try:
+            tick.wait(args.watch)
+        except KeyboardInterrupt:
+            return 0
+
+
+def run_health(args: argparse.Namespace) -> int:
+    """The standard gRPC health check (grpc.health.v1): exit 0 if SERVING, 1 otherwise (for probes)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fedswarm.client.identity import IdentityError, open_channel
+
+    try:
+        channel = open_channel(args.coordinator, args.tls_ca)
+    except IdentityError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                              timeout=args.timeout)
+        except grpc.RpcError as err:
+            print(f"error: health check of {args.coordinator} failed: {err.code().name} {err.details()}",
+                  file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
