@@ -147,7 +147,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ramp", type=float, default=0.0,
                    help="seconds allowed for the N joins before measuring anyway (0: 30 s + N / 20 per s)")
     p.add_argument("--clients-per-round", type=int, default=10, help="sessions sampled per round")
-    p.add_argument("--model", default="gpt2-tiny")
+    p.add_argument("--model", default="gpt2-tiny", help="model the coordinator serves (uploads are zero deltas of it)")
     p.add_argument("--workers", type=int, default=0,
                    help=f"load-worker processes (0: one per {SESSIONS_PER_WORKER} sessions)")
     p.add_argument("--out", default="bench-out/load", help="folder for logs and load.json")

@@ -32,9 +32,14 @@ def test_status_and_health_paths_import_no_torch():
         assert loaded == [], f"`fedswarm {' '.join(argv)}` imported {loaded}"
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+def _subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every leaf subcommand (`bench codecs`, `bench load`, ...) by its full name."""
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+    leaves = {}
+    for name, sub in action.choices.items():
+        nested = any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)
+        leaves.update(_subcommands(sub, f"{prefix}{name} ") if nested else {f"{prefix}{name}": sub})
+    return leaves
 
 
 def test_every_option_of_every_subcommand_has_help_with_its_default():
