@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import secrets
 import signal
@@ -21,8 +22,11 @@ from fedswarm.coordinator.membership import Membership
 from fedswarm.coordinator.service import CoordinatorService
 from fedswarm.coordinator.store import Store
 from fedswarm.coordinator.strategies import STRATEGIES, build_strategy
-from fedswarm.data import eval_windows, load_eval_tokens
-from fedswarm.models import PRESETS, build_model, trainable_state
+from fedswarm import tokenized
+from fedswarm.formats import FORMATS, DataSpec
+from fedswarm.lora import PEFT_METHODS, build_run_model
+from fedswarm.models import PRESETS, trainable_state
+from fedswarm.tokenizer import load_tokenizer
 from fedswarm.proto import wire
 from fedswarm.proto.codec import CODEC_NAMES
 
@@ -33,6 +37,9 @@ RUN_FLAGS = {  # CLI flag -> RunConfig field
     "model": "model", "local_steps": "local_steps", "batch_size": "batch_size", "seq_len": "seq_len",
     "lr": "lr", "seed": "seed", "grad_accum": "grad_accum", "eval_data": "eval_data",
     "mode": "mode", "stages": "stages", "average_every": "average_every", "activation_codec": "activation_codec",
+    "peft": "peft", "lora_r": "lora_r", "lora_alpha": "lora_alpha", "lora_targets": "lora_targets",
+    "format": "data_format", "text_field": "text_field", "prompt_field": "prompt_field",
+    "response_field": "response_field",
 }
 
 
@@ -63,6 +70,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="swarm: replicas' optimizer steps between per-stage averages (one averaging = one round)")
     p.add_argument("--activation-codec", default=d.activation_codec, choices=["bf16", "fp16", "int8", "none"],
                    help="swarm: activations and gradients on the wire")
+    p.add_argument("--peft", default=d.peft, choices=PEFT_METHODS,
+                   help="lora: train (and send) only LoRA adapters on the frozen --model")
+    p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scale numerator (scale = alpha / r)")
+    p.add_argument("--lora-targets", default=d.lora_targets,
+                   help="comma-separated module names to adapt, or all-linear (default: peft's choice for the architecture)")
+    p.add_argument("--format", default=d.data_format, choices=FORMATS,
+                   help="records as documents (text) or prompt/response pairs (chat: loss on the response only)")
+    p.add_argument("--text-field", default=d.text_field, help="record field holding the text")
+    p.add_argument("--prompt-field", default=d.prompt_field, help="chat: record field of the prompt")
+    p.add_argument("--response-field", default=d.response_field, help="chat: record field of the response")
+    p.add_argument("--cache-dir", default=None, help="where tokenized eval shards go when --eval-data is read-only")
     p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")
@@ -129,7 +148,14 @@ def serve(args: argparse.Namespace) -> int:
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     TaskIdentity.task_id = 1
 
-    windows = eval_windows(load_eval_tokens(cfg.eval_data), cfg.seq_len, cfg.eval_windows)
+    try:  # the held-out split, tokenized with the run model's own tokenizer
+        run = json.loads(cfg.to_json())
+        eval_tokens = tokenized.eval_tokens(DataSpec.from_run(cfg.eval_data, run), load_tokenizer(cfg.model),
+                                            getattr(args, "cache_dir", None))
+        windows = tokenized.windows(eval_tokens, cfg.seq_len, cfg.eval_windows)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     progress = RunProgress(cfg, store.rounds())
 
     lost_hooks = []
@@ -145,7 +171,7 @@ def serve(args: argparse.Namespace) -> int:
         lost_hooks.append(swarm.registry.remove)
         driver, run_driver = swarm.driver, swarm.driver.run
     else:
-        model = build_model(cfg.model, seed=cfg.seed)
+        model = build_run_model(run)  # with --peft lora: the frozen base + adapters; only adapters travel
         initial = trainable_state(model)
         driver = RoundDriver(cfg, grid, build_strategy(cfg), store, model, windows, progress, timeouts.round_timeout_s)
         run_driver = driver.run

@@ -1,4 +1,4 @@
-"""The `fedswarm` command: coordinator, client, status, keygen, sim, bench."""
+"""The `fedswarm` command: coordinator, client, status, keygen, sim, bench, export, generate."""
 from __future__ import annotations
 
 import argparse
@@ -39,7 +39,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fedswarm import keygen
+    from fedswarm import export, keygen
     from fedswarm.client import daemon
     from fedswarm.coordinator import main as coordinator
     from fedswarm.sim import bench, launcher
@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sim", help="coordinator + N clients as local processes")
     launcher.add_arguments(p)
     p.set_defaults(func=launcher.main)
+
+    p = sub.add_parser("export", help="write a run's model (or LoRA adapters) as a Hugging Face folder")
+    export.add_export_arguments(p)
+    p.set_defaults(func=export.export_main)
+
+    p = sub.add_parser("generate", help="print a sample from a Hugging Face folder (e.g. one export wrote)")
+    export.add_generate_arguments(p)
+    p.set_defaults(func=export.generate_main)
 
     p = sub.add_parser("bench", help="benchmarks whose ratios go in the README")
     bench.add_arguments(p)
