@@ -2,26 +2,12 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
+from fedswarm.sim.tiny_hf import fact_records as records
 from fedswarm.sim.tiny_hf import save_tiny_hf
 
-COLORS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
-
-
-def records(kind: str, n: int, seed: int) -> list[dict]:
-    """Synthetic facts with a pattern to learn: 'add' sums for one site, 'color' lookups for another."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randrange(50), rng.randrange(50)
-        if kind == "add":
-            prompt, response = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
-        else:
-            prompt, response = f"Which color is item {a}?", f"Item {a} is {COLORS[a % len(COLORS)]}."
-        out.append({"text": f"{prompt} {response}", "prompt": prompt, "response": response})
-    return out
+__all__ = ["records", "site_data", "tiny_model", "write_jsonl"]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

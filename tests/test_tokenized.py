@@ -142,3 +142,28 @@ def test_model_folders_without_a_matching_tokenizer_are_refused(tmp_path, gpt2_d
     (small / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"has \d+ tokens but the model has 100 embeddings"):
         build_model(str(small))
+
+
+def test_read_only_data_is_cached_in_the_cache_dir(tmp_path, gpt2_dir):
+    """Data on a read-only mount (a private mount namespace): the shard goes to --cache-dir instead."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) for a private read-only bind mount")
+    ro = tmp_path / "ro"
+    data = write_jsonl(ro / "rows.jsonl", records("add", 100, 1))
+    cache = tmp_path / "cache"
+    script = ("from fedswarm import tokenized; from fedswarm.formats import DataSpec; "
+              "from fedswarm.tokenizer import load_tokenizer; "
+              f"t = tokenized.train_tokens(DataSpec({str(data)!r}), load_tokenizer({str(gpt2_dir)!r}), 0, 1, "
+              f"cache_dir={str(cache)!r}); print('tokens', len(t))")
+    shell = (f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && "
+             f"exec {shlex.quote(sys.executable)} -c {shlex.quote(script)}")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tokens" in proc.stdout
+    assert not (ro / tokenized.CACHE_DIRNAME).exists(), "nothing may be written beside read-only data"
+    assert [p for p in cache.iterdir() if (p / "meta.json").is_file()], "the shard is in the cache dir"

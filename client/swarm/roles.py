@@ -6,12 +6,12 @@ import logging
 import threading
 import time
 
+from fedswarm import tokenized
 from fedswarm.client.daemon import ClientDaemon
 from fedswarm.client.swarm.routing import StageRecord, stage_key
 from fedswarm.client.swarm.stage_server import HANDLER, StageServer
 from fedswarm.client.swarm.swarm_trainer import MicrobatchLost, SwarmTrainer
 from fedswarm.client.swarm.transport import SwarmNode
-from fedswarm.data import BatchSampler, load_train_tokens
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 
@@ -102,9 +102,9 @@ class TrainerDaemon(ClientDaemon):
 
     def _setup(self, cfg: dict) -> None:
         self.run_cfg = cfg
-        tokens = load_train_tokens(self.args.data, self.index, self.num_partitions)
+        tokens = tokenized.client_tokens(self.args, cfg, self.index, self.num_partitions)  # the model's tokenizer
         seed = int.from_bytes(hashlib.sha256(f"{cfg['seed']}/trainer/{self.index}".encode()).digest()[:4], "little")
-        self.sampler = BatchSampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
+        self.sampler = tokenized.sampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
         self._sample_lock = threading.Lock()
         with self.fork_guard:  # no gRPC call in flight while hivemind forks its DHT process
             self.node = SwarmNode(initial_peers=self.dht_peers)

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from fedswarm.client.swarm.tensors import BadStageInput, from_wire, ids_from_bytes, to_wire
-from fedswarm.data import VOCAB_SIZE
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.stages import build_stage, load_stage_state, stage_state
@@ -134,14 +133,14 @@ class StageServer:
             raise BadStageInput(f"this peer serves stage {self.stage_index}, not {req.stage} (re-assigned)")
         max_len = self.cfg["seq_len"] * 4
         if m.is_first:
-            x = ids_from_bytes(req.ids, req.ids_shape, VOCAB_SIZE, max_len)
+            x = ids_from_bytes(req.ids, req.ids_shape, m.config.vocab_size, max_len)
             shape = tuple(x.shape)
         else:
             shape = tuple(req.hidden.shape)
             if len(shape) != 3 or shape[2] != m.config.hidden_size or shape[0] * shape[1] > (1 << 16) or shape[1] > max_len:
                 raise BadStageInput(f"hidden shape {shape} invalid for hidden size {m.config.hidden_size}")
             x = from_wire(req.hidden, shape, self.allowed).requires_grad_()
-        labels = ids_from_bytes(req.labels, shape[:2], VOCAB_SIZE, max_len) if m.is_last else None
+        labels = ids_from_bytes(req.labels, shape[:2], m.config.vocab_size, max_len) if m.is_last else None
         return x.to(self.device), (labels.to(self.device) if labels is not None else None)
 
     def _maybe_die(self, req: pb.StageRequest) -> None:
