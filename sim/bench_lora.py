@@ -95,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `fedswarm bench lora` (the shared bench parser supplies --out, --rounds, --seed ...)."""
     g = p.add_argument_group("bench lora")
     g.add_argument("--records", type=int, default=600, help="lora: records per site")
-    g.add_argument("--vocab", type=int, default=1024, help="lora: BPE vocabulary of the built model")
+    g.add_argument("--vocab", type=int, default=1024, help="lora: most tokens in the BPE vocabulary of the built model")
     g.add_argument("--layers", type=int, default=4, help="lora: GPT-2 layers of the built model")
     g.add_argument("--hidden", type=int, default=128, help="lora: GPT-2 width of the built model")
     g.add_argument("--lora-r", type=int, default=8, help="lora: adapter rank")
