@@ -59,7 +59,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 def test_lora_two_sites_gpt2_int8_export(tmp_path, capsys):
     site_a, site_b, both = site_data(tmp_path / "data")
     model = tiny_model(tmp_path / "gpt2", "gpt2", records("add", 200, 7) + records("color", 200, 8))
-    status = run_sites(tmp_path, model, both, [site_a, site_b], ["--peft", "lora", "--lora-r", "8", "--lr", "0.01",
+    status = run_sites(tmp_path, model, both, [site_a, site_b], ["--peft", "lora", "--lora-r", "8", "--lr", "0.02",
                                                                 "--upload-codec", "int8"])
     rounds = status["rounds"]
     assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"] - 0.3, rounds
