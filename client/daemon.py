@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from fedswarm import tokenized
 from fedswarm.client import work
 from fedswarm.client.identity import Identity, open_channel, signed_join_fields
 from fedswarm.client.trainer import PRECISIONS, LocalTrainer, resolve_device, resolve_precision
-from fedswarm.data import BatchSampler, load_train_tokens, parse_partition
-from fedswarm.models import build_model
+from fedswarm.data import parse_partition
+from fedswarm.lora import build_run_model
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
@@ -66,6 +67,10 @@ class ClientDaemon:
         self.name = args.name or f"{socket.gethostname()}-{random.randrange(1 << 16):04x}"
         self.device = resolve_device(args.device)
         self.precision = resolve_precision(args.precision, self.device)
+        if getattr(args, "load_in_4bit", False) and self.device.type != "cuda":
+            raise ValueError(f"--load-in-4bit (QLoRA) needs a CUDA device, and this client trains on {self.device}: "
+                             f"drop --load-in-4bit here (the run's LoRA adapters train on a full-precision base), "
+                             f"or run this client on a GPU host with --device cuda")
         self.index, self.num_partitions = parse_partition(args.partition)
         key = getattr(args, "key", None)
         self.identity = Identity.load(key) if key else None  # signs joins and updates
@@ -152,10 +157,11 @@ class ClientDaemon:
 
     def _setup(self, cfg: dict) -> None:
         self.run_cfg = cfg
-        tokens = load_train_tokens(self.args.data, self.index, self.num_partitions)
+        tokens = tokenized.client_tokens(self.args, cfg, self.index, self.num_partitions)
         seed = int.from_bytes(hashlib.sha256(f"{cfg['seed']}/{self.index}/{self.num_partitions}".encode()).digest()[:4], "little")
-        sampler = BatchSampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
-        model = build_model(cfg["model"], seed=cfg["seed"])
+        sampler = tokenized.sampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
+        local = {**cfg, "model": getattr(self.args, "model", None) or cfg["model"]}  # this host's copy of the model
+        model = build_run_model(local, self.device, load_in_4bit=getattr(self.args, "load_in_4bit", False))
         self.trainer = LocalTrainer(model, sampler, self.device, self.precision, lr=cfg["lr"])
         self.codec = C.codec_by_name(cfg["upload_codec"])
         self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
@@ -295,7 +301,21 @@ class ClientDaemon:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
-    p.add_argument("--data", default="stdlib", help="stdlib (the running Python's sources) or a text file / folder")
+    p.add_argument("--data", default="stdlib",
+                   help="stdlib (the running Python's sources), a text file / folder, JSON Lines, Parquet, "
+                        "or a datasets save_to_disk folder")
+    p.add_argument("--model", default=None, metavar="HF_DIR",
+                   help="this host's copy of the run's model folder (default: the path the coordinator names)")
+    p.add_argument("--format", default=None, choices=["text", "chat"],
+                   help="records as documents (text) or prompt/response pairs (chat) (default: the run's)")
+    p.add_argument("--text-field", default=None, help="record field holding the text (default: the run's)")
+    p.add_argument("--prompt-field", default=None, help="chat: record field of the prompt (default: the run's)")
+    p.add_argument("--response-field", default=None, help="chat: record field of the response (default: the run's)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where tokenized shards go when the data's folder is read-only "
+                        "(default: $FEDSWARM_CACHE or ~/.cache/fedswarm/tokens)")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="QLoRA: hold the frozen base in 4 bits (bitsandbytes; CUDA clients of a --peft lora run)")
     p.add_argument("--partition", default="0/1", help="I/N: this client's share of --data (0-based)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,

@@ -51,10 +51,14 @@ class LocalTrainer:
                  precision: str, lr: float, weight_decay: float = 0.01):
         self.device = device
         self.precision = precision
-        self.model = model.to(device)
+        # a 4-bit (QLoRA) base is placed on its GPU when loaded and cannot be moved
+        quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "hf_quantizer", None) is not None
+        self.model = model if quantized else model.to(device)
         self.model.train()
         self.sampler = sampler
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        # with LoRA only the adapters train: the frozen base gets no optimizer state
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=lr, weight_decay=weight_decay)
         # fp16 needs loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
 
@@ -74,7 +78,7 @@ class LocalTrainer:
                 group["lr"] = lr
         anchor = None
         if proximal_mu > 0:  # FedProx: mu/2 * ||w - w_global||^2
-            anchor = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            anchor = {n: p.detach().clone() for n, p in self.params.items()}
         losses: list[float] = []
         skipped = 0
         for _ in range(local_steps):
@@ -89,11 +93,11 @@ class LocalTrainer:
                 losses.append(loss.item())
                 total = loss / grad_accum
                 if anchor is not None:
-                    prox = sum(((p - anchor[n]) ** 2).sum() for n, p in self.model.named_parameters())
+                    prox = sum(((p - anchor[n]) ** 2).sum() for n, p in self.params.items())
                     total = total + (proximal_mu / 2) * prox / grad_accum
                 self.scaler.scale(total).backward()
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0)
             scale_before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()

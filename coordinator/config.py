@@ -32,6 +32,16 @@ class RunConfig:
     clip_update_norm: float = 0.0      # > 0: updates with a larger L2 norm are scaled down to it
     # sampled rounds (federated): K clients per round
     clients_per_round: int = 0         # 0: every connected client
+    # fine-tuning (--peft lora): only adapters train and travel; the frozen base comes from --model on each side
+    peft: str = "none"                 # none | lora
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = ""             # comma-separated module names ("": peft's default for the architecture)
+    # how --data / --eval-data records are read (clients may override with their own flags)
+    data_format: str = "text"          # text | chat
+    text_field: str = "text"           # JSON Lines / Parquet / datasets column holding the text
+    prompt_field: str = "prompt"       # chat: the user's turn
+    response_field: str = "response"   # chat: the assistant's turn (the only tokens with loss)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -74,6 +84,17 @@ class RunConfig:
             raise ValueError("--lr must be in (0, 1)")
         if self.clients_per_round < 0:
             raise ValueError("--clients-per-round must be >= 0 (0: every connected client)")
+        from fedswarm.formats import check_format
+        from fedswarm.lora import check_peft_settings
+        from fedswarm.models import check_tokenizer_fits
+        from fedswarm.tokenizer import is_hf_folder
+
+        check_peft_settings(self.peft, self.lora_r, self.lora_alpha, load_in_4bit=False)
+        check_format(self.data_format)
+        if self.peft != "none" and self.mode == "swarm":
+            raise ValueError("--peft lora runs in federated mode only for now: drop --mode swarm or --peft")
+        if is_hf_folder(self.model):
+            check_tokenizer_fits(self.model)
 
 
 @dataclass

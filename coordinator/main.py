@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import secrets
 import signal
@@ -22,8 +23,11 @@ from fedswarm.coordinator.service import CoordinatorService
 from fedswarm.coordinator.serving import Server, ServingLimits
 from fedswarm.coordinator.store import Store
 from fedswarm.coordinator.strategies import STRATEGIES, build_strategy
-from fedswarm.data import eval_windows, load_eval_tokens
-from fedswarm.models import PRESETS, build_model, trainable_state
+from fedswarm import tokenized
+from fedswarm.formats import FORMATS, DataSpec
+from fedswarm.lora import PEFT_METHODS, build_run_model
+from fedswarm.models import PRESETS, trainable_state
+from fedswarm.tokenizer import load_tokenizer
 from fedswarm.proto.codec import CODEC_NAMES
 from fedswarm.threads import BUDGET
 
@@ -36,6 +40,9 @@ RUN_FLAGS = {  # CLI flag -> RunConfig field
     "mode": "mode", "stages": "stages", "average_every": "average_every", "activation_codec": "activation_codec",
     "clip_update_norm": "clip_update_norm",
     "clients_per_round": "clients_per_round",
+    "peft": "peft", "lora_r": "lora_r", "lora_alpha": "lora_alpha", "lora_targets": "lora_targets",
+    "format": "data_format", "text_field": "text_field", "prompt_field": "prompt_field",
+    "response_field": "response_field",
 }
 EXIT_DRIVER_CRASHED, EXIT_RUN_FAILED = 1, 3
 
@@ -81,6 +88,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
     p.add_argument("--exit-when-done", action="store_true",
                    help="exit 0 after the last round instead of serving status")
+    p.add_argument("--peft", default=d.peft, choices=PEFT_METHODS,
+                   help="lora: train (and send) only LoRA adapters on the frozen --model")
+    p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scale numerator (scale = alpha / r)")
+    p.add_argument("--lora-targets", default=d.lora_targets,
+                   help="comma-separated module names to adapt, or all-linear (default: peft's choice for the architecture)")
+    p.add_argument("--format", default=d.data_format, choices=FORMATS,
+                   help="records as documents (text) or prompt/response pairs (chat: loss on the response only)")
+    p.add_argument("--text-field", default=d.text_field, help="record field holding the text")
+    p.add_argument("--prompt-field", default=d.prompt_field, help="chat: record field of the prompt")
+    p.add_argument("--response-field", default=d.response_field, help="chat: record field of the response")
+    p.add_argument("--cache-dir", default=None, help="where tokenized eval shards go when --eval-data is read-only")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")
     # swarm data plane (hivemind): where the coordinator's bootstrap node listens and what it announces
@@ -165,7 +184,14 @@ def serve(args: argparse.Namespace) -> int:
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     TaskIdentity.task_id = 1
 
-    windows = eval_windows(load_eval_tokens(cfg.eval_data), cfg.seq_len, cfg.eval_windows)
+    try:  # the held-out split, tokenized with the run model's own tokenizer
+        run = json.loads(cfg.to_json())
+        eval_tokens = tokenized.eval_tokens(DataSpec.from_run(cfg.eval_data, run), load_tokenizer(cfg.model),
+                                            getattr(args, "cache_dir", None))
+        windows = tokenized.windows(eval_tokens, cfg.seq_len, cfg.eval_windows)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     progress = RunProgress(cfg, store.rounds())
 
     lost_hooks = []
@@ -183,7 +209,7 @@ def serve(args: argparse.Namespace) -> int:
         lost_hooks.append(swarm.registry.remove)
         driver, run_driver = swarm.driver, swarm.driver.run
     else:
-        model = build_model(cfg.model, seed=cfg.seed)
+        model = build_run_model(run)  # with --peft lora: the frozen base + adapters; only adapters travel
         initial = trainable_state(model)
         driver = RoundDriver(cfg, grid, build_strategy(cfg), store, model, windows, progress, timeouts.round_timeout_s,
                              timeouts=timeouts)

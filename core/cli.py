@@ -1,4 +1,4 @@
-"""The `fedswarm` command: coordinator, client, status, health, keygen, sim, bench.
+"""The `fedswarm` command: coordinator, client, status, health, keygen, sim, bench, export, generate.
 
 Each subcommand's module is imported only when that subcommand runs (or for the full `fedswarm --help`),
 so `fedswarm status` loads grpc and the proto stubs, never torch, transformers or Flower."""
@@ -92,6 +92,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                              formatter_class=HelpFormatter)
         bench_load.add_arguments(q)
         q.set_defaults(func=bench_load.main)
+
+    if p := add("export", "write a run's model (or LoRA adapters) as a Hugging Face folder"):
+        from fedswarm import export
+        export.add_export_arguments(p)
+        p.set_defaults(func=export.export_main)
+
+    if p := add("generate", "print a sample from a Hugging Face folder (e.g. one export wrote)"):
+        from fedswarm import export
+        export.add_generate_arguments(p)
+        p.set_defaults(func=export.generate_main)
     return parser
 
 

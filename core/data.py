@@ -271,27 +271,43 @@ def _check_window(tokens: np.ndarray, seq_len: int) -> None:
                          f"use a shorter seq_len or more data")
 
 
-class BatchSampler:
-    """Random (x, y) windows from a token array, reproducible from a seed."""
+def _token_array(tokens: np.ndarray) -> np.ndarray:
+    """Token ids as they are stored (uint8 bytes, uint16/uint32 tokenizer ids; a memmap stays mapped)."""
+    tokens = np.asarray(tokens)
+    return tokens if tokens.dtype in (np.uint8, np.uint16, np.uint32) else tokens.astype(np.uint8)
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+
+class BatchSampler:
+    """Random (x, y) windows from a token array, reproducible from a seed.
+
+    ``targets`` (uint8, 1 where a token carries loss, e.g. a chat response) sets y to -100 elsewhere."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
+                 targets: np.ndarray | None = None):
         _check_window(tokens, seq_len)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.tokens = np.asarray(tokens, dtype=np.uint8)
+        self.tokens = _token_array(tokens)
+        self.targets = targets
         self.seq_len, self.batch_size = seq_len, batch_size
         self._rng = np.random.default_rng(seed)
         self._offsets = np.arange(seq_len + 1)
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y: int64 [B, T]; y is x shifted left by one token."""
+        """x, y: int64 [B, T]; y is x shifted left by one token (-100 where it is not a target)."""
         starts = self._rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
-        w = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
-        return w[:, :-1], w[:, 1:]
+        idx = starts[:, None] + self._offsets
+        w = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        if self.targets is None:
+            return w[:, :-1], w[:, 1:]
+        keep = torch.from_numpy(self.targets[idx[:, 1:]].astype(bool))
+        return w[:, :-1], torch.where(keep, w[:, 1:], torch.full_like(w[:, 1:], -100))
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> torch.Tensor:
-    """int64 [N, T+1] evenly spaced, non-overlapping windows; N = min(max_windows, available)."""
+def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int, targets: np.ndarray | None = None) -> torch.Tensor:
+    """int64 [N, T+1] evenly spaced, non-overlapping windows; N = min(max_windows, available).
+
+    With ``targets``: [N, 2, T+1], row 1 the labels (the ids, -100 where not a target)."""
     _check_window(tokens, seq_len)
     if max_windows < 1:
         raise ValueError(f"max_windows must be positive, got {max_windows}")
@@ -300,4 +316,8 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> torch.Te
     n = min(max_windows, avail)
     starts = (np.arange(n) * avail // n) * width
     idx = starts[:, None] + np.arange(width)
-    return torch.from_numpy(np.asarray(tokens, dtype=np.uint8)[idx].astype(np.int64))
+    ids = torch.from_numpy(_token_array(tokens)[idx].astype(np.int64))
+    if targets is None:
+        return ids
+    keep = torch.from_numpy(np.asarray(targets)[idx].astype(bool))
+    return torch.stack([ids, torch.where(keep, ids, torch.full_like(ids, -100))], dim=1)

@@ -1,7 +1,8 @@
-"""Model presets: small transformer LMs built from `transformers` configs with random init.
+"""Models: small presets built from `transformers` configs with random init, or a local Hugging Face folder.
 
 Nothing is downloaded: a preset is a config built in code, a path to a config
-JSON, or a Hugging Face folder (config.json + model.safetensors) on disk.
+JSON, or a Hugging Face folder (config.json + weights + tokenizer, as written by
+`save_pretrained`) on disk, loaded with `AutoModelForCausalLM.from_pretrained`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
 from fedswarm.data import VOCAB_SIZE
+from fedswarm.tokenizer import is_hf_folder, load_tokenizer
 
 
 def _gpt2(n_layer: int, n_embd: int, n_head: int, n_positions: int = 512) -> GPT2Config:
@@ -60,7 +62,14 @@ def model_config(preset: str) -> PretrainedConfig:
 
 
 def build_model(preset: str, seed: int = 0, weights: str | None = None) -> torch.nn.Module:
-    """Random-init causal LM from a preset (deterministic in `seed`), optionally loading safetensors weights."""
+    """Random-init causal LM from a preset (deterministic in `seed`), optionally loading safetensors weights.
+
+    A Hugging Face folder with weights loads with `from_pretrained` (float32, offline); a folder must hold
+    a tokenizer whose vocabulary fits the embeddings (ValueError otherwise)."""
+    if is_hf_folder(preset):
+        check_tokenizer_fits(preset)
+        if weights is None and _has_weights(preset):
+            return AutoModelForCausalLM.from_pretrained(preset, local_files_only=True, dtype=torch.float32)
     config = model_config(preset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -74,6 +83,21 @@ def build_model(preset: str, seed: int = 0, weights: str | None = None) -> torch
         if missing or unexpected:
             raise ValueError(f"{weights_file} does not match {preset}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
+
+
+def _has_weights(folder: str) -> bool:
+    return any((Path(folder) / name).is_file() for name in (
+        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def check_tokenizer_fits(folder: str) -> None:
+    """Refuse a folder whose tokenizer is missing or has more ids than the model has embeddings."""
+    tokenizer = load_tokenizer(folder)  # ValueError when there is none
+    rows = model_config(folder).vocab_size
+    if len(tokenizer) > rows:
+        raise ValueError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model has {rows} embeddings: "
+                         f"save the tokenizer that belongs to this model, or resize the embeddings with "
+                         f"model.resize_token_embeddings({len(tokenizer)}) before save_pretrained")
 
 
 def _weights_file(preset: str, weights: str | None) -> Path | None:
@@ -97,16 +121,18 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
 
 
 def trainable_state(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
-    """The tensors that travel: parameters once each (tied weights sent once), float32, CPU, detached."""
+    """The tensors that travel: trainable parameters once each (tied weights sent once; with LoRA only the
+    adapters), float32, CPU, detached."""
     return OrderedDict(
         (name, param.detach().to("cpu", torch.float32).clone())
         for name, param in model.named_parameters()  # remove_duplicate=True: tied weights once
+        if param.requires_grad
     )
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy `state` into the model's parameters in place (names and shapes must match)."""
-    params = dict(model.named_parameters())
+    """Copy `state` into the model's trainable parameters in place (names and shapes must match)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(state):
         missing = sorted(set(params) - set(state))[:5]
         extra = sorted(set(state) - set(params))[:5]
@@ -120,20 +146,29 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; x, y: int64 [B, T]."""
+    """Mean next-token cross-entropy over the targets; x, y: int64 [B, T], y = -100 where there is no target."""
     logits = model(input_ids=x).logits  # [B, T, V]
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+    flat = logits.float().reshape(-1, logits.size(-1))
+    if bool((y < 0).any()):  # masked labels (chat: prompt tokens); a batch with no target gives loss 0
+        total = torch.nn.functional.cross_entropy(flat, y.reshape(-1), ignore_index=-100, reduction="sum")
+        return total / (y >= 0).sum().clamp(min=1)
+    return torch.nn.functional.cross_entropy(flat, y.reshape(-1))
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 32) -> float:
-    """Mean loss over eval windows [N, T+1] (float32, no autocast: comparable across runs)."""
+    """Mean loss over eval windows [N, T+1] (float32, no autocast: comparable across runs).
+
+    Windows [N, 2, T+1] carry a labels row (-100: not a target, e.g. a chat prompt)."""
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, windows.size(0), batch_size):
         chunk = windows[start:start + batch_size].to(device)
-        loss = lm_loss(model, chunk[:, :-1], chunk[:, 1:])
+        if chunk.dim() == 3:
+            loss = lm_loss(model, chunk[:, 0, :-1], chunk[:, 1, 1:])
+        else:
+            loss = lm_loss(model, chunk[:, :-1], chunk[:, 1:])
         total += loss.item() * chunk.size(0)
         count += chunk.size(0)
     model.train()

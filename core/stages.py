@@ -13,8 +13,8 @@ Modules keep their full-model names inside a Stage (stage 1 of 2 of gpt2-tiny ow
 `stage.named_parameters()` already speaks the full model's language and the union of
 all stages' states is `trainable_state(build_untied_model(...))` key for key.
 
-Both families in `fedswarm.models` are supported: GPT-2 (transformer.wte/wpe/h/ln_f)
-and Llama-style (model.embed_tokens/layers/norm/rotary_emb).
+Two layouts are supported (`FAMILIES`, by config.model_type): GPT-2 (transformer.wte/wpe/h/ln_f)
+and Llama-style (model.embed_tokens/layers/norm/rotary_emb), which Qwen2 and Mistral share.
 """
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ from transformers import AutoModelForCausalLM
 from transformers.masking_utils import create_causal_mask
 
 from fedswarm.models import build_model, load_trainable_state, model_config
+
+
+# config.model_type -> stage layout; Qwen2 and Mistral decoder layers take the same inputs as Llama's
+FAMILIES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[range]:
@@ -76,18 +80,20 @@ class Stage(nn.Module):
         self.layer_range = layers
         self.config = config  # plain attribute: not a module, owns no parameters
         # containers named like the full model's, in its order, so names (and order) match it
-        if hasattr(model, "transformer"):  # GPT-2: transformer.{wte,wpe,drop,h,ln_f}
+        family = FAMILIES.get(getattr(config, "model_type", ""))
+        if family == "gpt2":  # GPT-2: transformer.{wte,wpe,drop,h,ln_f}
             self.family, src, blocks, norm = "gpt2", model.transformer, "h", "ln_f"
             self.transformer = body = nn.Module()
             if self.is_first:
                 body.wte, body.wpe, body.drop = src.wte, src.wpe, src.drop
-        elif hasattr(model, "model") and hasattr(model.model, "rotary_emb"):  # Llama-style
+        elif family == "llama":  # Llama-style
             self.family, src, blocks, norm = "llama", model.model, "layers", "norm"
             self.model = body = nn.Module()
             if self.is_first:
                 body.embed_tokens = src.embed_tokens
         else:
-            raise ValueError(f"unsupported architecture {type(model).__name__} for pipeline stages")
+            raise ValueError(f"unsupported architecture {type(model).__name__} for pipeline stages: swarm mode "
+                             f"cuts {', '.join(sorted(FAMILIES))} models; train this one in federated mode")
         # ModuleDict keyed by the global layer index -> "transformer.h.2.attn..." etc.
         setattr(body, blocks, nn.ModuleDict({str(i): getattr(src, blocks)[i] for i in layers}))
         self.blocks = list(getattr(body, blocks).values())  # plain list: no double registration

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 from fedswarm.progress import Progress
+from fedswarm.sim.bench_lora import add_arguments as add_lora_arguments
+from fedswarm.sim.bench_lora import bench_lora
 from fedswarm.sim.launcher import add_arguments as add_sim_arguments
 from fedswarm.sim.launcher import run_sim
 
@@ -17,6 +19,7 @@ KINDS = {  # `fedswarm bench KIND` (sim/bench_load.py adds "load")
     "codecs": "upload bytes and final eval loss per codec vs none",
     "swarm": "tokens/s of the swarm vs one process, and with a peer killed every 30 s vs none",
     "threads": "seconds per round of a hand-started coordinator + 2 clients, defaults vs --threads 1",
+    "lora": "bytes per round of full fine-tuning vs LoRA, codec none vs int8 (an HF model built here)",
 }
 
 
@@ -25,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codecs", default="none,fp16,int8,int4",
                    help="codecs: the codecs to compare (none is always included)")
     add_sim_arguments(p)
+    add_lora_arguments(p)
     p.set_defaults(clients=2, rounds=6, out="bench-out")
 
 
@@ -157,4 +161,6 @@ def main(args: argparse.Namespace) -> int:
         from fedswarm.sim.bench_threads import bench_threads
 
         bench_threads(args)
+    elif args.which == "lora":
+        bench_lora(args)
     return 0

@@ -60,7 +60,8 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
     coord_args = ["--state-dir", str(out / "state"), "--rounds", str(args.rounds), "--min-clients", str(args.clients),
                   "--strategy", args.strategy, "--upload-codec", args.upload_codec, "--model", args.model,
                   "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
-                  "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed)]
+                  "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
+                  "--eval-data", args.data]  # the held-out split of the data being trained on
     if args.clients_per_round:
         coord_args += ["--clients-per-round", str(args.clients_per_round)]
     if wants_virtual(args):  # many sessions per worker process, locally or on Ray

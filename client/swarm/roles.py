@@ -8,13 +8,13 @@ import time
 
 import grpc
 
+from fedswarm import tokenized
 from fedswarm.client.daemon import ClientDaemon
 from fedswarm.client.swarm.roster import Roster
 from fedswarm.client.swarm.routing import StageRecord, stage_key
 from fedswarm.client.swarm.stage_server import HANDLER, StageServer
 from fedswarm.client.swarm.swarm_trainer import MicrobatchLost, SwarmTrainer, run_workers
 from fedswarm.client.swarm.transport import SwarmNode, new_identity
-from fedswarm.data import BatchSampler, load_train_tokens
 from fedswarm.models import model_config
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
@@ -178,9 +178,9 @@ class TrainerDaemon(SwarmMember):
 
     def _setup(self, cfg: dict) -> None:
         self.run_cfg = cfg
-        tokens = load_train_tokens(self.args.data, self.index, self.num_partitions)
+        tokens = tokenized.client_tokens(self.args, cfg, self.index, self.num_partitions)  # the model's tokenizer
         seed = int.from_bytes(hashlib.sha256(f"{cfg['seed']}/trainer/{self.index}".encode()).digest()[:4], "little")
-        self.sampler = BatchSampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
+        self.sampler = tokenized.sampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
         self._sample_lock = threading.Lock()
         self.node = self._start_node(client_mode=True)   # a trainer only dials out
         self.swarm = SwarmTrainer(self.node, self.run_id, cfg["stages"], self.roster,

@@ -15,7 +15,6 @@ import torch
 
 from fedswarm.client.swarm.roster import Refusals, Roster
 from fedswarm.client.swarm.tensors import BadStageInput, from_wire, ids_from_bytes, to_wire
-from fedswarm.data import VOCAB_SIZE
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.stages import build_stage, load_stage_state, stage_state
@@ -165,13 +164,13 @@ class StageServer:
             raise BadStageInput(f"input shape {shape[:8]} invalid: this run takes at most [{max_batch}, {max_len}"
                                 f"{'' if m.is_first else f', {m.config.hidden_size}'}]", "bad_shape")
         if m.is_first:
-            x = ids_from_bytes(req.ids, req.ids_shape, VOCAB_SIZE, max_len)
+            x = ids_from_bytes(req.ids, req.ids_shape, m.config.vocab_size, max_len)
         else:
             x = from_wire(req.hidden, shape, self.allowed)
             if not torch.isfinite(x).all():
                 raise BadStageInput("input activations are not finite", "non_finite")
             x = x.requires_grad_()
-        labels = ids_from_bytes(req.labels, shape[:2], VOCAB_SIZE, max_len) if m.is_last else None
+        labels = ids_from_bytes(req.labels, shape[:2], m.config.vocab_size, max_len) if m.is_last else None
         return x.to(self.device), (labels.to(self.device) if labels is not None else None)
 
     def _maybe_die(self, req: pb.StageRequest) -> None:

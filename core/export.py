@@ -1,0 +1,137 @@
+"""`fedswarm export` and `fedswarm generate`: a run's weights as a standard Hugging Face folder, and a sample from one.
+
+Export writes what `AutoModelForCausalLM.from_pretrained` loads (config, safetensors, tokenizer);
+a LoRA run writes a PEFT adapter folder (`PeftModel.from_pretrained`) or, with --merge, the base
+with the adapters merged in. Presets get the byte tokenizer as a Hugging Face tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _round_state(state_dir: str, rnd: int | None) -> tuple[dict, int, dict[str, torch.Tensor]]:
+    from fedswarm.coordinator.store import Store
+    from fedswarm.coordinator.strategy_state import split_checkpoint
+
+    if not (Path(state_dir) / "fedswarm.sqlite3").is_file():
+        raise ValueError(f"{state_dir} holds no fedswarm run (no fedswarm.sqlite3): pass the coordinator's --state-dir")
+    store = Store(state_dir)
+    try:
+        stored = store.get_meta("run_config")
+        if stored is None:
+            raise ValueError(f"{state_dir} has no run config yet: start the coordinator on it first")
+        cfg = json.loads(stored)
+        rnd = store.last_round() if rnd is None else rnd
+        if rnd is None:
+            raise ValueError(f"{state_dir} has no committed round yet")
+        try:
+            state, _strategy = split_checkpoint(store.load_checkpoint(rnd))
+        except (KeyError, FileNotFoundError):
+            raise ValueError(f"round {rnd} is not in {state_dir} (kept: the last few committed rounds)") from None
+    finally:
+        store.close()
+    return cfg, rnd, state
+
+
+def export(state_dir: str, out: str, rnd: int | None = None, merge: bool = False, model: str | None = None) -> dict:
+    """Write round `rnd` (default: the last committed) of the run in `state_dir` to `out`; returns a summary."""
+    from fedswarm.lora import build_run_model
+    from fedswarm.models import load_trainable_state
+    from fedswarm.tokenizer import byte_hf_tokenizer, load_tokenizer
+
+    cfg, rnd, state = _round_state(state_dir, rnd)
+    if cfg.get("mode") == "swarm":
+        raise ValueError("this run is a swarm run: its checkpoints hold pipeline stages; export federated runs")
+    if model:
+        cfg["model"] = model
+    net = build_run_model(cfg)
+    load_trainable_state(net, state)
+    lora = cfg.get("peft", "none") != "none"
+    if merge and not lora:
+        raise ValueError("--merge merges LoRA adapters into the base: this run trained the full model")
+    if lora and merge:
+        net = net.merge_and_unload()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net.save_pretrained(out_dir)  # PeftModel: adapter_config.json + adapter_model.safetensors
+    tokenizer = load_tokenizer(cfg["model"])
+    (byte_hf_tokenizer() if getattr(tokenizer, "is_bytes", False) else tokenizer).save_pretrained(out_dir)
+    kind = "adapters" if lora and not merge else "model"
+    return {"round": rnd, "out": str(out_dir), "kind": kind, "base": cfg["model"], "tensors": len(state)}
+
+
+def load_exported(folder: str, base: str | None = None) -> torch.nn.Module:
+    """A folder written by export: a full model, or an adapter folder on its base (`base` overrides the recorded one)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(folder)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_path = base or json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base_model = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True, dtype=torch.float32)
+        return PeftModel.from_pretrained(base_model, folder, local_files_only=True)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{folder} is not a model folder (no config.json or adapter_config.json)")
+    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+
+
+def generate(folder: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
+             base: str | None = None) -> str:
+    """The prompt continued by the model in `folder` (greedy at temperature 0)."""
+    from transformers import AutoTokenizer
+
+    model = load_exported(folder, base)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if ids.numel() == 0:
+        raise ValueError("the prompt is empty: pass some text with --prompt")
+    torch.manual_seed(seed)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                             top_k=None, top_p=None,
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    return tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True)
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", required=True, help="the coordinator's --state-dir")
+    p.add_argument("--out", required=True, metavar="HF_DIR", help="folder to write")
+    p.add_argument("--round", type=int, default=None, help="committed round to export (default: the last)")
+    p.add_argument("--merge", action="store_true", help="LoRA runs: merge the adapters into the base weights")
+    p.add_argument("--model", default=None, metavar="HF_DIR", help="the base model folder (default: the run's --model)")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="HF_DIR", help="a folder written by export (or any HF folder)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", default=None, metavar="HF_DIR", help="adapter folders: the base model (default: recorded)")
+
+
+def export_main(args: argparse.Namespace) -> int:
+    try:
+        summary = export(args.state_dir, args.out, args.round, args.merge, args.model)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    try:
+        print(generate(args.model, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.base))
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,61 @@
+"""Pipeline stages of Hugging Face folders (GPT-2, Llama, Qwen2, Mistral): chained stages compute the full model's loss."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_fixtures import records, tiny_model
+
+from fedswarm.models import lm_loss
+from fedswarm.stages import build_stage, build_untied_model, num_layers_of
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+def test_hf_folder_stages_chain_to_the_full_loss(tmp_path, family):
+    folder = str(tiny_model(tmp_path / family, family, records("add", 60, 1)))
+    torch.manual_seed(0)
+    vocab = build_untied_model(folder).config.vocab_size
+    assert vocab > 256, "the folder's own vocabulary, not bytes"
+    x = torch.randint(0, vocab, (2, 16))
+    y = torch.randint(0, vocab, (2, 16))
+    with torch.no_grad():
+        full = lm_loss(build_untied_model(folder), x, y).item()
+        assert num_layers_of(folder) == 2
+        stages = [build_stage(folder, i, 2) for i in range(2)]
+        h = x
+        for stage in stages[:-1]:
+            h = stage(h)
+        assert abs(stages[-1](h, y).item() - full) < 1e-5
+
+
+@pytest.mark.timeout(400)
+def test_qwen2_folder_trains_in_swarm_mode_across_three_stages(tmp_path):
+    """`fedswarm sim --mode swarm` on a Qwen2 folder with its own tokenizer and a JSON Lines file."""
+    import json
+    import signal
+    import subprocess
+
+    from hf_fixtures import write_jsonl
+
+    from fedswarm.sim.processes import Proc, fedswarm_cmd
+    from fedswarm.sim.tiny_hf import save_tiny_hf
+
+    model = save_tiny_hf(tmp_path / "qwen2", "qwen2", [r["text"] for r in records("add", 200, 1)], vocab_size=400,
+                         layers=3)
+    data = write_jsonl(tmp_path / "data.jsonl", records("add", 800, 2))
+    out = tmp_path / "sim"
+    sim = Proc("sim", fedswarm_cmd("sim", "--mode", "swarm", "--model", str(model), "--data", str(data),
+                                   "--stages", "3", "--peers", "3", "--trainers", "1", "--rounds", "2",
+                                   "--average-every", "5", "--seq-len", "32", "--batch-size", "8", "--out", str(out)),
+               tmp_path / "sim.log")
+    try:
+        code = sim.popen.wait(timeout=360)
+    except subprocess.TimeoutExpired:
+        sim.signal(signal.SIGINT)  # the sim stops its own processes on SIGINT
+        sim.popen.wait(timeout=30)
+        pytest.fail(f"the swarm sim did not finish:\n{sim.output()[-3000:]}")
+    finally:
+        sim.stop()
+    assert code == 0, sim.output()[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["stages"] == 3 and report["swarm"]["microbatches_lost"] == 0
+    assert report["rounds"][-1]["eval_loss"] < report["rounds"][0]["eval_loss"] - 1.0, report["rounds"]

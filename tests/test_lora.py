@@ -1,0 +1,83 @@
+"""LoRA on the local trainer, QLoRA's refusal on CPU, and exports of preset runs."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hf_fixtures import records, tiny_model
+
+from fedswarm import tokenized
+from fedswarm.client.trainer import LocalTrainer
+from fedswarm.formats import DataSpec
+from fedswarm.lora import adapter_bytes, build_run_model
+from fedswarm.models import build_model, trainable_state
+from fedswarm.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("model") / "llama", "llama", records("color", 100, 3))
+
+
+def test_lora_trains_only_adapters(tmp_path, llama_dir):
+    from hf_fixtures import write_jsonl
+
+    cfg = {"model": str(llama_dir), "peft": "lora", "lora_r": 4, "lora_alpha": 8, "seed": 0}
+    model = build_run_model(cfg)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    state = trainable_state(model)
+    assert state and all(".lora_" in n for n in state), list(state)[:4]
+    sent, full = adapter_bytes(model)
+    assert sent < 0.05 * full
+    data = write_jsonl(tmp_path / "rows.jsonl", records("color", 200, 4))
+    tokens = tokenized.train_tokens(DataSpec(str(data)), load_tokenizer(str(llama_dir)), 0, 1)
+    trainer = LocalTrainer(model, tokenized.sampler(tokens, 32, 8, 0), torch.device("cpu"), "fp32", lr=0.02)
+    first = trainer.train_round(state, local_steps=15)
+    second = trainer.train_round(first.state, local_steps=15)
+    assert set(second.state) == set(state)
+    assert second.train_loss < first.train_loss
+    assert any(not torch.equal(second.state[n], state[n]) for n in state)
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert torch.equal(param, base_before[name]), f"frozen {name} moved"
+
+
+def test_load_in_4bit_is_refused_on_cpu_before_bitsandbytes(capsys):
+    from fedswarm.cli import main
+
+    sys.modules.pop("bitsandbytes", None)
+    code = main(["client", "--coordinator", "127.0.0.1:1", "--device", "cpu", "--load-in-4bit"])
+    assert code == 2
+    assert "--load-in-4bit (QLoRA) needs a CUDA device" in capsys.readouterr().err
+    assert "bitsandbytes" not in sys.modules
+
+
+def test_preset_run_exports_with_a_byte_tokenizer(tmp_path, capsys):
+    """A byte-level preset run exports to a folder AutoTokenizer / AutoModelForCausalLM load, same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedswarm.cli import main
+    from fedswarm.coordinator.config import RunConfig
+    from fedswarm.coordinator.store import Store
+
+    model = build_model("gpt2-tiny", seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # a "trained" state, not the seed's init
+    store = Store(tmp_path / "state")
+    store.set_meta("run_config", RunConfig(seed=3).to_json())
+    store.commit_round({"round": 1, "eval_loss": 1.0, "clients": []}, dict(trainable_state(model)))
+    store.close()
+    assert main(["export", "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "out")]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"), local_files_only=True)
+    text = "def f(x):\n    return x  # ✓"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == list(text.encode("utf-8"))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(input_ids=x).logits.numpy(), model(input_ids=x).logits.numpy(), atol=1e-5)
+    assert main(["export", "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "m"), "--merge"]) == 2
+    assert "this run trained the full model" in capsys.readouterr().err
