@@ -49,7 +49,8 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
     coord_args = ["--state-dir", str(out / "state"), "--rounds", str(args.rounds), "--min-clients", str(args.clients),
                   "--strategy", args.strategy, "--upload-codec", args.upload_codec, "--model", args.model,
                   "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
-                  "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed)]
+                  "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
+                  "--eval-data", args.data]  # evaluate on the held-out split of the data being trained on
     started = time.time()
     with coordinator_process(out, coord_args) as (coordinator, address), CountingRelay(address) as relay:
         log(f"coordinator on {address}; starting {args.clients} clients ({threads} thread(s) each)")

@@ -67,7 +67,8 @@ def run_swarm_sim(args, log=print) -> dict:
     coord_args = ["--state-dir", str(out / "state"), "--mode", "swarm", "--stages", str(args.stages),
                   "--rounds", str(args.rounds), "--average-every", str(args.average_every), "--model", args.model,
                   "--strategy", args.strategy, "--upload-codec", args.upload_codec, "--batch-size", str(args.batch_size),
-                  "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed)]
+                  "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
+                  "--eval-data", args.data]
     rng = random.Random(args.seed)
     timeline, faults = [], []
     started = time.time()
