@@ -23,6 +23,7 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import wire
+from fedswarm.schedule import LrSchedule
 
 log = logging.getLogger("fedswarm.client")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -204,13 +205,24 @@ class ClientDaemon:
         log.info("round %d: training on task %s", task.round, task.task_id[:12])
         mu = float(config.get("proximal-mu", 0.0))
         steps = int(config.get("local-steps", self.run_cfg["local_steps"]))
-        result = self.trainer.train_round(base, steps, self.run_cfg.get("grad_accum", 1),
-                                          lr=float(config.get("lr", self.run_cfg["lr"])), proximal_mu=mu)
+        first, schedule = self.schedule(config, steps)
+        result = self.trainer.train_round(base, steps, self.run_cfg.get("grad_accum", 1), proximal_mu=mu,
+                                          lr_at=lambda i: schedule.lr_at(first + i))
+        log.info("round %d: lr %.6e -> %.6e over global steps %d..%d of %d", task.round, result.lrs[0],
+                 result.lrs[-1], first, first + steps - 1, schedule.total_steps)
         delta = {n: result.state[n] - base[n] for n in base}
         reply = self.upload(task, delta, result.num_examples, result.train_loss, result.seconds,
                             base_digest=wire.state_digest(base))
         log.info("round %d: loss %.4f in %.1f s, uploaded %d bytes (%s)", task.round, result.train_loss,
                  result.seconds, reply.bytes_received, self.run_cfg["upload_codec"])
+
+    def schedule(self, config: dict, steps: int) -> tuple[int, LrSchedule]:
+        """(the round's first global step, the run's lr schedule) from the task's config."""
+        cfg = self.run_cfg
+        total = int(config.get("total-steps", cfg["rounds"] * cfg["local_steps"]))
+        return int(config.get("global-step", 0)), LrSchedule(
+            float(config.get("lr", cfg["lr"])), max(total, 1), cfg.get("lr_schedule", "constant"),
+            int(cfg.get("warmup_steps", 0)), float(cfg.get("min_lr", 0.0)))
 
     def upload(self, task: pb.Task, delta: dict[str, torch.Tensor], num_examples: int, train_loss: float,
                seconds: float, base_digest: bytes = b"") -> pb.PushReply:

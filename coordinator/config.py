@@ -29,6 +29,10 @@ class RunConfig:
     stages: int = 3
     average_every: int = 20            # replicas' optimizer steps between stage averages
     activation_codec: str = "bf16"     # activations and their gradients on the swarm wire
+    # learning-rate schedule over the run's global steps (rounds x local steps), applied by every client
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -67,6 +71,9 @@ class RunConfig:
                 raise ValueError("--average-every must be >= 1")
         if not 0 < self.lr < 1:
             raise ValueError("--lr must be in (0, 1)")
+        from fedswarm.schedule import LrSchedule
+
+        LrSchedule(self.lr, self.rounds * self.local_steps, self.lr_schedule, self.warmup_steps, self.min_lr)
 
 
 @dataclass

@@ -99,7 +99,9 @@ class RoundDriver:
         with self.progress.lock:
             self.progress.state = "running" if self.progress.rounds[-1]["round"] > 0 else "waiting"
             self.progress.current_round = rnd
-        config = ConfigRecord({"local-steps": self.cfg.local_steps, "lr": self.cfg.lr})
+        config = ConfigRecord({"local-steps": self.cfg.local_steps, "lr": self.cfg.lr,  # lr: the schedule's peak
+                               "global-step": (rnd - 1) * self.cfg.local_steps,
+                               "total-steps": self.cfg.rounds * self.cfg.local_steps})
         # Flower's sample_nodes waits (polling) until min_available_nodes have joined.
         messages = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
         with self.progress.lock:

@@ -25,6 +25,7 @@ from fedswarm.data import eval_windows, load_eval_tokens
 from fedswarm.models import PRESETS, build_model, trainable_state
 from fedswarm.proto import wire
 from fedswarm.proto.codec import CODEC_NAMES
+from fedswarm.schedule import SCHEDULES
 
 log = logging.getLogger("fedswarm.coordinator")
 SWARM_LEASE_S, SWARM_HEARTBEAT_S = 3.0, 0.5   # stage peers must be noticed gone within seconds
@@ -33,6 +34,7 @@ RUN_FLAGS = {  # CLI flag -> RunConfig field
     "model": "model", "local_steps": "local_steps", "batch_size": "batch_size", "seq_len": "seq_len",
     "lr": "lr", "seed": "seed", "grad_accum": "grad_accum", "eval_data": "eval_data",
     "mode": "mode", "stages": "stages", "average_every": "average_every", "activation_codec": "activation_codec",
+    "lr_schedule": "lr_schedule", "warmup_steps": "warmup_steps", "min_lr": "min_lr",
 }
 
 
@@ -50,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=list(SCHEDULES),
+                   help="over the run's global steps (rounds x local steps); every client follows it")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear lr warm-up (global steps)")
+    p.add_argument("--min-lr", type=float, default=d.min_lr, help="cosine: the lr at the last step")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-data", default=d.eval_data, help="held-out data for centralized eval (stdlib or PATH)")
     p.add_argument("--round-timeout", type=float, default=CoordinatorTimeouts.round_timeout_s)

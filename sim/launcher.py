@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.proto.codec import CODEC_NAMES
+from fedswarm.schedule import SCHEDULES
 from fedswarm.sim.processes import client_processes, coordinator_process, fetch_status
 from fedswarm.sim.relay import CountingRelay
 from fedswarm.sim.swarm_sim import add_swarm_arguments, run_swarm_sim
@@ -31,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=list(SCHEDULES))
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--min-lr", type=float, default=d.min_lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data", default="stdlib", help="stdlib or a text file / folder (split across clients)")
     p.add_argument("--precision", default="auto")
@@ -50,7 +54,9 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
                   "--strategy", args.strategy, "--upload-codec", args.upload_codec, "--model", args.model,
                   "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
                   "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
-                  "--eval-data", args.data]  # evaluate on the held-out split of the data being trained on
+                  "--eval-data", args.data,  # evaluate on the held-out split of the data being trained on
+                  "--lr-schedule", args.lr_schedule, "--warmup-steps", str(args.warmup_steps),
+                  "--min-lr", str(args.min_lr)]
     started = time.time()
     with coordinator_process(out, coord_args) as (coordinator, address), CountingRelay(address) as relay:
         log(f"coordinator on {address}; starting {args.clients} clients ({threads} thread(s) each)")
