@@ -75,6 +75,7 @@ class ClientDaemon:
         self.trainer: LocalTrainer | None = None
         self.feedback: C.ErrorFeedback | None = None
         self.run_cfg: dict = {}
+        self.held: Held | None = None   # the global version this client holds (delta downloads start from it)
         self._hb_stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._join_lock = threading.RLock()
@@ -201,7 +202,7 @@ class ClientDaemon:
 
     def train(self, task: pb.Task) -> None:
         config = json.loads(task.config_json)
-        base = self.fetch_model(task.task_id)
+        base = self.fetch_global(task.task_id)
         log.info("round %d: training on task %s", task.round, task.task_id[:12])
         mu = float(config.get("proximal-mu", 0.0))
         steps = int(config.get("local-steps", self.run_cfg["local_steps"]))
@@ -212,7 +213,7 @@ class ClientDaemon:
                  result.lrs[-1], first, first + steps - 1, schedule.total_steps)
         delta = {n: result.state[n] - base[n] for n in base}
         reply = self.upload(task, delta, result.num_examples, result.train_loss, result.seconds,
-                            base_digest=wire.state_digest(base))
+                            base_digest=self.held.digest)
         log.info("round %d: loss %.4f in %.1f s, uploaded %d bytes (%s)", task.round, result.train_loss,
                  result.seconds, reply.bytes_received, self.run_cfg["upload_codec"])
 
@@ -259,21 +260,78 @@ class ClientDaemon:
                 self.join()
         raise AssertionError("unreachable")
 
+    def fetch_global(self, task_id: str) -> dict[str, torch.Tensor]:
+        """A federated task's weights: deltas from the version held, checked against the coordinator's digest;
+        a full copy when the coordinator cannot serve deltas to us or the reconstruction does not match."""
+        try:
+            self.held = self._download(task_id, -1, self.held)
+        except DigestMismatch as err:
+            log.warning("%s; downloading a full copy", err)
+            self.held = self._download(task_id, -1, None)
+        how = f"{self.held.steps} delta step(s)" if self.held.steps else "a full copy"
+        log.info("downloaded model version %d as %s, %d bytes", self.held.version, how, self.held.wire_bytes)
+        return self.held.state
+
     def fetch_model(self, task_id: str, stage: int = -1) -> dict[str, torch.Tensor]:
-        """The weights of a task, or (swarm, no task) a stage's latest committed average."""
+        """The weights of a task, or (swarm, no task) a stage's latest committed average (full copies)."""
+        return self._download(task_id, stage, None).state
+
+    def _download(self, task_id: str, stage: int, held: Held | None) -> Held:
         def download():
             req = pb.FetchModelRequest(client_id=self.client_id, session_token=self.token, task_id=task_id,
-                                       stage=stage + 1)
-            shapes: dict[str, tuple[int, ...]] = {}
-            chunks = []
-            for chunk in self.stub.FetchModel(req, timeout=self.t.transfer_s):
-                shapes[chunk.part.name] = tuple(chunk.part.shape)
-                chunks.append(chunk.part)
-            assembler = wire.PartAssembler(shapes, {C.CODEC_NAMES["none"]})
-            for part in chunks:
-                assembler.add(part)
-            return assembler.finish()
+                                       stage=stage + 1, has_version=held is not None,
+                                       held_version=held.version if held else 0, held_digest=held.digest if held else b"")
+            chunks = list(self.stub.FetchModel(req, timeout=self.t.transfer_s))
+            got = reconstruct(chunks, held, C.codec_by_name(self.run_cfg.get("download_codec", "none")))
+            got.wire_bytes = sum(c.ByteSize() for c in chunks)
+            return got
         return self.with_retry("model download", download)
+
+
+@dataclass
+class Held:
+    """A global model version as this client reconstructed it."""
+
+    version: int
+    state: dict[str, torch.Tensor]
+    digest: bytes          # as the coordinator announced it (checked against our reconstruction)
+    steps: int = 0         # delta steps the download applied (0: a full copy)
+    wire_bytes: int = 0    # size of the ModelChunk messages it took
+
+
+class DigestMismatch(wire.WireError):
+    """The reconstructed weights differ from the coordinator's: the deltas were applied to other weights."""
+
+
+def reconstruct(chunks: list[pb.ModelChunk], held: Held | None, delta_codec: int) -> Held:
+    """Apply a FetchModel stream: one full float32 copy, or steps (codec-encoded deltas) onto `held`.
+    Each version's result must hash to the digest its first chunk announces."""
+    groups: list[tuple[int, bool, bytes, list[pb.TensorPart]]] = []
+    for chunk in chunks:
+        if not groups or (chunk.version, chunk.delta) != groups[-1][:2] or chunk.digest:
+            groups.append((chunk.version, chunk.delta, bytes(chunk.digest), []))
+        groups[-1][3].append(chunk.part)
+    state = held.state if held else None
+    version, digest = (held.version, held.digest) if held else (0, b"")
+    steps = 0
+    for version, delta, digest, parts in groups:
+        steps = steps + 1 if delta else 0
+        if delta:
+            if state is None:
+                raise wire.WireError("the coordinator sent a delta but this client holds no version")
+            assembler = wire.PartAssembler({n: tuple(t.shape) for n, t in state.items()}, {delta_codec})
+        else:
+            assembler = wire.PartAssembler({p.name: tuple(p.shape) for p in parts}, {C.CODEC_NAMES["none"]})
+        for part in parts:
+            assembler.add(part)
+        values = assembler.finish()
+        state = {n: state[n] + values[n] for n in state} if delta else values
+        if digest and wire.state_digest(state) != digest:
+            raise DigestMismatch(f"model version {version} reconstructed from {'deltas' if delta else 'a full copy'} "
+                                 f"does not match the coordinator's digest")
+    if state is None:
+        raise wire.WireError("the model download carried no tensors")
+    return Held(version, state, digest, steps)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

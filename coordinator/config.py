@@ -33,6 +33,8 @@ class RunConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     min_lr: float = 0.0
+    # downloads: codec-encoded deltas from the version a client holds (full float32 copy when it holds none)
+    download_codec: str = "int8"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -55,6 +57,7 @@ class RunConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"--strategy {self.strategy!r}: choose one of {sorted(STRATEGIES)}")
         codec_by_name(self.upload_codec)
+        codec_by_name(self.download_codec)
         for name in ("local_steps", "grad_accum", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

@@ -34,7 +34,7 @@ RUN_FLAGS = {  # CLI flag -> RunConfig field
     "model": "model", "local_steps": "local_steps", "batch_size": "batch_size", "seq_len": "seq_len",
     "lr": "lr", "seed": "seed", "grad_accum": "grad_accum", "eval_data": "eval_data",
     "mode": "mode", "stages": "stages", "average_every": "average_every", "activation_codec": "activation_codec",
-    "lr_schedule": "lr_schedule", "warmup_steps": "warmup_steps", "min_lr": "min_lr",
+    "lr_schedule": "lr_schedule", "warmup_steps": "warmup_steps", "min_lr": "min_lr", "download_codec": "download_codec",
 }
 
 
@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-clients", type=int, default=d.min_clients)
     p.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGIES))
     p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES))
+    p.add_argument("--download-codec", default=d.download_codec, choices=list(CODEC_NAMES),
+                   help="model downloads: deltas from the version a client holds, in this codec")
     p.add_argument("--model", default=d.model, help=f"preset ({', '.join(PRESETS)}) or config JSON / HF folder")
     p.add_argument("--local-steps", type=int, default=d.local_steps)
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
@@ -155,7 +157,8 @@ def serve(args: argparse.Namespace) -> int:
         initial = trainable_state(model)
         driver = RoundDriver(cfg, grid, build_strategy(cfg), store, model, windows, progress, timeouts.round_timeout_s)
         run_driver = driver.run
-    service = CoordinatorService(cfg, run_id, grid, membership, progress, timeouts, auth=auth, swarm=swarm)
+    service = CoordinatorService(cfg, run_id, grid, membership, progress, timeouts, auth=auth, swarm=swarm,
+                                 state_dir=store.dir)
 
     options = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
                ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]

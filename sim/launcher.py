@@ -15,7 +15,7 @@ from fedswarm.schedule import SCHEDULES
 from fedswarm.sim.processes import client_processes, coordinator_process, fetch_status
 from fedswarm.sim.relay import CountingRelay
 from fedswarm.sim.swarm_sim import add_swarm_arguments, run_swarm_sim
-from fedswarm.sim.report import plot_rounds, write_report
+from fedswarm.sim.report import communication, plot_rounds, write_report
 
 DEFAULT_CLIENTS = 3
 DEFAULT_ROUNDS = 6
@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=DEFAULT_CLIENTS)
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES))
+    p.add_argument("--download-codec", default=d.download_codec, choices=list(CODEC_NAMES))
     p.add_argument("--strategy", default=d.strategy)
     p.add_argument("--model", default=d.model)
     p.add_argument("--local-steps", type=int, default=d.local_steps)
@@ -56,14 +57,14 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
                   "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
                   "--eval-data", args.data,  # evaluate on the held-out split of the data being trained on
                   "--lr-schedule", args.lr_schedule, "--warmup-steps", str(args.warmup_steps),
-                  "--min-lr", str(args.min_lr)]
+                  "--min-lr", str(args.min_lr), "--download-codec", args.download_codec]
     started = time.time()
     with coordinator_process(out, coord_args) as (coordinator, address), CountingRelay(address) as relay:
         log(f"coordinator on {address}; starting {args.clients} clients ({threads} thread(s) each)")
         client_args = ["--data", args.data, "--precision", args.precision]
         # Clients reach the coordinator through the relay, so every byte they send is counted at a socket.
         with client_processes(out, relay.address, args.clients, client_args, threads=threads) as clients:
-            status = _follow(address, coordinator, clients, args.rounds, log if not args.quiet else None)
+            status = _follow(address, coordinator, clients, args.rounds, log if not args.quiet else None, relay)
             for client in clients:  # they exit by themselves on TASK_DONE
                 client.popen.wait(timeout=60)
         socket_up, socket_down = relay.counts()
@@ -75,6 +76,7 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
         "clients": status["clients"],
         "rejections": status.get("rejections", {}),
         "socket_bytes": {"up": socket_up, "down": socket_down},
+        "communication": communication(status["rounds"], status["config"], args.clients, socket_up, socket_down),
         "wall_seconds": round(time.time() - started, 2),
     }
     write_report(out, report)
@@ -82,8 +84,10 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
     return report
 
 
-def _follow(address: str, coordinator, clients, rounds: int, log) -> dict:
-    """Print a line per committed round; return the final status once the run is done."""
+def _follow(address: str, coordinator, clients, rounds: int, log, relay: CountingRelay) -> dict:
+    """Print a line per committed round; return the final status once the run is done. Each round gets
+    the relay's byte counts up to when it was seen committed (socket_up, socket_down: cumulative)."""
+    seen: list[tuple[int, int]] = []
     shown, tick = 0, threading.Event()
     while True:
         if coordinator.popen.poll() is not None:
@@ -92,10 +96,14 @@ def _follow(address: str, coordinator, clients, rounds: int, log) -> dict:
         if dead:
             raise RuntimeError(f"client(s) {dead} failed; see their logs in {clients[0].log_path.parent}")
         status = fetch_status(address)
+        seen += [relay.counts()] * (len(status["rounds"]) - len(seen))
+        for r, (socket_up, socket_down) in zip(status["rounds"], seen):
+            r["socket_up"], r["socket_down"] = socket_up, socket_down
         for r in status["rounds"][shown:]:
             if log:
-                up = f"{r['bytes_up'] / 1e6:6.2f} MB up" if r["round"] else "initial model"
-                log(f"round {r['round']:>3}/{rounds}  eval loss {r['eval_loss']:.4f}  {up}  {r['seconds']:5.1f} s")
+                traffic = (f"{r['bytes_up'] / 1e6:6.2f} MB up {(r.get('bytes_down') or 0) / 1e6:6.2f} MB down"
+                           if r["round"] else "initial model")
+                log(f"round {r['round']:>3}/{rounds}  eval loss {r['eval_loss']:.4f}  {traffic}  {r['seconds']:5.1f} s")
         shown = len(status["rounds"])
         if status["state"] == "done":
             return status
@@ -117,6 +125,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     report = run_sim(args)
     first, last = report["rounds"][0]["eval_loss"], report["rounds"][-1]["eval_loss"]
+    comm = report["communication"]
+    vs = f", {comm['allreduce_over_socket']}x less than fp32 all-reduce" if comm["allreduce_over_socket"] else ""
     print(f"done in {report['wall_seconds']:.0f} s: eval loss {first:.4f} -> {last:.4f} "
-          f"({last / first:.2f}x); report in {Path(args.out) / 'report.json'}")
+          f"({last / first:.2f}x); {(comm['socket_bytes_up'] + comm['socket_bytes_down']) / 1e6:.1f} MB at the "
+          f"socket for {comm['tokens']} tokens{vs}; report in {Path(args.out) / 'report.json'}")
     return 0
