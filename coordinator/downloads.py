@@ -12,8 +12,10 @@ one delta's quantization error. A full copy is S_v in float32, so a client
 that joins late holds the same bits as one that followed every delta.
 Clients train from S_v; their uploaded deltas are applied to G_v.
 
-Only the last `keep` versions are held (state and encoded step); a client
-whose version was evicted, or whose digest does not match, gets a full copy.
+Only the newest version's state is held, with the digests and encoded steps
+of the last `keep` versions (a step is the codec's fraction of the model); a
+client whose version was evicted, or whose digest does not match, gets a
+full copy.
 The newest state is also written to `persist` so a restarted coordinator
 serves the same S (and accepts uploads trained from it).
 """
@@ -34,20 +36,21 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import wire
 
-DEFAULT_KEEP_VERSIONS = 3
+DEFAULT_KEEP_VERSIONS = 8
 
 
 @dataclass
 class Served:
     version: int
-    state: dict[str, torch.Tensor]           # S_version, float32 CPU
+    state: dict[str, torch.Tensor] | None    # S_version, float32 CPU (None once a newer version exists)
+    shapes: dict[str, tuple[int, ...]]
     digest: bytes                            # wire.state_digest(state)
     step: dict[str, C.Encoded] | None        # encode(G_version - S_{version-1}); None at a chain start
     step_bytes: int                          # encoded size of `step` (data + scales)
 
 
 class ServedVersions:
-    """The as-served states of the last few versions and the encoded steps between them; thread-safe."""
+    """The newest as-served state, and the digests and encoded steps of the last few versions; thread-safe."""
 
     def __init__(self, codec: int, block_size: int | None = None, keep: int = DEFAULT_KEEP_VERSIONS,
                  persist: Path | None = None):
@@ -68,12 +71,14 @@ class ServedVersions:
         """S_version (computed from G_version the first time it is asked for)."""
         with self._lock:
             have = self._versions.get(version)
-            if have is not None and set(have.state) == set(global_state):
+            if have is not None and have.shapes == _shapes(global_state):
+                if have.state is None:
+                    raise RuntimeError(f"model version {version} is older than the newest served one")
                 return have
             prev = self._versions.get(version - 1)
-            if not self.deltas or prev is None or set(prev.state) != set(global_state):
+            if not self.deltas or prev is None or prev.state is None or prev.shapes != _shapes(global_state):
                 state = {n: t.detach().to("cpu", torch.float32).clone() for n, t in global_state.items()}
-                entry = Served(version, state, wire.state_digest(state), None, 0)
+                entry = Served(version, state, _shapes(state), wire.state_digest(state), None, 0)
             else:
                 step, state, size = {}, {}, 0
                 for name, g in global_state.items():
@@ -82,7 +87,9 @@ class ServedVersions:
                                                 self.codec, self.block_size)
                     size += len(enc.data) + len(enc.scales)
                     state[name] = base + C.decode(enc).view(base.shape)   # exactly what the client computes
-                entry = Served(version, state, wire.state_digest(state), step, size)
+                entry = Served(version, state, _shapes(state), wire.state_digest(state), step, size)
+            for older in self._versions.values():
+                older.state = None   # only the newest is served in full or built on
             self._versions[version] = entry
             self._versions.move_to_end(version)
             while len(self._versions) > self.keep:
@@ -106,7 +113,7 @@ class ServedVersions:
             steps = [self._versions.get(v) for v in range(held_version + 1, version + 1)]
             if any(s is None or s.step is None for s in steps):
                 return None
-            full = 4 * sum(math.prod(t.shape) for t in steps[-1].state.values())
+            full = 4 * sum(math.prod(shape) for shape in steps[-1].shapes.values())
             return steps if sum(s.step_bytes for s in steps) < full else None
 
     def _load(self, path: Path) -> None:
@@ -118,7 +125,11 @@ class ServedVersions:
             return  # another codec's chain: start a new one
         state = load_file(str(path))
         version = int(meta["version"])
-        self._versions[version] = Served(version, state, wire.state_digest(state), None, 0)
+        self._versions[version] = Served(version, state, _shapes(state), wire.state_digest(state), None, 0)
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in state.items()}
 
 
 def full_copy(name: str, tensor: torch.Tensor) -> C.Encoded:
@@ -133,7 +144,7 @@ def model_chunks(served: Served, steps: list[Served] | None, max_part_bytes: int
         return
     for step in steps:
         parts = (p for name, enc in step.step.items()
-                 for p in wire.tensor_parts(name, tuple(step.state[name].shape), enc, max_part_bytes))
+                 for p in wire.tensor_parts(name, step.shapes[name], enc, max_part_bytes))
         yield from _versioned(parts, step, delta=True)
 
 

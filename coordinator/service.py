@@ -217,7 +217,7 @@ class CoordinatorService:
             msg = self._open_task(h.task_id, member)   # raises FAILED_PRECONDITION
         task_id = msg.metadata.message_id            # differs from h.task_id when adopted after a restart
         base = self._base_state(task_id, msg)
-        if h.base_digest and not self.swarm and h.base_digest != self.downloads.served(_task_round(msg) - 1, base).digest:
+        if h.base_digest and h.base_digest != self._served_digest(msg):
             raise invalid("bad_base", "the update was trained from weights other than this task's model: "
                           "download the task's model again")
         spec = {n: tuple(t.shape) for n, t in base.items()}  # what this task's model (or stage) holds

@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data", default="stdlib", help="stdlib or a text file / folder (split across clients)")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per client (0: cores / clients)")
     p.add_argument("--out", default="sim-out", help="folder for report.json, plots, logs and state")
     p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     add_swarm_arguments(p)
@@ -50,7 +51,7 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
     if (out / "state").exists():
         shutil.rmtree(out / "state")  # a sim is a fresh run; the coordinator resumes only by design
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 2) // max(args.clients, 1))
+    threads = args.threads or max(1, (os.cpu_count() or 2) // max(args.clients, 1))
     coord_args = ["--state-dir", str(out / "state"), "--rounds", str(args.rounds), "--min-clients", str(args.clients),
                   "--strategy", args.strategy, "--upload-codec", args.upload_codec, "--model", args.model,
                   "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),

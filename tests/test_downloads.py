@@ -73,18 +73,24 @@ def test_chain_over_skipped_versions_eviction_and_wrong_digest():
     cid = C.codec_by_name("int8")
     versions = ServedVersions(cid, keep=3)
     walk = random_walk(6)
-    served = [versions.served(v, walk[v]) for v in range(3)]
-    held = Held(0, served[0].state, served[0].digest)
+    held = None
+    for v in range(3):
+        served = versions.served(v, walk[v])
+        held = held or Held(0, served.state, served.digest)   # the client stops at version 0
+    assert versions.chain(2, 0, held.digest) is not None
     steps = versions.chain(2, 0, held.digest)
     assert [s.version for s in steps] == [1, 2]                       # a client that skipped a round
-    got = reconstruct(over_the_wire(served[2], steps), held, cid)
-    assert identical(got.state, served[2].state) and got.steps == 2
+    got = reconstruct(over_the_wire(served, steps), held, cid)
+    assert identical(got.state, served.state) and got.steps == 2
     assert versions.chain(2, 0, b"\0" * 32) is None                   # not what we served: full copy
     for v in range(3, 6):
         versions.served(v, walk[v])
     assert versions.chain(5, 0, held.digest) is None                  # evicted: full copy
-    assert versions.chain(5, 2, served[2].digest) is None             # evicted as well (keep=3: 3, 4, 5)
+    assert versions.chain(5, 2, served.digest) is None                # evicted as well (keep=3: 3, 4, 5)
     assert versions.chain(5, 3, versions.digest(3)) is not None
+    assert versions.served(5, walk[5]).state is not None
+    with pytest.raises(RuntimeError, match="older"):
+        versions.served(4, walk[4])                                 # only the newest state is kept
 
 
 def test_tampered_delta_is_caught_by_the_digest():
