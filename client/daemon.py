@@ -18,7 +18,7 @@ import torch
 from fedswarm.client.identity import Identity, open_channel
 from fedswarm.client.trainer import PRECISIONS, LocalTrainer, resolve_device, resolve_precision
 from fedswarm.data import BatchSampler, load_train_tokens, parse_partition
-from fedswarm.models import build_model
+from fedswarm.models import build_model, trainable_state
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
@@ -138,6 +138,8 @@ class ClientDaemon:
         seed = int.from_bytes(hashlib.sha256(f"{cfg['seed']}/{self.index}/{self.num_partitions}".encode()).digest()[:4], "little")
         sampler = BatchSampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
         model = build_model(cfg["model"], seed=cfg["seed"])
+        initial = trainable_state(model)   # the run's version 0, if the coordinator's digest agrees
+        self.held = Held(0, initial, wire.state_digest(initial))
         self.trainer = LocalTrainer(model, sampler, self.device, self.precision, lr=cfg["lr"])
         self.codec = C.codec_by_name(cfg["upload_codec"])
         self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
@@ -268,7 +270,8 @@ class ClientDaemon:
         except DigestMismatch as err:
             log.warning("%s; downloading a full copy", err)
             self.held = self._download(task_id, -1, None)
-        how = f"{self.held.steps} delta step(s)" if self.held.steps else "a full copy"
+        how = (f"{self.held.steps} delta step(s)" if self.held.steps else
+               "a full copy" if self.held.wire_bytes else "nothing (already held)")
         log.info("downloaded model version %d as %s, %d bytes", self.held.version, how, self.held.wire_bytes)
         return self.held.state
 

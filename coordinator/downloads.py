@@ -104,11 +104,16 @@ class ServedVersions:
             return entry.digest if entry is not None else None
 
     def chain(self, version: int, held_version: int, held_digest: bytes) -> list[Served] | None:
-        """The steps that take a client from held_version (with that digest) to `version`, or None when
-        it needs a full copy: unknown or evicted version, wrong digest, or steps larger than a copy."""
+        """The steps that take a client from held_version (with that digest) to `version` ([] when it holds
+        that version already, e.g. the initial model it built from the run's seed), or None when it needs a
+        full copy: unknown or evicted version, wrong digest, or steps larger than a copy."""
         with self._lock:
             held = self._versions.get(held_version)
-            if not self.deltas or held is None or held.digest != held_digest or held_version >= version:
+            if held is None or held.digest != held_digest or held_version > version:
+                return None
+            if held_version == version:
+                return []
+            if not self.deltas:
                 return None
             steps = [self._versions.get(v) for v in range(held_version + 1, version + 1)]
             if any(s is None or s.step is None for s in steps):

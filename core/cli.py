@@ -34,7 +34,7 @@ def _status(args: argparse.Namespace) -> int:
     for r in status["rounds"]:
         loss = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
         print(f"  round {r['round']:>3}  eval loss {loss}  clients {len(r['clients'])}  "
-              f"up {r['bytes_up'] / 1e6:.2f} MB  {r['seconds']:.1f} s")
+              f"up {r['bytes_up'] / 1e6:.2f} MB  down {(r.get('bytes_down') or 0) / 1e6:.2f} MB  {r['seconds']:.1f} s")
     return 0
 
 

@@ -137,7 +137,7 @@ def sim_args(out, *argv: str) -> argparse.Namespace:
     return parser.parse_args(["--out", str(out), "--quiet", "--precision", "fp32", *argv])
 
 
-LINE = re.compile(r"downloaded model version (\d+) as (a full copy|(\d+) delta step\(s\)), (\d+) bytes")
+LINE = re.compile(r"downloaded model version (\d+) as (a full copy|nothing \(already held\)|\d+ delta step\(s\)), (\d+) bytes")
 
 
 @pytest.mark.timeout(300)
@@ -151,16 +151,17 @@ def test_int8_delta_downloads_in_a_real_run(tmp_path):
                               "--download-codec", "int8", "--seq-len", "32", "--batch-size", "4"), log=lambda *_: None)
     rounds = report["rounds"]
     assert report["rejections"] == {}, "no upload refused for a wrong base digest"
-    first = rounds[1]   # nobody holds a version yet: full float32 copies
-    assert first["bytes_down"] >= first["bytes_down_raw"] > 0
+    first = rounds[1]   # the clients built version 0 from the run's seed: the coordinator agrees, sends nothing
+    assert first["bytes_down"] == 0 and first["bytes_down_raw"] > 0
     for r in rounds[2:]:
         assert r["bytes_down_raw"] == first["bytes_down_raw"]
-        assert r["bytes_down"] <= 0.26 * first["bytes_down"], r
+        assert 0 < r["bytes_down"] <= 0.26 * r["bytes_down_raw"], r   # int8 deltas vs float32 copies
         assert r["tokens"] == 2 * 3 * 4 * 32
     for i in range(2):
         log = (tmp_path / f"client-{i}.log").read_text()
-        got = [(int(m[1]), m[3]) for m in LINE.finditer(log)]
-        assert got == [(0, None), (1, "1"), (2, "1")], got     # digests matched: no fallback to a full copy
+        got = [(int(m[1]), m[2]) for m in LINE.finditer(log)]
+        assert got == [(0, "nothing (already held)"), (1, "1 delta step(s)"), (2, "1 delta step(s)")], got
+        # digests matched: no fallback to a full copy
         assert "does not match" not in log
     comm = report["communication"]
     assert comm["tokens"] == 3 * 2 * 3 * 4 * 32 and comm["workers"] == 2
@@ -175,3 +176,38 @@ def test_allreduce_bytes_formula():
     # 4 workers, 1M parameters, 10 steps of 1,000 tokens each per worker: 10 x 4 x 2 x 3/4 x 4 MB
     assert allreduce_bytes(40_000, 4, 1_000_000, 1_000) == 10 * 4 * 2 * 3 // 4 * 4_000_000
     assert allreduce_bytes(40_000, 1, 1_000_000, 1_000) == 0
+
+
+@pytest.mark.timeout(180)
+def test_fetch_model_over_grpc_full_copy_deltas_or_nothing(tmp_path):
+    """A hand-driven client on a real coordinator: no version -> a float32 copy; the initial model it built
+    itself -> nothing; a wrong digest -> a float32 copy again."""
+    import grpc
+
+    from fedswarm.models import build_model, trainable_state
+    from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
+    from fedswarm.sim.processes import coordinator_process
+
+    args = ["--state-dir", str(tmp_path / "state"), "--rounds", "1", "--min-clients", "1", "--local-steps", "1",
+            "--download-codec", "int8", "--seq-len", "32", "--batch-size", "4"]
+    initial = trainable_state(build_model("gpt2-tiny", seed=0))
+    with coordinator_process(tmp_path, args) as (_, address), grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        joined = stub.Join(pb.JoinRequest(name="by-hand", device="cpu", precision="fp32"), timeout=30)
+        session = dict(client_id=joined.client_id, session_token=joined.session_token)
+        task = stub.PullTask(pb.PullTaskRequest(wait_s=30, **session), timeout=60)
+        assert task.kind == pb.TASK_TRAIN
+
+        def fetch(**held):
+            return list(stub.FetchModel(pb.FetchModelRequest(task_id=task.task_id, **session, **held), timeout=60))
+
+        full = fetch()
+        got = reconstruct(full, None, C.CODEC_NAMES["int8"])
+        assert not any(c.delta for c in full) and full[0].version == 0 and full[0].digest == got.digest
+        assert identical(got.state, initial)
+        assert sum(c.ByteSize() for c in full) >= 4 * sum(t.numel() for t in initial.values())
+        assert fetch(has_version=True, held_version=0, held_digest=wire.state_digest(initial)) == []
+        wrong = fetch(has_version=True, held_version=0, held_digest=b"\1" * 32)
+        assert identical(reconstruct(wrong, None, C.CODEC_NAMES["int8"]).state, initial)
+        stale = fetch(has_version=True, held_version=7, held_digest=got.digest)   # a version it cannot have
+        assert not any(c.delta for c in stale) and len(stale) == len(full)
