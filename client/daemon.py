@@ -21,6 +21,7 @@ from fedswarm.client.identity import Identity, open_channel, signed_join_fields
 from fedswarm.client.trainer import PRECISIONS, LocalTrainer, resolve_device, resolve_precision
 from fedswarm.data import parse_partition
 from fedswarm.lora import build_run_model
+from fedswarm.models import trainable_state
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
@@ -90,6 +91,7 @@ class ClientDaemon:
         self.trainer: LocalTrainer | None = None
         self.feedback: C.ErrorFeedback | None = None
         self.run_cfg: dict = {}
+        self.held: Held | None = None   # the global version this client holds (delta downloads start from it)
         self._hb_stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._join_lock = threading.RLock()
@@ -162,6 +164,8 @@ class ClientDaemon:
         sampler = tokenized.sampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
         local = {**cfg, "model": getattr(self.args, "model", None) or cfg["model"]}  # this host's copy of the model
         model = build_run_model(local, self.device, load_in_4bit=getattr(self.args, "load_in_4bit", False))
+        initial = trainable_state(model)   # the run's version 0, if the coordinator's digest agrees
+        self.held = Held(0, initial, wire.state_digest(initial))
         self.trainer = LocalTrainer(model, sampler, self.device, self.precision, lr=cfg["lr"])
         self.codec = C.codec_by_name(cfg["upload_codec"])
         self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
@@ -236,13 +240,14 @@ class ClientDaemon:
 
     def train(self, task: pb.Task) -> None:
         BUDGET.refresh()   # other fedswarm processes may have started beside us since the last round
-        base = self.fetch_model(task.task_id)
+        base = self.fetch_global(task.task_id)
         log.info("round %d: training on task %s", task.round, task.task_id[:12])
         delta, result = work.train_on_task(self.trainer, self.run_cfg, task, base)
-        steps = int(json.loads(task.config_json).get("local-steps", self.run_cfg["local_steps"]))
+        steps = len(result.lrs)
+        log.info("round %d: lr %.6e -> %.6e over %d local steps", task.round, result.lrs[0], result.lrs[-1], steps)
         uploading = time.monotonic()
         reply = self.upload(task, delta, result.num_examples, result.train_loss, result.seconds,
-                            base_digest=wire.state_digest(base))
+                            base_digest=self.held.digest)
         if self.metrics:
             self.metrics.record_round(steps, result.num_examples * self.run_cfg["seq_len"], result.seconds,
                                       time.monotonic() - uploading, reply.bytes_received)
@@ -282,21 +287,79 @@ class ClientDaemon:
                 self.join()
         raise AssertionError("unreachable")
 
+    def fetch_global(self, task_id: str) -> dict[str, torch.Tensor]:
+        """A federated task's weights: deltas from the version held, checked against the coordinator's digest;
+        a full copy when the coordinator cannot serve deltas to us or the reconstruction does not match."""
+        try:
+            self.held = self._download(task_id, -1, self.held)
+        except DigestMismatch as err:
+            log.warning("%s; downloading a full copy", err)
+            self.held = self._download(task_id, -1, None)
+        how = (f"{self.held.steps} delta step(s)" if self.held.steps else
+               "a full copy" if self.held.wire_bytes else "nothing (already held)")
+        log.info("downloaded model version %d as %s, %d bytes", self.held.version, how, self.held.wire_bytes)
+        return self.held.state
+
     def fetch_model(self, task_id: str, stage: int = -1) -> dict[str, torch.Tensor]:
-        """The weights of a task, or (swarm, no task) a stage's latest committed average."""
+        """The weights of a task, or (swarm, no task) a stage's latest committed average (full copies)."""
+        return self._download(task_id, stage, None).state
+
+    def _download(self, task_id: str, stage: int, held: Held | None) -> Held:
         def download():
             req = pb.FetchModelRequest(client_id=self.client_id, session_token=self.token, task_id=task_id,
-                                       stage=stage + 1)
-            shapes: dict[str, tuple[int, ...]] = {}
-            chunks = []
-            for chunk in self.stub.FetchModel(req, timeout=self.t.transfer_s):
-                shapes[chunk.part.name] = tuple(chunk.part.shape)
-                chunks.append(chunk.part)
-            assembler = wire.PartAssembler(shapes, {C.CODEC_NAMES["none"]})
-            for part in chunks:
-                assembler.add(part)
-            return assembler.finish()
+                                       stage=stage + 1, has_version=held is not None,
+                                       held_version=held.version if held else 0, held_digest=held.digest if held else b"")
+            chunks = list(self.stub.FetchModel(req, timeout=self.t.transfer_s))
+            got = reconstruct(chunks, held, C.codec_by_name(self.run_cfg.get("download_codec", "none")))
+            got.wire_bytes = sum(c.ByteSize() for c in chunks)
+            return got
         return self.with_retry("model download", download)
+
+
+@dataclass
+class Held:
+    """A global model version as this client reconstructed it."""
+
+    version: int
+    state: dict[str, torch.Tensor]
+    digest: bytes          # as the coordinator announced it (checked against our reconstruction)
+    steps: int = 0         # delta steps the download applied (0: a full copy)
+    wire_bytes: int = 0    # size of the ModelChunk messages it took
+
+
+class DigestMismatch(wire.WireError):
+    """The reconstructed weights differ from the coordinator's: the deltas were applied to other weights."""
+
+
+def reconstruct(chunks: list[pb.ModelChunk], held: Held | None, delta_codec: int) -> Held:
+    """Apply a FetchModel stream: one full float32 copy, or steps (codec-encoded deltas) onto `held`.
+    Each version's result must hash to the digest its first chunk announces."""
+    groups: list[tuple[int, bool, bytes, list[pb.TensorPart]]] = []
+    for chunk in chunks:
+        if not groups or (chunk.version, chunk.delta) != groups[-1][:2] or chunk.digest:
+            groups.append((chunk.version, chunk.delta, bytes(chunk.digest), []))
+        groups[-1][3].append(chunk.part)
+    state = held.state if held else None
+    version, digest = (held.version, held.digest) if held else (0, b"")
+    steps = 0
+    for version, delta, digest, parts in groups:
+        steps = steps + 1 if delta else 0
+        if delta:
+            if state is None:
+                raise wire.WireError("the coordinator sent a delta but this client holds no version")
+            assembler = wire.PartAssembler({n: tuple(t.shape) for n, t in state.items()}, {delta_codec})
+        else:
+            assembler = wire.PartAssembler({p.name: tuple(p.shape) for p in parts}, {C.CODEC_NAMES["none"]})
+        for part in parts:
+            assembler.add(part)
+        values = assembler.finish()
+        state = {n: state[n] + values[n] for n in state} if delta else values
+        if digest and wire.state_digest(state) != digest:
+            raise DigestMismatch(f"model version {version} reconstructed from {'deltas' if delta else 'a full copy'} "
+                                 f"does not match the coordinator's digest")
+    if state is None:
+        raise wire.WireError("the model download carried no tensors")
+    return Held(version, state, digest, steps)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

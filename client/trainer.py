@@ -4,7 +4,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +43,7 @@ class RoundResult:
     train_loss: float                # mean loss over the round's micro-batches
     seconds: float
     skipped_steps: int               # fp16 steps the scaler skipped (inf/NaN grads)
+    lrs: list[float] = field(default_factory=list)  # the lr of each optimizer step
 
 
 class LocalTrainer:
@@ -69,8 +71,12 @@ class LocalTrainer:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def train_round(self, global_state: dict[str, torch.Tensor], local_steps: int, grad_accum: int = 1,
-                    lr: float | None = None, proximal_mu: float = 0.0) -> RoundResult:
-        """Load the global weights, run `local_steps` optimizer steps of `grad_accum` micro-batches each."""
+                    lr: float | None = None, proximal_mu: float = 0.0,
+                    lr_at: Callable[[int], float] | None = None) -> RoundResult:
+        """Load the global weights, run `local_steps` optimizer steps of `grad_accum` micro-batches each.
+
+        `lr_at(i)`, if given, is the lr of local step i (a schedule over the run's global steps); else `lr`
+        holds for the round. The AdamW state carries over from the previous round either way."""
         start = time.perf_counter()
         load_trainable_state(self.model, global_state)
         if lr is not None:
@@ -81,7 +87,12 @@ class LocalTrainer:
             anchor = {n: p.detach().clone() for n, p in self.params.items()}
         losses: list[float] = []
         skipped = 0
-        for _ in range(local_steps):
+        lrs: list[float] = []
+        for step in range(local_steps):
+            if lr_at is not None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+            lrs.append(self.optimizer.param_groups[0]["lr"])
             self.optimizer.zero_grad(set_to_none=True)
             for _ in range(grad_accum):
                 x, y = self.sampler.sample()
@@ -109,4 +120,5 @@ class LocalTrainer:
             train_loss=sum(losses) / max(len(losses), 1),
             seconds=time.perf_counter() - start,
             skipped_steps=skipped,
+            lrs=lrs,
         )

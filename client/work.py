@@ -11,16 +11,27 @@ from fedswarm.client.trainer import LocalTrainer, RoundResult
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import wire
+from fedswarm.schedule import LrSchedule
+
+
+def task_schedule(run_cfg: dict, config: dict) -> tuple[int, LrSchedule]:
+    """(the round's first global step, the run's lr schedule) from the task's config."""
+    total = int(config.get("total-steps", run_cfg["rounds"] * run_cfg["local_steps"]))
+    return int(config.get("global-step", 0)), LrSchedule(
+        float(config.get("lr", run_cfg["lr"])), max(total, 1), run_cfg.get("lr_schedule", "constant"),
+        int(run_cfg.get("warmup_steps", 0)), float(run_cfg.get("min_lr", 0.0)))
 
 
 def train_on_task(trainer: LocalTrainer, run_cfg: dict, task: pb.Task,
                   base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], RoundResult]:
-    """Run the task's local steps from `base`; returns (delta = new weights - base, the round's result)."""
+    """Run the task's local steps from `base`, each at the run's scheduled lr for its global step;
+    returns (delta = new weights - base, the round's result)."""
     config = json.loads(task.config_json)
     mu = float(config.get("proximal-mu", 0.0))
     steps = int(config.get("local-steps", run_cfg["local_steps"]))
-    result = trainer.train_round(base, steps, run_cfg.get("grad_accum", 1),
-                                 lr=float(config.get("lr", run_cfg["lr"])), proximal_mu=mu)
+    first, schedule = task_schedule(run_cfg, config)
+    result = trainer.train_round(base, steps, run_cfg.get("grad_accum", 1), proximal_mu=mu,
+                                 lr_at=lambda i: schedule.lr_at(first + i))
     return {n: result.state[n] - base[n] for n in base}, result
 
 

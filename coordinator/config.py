@@ -42,6 +42,12 @@ class RunConfig:
     text_field: str = "text"           # JSON Lines / Parquet / datasets column holding the text
     prompt_field: str = "prompt"       # chat: the user's turn
     response_field: str = "response"   # chat: the assistant's turn (the only tokens with loss)
+    # learning-rate schedule over the run's global steps (rounds x local steps), applied by every client
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    # downloads: codec-encoded deltas from the version a client holds (full float32 copy when it holds none)
+    download_codec: str = "int8"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -64,6 +70,7 @@ class RunConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"--strategy {self.strategy!r}: choose one of {sorted(STRATEGIES)}")
         codec_by_name(self.upload_codec)
+        codec_by_name(self.download_codec)
         for name in ("local_steps", "grad_accum", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -95,6 +102,9 @@ class RunConfig:
             raise ValueError("--peft lora runs in federated mode only for now: drop --mode swarm or --peft")
         if is_hf_folder(self.model):
             check_tokenizer_fits(self.model)
+        from fedswarm.schedule import LrSchedule
+
+        LrSchedule(self.lr, self.rounds * self.local_steps, self.lr_schedule, self.warmup_steps, self.min_lr)
 
 
 @dataclass

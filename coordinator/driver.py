@@ -17,6 +17,8 @@ from fedswarm.models import evaluate, load_trainable_state
 from fedswarm.threads import BUDGET
 
 log = logging.getLogger(__name__)
+ROUND_FIELDS = ("round", "eval_loss", "train_loss", "clients", "bytes_up", "bytes_up_raw", "seconds",
+                "bytes_down", "bytes_down_raw", "tokens")   # what status and the store keep of each round
 
 
 def arrays_to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -71,7 +73,8 @@ class RoundDriver:
         last = self.store.last_round()
         if last is None:  # round 0: the initial model
             record = {"round": 0, "eval_loss": self.eval_loss(initial_state), "train_loss": None,
-                      "clients": [], "bytes_up": 0, "bytes_up_raw": 0, "seconds": 0.0}
+                      "clients": [], "bytes_up": 0, "bytes_up_raw": 0, "seconds": 0.0,
+                      "bytes_down": 0, "bytes_down_raw": 0, "tokens": 0}
             self._commit(record, initial_state)
             state, last = initial_state, 0
         else:
@@ -120,7 +123,9 @@ class RoundDriver:
         with self.progress.lock:
             self.progress.state = "running" if self.progress.rounds[-1]["round"] > 0 else "waiting"
             self.progress.current_round = rnd
-        config = ConfigRecord({"local-steps": self.cfg.local_steps, "lr": self.cfg.lr})
+        config = ConfigRecord({"local-steps": self.cfg.local_steps, "lr": self.cfg.lr,  # lr: the schedule's peak
+                               "global-step": (rnd - 1) * self.cfg.local_steps,
+                               "total-steps": self.cfg.rounds * self.cfg.local_steps})
         # Flower's sample_nodes waits (polling) until min_available_nodes have joined.
         messages = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
         with self.progress.lock:
@@ -145,6 +150,9 @@ class RoundDriver:
             "clients": sorted(_client_name(m) for m in ok),
             "bytes_up": sum(int(m.content["metrics"]["bytes-up"]) for m in ok),
             "bytes_up_raw": sum(int(m.content["metrics"]["bytes-up-raw"]) for m in ok),
+            "bytes_down": sum(int(m.content["metrics"].get("bytes-down", 0)) for m in ok),
+            "bytes_down_raw": sum(int(m.content["metrics"].get("bytes-down-raw", 0)) for m in ok),
+            "tokens": sum(int(m.content["metrics"]["num-examples"]) for m in ok) * self.cfg.seq_len,
             "seconds": time.time() - start,
             "failures": failures,
         }
@@ -154,8 +162,7 @@ class RoundDriver:
     def _commit(self, record: dict, state: dict[str, torch.Tensor]) -> None:
         self.store.commit_round(record, {**state, **export_state(self.strategy, list(state))})
         with self.progress.lock:
-            self.progress.rounds.append({k: record[k] for k in
-                                         ("round", "eval_loss", "train_loss", "clients", "bytes_up", "bytes_up_raw", "seconds")})
+            self.progress.rounds.append({k: record.get(k) for k in ROUND_FIELDS})
 
 
 def _client_name(msg: Message) -> str:

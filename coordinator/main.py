@@ -30,6 +30,7 @@ from fedswarm.models import PRESETS, trainable_state
 from fedswarm.tokenizer import load_tokenizer
 from fedswarm.proto.codec import CODEC_NAMES
 from fedswarm.threads import BUDGET
+from fedswarm.schedule import SCHEDULES
 
 log = logging.getLogger("fedswarm.coordinator")
 SWARM_LEASE_S, SWARM_HEARTBEAT_S = 3.0, 0.5   # stage peers must be noticed gone within seconds
@@ -43,6 +44,7 @@ RUN_FLAGS = {  # CLI flag -> RunConfig field
     "peft": "peft", "lora_r": "lora_r", "lora_alpha": "lora_alpha", "lora_targets": "lora_targets",
     "format": "data_format", "text_field": "text_field", "prompt_field": "prompt_field",
     "response_field": "response_field",
+    "lr_schedule": "lr_schedule", "warmup_steps": "warmup_steps", "min_lr": "min_lr", "download_codec": "download_codec",
 }
 EXIT_DRIVER_CRASHED, EXIT_RUN_FAILED = 1, 3
 
@@ -57,12 +59,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Flower strategy that aggregates the updates")
     p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES),
                    help="how clients encode their update deltas")
+    p.add_argument("--download-codec", default=d.download_codec, choices=list(CODEC_NAMES),
+                   help="model downloads: deltas from the version a client holds, in this codec")
     p.add_argument("--model", default=d.model, help=f"preset ({', '.join(PRESETS)}) or config JSON / HF folder")
     p.add_argument("--local-steps", type=int, default=d.local_steps, help="optimizer steps each client makes per round")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches accumulated per optimizer step")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=d.lr, help="clients' local AdamW learning rate")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=list(SCHEDULES),
+                   help="over the run's global steps (rounds x local steps); every client follows it")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear lr warm-up (global steps)")
+    p.add_argument("--min-lr", type=float, default=d.min_lr, help="cosine: the lr at the last step")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial model and the data sampling")
     p.add_argument("--eval-data", default=d.eval_data, help="held-out data for centralized eval (stdlib or PATH)")
     p.add_argument("--round-timeout", type=float, default=CoordinatorTimeouts.round_timeout_s,
@@ -215,7 +223,7 @@ def serve(args: argparse.Namespace) -> int:
                              timeouts=timeouts)
         run_driver = driver.run
     service = CoordinatorService(cfg, run_id, grid, membership, progress, timeouts, auth=auth, swarm=swarm,
-                                 limits=limits)
+                                 limits=limits, state_dir=store.dir)
     if args.metrics_port is not None:
         from fedswarm.metrics import coordinator_registry, serve as serve_metrics
         try:

@@ -11,6 +11,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import torch
@@ -19,6 +20,7 @@ from google.protobuf.message import DecodeError
 
 from fedswarm.coordinator.auth import AuthError, Authenticator, SeenSet
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
+from fedswarm.coordinator.downloads import ServedVersions, full_copy, model_chunks
 from fedswarm.coordinator.driver import RunProgress, arrays_to_state, state_to_arrays
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Member, Membership, SessionsFull
@@ -54,7 +56,8 @@ def unauthenticated(err: AuthError) -> Rejected:
 class CoordinatorService:
     def __init__(self, cfg: RunConfig, run_id: str, grid: SessionGrid, membership: Membership,
                  progress: RunProgress, timeouts: CoordinatorTimeouts,
-                 auth: Authenticator | None = None, swarm=None, limits: ServingLimits | None = None):
+                 auth: Authenticator | None = None, swarm=None, limits: ServingLimits | None = None,
+                 state_dir: Path | None = None):
         self.cfg, self.run_id, self.grid, self.members = cfg, run_id, grid, membership
         self.auth = auth or Authenticator(None)  # None: dev mode, anyone may join
         self._answered, self._seen_signatures = SeenSet(), SeenSet()  # replayed-update guards
@@ -69,6 +72,10 @@ class CoordinatorService:
         self._awaiting_header = 0   # PushUpdate streams that have not sent their first message (loop only)
         self._base_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._cache_lock = threading.Lock()
+        # what clients hold of each global version; deltas from it in the download codec (swarm: full copies)
+        self.downloads = ServedVersions(C.codec_by_name(cfg.download_codec), cfg.codec_block_size or None,
+                                        persist=Path(state_dir) / "served.safetensors" if state_dir else None)
+        self._bytes_down: dict[str, int] = {}   # task id -> bytes of ModelChunk messages sent for it
 
     # -- plumbing --------------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
@@ -252,10 +259,25 @@ class CoordinatorService:
             if not self.swarm or req.stage > len(self.swarm.driver.stage_names):
                 raise invalid("bad_stage", f"no stage {req.stage - 1} in this run")
             base = self.swarm.driver.stage_state(req.stage - 1)
-        else:
+        elif self.swarm:  # a stage average: the stages of one round differ, so no version chain
             base = self._base_state(req.task_id, self._open_task(req.task_id, member))
-        encode = lambda name, t: C.encode(t.flatten(), C.CODEC_NAMES["none"])  # noqa: E731
-        return counted_down(pb.ModelChunk(part=p) for p in wire.state_parts(base, encode, max_bytes))
+        else:
+            msg = self._open_task(req.task_id, member)
+            return counted_down(self._count_down(req.task_id, self._download(req, msg, max_bytes)))
+        return counted_down(pb.ModelChunk(part=p) for p in wire.state_parts(base, full_copy, max_bytes))
+
+    def _download(self, req: pb.FetchModelRequest, msg: Message, max_bytes: int) -> Iterator[pb.ModelChunk]:
+        """The task's version as-served: encoded steps from the version the client holds, else a full copy."""
+        version = _task_round(msg) - 1
+        served = self.downloads.served(version, self._base_state(req.task_id, msg))
+        steps = self.downloads.chain(version, req.held_version, bytes(req.held_digest)) if req.has_version else None
+        yield from model_chunks(served, steps, max_bytes)
+
+    def _count_down(self, task_id: str, chunks: Iterator[pb.ModelChunk]) -> Iterator[pb.ModelChunk]:
+        for chunk in chunks:
+            with self._cache_lock:
+                self._bytes_down[task_id] = self._bytes_down.get(task_id, 0) + chunk.ByteSize()
+            yield chunk
 
     def push_update(self, chunks: Iterator[bytes], context) -> pb.PushReply:
         received = 0
@@ -279,6 +301,9 @@ class CoordinatorService:
             msg = self._open_task(h.task_id, member)   # raises FAILED_PRECONDITION
         task_id = msg.metadata.message_id            # differs from h.task_id when adopted after a restart
         base = self._base_state(task_id, msg)
+        if h.base_digest and h.base_digest != self._served_digest(msg):
+            raise invalid("bad_base", "the update was trained from weights other than this task's model: "
+                          "download the task's model again")
         spec = {n: tuple(t.shape) for n, t in base.items()}  # what this task's model (or stage) holds
         raw_update_bytes = 4 * sum(math.prod(shape) for shape in spec.values())
         max_update_bytes = int(raw_update_bytes * MAX_UPDATE_BYTES_FACTOR) + (1 << 20)
@@ -325,6 +350,8 @@ class CoordinatorService:
             "arrays": state_to_arrays(weights),
             "metrics": MetricRecord({"num-examples": self._weight(msg, h), "train_loss": float(h.train_loss),
                                      "bytes-up": int(received), "bytes-up-raw": int(raw_update_bytes),
+                                     "bytes-down": self._bytes_down_of(task_id, h.task_id),
+                                     "bytes-down-raw": int(raw_update_bytes),
                                      "train-seconds": float(h.train_seconds)}),
             "client": ConfigRecord({"name": member.name}),
         })
@@ -407,7 +434,7 @@ class CoordinatorService:
         if len(h.base_digest) != 32:
             return None
         for msg in self.grid.open_for_node(member.client_id):
-            if _task_round(msg) == h.round and wire.state_digest(self._base_state(msg.metadata.message_id, msg)) == h.base_digest:
+            if _task_round(msg) == h.round and self._served_digest(msg) == h.base_digest:
                 log.info("adopted %s's upload for round %d (task %s predates a restart)", member.name, h.round, h.task_id[:12])
                 return msg
         with self.progress.lock:
@@ -416,6 +443,17 @@ class CoordinatorService:
             raise Rejected(grpc.StatusCode.ABORTED, "task_pending",
                            f"round {h.round} is being configured after a restart; retry shortly")
         return None
+
+    def _served_digest(self, msg: Message) -> bytes:
+        """Digest of the weights a client of this task trains from (the as-served state of its version)."""
+        base = self._base_state(msg.metadata.message_id, msg)
+        return wire.state_digest(base) if self.swarm else self.downloads.served(_task_round(msg) - 1, base).digest
+
+    def _bytes_down_of(self, *task_ids: str) -> int:
+        with self._cache_lock:
+            for stale in [t for t in self._bytes_down if t not in task_ids and not self.grid.is_open(t)]:
+                del self._bytes_down[stale]
+            return sum(self._bytes_down.pop(t, 0) for t in set(task_ids))
 
     def _base_state(self, task_id: str, msg: Message) -> dict[str, torch.Tensor]:
         """The weights the task was configured with (decoded once per task)."""

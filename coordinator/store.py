@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS rounds (
 );
 """
 KEEP_CHECKPOINTS = 3
+COLUMNS = ("round", "eval_loss", "train_loss", "clients", "bytes_up", "bytes_up_raw", "seconds")
+# other round-record fields (bytes_down, tokens, ...) live as JSON in rounds.extra
 
 
 def _fsync_dir(path: Path) -> None:
@@ -57,6 +59,8 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        if "extra" not in {row[1] for row in self._db.execute("PRAGMA table_info(rounds)")}:
+            self._db.execute("ALTER TABLE rounds ADD COLUMN extra TEXT")
 
     def get_meta(self, key: str) -> str | None:
         with self._lock:
@@ -75,22 +79,23 @@ class Store:
         with self._lock:
             self._db.execute(
                 "INSERT INTO rounds(round, eval_loss, train_loss, clients, bytes_up, bytes_up_raw,"
-                " seconds, checkpoint, committed_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                " seconds, checkpoint, committed_at, extra) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (rnd, record.get("eval_loss"), record.get("train_loss"), json.dumps(record.get("clients", [])),
                  int(record.get("bytes_up", 0)), int(record.get("bytes_up_raw", 0)),
-                 float(record.get("seconds", 0.0)), ckpt.name, time.time()),
+                 float(record.get("seconds", 0.0)), ckpt.name, time.time(),
+                 json.dumps({k: v for k, v in record.items() if k not in COLUMNS})),
             )
         self._prune(rnd)
 
     def rounds(self) -> list[dict]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT round, eval_loss, train_loss, clients, bytes_up, bytes_up_raw, seconds"
+                "SELECT round, eval_loss, train_loss, clients, bytes_up, bytes_up_raw, seconds, extra"
                 " FROM rounds ORDER BY round").fetchall()
         return [
             {"round": r, "eval_loss": e, "train_loss": t, "clients": json.loads(c),
-             "bytes_up": b, "bytes_up_raw": raw, "seconds": s}
-            for r, e, t, c, b, raw, s in rows
+             "bytes_up": b, "bytes_up_raw": raw, "seconds": s, **json.loads(extra or "{}")}
+            for r, e, t, c, b, raw, s, extra in rows
         ]
 
     def last_round(self) -> int | None:

@@ -199,24 +199,36 @@ class Task(_message.Message):
     def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., config_json: _Optional[str] = ..., num_tensors: _Optional[int] = ...) -> None: ...
 
 class FetchModelRequest(_message.Message):
-    __slots__ = ("client_id", "session_token", "task_id", "max_part_bytes", "stage")
+    __slots__ = ("client_id", "session_token", "task_id", "max_part_bytes", "stage", "has_version", "held_version", "held_digest")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_PART_BYTES_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    HAS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HELD_DIGEST_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session_token: str
     task_id: str
     max_part_bytes: int
     stage: int
-    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., max_part_bytes: _Optional[int] = ..., stage: _Optional[int] = ...) -> None: ...
+    has_version: bool
+    held_version: int
+    held_digest: bytes
+    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., max_part_bytes: _Optional[int] = ..., stage: _Optional[int] = ..., has_version: _Optional[bool] = ..., held_version: _Optional[int] = ..., held_digest: _Optional[bytes] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
-    __slots__ = ("part",)
+    __slots__ = ("part", "version", "delta", "digest")
     PART_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     part: TensorPart
-    def __init__(self, part: _Optional[_Union[TensorPart, _Mapping]] = ...) -> None: ...
+    version: int
+    delta: bool
+    digest: bytes
+    def __init__(self, part: _Optional[_Union[TensorPart, _Mapping]] = ..., version: _Optional[int] = ..., delta: _Optional[bool] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("client_id", "session_token", "task_id", "round", "num_examples", "train_loss", "num_tensors", "num_parts", "train_seconds", "signature", "base_digest")

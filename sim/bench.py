@@ -4,11 +4,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 from fedswarm.progress import Progress
 from fedswarm.sim.bench_lora import add_arguments as add_lora_arguments
 from fedswarm.sim.bench_lora import bench_lora
+from fedswarm.coordinator.config import RunConfig
+from fedswarm.sim.bench_learning import add_arguments as add_learning_arguments
+from fedswarm.sim.bench_learning import bench_learning
 from fedswarm.sim.launcher import add_arguments as add_sim_arguments
 from fedswarm.sim.launcher import run_sim
 
@@ -20,6 +24,7 @@ KINDS = {  # `fedswarm bench KIND` (sim/bench_load.py adds "load")
     "swarm": "tokens/s of the swarm vs one process, and with a peer killed every 30 s vs none",
     "threads": "seconds per round of a hand-started coordinator + 2 clients, defaults vs --threads 1",
     "lora": "bytes per round of full fine-tuning vs LoRA, codec none vs int8 (an HF model built here)",
+    "learning": "federated held-out loss and traffic vs one process, same tokens",
 }
 
 
@@ -28,8 +33,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codecs", default="none,fp16,int8,int4",
                    help="codecs: the codecs to compare (none is always included)")
     add_sim_arguments(p)
+    add_learning_arguments(p)
     add_lora_arguments(p)
-    p.set_defaults(clients=2, rounds=6, out="bench-out")
+    p.set_defaults(clients=None, batch_size=None, seq_len=None, rounds=6, out="bench-out")  # None: per benchmark
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    defaults = {"clients": 2, "batch_size": RunConfig.batch_size, "seq_len": RunConfig.seq_len}
+    if args.which == "learning":
+        defaults.update(clients=4, batch_size=12, seq_len=64)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def bench_codecs(args: argparse.Namespace) -> dict:
@@ -153,7 +168,14 @@ def bench_swarm(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.which == "codecs":
+    _fill_defaults(args)
+    if args.which == "learning":
+        try:
+            bench_learning(args)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    elif args.which == "codecs":
         bench_codecs(args)
     elif args.which == "swarm":
         bench_swarm(args)

@@ -19,7 +19,8 @@ from fedswarm.sim.processes import client_processes, coordinator_process, fedswa
 from fedswarm.sim.relay import CountingRelay
 from fedswarm.sim.swarm_sim import add_swarm_arguments, run_swarm_sim
 from fedswarm.sim.virtual_sim import add_virtual_arguments, check_virtual_args, run_virtual_sim, wants_virtual
-from fedswarm.sim.report import plot_rounds, write_report
+from fedswarm.schedule import SCHEDULES
+from fedswarm.sim.report import communication, plot_rounds, write_report
 
 DEFAULT_CLIENTS = 3
 DEFAULT_ROUNDS = 6
@@ -32,17 +33,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="rounds to run")
     p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES),
                    help="how clients encode their updates")
+    p.add_argument("--download-codec", default=d.download_codec, choices=list(CODEC_NAMES),
+                   help="how the coordinator encodes model downloads (deltas from the version a client holds)")
     p.add_argument("--strategy", default=d.strategy, help="Flower strategy (as for `fedswarm coordinator`)")
     p.add_argument("--model", default=d.model, help="model preset, config JSON or Hugging Face folder")
     p.add_argument("--local-steps", type=int, default=d.local_steps, help="optimizer steps per client per round")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=d.lr, help="local learning rate")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=list(SCHEDULES),
+                   help="lr schedule over the run's global steps")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear lr warm-up (global steps)")
+    p.add_argument("--min-lr", type=float, default=d.min_lr, help="cosine: the lr at the last step")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the model and the data sampling")
     p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, metavar="K",
                    help="clients sampled per round (0: all of them)")
     p.add_argument("--data", default="stdlib", help="stdlib or a text file / folder (split across clients)")
     p.add_argument("--precision", default="auto", help="clients' precision (auto, fp32, bf16, fp16)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per client (0: cores / clients)")
     p.add_argument("--out", default="sim-out", help="folder for report.json, plots, logs and state")
     p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     add_swarm_arguments(p)
@@ -56,12 +64,14 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
     if (out / "state").exists():
         shutil.rmtree(out / "state")  # a sim is a fresh run; the coordinator resumes only by design
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 2) // max(args.clients, 1))
+    threads = args.threads or max(1, (os.cpu_count() or 2) // max(args.clients, 1))
     coord_args = ["--state-dir", str(out / "state"), "--rounds", str(args.rounds), "--min-clients", str(args.clients),
                   "--strategy", args.strategy, "--upload-codec", args.upload_codec, "--model", args.model,
                   "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
                   "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
-                  "--eval-data", args.data]  # the held-out split of the data being trained on
+                  "--eval-data", args.data,  # evaluate on the held-out split of the data being trained on
+                  "--lr-schedule", args.lr_schedule, "--warmup-steps", str(args.warmup_steps),
+                  "--min-lr", str(args.min_lr), "--download-codec", args.download_codec]
     if args.clients_per_round:
         coord_args += ["--clients-per-round", str(args.clients_per_round)]
     if wants_virtual(args):  # many sessions per worker process, locally or on Ray
@@ -79,7 +89,8 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
                 "client", "--coordinator", address, "--partition", f"{i}/{args.clients}", "--name", f"client-{i}",
                 "--threads", str(threads), *client_args), out / f"client-{i}.log") for i in range(args.clients)]
             failed = lambda: [c.name for c in clients if c.popen.poll() not in (None, 0)]  # noqa: E731
-            status = _follow(status_address, coordinator, failed, args.rounds, log if not args.quiet else None, on_round)
+            status = _follow(status_address, coordinator, failed, args.rounds, log if not args.quiet else None, on_round,
+                             counts=lambda: net.link_bytes(0))
             for client in clients:
                 client.popen.wait(timeout=60)
             socket_up, socket_down = net.link_bytes(0)   # what the coordinator's host received / sent, at its link
@@ -92,7 +103,8 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
             # Clients reach the coordinator through the relay, so every byte they send is counted at a socket.
             with client_processes(out, relay.address, args.clients, client_args, threads=threads) as clients:
                 failed = lambda: [c.name for c in clients if c.popen.poll() not in (None, 0)]  # noqa: E731
-                status = _follow(address, coordinator, failed, args.rounds, log if not args.quiet else None, on_round)
+                status = _follow(address, coordinator, failed, args.rounds, log if not args.quiet else None, on_round,
+                                 counts=relay.counts)
                 for client in clients:  # they exit by themselves on TASK_DONE
                     client.popen.wait(timeout=60)
             socket_up, socket_down = relay.counts()
@@ -105,6 +117,7 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
         "clients": status["clients"],
         "rejections": status.get("rejections", {}),
         "socket_bytes": {"up": socket_up, "down": socket_down, "measured_at": "coordinator host link" if hosts else "socket"},
+        "communication": communication(status["rounds"], status["config"], args.clients, socket_up, socket_down),
         "wall_seconds": round(time.time() - started, 2),
     }
     write_report(out, report)
@@ -112,9 +125,11 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
     return report
 
 
-def _follow(address: str, coordinator, failed, rounds: int, log, on_round=None) -> dict:
+def _follow(address: str, coordinator, failed, rounds: int, log, on_round=None, counts=None) -> dict:
     """Print a line per committed round; return the final status once the run is done.
-    `failed()` names the client processes (or workers) that died."""
+    `failed()` names the client processes (or workers) that died. With `counts()` (socket bytes up, down so far),
+    each round gets the counts as it was seen committed (socket_up, socket_down: cumulative)."""
+    seen: list[tuple[int, int]] = []
     shown, unanswered, tick = 0, 0, threading.Event()
     while True:
         if coordinator.popen.poll() is not None:
@@ -132,10 +147,15 @@ def _follow(address: str, coordinator, failed, rounds: int, log, on_round=None) 
             tick.wait(0.5)
             continue
         unanswered = 0
+        if counts is not None:
+            seen += [counts()] * (len(status["rounds"]) - len(seen))
+            for r, (socket_up, socket_down) in zip(status["rounds"], seen):
+                r["socket_up"], r["socket_down"] = socket_up, socket_down
         for r in status["rounds"][shown:]:
             if log:
-                up = f"{r['bytes_up'] / 1e6:6.2f} MB up" if r["round"] else "initial model"
-                log(f"round {r['round']:>3}/{rounds}  eval loss {r['eval_loss']:.4f}  {up}  {r['seconds']:5.1f} s")
+                traffic = (f"{r['bytes_up'] / 1e6:6.2f} MB up {(r.get('bytes_down') or 0) / 1e6:6.2f} MB down"
+                           if r["round"] else "initial model")
+                log(f"round {r['round']:>3}/{rounds}  eval loss {r['eval_loss']:.4f}  {traffic}  {r['seconds']:5.1f} s")
             if on_round:
                 on_round(r["round"])
         shown = len(status["rounds"])
@@ -177,6 +197,9 @@ def main(args: argparse.Namespace) -> int:
     with Progress("sim: rounds", args.rounds) as progress:
         report = run_sim(args, log=progress.line, on_round=progress.update)
     first, last = report["rounds"][0]["eval_loss"], report["rounds"][-1]["eval_loss"]
+    comm = report["communication"]
+    vs = f", {comm['allreduce_over_socket']}x less than fp32 all-reduce" if comm["allreduce_over_socket"] else ""
     print(f"done in {report['wall_seconds']:.0f} s: eval loss {first:.4f} -> {last:.4f} "
-          f"({last / first:.2f}x); report in {Path(args.out) / 'report.json'}")
+          f"({last / first:.2f}x); {(comm['socket_bytes_up'] + comm['socket_bytes_down']) / 1e6:.1f} MB at the "
+          f"socket for {comm['tokens']} tokens{vs}; report in {Path(args.out) / 'report.json'}")
     return 0

@@ -11,8 +11,31 @@ def write_report(out_dir: Path, report: dict) -> Path:
     return path
 
 
+def allreduce_bytes(tokens: int, workers: int, parameters: int, tokens_per_step: int) -> int:
+    """fp32 data-parallel ring all-reduce for `tokens`: 2 (N-1)/N x 4 bytes x parameters per step per worker,
+    `tokens_per_step` being one worker's batch x sequence length x grad accumulation."""
+    steps = tokens / (workers * tokens_per_step)
+    return int(steps * workers * 2 * (workers - 1) / workers * 4 * parameters)
+
+
+def communication(rounds: list[dict], config: dict, workers: int, socket_up: int, socket_down: int) -> dict:
+    """Bytes at the socket, tokens trained, and the ratio against fp32 data-parallel all-reduce."""
+    trained = [r for r in rounds if r["round"] > 0 and r["clients"]]
+    tokens = sum(int(r.get("tokens") or 0) for r in trained)
+    parameters = trained[0]["bytes_up_raw"] // (4 * len(trained[0]["clients"])) if trained else 0
+    dp = allreduce_bytes(tokens, workers, parameters, config["batch_size"] * config["seq_len"] * config["grad_accum"])
+    moved = socket_up + socket_down
+    return {"socket_bytes_up": socket_up, "socket_bytes_down": socket_down, "tokens": tokens,
+            "parameters": parameters, "workers": workers,
+            "update_bytes_up": sum(r["bytes_up"] for r in trained),
+            "model_bytes_down": sum(int(r.get("bytes_down") or 0) for r in trained),
+            "model_bytes_down_raw": sum(int(r.get("bytes_down_raw") or 0) for r in trained),
+            "allreduce_fp32_bytes": dp,
+            "allreduce_over_socket": round(dp / moved, 2) if dp and moved else None}
+
+
 def plot_rounds(out_dir: Path, rounds: list[dict], title: str) -> list[Path]:
-    """eval_loss.png (eval and train loss per round) and upload_bytes.png (bytes up per round)."""
+    """eval_loss.png (eval and train loss per round) and upload_bytes.png (bytes up and down per round)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,11 +60,14 @@ def plot_rounds(out_dir: Path, rounds: list[dict], title: str) -> list[Path]:
 
     trained = [r for r in rounds if r["round"] > 0]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar([r["round"] for r in trained], [r["bytes_up"] / 1e6 for r in trained], label="received (socket)")
+    ax.bar([r["round"] for r in trained], [r["bytes_up"] / 1e6 for r in trained], label="updates up")
+    if any(r.get("bytes_down") for r in trained):
+        ax.bar([r["round"] for r in trained], [(r.get("bytes_down") or 0) / 1e6 for r in trained],
+               bottom=[r["bytes_up"] / 1e6 for r in trained], label="models down")
     ax.plot([r["round"] for r in trained], [r["bytes_up_raw"] / 1e6 for r in trained], color="black",
-            marker="_", linestyle="none", markersize=20, label="fp32 equivalent")
+            marker="_", linestyle="none", markersize=20, label="fp32 upload equivalent")
     ax.set_xlabel("round")
-    ax.set_ylabel("upload MB (all clients)")
+    ax.set_ylabel("MB (all clients)")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()

@@ -9,7 +9,10 @@ import time
 
 import pytest
 
+from fedswarm.coordinator.config import RunConfig
+from fedswarm.schedule import LrSchedule
 from fedswarm.sim.processes import READY, Proc, client_processes, fedswarm_cmd, fetch_status
+from test_learning import assert_lrs_follow
 
 ROUNDS = 6
 
@@ -30,7 +33,7 @@ def _wait(predicate, timeout: float, what: str):
 def _start(tmp_path, listen: str, n: int) -> tuple[Proc, str]:
     args = ["--listen", listen, "--state-dir", str(tmp_path / "state"), "--rounds", str(ROUNDS),
             "--min-clients", "2", "--local-steps", "30", "--seq-len", "64", "--batch-size", "8",
-            "--strategy", "fedavgm", "--lease", "8"]
+            "--strategy", "fedavgm", "--lease", "8", "--lr-schedule", "cosine", "--warmup-steps", "20"]
     proc = Proc(f"coordinator-{n}", fedswarm_cmd("coordinator", *args), tmp_path / f"coordinator-{n}.log")
     return proc, proc.wait_for_line(READY, 120).group(1)
 
@@ -65,9 +68,11 @@ def test_sigkill_and_restart_loses_no_round(tmp_path):
             assert final["round"] == ROUNDS
             assert final["rounds"][-1]["eval_loss"] < final["rounds"][0]["eval_loss"]
             assert mid["current_round"] <= ROUNDS
+            schedule = LrSchedule(RunConfig.lr, ROUNDS * 30, "cosine", warmup_steps=20)
             for client in clients:  # the same daemons did all the work and exit cleanly
                 assert client.popen.wait(timeout=60) == 0
                 log = client.log_path.read_text()
+                assert_lrs_follow(log, schedule, ROUNDS, 30)   # the schedule went on across both restarts
                 assert re.search(r"joining again|join", log)
             coordinator_log = (tmp_path / "coordinator-3.log").read_text()
             assert "resuming after committed round" in coordinator_log

@@ -1,0 +1,158 @@
+"""Model downloads as codec-encoded deltas from the version a client already holds.
+
+Every committed version v of the global model G_v has one *as-served* state
+S_v: what a client holding v has, bit for bit, however it got there:
+
+    S_v = S_{v-1} + decode(encode(G_v - S_{v-1}))        (S at a chain start = G)
+
+The delta is taken from S_{v-1}, what the clients actually hold, not from
+G_{v-1}: whatever quantization dropped from one delta is in the next one
+(error feedback on the server side), so S never drifts from G by more than
+one delta's quantization error. A full copy is S_v in float32, so a client
+that joins late holds the same bits as one that followed every delta.
+Clients train from S_v; their uploaded deltas are applied to G_v.
+
+Only the newest version's state is held, with the digests and encoded steps
+of the last `keep` versions (a step is the codec's fraction of the model); a
+client whose version was evicted, or whose digest does not match, gets a
+full copy.
+The newest state is also written to `persist` so a restarted coordinator
+serves the same S (and accepts uploads trained from it).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fedswarm.coordinator.store import write_checkpoint
+from fedswarm.proto import codec as C
+from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto import wire
+
+DEFAULT_KEEP_VERSIONS = 8
+
+
+@dataclass
+class Served:
+    version: int
+    state: dict[str, torch.Tensor] | None    # S_version, float32 CPU (None once a newer version exists)
+    shapes: dict[str, tuple[int, ...]]
+    digest: bytes                            # wire.state_digest(state)
+    step: dict[str, C.Encoded] | None        # encode(G_version - S_{version-1}); None at a chain start
+    step_bytes: int                          # encoded size of `step` (data + scales)
+
+
+class ServedVersions:
+    """The newest as-served state, and the digests and encoded steps of the last few versions; thread-safe."""
+
+    def __init__(self, codec: int, block_size: int | None = None, keep: int = DEFAULT_KEEP_VERSIONS,
+                 persist: Path | None = None):
+        if keep < 1:
+            raise ValueError("keep must be >= 1 version")
+        self.codec, self.block_size, self.keep, self.persist = int(codec), block_size or None, keep, persist
+        self._lock = threading.Lock()
+        self._versions: OrderedDict[int, Served] = OrderedDict()
+        if persist is not None and persist.is_file():
+            self._load(persist)
+
+    @property
+    def deltas(self) -> bool:
+        """False for codec none: a float32 delta is as large as a full copy, so everyone gets G itself."""
+        return self.codec != C.CODEC_NAMES["none"]
+
+    def served(self, version: int, global_state: dict[str, torch.Tensor]) -> Served:
+        """S_version (computed from G_version the first time it is asked for)."""
+        with self._lock:
+            have = self._versions.get(version)
+            if have is not None and have.shapes == _shapes(global_state):
+                if have.state is None:
+                    raise RuntimeError(f"model version {version} is older than the newest served one")
+                return have
+            prev = self._versions.get(version - 1)
+            if not self.deltas or prev is None or prev.state is None or prev.shapes != _shapes(global_state):
+                state = {n: t.detach().to("cpu", torch.float32).clone() for n, t in global_state.items()}
+                entry = Served(version, state, _shapes(state), wire.state_digest(state), None, 0)
+            else:
+                step, state, size = {}, {}, 0
+                for name, g in global_state.items():
+                    base = prev.state[name]
+                    enc = step[name] = C.encode((g.detach().to("cpu", torch.float32) - base).flatten(),
+                                                self.codec, self.block_size)
+                    size += len(enc.data) + len(enc.scales)
+                    state[name] = base + C.decode(enc).view(base.shape)   # exactly what the client computes
+                entry = Served(version, state, _shapes(state), wire.state_digest(state), step, size)
+            for older in self._versions.values():
+                older.state = None   # only the newest is served in full or built on
+            self._versions[version] = entry
+            self._versions.move_to_end(version)
+            while len(self._versions) > self.keep:
+                self._versions.popitem(last=False)
+            if self.persist is not None:
+                write_checkpoint(self.persist, entry.state, {"version": str(version), "codec": C.codec_name(self.codec)})
+            return entry
+
+    def digest(self, version: int) -> bytes | None:
+        with self._lock:
+            entry = self._versions.get(version)
+            return entry.digest if entry is not None else None
+
+    def chain(self, version: int, held_version: int, held_digest: bytes) -> list[Served] | None:
+        """The steps that take a client from held_version (with that digest) to `version` ([] when it holds
+        that version already, e.g. the initial model it built from the run's seed), or None when it needs a
+        full copy: unknown or evicted version, wrong digest, or steps larger than a copy."""
+        with self._lock:
+            held = self._versions.get(held_version)
+            if held is None or held.digest != held_digest or held_version > version:
+                return None
+            if held_version == version:
+                return []
+            if not self.deltas:
+                return None
+            steps = [self._versions.get(v) for v in range(held_version + 1, version + 1)]
+            if any(s is None or s.step is None for s in steps):
+                return None
+            full = 4 * sum(math.prod(shape) for shape in steps[-1].shapes.values())
+            return steps if sum(s.step_bytes for s in steps) < full else None
+
+    def _load(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("codec") != C.codec_name(self.codec) or "version" not in meta:
+            return  # another codec's chain: start a new one
+        state = load_file(str(path))
+        version = int(meta["version"])
+        self._versions[version] = Served(version, state, _shapes(state), wire.state_digest(state), None, 0)
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in state.items()}
+
+
+def full_copy(name: str, tensor: torch.Tensor) -> C.Encoded:
+    return C.encode(tensor.flatten(), C.CODEC_NAMES["none"])
+
+
+def model_chunks(served: Served, steps: list[Served] | None, max_part_bytes: int) -> Iterator[pb.ModelChunk]:
+    """A FetchModel stream: `steps` (encoded deltas, in order), or a float32 copy of `served` when None.
+    The first chunk of each version carries the digest of the weights it reconstructs."""
+    if steps is None:
+        yield from _versioned(wire.state_parts(served.state, full_copy, max_part_bytes), served, delta=False)
+        return
+    for step in steps:
+        parts = (p for name, enc in step.step.items()
+                 for p in wire.tensor_parts(name, step.shapes[name], enc, max_part_bytes))
+        yield from _versioned(parts, step, delta=True)
+
+
+def _versioned(parts: Iterator[pb.TensorPart], served: Served, delta: bool) -> Iterator[pb.ModelChunk]:
+    for i, part in enumerate(parts):
+        yield pb.ModelChunk(part=part, version=served.version, delta=delta, digest=served.digest if i == 0 else b"")
