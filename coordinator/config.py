@@ -29,6 +29,12 @@ class RunConfig:
     stages: int = 3
     average_every: int = 20            # replicas' optimizer steps between stage averages
     activation_codec: str = "bf16"     # activations and their gradients on the swarm wire
+    # sampled rounds (federated): K clients per round and/or a fraction F of the connected ones
+    clients_per_round: int = 0         # 0: no fixed K
+    fraction: float = 0.0              # 0: no fraction (every client when K is 0 too)
+    # the coordinator's outer optimizer (fedavg, fedavgm, fedadam, diloco); None: the strategy's default
+    server_lr: float | None = None
+    server_momentum: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -67,6 +73,16 @@ class RunConfig:
                 raise ValueError("--average-every must be >= 1")
         if not 0 < self.lr < 1:
             raise ValueError("--lr must be in (0, 1)")
+        if self.clients_per_round < 0:
+            raise ValueError("--clients-per-round must be >= 0 (0: every connected client)")
+        if not 0 <= self.fraction <= 1:
+            raise ValueError("--fraction must be in [0, 1] (0: not set)")
+        if self.mode == "swarm" and (self.clients_per_round or self.fraction):
+            raise ValueError("--clients-per-round / --fraction apply to federated rounds; a swarm averages every replica")
+        if self.server_lr is not None and not 0 < self.server_lr <= 10:
+            raise ValueError("--server-lr must be in (0, 10]")
+        if self.server_momentum is not None and not 0 <= self.server_momentum < 1:
+            raise ValueError("--server-momentum must be in [0, 1)")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 
@@ -100,7 +101,9 @@ class RoundDriver:
             self.progress.state = "running" if self.progress.rounds[-1]["round"] > 0 else "waiting"
             self.progress.current_round = rnd
         config = ConfigRecord({"local-steps": self.cfg.local_steps, "lr": self.cfg.lr})
-        # Flower's sample_nodes waits (polling) until min_available_nodes have joined.
+        # Flower's sample_nodes waits (polling) until min_available_nodes have joined, then draws
+        # K of them from the global RNG: seeded per round, so a run (and its restart) samples alike.
+        random.seed(self.cfg.seed * 1_000_003 + rnd)
         messages = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
         with self.progress.lock:
             self.progress.configured_round = rnd
@@ -113,7 +116,12 @@ class RoundDriver:
         if not ok or (failures and not self.accept_failures):
             log.warning("round %d: %d of %d replies usable; repeating the round", rnd, len(ok), len(messages))
             return None, {}
-        new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)
+        try:
+            new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)
+        finally:
+            sink = getattr(self.grid, "updates", None)   # our SessionGrid's UpdateSink (aggregate.py)
+            if sink is not None:
+                sink.release_round(rnd)   # spilled updates of this round (robust strategies)
         if new_arrays is None:
             return None, {}
         state = arrays_to_state(new_arrays)

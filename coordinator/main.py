@@ -13,6 +13,7 @@ import grpc
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedswarm.coordinator.aggregate import sink_for
 from fedswarm.coordinator.auth import Authenticator, load_authorized_keys, server_credentials
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.driver import RoundDriver, RunProgress
@@ -33,6 +34,8 @@ RUN_FLAGS = {  # CLI flag -> RunConfig field
     "model": "model", "local_steps": "local_steps", "batch_size": "batch_size", "seq_len": "seq_len",
     "lr": "lr", "seed": "seed", "grad_accum": "grad_accum", "eval_data": "eval_data",
     "mode": "mode", "stages": "stages", "average_every": "average_every", "activation_codec": "activation_codec",
+    "clients_per_round": "clients_per_round", "fraction": "fraction",
+    "server_lr": "server_lr", "server_momentum": "server_momentum",
 }
 
 
@@ -63,6 +66,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="swarm: replicas' optimizer steps between per-stage averages (one averaging = one round)")
     p.add_argument("--activation-codec", default=d.activation_codec, choices=["bf16", "fp16", "int8", "none"],
                    help="swarm: activations and gradients on the wire")
+    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, metavar="K",
+                   help="sample K of the connected clients each round (Flower's min_train_nodes); "
+                        "the others stay connected, long-polling (0: every client)")
+    p.add_argument("--fraction", type=float, default=d.fraction, metavar="F",
+                   help="sample a fraction F of the connected clients each round, at least K (0: not set)")
+    p.add_argument("--server-lr", type=float, default=d.server_lr,
+                   help="outer learning rate of fedavg/fedavgm/diloco (fedadam: eta); "
+                        "default: fedavg/fedavgm 1.0, fedadam 0.01, diloco 0.7")
+    p.add_argument("--server-momentum", type=float, default=d.server_momentum,
+                   help="outer momentum (fedavgm: heavy ball, default 0.5; diloco: Nesterov, default 0.9; "
+                        "fedadam: beta_1, default 0.9)")
+    p.add_argument("--aggregation", default="stream", choices=["stream", "hold"],
+                   help="stream: fold each update into a running sum (robust strategies: spill to --state-dir), "
+                        "so memory does not grow with the clients; hold: keep every reply's weights (Flower's stock path)")
     p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")
@@ -135,7 +152,7 @@ def serve(args: argparse.Namespace) -> int:
     lost_hooks = []
     membership = Membership(timeouts.lease_s, on_lost=lambda cid, why: [hook(cid, why) for hook in lost_hooks],
                             reaper_interval_s=timeouts.reaper_interval_s)
-    grid = SessionGrid(TaskIdentity.run_id, membership.live_ids)
+    grid = SessionGrid(TaskIdentity.run_id, membership.live_ids, updates=sink_for(cfg.strategy, args.state_dir, args.aggregation))
     lost_hooks.append(grid.fail_node)
     swarm = None
     if swarm_mode:

@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from google.protobuf.message import DecodeError
 
+from fedswarm.coordinator.aggregate import DecodedUpdate
 from fedswarm.coordinator.auth import AuthError, Authenticator, SeenSet
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
-from fedswarm.coordinator.driver import RunProgress, arrays_to_state, state_to_arrays
+from fedswarm.coordinator.driver import RunProgress, arrays_to_state
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Member, Membership
 from fedswarm.proto import codec as C
@@ -59,6 +60,7 @@ class CoordinatorService:
         self.block_size = cfg.codec_block_size or C.DEFAULT_BLOCK_SIZE.get(self.codec, 0)
         self.rejections: collections.Counter[str] = collections.Counter()
         self._base_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._base_source: dict[str, ArrayRecord] = {}   # task id -> the ArrayRecord its base was decoded from
         self._cache_lock = threading.Lock()
 
     # -- plumbing --------------------------------------------------------------------
@@ -234,17 +236,13 @@ class CoordinatorService:
             delta = assembler.finish()
         except wire.WireError as err:
             raise invalid("incomplete", str(err)) from None
-        weights = {n: base[n] + delta[n] for n in spec}
-        if not all(torch.isfinite(w).all() for w in weights.values()):
+        if not all(torch.isfinite(base[n] + delta[n]).all() for n in spec):  # one tensor's sum at a time
             raise invalid("non_finite", "the update makes the model non-finite")
-        content = RecordDict({
-            "arrays": state_to_arrays(weights),
-            "metrics": MetricRecord({"num-examples": int(h.num_examples), "train_loss": float(h.train_loss),
-                                     "bytes-up": int(received), "bytes-up-raw": int(raw_update_bytes),
-                                     "train-seconds": float(h.train_seconds)}),
-            "client": ConfigRecord({"name": member.name}),
-        })
-        if not self.grid.deliver_reply(task_id, member.client_id, content):
+        update = DecodedUpdate(base, delta, client=ConfigRecord({"name": member.name}), metrics=MetricRecord({
+            "num-examples": int(h.num_examples), "train_loss": float(h.train_loss),
+            "bytes-up": int(received), "bytes-up-raw": int(raw_update_bytes),
+            "train-seconds": float(h.train_seconds)}))
+        if not self.grid.deliver_update(task_id, member.client_id, update):  # folded or spilled (aggregate.py)
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "task_closed", "the task closed while uploading")
         self._answered.add((member.client_id, h.task_id))
         self._answered.add((member.client_id, task_id))
@@ -253,6 +251,7 @@ class CoordinatorService:
         member.rounds_done += 1
         with self._cache_lock:
             self._base_cache.pop(task_id, None)
+            self._base_source.pop(task_id, None)
         return pb.PushReply(accepted=True, message="ok", bytes_received=received)
 
     def status(self, req: pb.StatusRequest, context) -> pb.StatusReply:
@@ -307,8 +306,12 @@ class CoordinatorService:
             if state is None:
                 for stale in [t for t in self._base_cache if not self.grid.is_open(t)]:
                     del self._base_cache[stale]
+                    self._base_source.pop(stale, None)
                 arrays: ArrayRecord = msg.content["arrays"]
-                state = self._base_cache[task_id] = arrays_to_state(arrays)
+                # The tasks of one round share one ArrayRecord: decode it once for all of them.
+                shared = next((s for t, s in self._base_cache.items() if self._base_source.get(t) is arrays), None)
+                state = self._base_cache[task_id] = shared if shared is not None else arrays_to_state(arrays)
+                self._base_source[task_id] = arrays
             return state
 
 

@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+from fedswarm.sim.bench_aggregate import add_aggregate_arguments, bench_aggregate
 from fedswarm.sim.launcher import add_arguments as add_sim_arguments
 from fedswarm.sim.launcher import run_sim
 
@@ -13,11 +14,13 @@ TARGETS = {"int8": (0.26, 0.01), "int4": (0.14, 0.03)}   # bytes ratio, eval-los
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("which", choices=["codecs", "swarm"],
+    p.add_argument("which", choices=["codecs", "swarm", "aggregate"],
                    help="codecs: upload bytes and final eval loss per codec vs none; "
-                        "swarm: tokens/s of the swarm vs one process, and with a peer killed every 30 s vs none")
+                        "swarm: tokens/s of the swarm vs one process, and with a peer killed every 30 s vs none; "
+                        "aggregate: coordinator peak RSS over idle while aggregating --uploads, streaming vs holding")
     p.add_argument("--seconds", type=float, default=90.0, help="swarm: measured seconds per configuration")
     p.add_argument("--codecs", default="none,fp16,int8,int4")
+    add_aggregate_arguments(p)
     add_sim_arguments(p)
     p.set_defaults(clients=2, rounds=6, out="bench-out")
 
@@ -144,4 +147,6 @@ def main(args: argparse.Namespace) -> int:
         bench_codecs(args)
     elif args.which == "swarm":
         bench_swarm(args)
+    elif args.which == "aggregate":
+        bench_aggregate(args)
     return 0

@@ -32,6 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, metavar="K",
+                   help="clients sampled per round (0: all of them)")
+    p.add_argument("--fraction", type=float, default=d.fraction, metavar="F",
+                   help="fraction of the clients sampled per round, at least K (0: not set)")
+    p.add_argument("--server-lr", type=float, default=d.server_lr, help="the coordinator's outer learning rate")
+    p.add_argument("--server-momentum", type=float, default=d.server_momentum, help="the coordinator's outer momentum")
     p.add_argument("--data", default="stdlib", help="stdlib or a text file / folder (split across clients)")
     p.add_argument("--precision", default="auto")
     p.add_argument("--out", default="sim-out", help="folder for report.json, plots, logs and state")
@@ -49,7 +55,10 @@ def run_sim(args: argparse.Namespace, log=print) -> dict:
     coord_args = ["--state-dir", str(out / "state"), "--rounds", str(args.rounds), "--min-clients", str(args.clients),
                   "--strategy", args.strategy, "--upload-codec", args.upload_codec, "--model", args.model,
                   "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
-                  "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed)]
+                  "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
+                  "--clients-per-round", str(args.clients_per_round), "--fraction", str(args.fraction),
+                  *(["--server-lr", str(args.server_lr)] if args.server_lr is not None else []),
+                  *(["--server-momentum", str(args.server_momentum)] if args.server_momentum is not None else [])]
     started = time.time()
     with coordinator_process(out, coord_args) as (coordinator, address), CountingRelay(address) as relay:
         log(f"coordinator on {address}; starting {args.clients} clients ({threads} thread(s) each)")
