@@ -11,6 +11,8 @@ Robust strategies need every update: `SpillUpdates` (spill.py) maps them from di
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from flwr.common.constant import SType
 from flwr.serverapp import strategy as S
 from flwr.serverapp.exception import AggregationError
 
+M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 128 << 10   # glibc mallopt: allocations above go to mmap
 WEIGHT_KEY = "num-examples"   # the MetricRecord key Flower weights by (FedAvg's weighted_by_key)
 
 
@@ -42,6 +45,23 @@ class DecodedUpdate:
         """(name, base + delta) tensor by tensor, so at most one tensor's sum is alive at a time."""
         for name in self.base:
             yield name, self.base[name] + self.delta[name]
+
+
+class ArraysView(Mapping):
+    """An ArrayRecord read as name -> float tensor, decoding one tensor per read and keeping none:
+    a task's base weights cost no memory beyond the instruction's own ArrayRecord."""
+
+    def __init__(self, arrays: ArrayRecord):
+        self.arrays = arrays
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[name].numpy())   # np.load: a fresh, writable array
+
+    def __iter__(self):
+        return iter(self.arrays.keys())
+
+    def __len__(self) -> int:
+        return len(self.arrays)
 
 
 class MeanFold:
@@ -65,7 +85,7 @@ class MeanFold:
             if self._sums is None:
                 self._sums = {n: torch.mul(d.float(), weight) for n, d in delta.items()}
             else:
-                if delta.keys() != self._sums.keys():
+                if set(delta) != set(self._sums):
                     raise ValueError("the update's tensors differ from the ones already folded in")
                 for n, d in delta.items():
                     self._sums[n].add_(d, alpha=weight)
@@ -181,3 +201,29 @@ def sink_for(strategy: str, state_dir: str | None, aggregation: str = "stream") 
     if state_dir is None:
         raise ValueError(f"strategy {strategy!r} keeps every update: it needs a --state-dir to spill them to")
     return SpillUpdates(state_dir)
+
+
+def return_freed_memory_to_os() -> bool:
+    """Pin glibc's mmap threshold at 128 KiB: tensors and buffers above it are mmapped and go back to
+    the OS when freed (glibc's dynamic threshold otherwise rises to 32 MiB and keeps freed updates
+    in per-thread arenas, so RSS stays at its high-water mark). False where this is not glibc."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name)
+    mallopt = getattr(libc, "mallopt", None)
+    return bool(mallopt and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1)
+
+
+def rss_bytes() -> dict[str, int]:
+    """This process's resident set now (VmRSS) and its high-water mark (VmHWM); {} off Linux."""
+    try:
+        lines = open("/proc/self/status").read().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out

@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedswarm.coordinator.aggregate import rss_bytes
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.coordinator.store import Store
 from fedswarm.coordinator.strategy_state import export_state, import_state, split_checkpoint
@@ -124,6 +125,9 @@ class RoundDriver:
                 sink.release_round(rnd)   # spilled updates of this round (robust strategies)
         if new_arrays is None:
             return None, {}
+        memory = rss_bytes()
+        if memory:  # read by `fedswarm bench aggregate`
+            log.info("round %d aggregated: RSS %d, peak RSS %d bytes", rnd, memory["VmRSS"], memory["VmHWM"])
         state = arrays_to_state(new_arrays)
         eval_loss = self.eval_loss(state)
         record = {

@@ -13,7 +13,7 @@ import grpc
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedswarm.coordinator.aggregate import sink_for
+from fedswarm.coordinator.aggregate import return_freed_memory_to_os, sink_for
 from fedswarm.coordinator.auth import Authenticator, load_authorized_keys, server_credentials
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.driver import RoundDriver, RunProgress
@@ -127,6 +127,8 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("no --authorized-keys: this coordinator accepts ANY client (development mode)")
     if tls is None:
         log.warning("no --tls-cert/--tls-key: traffic is plaintext")
+    if not return_freed_memory_to_os():
+        log.warning("not glibc: freed update buffers may stay in this process's RSS")
     store = Store(args.state_dir)
     try:
         cfg = resolve_config(args, store)

@@ -15,10 +15,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from google.protobuf.message import DecodeError
 
-from fedswarm.coordinator.aggregate import DecodedUpdate
+from fedswarm.coordinator.aggregate import ArraysView, DecodedUpdate
 from fedswarm.coordinator.auth import AuthError, Authenticator, SeenSet
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
-from fedswarm.coordinator.driver import RunProgress, arrays_to_state
+from fedswarm.coordinator.driver import RunProgress
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Member, Membership
 from fedswarm.proto import codec as C
@@ -60,7 +60,6 @@ class CoordinatorService:
         self.block_size = cfg.codec_block_size or C.DEFAULT_BLOCK_SIZE.get(self.codec, 0)
         self.rejections: collections.Counter[str] = collections.Counter()
         self._base_cache: dict[str, dict[str, torch.Tensor]] = {}
-        self._base_source: dict[str, ArrayRecord] = {}   # task id -> the ArrayRecord its base was decoded from
         self._cache_lock = threading.Lock()
 
     # -- plumbing --------------------------------------------------------------------
@@ -207,7 +206,7 @@ class CoordinatorService:
                           f"for codec {self.cfg.upload_codec}")
         if not math.isfinite(h.train_loss) or h.num_examples == 0 or h.num_examples > 10**9:
             raise invalid("bad_header", "train_loss must be finite and num_examples in 1..1e9")
-        assembler = wire.PartAssembler(spec, {self.codec})
+        assembler = wire.PartAssembler(spec, {self.codec}, keep_encoded=True)  # decoded tensor by tensor when folded
         digest = signing.UpdateDigest(h.num_examples, h.train_loss, h.num_parts)
         parts = 0
         for raw in chunks:
@@ -251,7 +250,6 @@ class CoordinatorService:
         member.rounds_done += 1
         with self._cache_lock:
             self._base_cache.pop(task_id, None)
-            self._base_source.pop(task_id, None)
         return pb.PushReply(accepted=True, message="ok", bytes_received=received)
 
     def status(self, req: pb.StatusRequest, context) -> pb.StatusReply:
@@ -306,12 +304,8 @@ class CoordinatorService:
             if state is None:
                 for stale in [t for t in self._base_cache if not self.grid.is_open(t)]:
                     del self._base_cache[stale]
-                    self._base_source.pop(stale, None)
                 arrays: ArrayRecord = msg.content["arrays"]
-                # The tasks of one round share one ArrayRecord: decode it once for all of them.
-                shared = next((s for t, s in self._base_cache.items() if self._base_source.get(t) is arrays), None)
-                state = self._base_cache[task_id] = shared if shared is not None else arrays_to_state(arrays)
-                self._base_source[task_id] = arrays
+                state = self._base_cache[task_id] = ArraysView(arrays)   # decodes a tensor per read, holds none
             return state
 
 

@@ -335,3 +335,36 @@ def test_sampling_takes_k_of_the_connected():
         RunConfig(clients_per_round=-1).check()
     with pytest.raises(ValueError, match="fraction"):
         RunConfig(fraction=1.5).check()
+
+
+def test_assembler_keeping_encoded_parts_decodes_the_same_tensors():
+    from fedswarm.proto import codec as C
+    from fedswarm.proto import wire
+
+    state = {"big": torch.randn(300_000), "w": torch.randn(64, 33)}
+    int8 = C.CODEC_NAMES["int8"]
+    parts = list(wire.state_parts(state, lambda n, t: C.encode(t.flatten(), int8), max_part_bytes=64 * 1024))
+    spec = {n: tuple(t.shape) for n, t in state.items()}
+    eager, lazy = wire.PartAssembler(spec, {int8}), wire.PartAssembler(spec, {int8}, keep_encoded=True)
+    for p in parts:
+        eager.add(p)
+        lazy.add(p)
+    held = sum(len(e.data) + len(e.scales) for es in lazy.encoded.values() for e in es)
+    assert held < 0.3 * 4 * sum(t.numel() for t in state.values()), "int8 parts are held, not fp32 tensors"
+    assert not lazy.buffers
+    a, b = eager.finish(), lazy.finish()
+    assert list(a) == list(b) == list(state)
+    for n in state:
+        assert torch.equal(a[n], b[n]) and b[n].shape == state[n].shape
+
+
+def test_arrays_view_decodes_on_read():
+    from fedswarm.coordinator.aggregate import ArraysView
+
+    state = model(3)
+    view = ArraysView(ArrayRecord(torch_state_dict=state))
+    assert list(view) == list(state) and len(view) == len(state)
+    first, again = view["wte"], view["wte"]
+    assert torch.equal(first, state["wte"]) and first.data_ptr() != again.data_ptr(), "a fresh tensor per read"
+    first += 1   # writable, and the record is untouched
+    assert torch.equal(view["wte"], state["wte"])
