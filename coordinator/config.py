@@ -30,8 +30,6 @@ class RunConfig:
     average_every: int = 20            # replicas' optimizer steps between stage averages
     activation_codec: str = "bf16"     # activations and their gradients on the swarm wire
     clip_update_norm: float = 0.0      # > 0: updates with a larger L2 norm are scaled down to it
-    # sampled rounds (federated): K clients per round
-    clients_per_round: int = 0         # 0: every connected client
     # fine-tuning (--peft lora): only adapters train and travel; the frozen base comes from --model on each side
     peft: str = "none"                 # none | lora
     lora_r: int = 8
@@ -48,6 +46,12 @@ class RunConfig:
     min_lr: float = 0.0
     # downloads: codec-encoded deltas from the version a client holds (full float32 copy when it holds none)
     download_codec: str = "int8"
+    # sampled rounds (federated): K clients per round and/or a fraction F of the connected ones
+    clients_per_round: int = 0         # 0: no fixed K
+    fraction: float = 0.0              # 0: no fraction (every client when K is 0 too)
+    # the coordinator's outer optimizer (fedavg, fedavgm, fedadam, diloco); None: the strategy's default
+    server_lr: float | None = None
+    server_momentum: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -105,6 +109,14 @@ class RunConfig:
         from fedswarm.schedule import LrSchedule
 
         LrSchedule(self.lr, self.rounds * self.local_steps, self.lr_schedule, self.warmup_steps, self.min_lr)
+        if not 0 <= self.fraction <= 1:
+            raise ValueError("--fraction must be in [0, 1] (0: not set)")
+        if self.mode == "swarm" and (self.clients_per_round or self.fraction):
+            raise ValueError("--clients-per-round / --fraction apply to federated rounds; a swarm averages every replica")
+        if self.server_lr is not None and not 0 < self.server_lr <= 10:
+            raise ValueError("--server-lr must be in (0, 10]")
+        if self.server_momentum is not None and not 0 <= self.server_momentum < 1:
+            raise ValueError("--server-momentum must be in [0, 1)")
 
 
 @dataclass

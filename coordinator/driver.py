@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 
@@ -10,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedswarm.coordinator.aggregate import rss_bytes
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.store import Store
 from fedswarm.coordinator.strategy_state import export_state, import_state, split_checkpoint
@@ -126,7 +128,9 @@ class RoundDriver:
         config = ConfigRecord({"local-steps": self.cfg.local_steps, "lr": self.cfg.lr,  # lr: the schedule's peak
                                "global-step": (rnd - 1) * self.cfg.local_steps,
                                "total-steps": self.cfg.rounds * self.cfg.local_steps})
-        # Flower's sample_nodes waits (polling) until min_available_nodes have joined.
+        # Flower's sample_nodes waits (polling) until min_available_nodes have joined, then draws
+        # K of them from the global RNG: seeded per round, so a run (and its restart) samples alike.
+        random.seed(self.cfg.seed * 1_000_003 + rnd)
         messages = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
         with self.progress.lock:
             self.progress.configured_round = rnd
@@ -139,9 +143,17 @@ class RoundDriver:
         if not ok or (failures and not self.accept_failures):
             log.warning("round %d: %d of %d replies usable; repeating the round", rnd, len(ok), len(messages))
             return None, {}
-        new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)
+        try:
+            new_arrays, metrics = self.strategy.aggregate_train(rnd, replies)
+        finally:
+            sink = getattr(self.grid, "updates", None)   # our SessionGrid's UpdateSink (aggregate.py)
+            if sink is not None:
+                sink.release_round(rnd)   # spilled updates of this round (robust strategies)
         if new_arrays is None:
             return None, {}
+        memory = rss_bytes()
+        if memory:  # read by `fedswarm bench aggregate`
+            log.info("round %d aggregated: RSS %d, peak RSS %d bytes", rnd, memory["VmRSS"], memory["VmHWM"])
         state = arrays_to_state(new_arrays)
         eval_loss = self.eval_loss(state)
         record = {

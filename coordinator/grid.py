@@ -5,6 +5,11 @@ SuperLink; instead, each instruction message is queued for the client daemon
 it names, handed out by PullTask, and answered by PushUpdate. A node that
 loses its lease gets an error reply for each of its open messages, so the
 strategy sees a failure (as data) rather than waiting forever.
+
+A verified upload is delivered through the grid's UpdateSink (aggregate.py):
+it is folded into its instruction set's running sum (or spilled to disk)
+outside the lock, while the instruction is held as "delivering" so neither a
+round deadline nor a lost lease can void an update that is already counted.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from flwr.app import Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedswarm.coordinator.aggregate import DecodedUpdate, HoldEveryUpdate, MeanFold, UpdateSink
+
 ERROR_NODE_LOST = 1001
 ERROR_REJECTED = 1002
 
@@ -26,7 +33,8 @@ ERROR_REJECTED = 1002
 class SessionGrid(Grid):
     """Message queues per connected node; thread-safe."""
 
-    def __init__(self, run_id: int, live_nodes: Callable[[], list[int]]):
+    def __init__(self, run_id: int, live_nodes: Callable[[], list[int]], updates: UpdateSink | None = None):
+        self.updates = updates or HoldEveryUpdate()
         self._run = Run.create_empty(run_id)
         self._live_nodes = live_nodes
         self._cv = threading.Condition()
@@ -35,6 +43,8 @@ class SessionGrid(Grid):
         self._queues: dict[int, deque[str]] = {}         # node id -> message ids not yet handed out
         self._replies: dict[str, Message] = {}           # message id -> reply, until pulled
         self._waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}  # async long-polls
+        self._folds: dict[str, MeanFold] = {}            # message id -> running sum of its instruction set
+        self._delivering: set[str] = set()               # message ids whose update is being folded in
         self._closed = False
 
     # -- Grid API used by strategies ------------------------------------------------
@@ -56,9 +66,14 @@ class SessionGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         live = set(self._live_nodes())
+        folds: dict[int, MeanFold] = {}  # instructions sharing one content (one base model) share one fold
         with self._cv:
             for msg in messages:
                 message_id = uuid.uuid4().hex
+                if "arrays" in msg.content:
+                    if id(msg.content) not in folds:
+                        folds[id(msg.content)] = MeanFold(msg.content["arrays"])
+                    self._folds[message_id] = folds[id(msg.content)]
                 # Flower's own SuperLink assigns ids the same way (metadata has no setter).
                 msg.metadata.__dict__["_message_id"] = message_id
                 self._instructions[message_id] = msg
@@ -85,6 +100,8 @@ class SessionGrid(Grid):
                 if remaining is not None and remaining <= 0:
                     break
                 self._cv.wait(timeout=1.0 if remaining is None else min(remaining, 1.0))
+            while any(i in self._delivering for i in ids):  # an update being folded in lands first
+                self._cv.wait(timeout=1.0)
             for i in ids:  # unanswered instructions are void after the deadline
                 if i not in self._replies:
                     self._drop(i)
@@ -156,17 +173,36 @@ class SessionGrid(Grid):
         """Record a node's answer; False if the instruction is not open for that node."""
         with self._cv:
             msg = self.open_instruction(message_id, node_id)
-            if msg is None:
+            if msg is None or message_id in self._delivering:
                 return False
-            self._replies[message_id] = Message(content, reply_to=msg)
-            self._forget(message_id)
-            self._cv.notify_all()
+            self._publish(message_id, msg, content)
             return True
+
+    def deliver_update(self, message_id: str, node_id: int, update: DecodedUpdate) -> bool:
+        """Fold (or spill) a verified update through the sink, then record it as the node's answer;
+        False if the instruction is not open for that node (nothing is folded then)."""
+        with self._cv:
+            msg = self.open_instruction(message_id, node_id)
+            if msg is None or message_id in self._delivering:
+                return False
+            self._delivering.add(message_id)
+            fold = self._folds.get(message_id)
+        try:
+            content = self.updates.content(msg, fold, update)   # the heavy part, outside the lock
+        except BaseException:
+            with self._cv:
+                self._delivering.discard(message_id)
+                self._cv.notify_all()
+            raise
+        with self._cv:
+            self._delivering.discard(message_id)
+            self._publish(message_id, msg, content)
+        return True
 
     def fail_node(self, node_id: int, reason: str) -> int:
         """Answer every open instruction of a lost node with an error reply."""
         with self._cv:
-            open_ids = [i for i, n in self._owner.items() if n == node_id]
+            open_ids = [i for i, n in self._owner.items() if n == node_id and i not in self._delivering]
             for message_id in open_ids:
                 self._reply_error(message_id, ERROR_NODE_LOST, reason)
             self._queues.pop(node_id, None)
@@ -201,6 +237,10 @@ class SessionGrid(Grid):
         for loop, event in self._waiters.get(node_id, ()):
             if not loop.is_closed():
                 loop.call_soon_threadsafe(event.set)
+    def _publish(self, message_id: str, msg: Message, content: RecordDict) -> None:
+        self._replies[message_id] = Message(content, reply_to=msg)
+        self._forget(message_id)
+        self._cv.notify_all()
 
     def _reply_error(self, message_id: str, code: int, reason: str) -> None:
         msg = self._instructions.get(message_id)
@@ -210,6 +250,7 @@ class SessionGrid(Grid):
 
     def _forget(self, message_id: str) -> None:
         self._instructions.pop(message_id, None)
+        self._folds.pop(message_id, None)
         node_id = self._owner.pop(message_id, None)
         queue = self._queues.get(node_id)
         if queue and message_id in queue:

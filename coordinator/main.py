@@ -14,6 +14,7 @@ import grpc
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedswarm.coordinator.aggregate import return_freed_memory_to_os, sink_for
 from fedswarm.coordinator.auth import Authenticator, load_authorized_keys, server_credentials
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.driver import RoundDriver, RunFailed, RunProgress
@@ -45,6 +46,7 @@ RUN_FLAGS = {  # CLI flag -> RunConfig field
     "format": "data_format", "text_field": "text_field", "prompt_field": "prompt_field",
     "response_field": "response_field",
     "lr_schedule": "lr_schedule", "warmup_steps": "warmup_steps", "min_lr": "min_lr", "download_codec": "download_codec",
+    "fraction": "fraction", "server_lr": "server_lr", "server_momentum": "server_momentum",
 }
 EXIT_DRIVER_CRASHED, EXIT_RUN_FAILED = 1, 3
 
@@ -108,6 +110,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-field", default=d.prompt_field, help="chat: record field of the prompt")
     p.add_argument("--response-field", default=d.response_field, help="chat: record field of the response")
     p.add_argument("--cache-dir", default=None, help="where tokenized eval shards go when --eval-data is read-only")
+    p.add_argument("--fraction", type=float, default=d.fraction, metavar="F",
+                   help="sample a fraction F of the connected clients each round, at least K (0: not set)")
+    p.add_argument("--server-lr", type=float, default=d.server_lr,
+                   help="outer learning rate of fedavg/fedavgm/diloco (fedadam: eta); "
+                        "default: fedavg/fedavgm 1.0, fedadam 0.01, diloco 0.7")
+    p.add_argument("--server-momentum", type=float, default=d.server_momentum,
+                   help="outer momentum (fedavgm: heavy ball, default 0.5; diloco: Nesterov, default 0.9; "
+                        "fedadam: beta_1, default 0.9)")
+    p.add_argument("--aggregation", default="stream", choices=["stream", "hold"],
+                   help="stream: fold each update into a running sum (robust strategies: spill to --state-dir), "
+                        "so memory does not grow with the clients; hold: keep every reply's weights (Flower's stock path)")
+    p.add_argument("--fraction", type=float, default=d.fraction, metavar="F",
+                   help="sample a fraction F of the connected clients each round, at least K (0: not set)")
+    p.add_argument("--server-lr", type=float, default=d.server_lr,
+                   help="outer learning rate of fedavg/fedavgm/diloco (fedadam: eta); "
+                        "default: fedavg/fedavgm 1.0, fedadam 0.01, diloco 0.7")
+    p.add_argument("--server-momentum", type=float, default=d.server_momentum,
+                   help="outer momentum (fedavgm: heavy ball, default 0.5; diloco: Nesterov, default 0.9; "
+                        "fedadam: beta_1, default 0.9)")
+    p.add_argument("--aggregation", default="stream", choices=["stream", "hold"],
+                   help="stream: fold each update into a running sum (robust strategies: spill to --state-dir), "
+                        "so memory does not grow with the clients; hold: keep every reply's weights (Flower's stock path)")
+    p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")
     # swarm data plane (hivemind): where the coordinator's bootstrap node listens and what it announces
@@ -171,6 +196,8 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("no --authorized-keys: this coordinator accepts ANY client (development mode)")
     if tls is None:
         log.warning("no --tls-cert/--tls-key: traffic is plaintext")
+    if not return_freed_memory_to_os():
+        log.warning("not glibc: freed update buffers may stay in this process's RSS")
     store = Store(args.state_dir)
     try:
         cfg = resolve_config(args, store)
@@ -206,7 +233,7 @@ def serve(args: argparse.Namespace) -> int:
     limits = ServingLimits(max_sessions=args.max_sessions)
     membership = Membership(timeouts.lease_s, on_lost=lambda cid, why: [hook(cid, why) for hook in lost_hooks],
                             reaper_interval_s=timeouts.reaper_interval_s, max_sessions=limits.max_sessions)
-    grid = SessionGrid(TaskIdentity.run_id, membership.live_ids)
+    grid = SessionGrid(TaskIdentity.run_id, membership.live_ids, updates=sink_for(cfg.strategy, args.state_dir, args.aggregation))
     lost_hooks.append(grid.fail_node)
     swarm = None
     if swarm_mode:

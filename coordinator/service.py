@@ -15,13 +15,14 @@ from pathlib import Path
 
 import grpc
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from google.protobuf.message import DecodeError
 
+from fedswarm.coordinator.aggregate import ArraysView, DecodedUpdate
 from fedswarm.coordinator.auth import AuthError, Authenticator, SeenSet
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.downloads import ServedVersions, full_copy, model_chunks
-from fedswarm.coordinator.driver import RunProgress, arrays_to_state, state_to_arrays
+from fedswarm.coordinator.driver import RunProgress
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Member, Membership, SessionsFull
 from fedswarm.coordinator.serving import REASON_KEY, ServingLimits, StreamBridge, StreamRefused
@@ -313,7 +314,7 @@ class CoordinatorService:
                           f"for codec {self.cfg.upload_codec}")
         if not math.isfinite(h.train_loss) or h.num_examples == 0 or h.num_examples > 10**9:
             raise invalid("bad_header", "train_loss must be finite and num_examples in 1..1e9")
-        assembler = wire.PartAssembler(spec, {self.codec})
+        assembler = wire.PartAssembler(spec, {self.codec}, keep_encoded=True)  # decoded tensor by tensor when folded
         digest = signing.UpdateDigest(h.num_examples, h.train_loss, h.num_parts)
         parts = 0
         for raw in chunks:
@@ -343,19 +344,14 @@ class CoordinatorService:
         except wire.WireError as err:
             raise invalid("incomplete", str(err)) from None
         delta = self._clip(delta)
-        weights = {n: base[n] + delta[n] for n in spec}
-        if not all(torch.isfinite(w).all() for w in weights.values()):
+        if not all(torch.isfinite(base[n] + delta[n]).all() for n in spec):  # one tensor's sum at a time
             raise invalid("non_finite", "the update makes the model non-finite")
-        content = RecordDict({
-            "arrays": state_to_arrays(weights),
-            "metrics": MetricRecord({"num-examples": self._weight(msg, h), "train_loss": float(h.train_loss),
-                                     "bytes-up": int(received), "bytes-up-raw": int(raw_update_bytes),
-                                     "bytes-down": self._bytes_down_of(task_id, h.task_id),
-                                     "bytes-down-raw": int(raw_update_bytes),
-                                     "train-seconds": float(h.train_seconds)}),
-            "client": ConfigRecord({"name": member.name}),
-        })
-        if not self.grid.deliver_reply(task_id, member.client_id, content):
+        update = DecodedUpdate(base, delta, client=ConfigRecord({"name": member.name}), metrics=MetricRecord({
+            "num-examples": self._weight(msg, h), "train_loss": float(h.train_loss),
+            "bytes-up": int(received), "bytes-up-raw": int(raw_update_bytes),
+            "bytes-down": self._bytes_down_of(task_id, h.task_id), "bytes-down-raw": int(raw_update_bytes),
+            "train-seconds": float(h.train_seconds)}))
+        if not self.grid.deliver_update(task_id, member.client_id, update):  # folded or spilled (aggregate.py)
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "task_closed", "the task closed while uploading")
         self._answered.add((member.client_id, h.task_id))
         self._answered.add((member.client_id, task_id))
@@ -463,7 +459,7 @@ class CoordinatorService:
                 for stale in [t for t in self._base_cache if not self.grid.is_open(t)]:
                     del self._base_cache[stale]
                 arrays: ArrayRecord = msg.content["arrays"]
-                state = self._base_cache[task_id] = arrays_to_state(arrays)
+                state = self._base_cache[task_id] = ArraysView(arrays)   # decodes a tensor per read, holds none
             return state
 
 

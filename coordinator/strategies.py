@@ -1,38 +1,143 @@
-"""Flower message-API strategies selectable by --strategy."""
+"""Flower message-API strategies selectable by --strategy.
+
+Mean-based strategies are built as streaming variants (coordinator/aggregate.py):
+Flower's own configure_train / aggregate_train run, but the weighted mean of the
+replies comes from the running sum the grid folded each update into as it
+arrived. Robust strategies see every update, read from memory-mapped spill files.
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp import strategy as S
+from flwr.serverapp.exception import AggregationError
+
+from fedswarm.coordinator.aggregate import StreamingFedAvg
+from fedswarm.coordinator.spill import SpillKrum
+
+# A fraction so small that int(connected * f) is 0 for any real population: with it,
+# Flower's sampler takes exactly min_train_nodes (fraction_train 0.0 would switch training off).
+EXACTLY_MIN_TRAIN_NODES = 1e-12
+DILOCO_SERVER_LR, DILOCO_SERVER_MOMENTUM = 0.7, 0.9
 
 
-def _common(min_clients: int) -> dict:
+def sampling(cfg) -> dict:
+    """Flower's sampling knobs for --min-clients / --clients-per-round / --fraction.
+
+    K alone: exactly K per round; F alone: F of the connected clients (at least 1);
+    both: F of the connected, at least K. Neither: every client, at least min_clients.
+    Rounds start once max(min_clients, K) clients are connected."""
+    k, f = cfg.clients_per_round, cfg.fraction
+    fraction_train = f if f > 0 else (EXACTLY_MIN_TRAIN_NODES if k > 0 else 1.0)
+    min_train = k if k > 0 else (1 if f > 0 else cfg.min_clients)
     # Centralized eval runs on the coordinator; federated eval is off.
-    return dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_clients,
-                min_evaluate_nodes=0, min_available_nodes=min_clients)
+    return dict(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train,
+                min_evaluate_nodes=0, min_available_nodes=max(cfg.min_clients, k))
+
+
+class DiLoCo(S.FedAvg):
+    """DiLoCo's outer step: the weighted mean of the clients' deltas is an outer gradient,
+    applied with Nesterov momentum (Douillard et al. 2023; OpenDiLoCo's torch SGD(nesterov=True)):
+
+        g = global - mean(client weights);  m = mu * m + g  (m = g at the first step);
+        global = global - lr * (g + mu * m)
+    """
+
+    def __init__(self, *, server_learning_rate: float = DILOCO_SERVER_LR,
+                 server_momentum: float = DILOCO_SERVER_MOMENTUM, **kwargs):
+        super().__init__(**kwargs)
+        self.server_learning_rate, self.server_momentum = server_learning_rate, server_momentum
+        self.current_arrays: ArrayRecord | None = None
+        self.momentum_vector: list[np.ndarray] | None = None   # model key order; saved like FedAvgM's
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        mean, metrics = super().aggregate_train(server_round, replies)
+        if mean is None:
+            return None, metrics
+        if self.current_arrays is None:
+            raise AggregationError("DiLoCo aggregated before configure_train set the global model")
+        lr, mu = self.server_learning_rate, self.server_momentum
+        keys = list(self.current_arrays.keys())
+        if set(mean.keys()) != set(keys):
+            raise AggregationError("the replies' tensors do not match the global model's")
+        momentum = self.momentum_vector or [None] * len(keys)
+        new_momentum, out = [], {}
+        for i, key in enumerate(keys):   # tensor by tensor: one model's worth of temporaries at most
+            old = self.current_arrays[key].numpy()
+            grad = old - mean[key].numpy()
+            m = grad if momentum[i] is None else mu * momentum[i] + grad
+            new_momentum.append(m)
+            out[key] = Array(np.asarray(old - lr * (grad + mu * m), dtype=old.dtype))
+        self.momentum_vector = new_momentum
+        self.current_arrays = ArrayRecord(out)
+        return self.current_arrays, metrics
+
+
+# Streaming variants: the MRO puts StreamingFedAvg between each Flower class and FedAvg,
+# so their own server-side step (momentum, moments, Nesterov) runs on the folded mean.
+class StreamingFedProx(S.FedProx, StreamingFedAvg):
+    pass
+
+
+class StreamingFedAvgM(S.FedAvgM, StreamingFedAvg):
+    pass
+
+
+class StreamingFedAdam(S.FedAdam, StreamingFedAvg):
+    pass
+
+
+class StreamingDiLoCo(DiLoCo, StreamingFedAvg):
+    pass
+
+
+def _server_lr(cfg, default: float) -> float:
+    return default if cfg.server_lr is None else cfg.server_lr
+
+
+def _server_momentum(cfg, default: float) -> float:
+    return default if cfg.server_momentum is None else cfg.server_momentum
+
+
+def _fedavg(cfg) -> S.Strategy:
+    lr = _server_lr(cfg, 1.0)
+    if lr == 1.0 and not cfg.server_momentum:
+        return StreamingFedAvg(**sampling(cfg))
+    # FedAvg with a server learning rate (or momentum) is exactly FedAvgM's server step.
+    return StreamingFedAvgM(**sampling(cfg), server_learning_rate=lr, server_momentum=_server_momentum(cfg, 0.0))
 
 
 STRATEGIES: dict[str, Callable[..., S.Strategy]] = {
-    "fedavg": lambda k, cfg: S.FedAvg(**_common(k)),
-    "fedprox": lambda k, cfg: S.FedProx(**_common(k), proximal_mu=cfg.proximal_mu),
-    "fedavgm": lambda k, cfg: S.FedAvgM(**_common(k), server_learning_rate=1.0, server_momentum=0.5),
-    "fedadam": lambda k, cfg: S.FedAdam(**_common(k), eta=1e-2, eta_l=cfg.lr, beta_1=0.9, beta_2=0.99, tau=1e-4),
-    "fedtrimmedavg": lambda k, cfg: S.FedTrimmedAvg(**_common(k), beta=0.2),
-    "fedmedian": lambda k, cfg: S.FedMedian(**_common(k)),
-    "krum": lambda k, cfg: S.Krum(**_common(k), num_malicious_nodes=0),
+    "fedavg": _fedavg,
+    "fedprox": lambda cfg: StreamingFedProx(**sampling(cfg), proximal_mu=cfg.proximal_mu),
+    "fedavgm": lambda cfg: StreamingFedAvgM(**sampling(cfg), server_learning_rate=_server_lr(cfg, 1.0),
+                                            server_momentum=_server_momentum(cfg, 0.5)),
+    "fedadam": lambda cfg: StreamingFedAdam(**sampling(cfg), eta=_server_lr(cfg, 1e-2), eta_l=cfg.lr,
+                                            beta_1=_server_momentum(cfg, 0.9), beta_2=0.99, tau=1e-4),
+    "diloco": lambda cfg: StreamingDiLoCo(**sampling(cfg), server_learning_rate=_server_lr(cfg, DILOCO_SERVER_LR),
+                                          server_momentum=_server_momentum(cfg, DILOCO_SERVER_MOMENTUM)),
+    "fedtrimmedavg": lambda cfg: S.FedTrimmedAvg(**sampling(cfg), beta=0.2),
+    "fedmedian": lambda cfg: S.FedMedian(**sampling(cfg)),
+    "krum": lambda cfg: SpillKrum(**sampling(cfg), num_malicious_nodes=0),
 }
 
-# Strategies whose aggregate is linear in the replies (a weighted mean of them).
-MEAN_BASED = {"fedavg", "fedprox", "fedavgm", "fedadam"}
+# Strategies whose aggregate is linear in the replies (a weighted mean of them): updates are folded.
+MEAN_BASED = {"fedavg", "fedprox", "fedavgm", "fedadam", "diloco"}
 
 
 def build_strategy(cfg) -> S.Strategy:
-    """The strategy named by cfg.strategy, sampling every live client each round."""
+    """The strategy named by cfg.strategy, sampling as cfg's --clients-per-round / --fraction say."""
     try:
         factory = STRATEGIES[cfg.strategy]
     except KeyError:
         raise ValueError(f"unknown strategy {cfg.strategy!r}: choose one of {sorted(STRATEGIES)}") from None
-    strategy = factory(cfg.min_clients, cfg)
-    if cfg.clients_per_round:  # Flower samples max(int(connected * fraction_train), min_train_nodes) = K
-        strategy.fraction_train, strategy.min_train_nodes = 1e-9, cfg.clients_per_round
-    return strategy
+    return factory(cfg)

@@ -110,6 +110,7 @@ class SwarmDriver:
                 t.start()
             for t in threads:
                 t.join()
+            self.grid.updates.release_round(epoch)   # spilled updates (robust strategies) of this epoch
             if not any(r for r in results):
                 log.warning("swarm epoch %d: no stage could be averaged; retrying", epoch)
                 continue

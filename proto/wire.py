@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -71,10 +71,12 @@ class PartAssembler:
     in order of offsets, with an allowed codec.
     """
 
-    def __init__(self, spec: dict[str, tuple[int, ...]], allowed_codecs: Iterable[int]):
+    def __init__(self, spec: dict[str, tuple[int, ...]], allowed_codecs: Iterable[int], keep_encoded: bool = False):
         self.spec = spec
         self.allowed = set(allowed_codecs)
+        self.keep_encoded = keep_encoded   # hold parts as they came (int8: 1/4 of fp32), decode in finish()'s mapping
         self.buffers: dict[str, torch.Tensor] = {}
+        self.encoded: dict[str, list[C.Encoded]] = {}
         self.filled: dict[str, int] = {}
 
     def add(self, part: pb.TensorPart) -> None:
@@ -99,10 +101,13 @@ class PartAssembler:
             values = C.decode(enc)  # validates sizes and codec params first, then finiteness
         except C.CodecError as err:
             raise WireError(f"{part.name}: {err}") from err
-        buf = self.buffers.get(part.name)
-        if buf is None:
-            buf = self.buffers[part.name] = torch.empty(numel, dtype=torch.float32)
-        buf[part.offset:part.offset + part.count] = values
+        if self.keep_encoded:
+            self.encoded.setdefault(part.name, []).append(enc)
+        else:
+            buf = self.buffers.get(part.name)
+            if buf is None:
+                buf = self.buffers[part.name] = torch.empty(numel, dtype=torch.float32)
+            buf[part.offset:part.offset + part.count] = values
         self.filled[part.name] = part.offset + part.count
 
     def complete(self) -> bool:
@@ -112,4 +117,24 @@ class PartAssembler:
         missing = [n for n, s in self.spec.items() if self.filled.get(n, 0) != math.prod(s)]
         if missing:
             raise WireError(f"stream ended with {len(missing)} incomplete tensors, e.g. {missing[:3]}")
+        if self.keep_encoded:
+            return DecodeOnRead(self.spec, self.encoded)
         return {n: self.buffers[n].view(self.spec[n]) for n in self.spec}
+
+
+class DecodeOnRead(Mapping):
+    """Tensors kept as their validated encoded parts; each read decodes a fresh float32 tensor."""
+
+    def __init__(self, spec: dict[str, tuple[int, ...]], encoded: dict[str, list[C.Encoded]]):
+        self.spec, self.encoded = spec, encoded
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        parts = self.encoded[name]
+        flat = C.decode(parts[0]) if len(parts) == 1 else torch.cat([C.decode(p) for p in parts])
+        return flat.view(self.spec[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.spec)
+
+    def __len__(self) -> int:
+        return len(self.spec)

@@ -13,6 +13,7 @@ from fedswarm.sim.bench_lora import bench_lora
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.sim.bench_learning import add_arguments as add_learning_arguments
 from fedswarm.sim.bench_learning import bench_learning
+from fedswarm.sim.bench_aggregate import add_aggregate_arguments, bench_aggregate
 from fedswarm.sim.launcher import add_arguments as add_sim_arguments
 from fedswarm.sim.launcher import run_sim
 
@@ -25,6 +26,7 @@ KINDS = {  # `fedswarm bench KIND` (sim/bench_load.py adds "load")
     "threads": "seconds per round of a hand-started coordinator + 2 clients, defaults vs --threads 1",
     "lora": "bytes per round of full fine-tuning vs LoRA, codec none vs int8 (an HF model built here)",
     "learning": "federated held-out loss and traffic vs one process, same tokens",
+    "aggregate": "coordinator peak RSS over idle while aggregating --uploads, streaming vs holding",
 }
 
 
@@ -32,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=90.0, help="swarm: measured seconds per configuration")
     p.add_argument("--codecs", default="none,fp16,int8,int4",
                    help="codecs: the codecs to compare (none is always included)")
+    add_aggregate_arguments(p)
     add_sim_arguments(p)
     add_learning_arguments(p)
     add_lora_arguments(p)
@@ -185,4 +188,6 @@ def main(args: argparse.Namespace) -> int:
         bench_threads(args)
     elif args.which == "lora":
         bench_lora(args)
+    elif args.which == "aggregate":
+        bench_aggregate(args)
     return 0

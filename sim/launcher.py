@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the model and the data sampling")
     p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, metavar="K",
                    help="clients sampled per round (0: all of them)")
+    p.add_argument("--fraction", type=float, default=d.fraction, metavar="F",
+                   help="fraction of the clients sampled per round, at least K (0: not set)")
+    p.add_argument("--server-lr", type=float, default=d.server_lr, help="the coordinator's outer learning rate")
+    p.add_argument("--server-momentum", type=float, default=d.server_momentum, help="the coordinator's outer momentum")
     p.add_argument("--data", default="stdlib", help="stdlib or a text file / folder (split across clients)")
     p.add_argument("--precision", default="auto", help="clients' precision (auto, fp32, bf16, fp16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per client (0: cores / clients)")
@@ -71,9 +75,11 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
                   "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
                   "--eval-data", args.data,  # evaluate on the held-out split of the data being trained on
                   "--lr-schedule", args.lr_schedule, "--warmup-steps", str(args.warmup_steps),
-                  "--min-lr", str(args.min_lr), "--download-codec", args.download_codec]
-    if args.clients_per_round:
-        coord_args += ["--clients-per-round", str(args.clients_per_round)]
+                  "--min-lr", str(args.min_lr), "--download-codec", args.download_codec,
+                  *(["--server-lr", str(args.server_lr)] if args.server_lr is not None else []),
+                  *(["--server-momentum", str(args.server_momentum)] if args.server_momentum is not None else [])]
+    if args.clients_per_round or args.fraction:
+        coord_args += ["--clients-per-round", str(args.clients_per_round), "--fraction", str(args.fraction)]
     if wants_virtual(args):  # many sessions per worker process, locally or on Ray
         follow = lambda address, coordinator, failed: _follow(  # noqa: E731
             address, coordinator, failed, args.rounds, log if not args.quiet else None)

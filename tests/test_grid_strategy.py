@@ -431,6 +431,10 @@ def test_build_strategy_every_name_aggregates_through_grid(name):
             moved = out[k]
             assert np.all(np.sign(moved[same[k] != 0]) == np.sign(same[k][same[k] != 0]))
             assert np.all(np.abs(moved) < np.abs(same[k]) + 1e-12)
+    elif name == "diloco":
+        # the first Nesterov outer step from zero: g = 0 - same, m = g, w = 0 - lr * (g + mu * m)
+        for k in SHAPES:
+            np.testing.assert_allclose(out[k], 0.7 * (1 + 0.9) * same[k], rtol=1e-12)
     else:
         # every other strategy returns unanimous replies unchanged
         for k in SHAPES:
