@@ -121,18 +121,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aggregation", default="stream", choices=["stream", "hold"],
                    help="stream: fold each update into a running sum (robust strategies: spill to --state-dir), "
                         "so memory does not grow with the clients; hold: keep every reply's weights (Flower's stock path)")
-    p.add_argument("--fraction", type=float, default=d.fraction, metavar="F",
-                   help="sample a fraction F of the connected clients each round, at least K (0: not set)")
-    p.add_argument("--server-lr", type=float, default=d.server_lr,
-                   help="outer learning rate of fedavg/fedavgm/diloco (fedadam: eta); "
-                        "default: fedavg/fedavgm 1.0, fedadam 0.01, diloco 0.7")
-    p.add_argument("--server-momentum", type=float, default=d.server_momentum,
-                   help="outer momentum (fedavgm: heavy ball, default 0.5; diloco: Nesterov, default 0.9; "
-                        "fedadam: beta_1, default 0.9)")
-    p.add_argument("--aggregation", default="stream", choices=["stream", "hold"],
-                   help="stream: fold each update into a running sum (robust strategies: spill to --state-dir), "
-                        "so memory does not grow with the clients; hold: keep every reply's weights (Flower's stock path)")
-    p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")
     # swarm data plane (hivemind): where the coordinator's bootstrap node listens and what it announces
