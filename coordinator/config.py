@@ -19,7 +19,7 @@ class RunConfig:
     grad_accum: int = 1
     batch_size: int = 16
     seq_len: int = 128
-    lr: float = 3e-3
+    lr: float = 1e-3                   # gpt2-tiny, 600 steps of 12 x 64: 3e-3 ends 21 % higher, cosine 3 % higher
     seed: int = 0
     proximal_mu: float = 0.01          # FedProx only
     eval_data: str = "stdlib"
