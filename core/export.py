@@ -112,9 +112,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="HF_DIR", help="a folder written by export (or any HF folder)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate after the prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--base", default=None, metavar="HF_DIR", help="adapter folders: the base model (default: recorded)")
 
 
