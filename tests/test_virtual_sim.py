@@ -24,7 +24,7 @@ from fedswarm.sim.virtual import _roll
 SMALL = ["--local-steps", "5", "--seq-len", "64", "--batch-size", "8"]
 
 
-def run_sim(out, *args: str, timeout: float = 240) -> dict:
+def run_sim(out, *args: str, timeout: float = 400) -> dict:
     proc = subprocess.run(fedswarm_cmd("sim", "--out", str(out), "--quiet", *SMALL, *args), capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -66,7 +66,7 @@ def test_clients_per_round_samples_k_distinct_connected_nodes(task_identity):
         RunConfig(clients_per_round=-1).check()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
 def test_forty_virtual_clients_on_two_workers(tmp_path):
     report = run_sim(tmp_path, "--clients", "40", "--clients-per-round", "4", "--rounds", "2", "--workers", "2")
     assert report["sim"]["virtual"] and report["sim"]["workers"] == 2
@@ -84,7 +84,7 @@ def test_forty_virtual_clients_on_two_workers(tmp_path):
     assert (tmp_path / "worker-0.log").exists() and (tmp_path / "worker-1.log").exists()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
 def test_dropouts_leave_and_stragglers_still_count(tmp_path):
     # 6 clients, 4 sampled, and (seed 1) clients 0, 2 and 4 leave when sampled in round 1: any sample
     # holds 1 to 3 of them, so round 1 commits with the others, once each dropout's lease ran out.
