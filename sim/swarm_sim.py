@@ -41,9 +41,11 @@ class Swarm:
     """The peer and trainer processes of one sim; kills and restarts peers by name. With a HostNetwork each
     process runs on a host of its own (peer i on host 1 + i, trainers after the peers; host 0: coordinator)."""
 
-    def __init__(self, out: Path, address: str, precision: str, data: str, inflight: int, net=None, peers: int = 0):
+    def __init__(self, out: Path, address: str, precision: str, data: str, inflight: int, net=None, peers: int = 0,
+                 fork: bool = True):
         self.out, self.address, self.precision, self.data, self.inflight = out, address, precision, data, inflight
         self.net, self.num_peers = net, peers
+        self.fork = fork   # forked from the pre-imported fork server (sim/forkstart.py), not a fresh interpreter
         self.procs: dict[str, Proc] = {}
         self.restarts: dict[str, int] = {}
 
@@ -119,22 +121,6 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
         status = _follow(args, status_address, coordinator, swarm, rng, timeline, faults, started, log, on_round)
         placed = [("coordinator", 0)] + [(name, _host_of(swarm, name)) for name in swarm.procs]
         hosts = [{"name": n, "netns": net.hosts[h].netns, "ip": net.hosts[h].ip} for n, h in placed] if net else []
-    fork = not getattr(args, "no_fork", False)
-    if fork:
-        warm_up()   # the fork server imports torch and transformers once for every process
-    with coordinator_process(out, coord_args, fork=fork) as (coordinator, address):
-        log(f"t={time.time() - started:6.1f}s  coordinator on {address}")
-        swarm = Swarm(out, address, args.precision, args.data, args.inflight, fork=fork)
-        try:
-            for i in range(args.peers):
-                swarm.start_peer(f"peer{i}")
-            for i in range(args.trainers):
-                swarm.start_trainer(f"trainer{i}", i, args.trainers)
-            log(f"t={time.time() - started:6.1f}s  started {args.peers} peers on {args.stages} stages, "
-                f"{args.trainers} trainer(s){' (forked from the pre-imported fork server)' if fork else ''}")
-            status = _follow(args, address, coordinator, swarm, rng, timeline, faults, started, log, on_round)
-        finally:
-            swarm.stop()
     report = {
         "config": status["config"],
         "sim": {"mode": "swarm", "peers": args.peers, "trainers": args.trainers, "kill_every": args.kill_every,
