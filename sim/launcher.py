@@ -203,9 +203,12 @@ def main(args: argparse.Namespace) -> int:
     with Progress("sim: rounds", args.rounds) as progress:
         report = run_sim(args, log=progress.line, on_round=progress.update)
     first, last = report["rounds"][0]["eval_loss"], report["rounds"][-1]["eval_loss"]
-    comm = report["communication"]
-    vs = f", {comm['allreduce_over_socket']}x less than fp32 all-reduce" if comm["allreduce_over_socket"] else ""
+    comm = report.get("communication")   # virtual clients have no socket relay, so no socket figures
+    traffic = ""
+    if comm:
+        vs = f", {comm['allreduce_over_socket']}x less than fp32 all-reduce" if comm["allreduce_over_socket"] else ""
+        traffic = (f"; {(comm['socket_bytes_up'] + comm['socket_bytes_down']) / 1e6:.1f} MB at the socket for "
+                   f"{comm['tokens']} tokens{vs}")
     print(f"done in {report['wall_seconds']:.0f} s: eval loss {first:.4f} -> {last:.4f} "
-          f"({last / first:.2f}x); {(comm['socket_bytes_up'] + comm['socket_bytes_down']) / 1e6:.1f} MB at the "
-          f"socket for {comm['tokens']} tokens{vs}; report in {Path(args.out) / 'report.json'}")
+          f"({last / first:.2f}x){traffic}; report in {Path(args.out) / 'report.json'}")
     return 0
