@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -33,6 +34,8 @@ from fedswarm.proto import wire
 
 log = logging.getLogger("fedswarm.bench.load")
 RESULT_PREFIX = "load-result "
+STARTED = "load-worker started"
+WORKER_START_S = 300.0         # a worker process must be up (imports done) within this
 SESSIONS_PER_WORKER = 500
 STATUS_TIMEOUT_S = 30.0        # a Status slower than this counts as this long
 MAX_SEARCH = 16384             # --max stops doubling here
@@ -187,11 +190,13 @@ def measure(n: int, args: argparse.Namespace, log_line=print) -> dict:
     bounds = [n * w // workers for w in range(workers + 1)]
     with coordinator_process(out, coord_args) as (coordinator, address):
         idle_rss, _ = _rss_mb(coordinator.pid)
-        run_for = ramp_s + args.seconds + 5
+        run_for = ramp_s + args.seconds + 60   # a bound only: the driver stops them by SIGTERM
         procs = [Proc(f"load-{w}", [sys.executable, "-m", "fedswarm.sim.bench_load",
                                     json.dumps(asdict(LoadSpec(address, lo, hi - lo, run_for)))],
                       out / f"load-{w}.log") for w, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
         try:
+            for proc in procs:  # the ramp counts from when the workers are up, not from their launch
+                proc.wait_for_line(re.compile(STARTED), WORKER_START_S)
             started = time.monotonic()
             members, status_s, rounds_seen = [], [], []
 
@@ -309,6 +314,7 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":   # a load worker: python -m fedswarm.sim.bench_load SPEC_JSON
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(STARTED, flush=True)
     result = run_load_worker(LoadSpec(**json.loads(sys.argv[1])))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a stop that comes now must not lose the result
     print(RESULT_PREFIX + json.dumps(result), flush=True)
