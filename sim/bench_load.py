@@ -225,7 +225,8 @@ def measure(n: int, args: argparse.Namespace, log_line=print) -> dict:
             results = []
             for proc in procs:
                 proc.stop(grace=60)   # SIGTERM: the worker ends its sessions and prints its result
-                lines = [ln for ln in proc.output().splitlines() if ln.startswith(RESULT_PREFIX)]
+                # the result line holds every latency sample (hundreds of kB at 500 sessions): read the whole log
+                lines = [ln for ln in proc.full_output().splitlines() if ln.startswith(RESULT_PREFIX)]
                 if not lines:
                     raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode} and no result; "
                                        f"see {proc.log_path}")

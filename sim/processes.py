@@ -58,8 +58,15 @@ class Proc:
         return self.popen.pid
 
     def output(self) -> str:
+        """The last 200 kB of what the process printed."""
         with self._cv:
             return self._text
+
+    def full_output(self, wait_s: float = 10.0) -> str:
+        """Everything the process printed (its log file), after its output ended or `wait_s` passed."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._eof, timeout=wait_s)
+        return self.log_path.read_text(errors="replace")
 
     def wait_for_line(self, pattern: re.Pattern, timeout: float) -> re.Match:
         """Block until the output matches (readiness), the process exits, or `timeout`."""
