@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -72,12 +73,17 @@ class StageServer:
         self.pool.submit(self._serve, stage, weights).result()
 
     def _serve(self, stage: int, weights: dict[str, torch.Tensor]) -> None:
-        module = build_stage(self.cfg["model"], stage, self.cfg["stages"], seed=self.cfg["seed"])
-        load_stage_state(module, weights)
-        self.module = module.to(self.device).train()
+        """Build only this stage's modules from `weights`; the old stage (module, optimizer, cached graphs,
+        snapshot) is freed first, so a re-assigned peer never holds two stages at once."""
+        self.stage_index = -1   # heartbeats report serving nothing while the new stage loads: not routed to
+        self.module = self.optimizer = None
+        self.graphs.clear()
+        self.snapshot = {}
+        gc.collect()            # cached graphs hold reference cycles through autograd nodes
+        module = build_stage(self.cfg["model"], stage, self.cfg["stages"], state=weights, device=self.device)
+        self.module = module.train()
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.cfg["lr"], weight_decay=0.01)
         self.snapshot = stage_state(self.module)
-        self.graphs.clear()
         self.stage_index, self.steps_since_sync, self.tokens_since_sync = stage, 0, 0
         log.info("serving stage %d of %d (%d tensors)", stage, self.cfg["stages"], len(weights))
 
