@@ -14,7 +14,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedswarm.coordinator.auth import Authenticator, load_authorized_keys, server_credentials
-from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
+from fedswarm.coordinator.config import SWARM_TRAFFIC, CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.driver import RoundDriver, RunFailed, RunProgress
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Membership
@@ -33,7 +33,7 @@ RUN_FLAGS = {  # CLI flag -> RunConfig field
     "model": "model", "local_steps": "local_steps", "batch_size": "batch_size", "seq_len": "seq_len",
     "lr": "lr", "seed": "seed", "grad_accum": "grad_accum", "eval_data": "eval_data",
     "mode": "mode", "stages": "stages", "average_every": "average_every", "activation_codec": "activation_codec",
-    "clip_update_norm": "clip_update_norm",
+    "clip_update_norm": "clip_update_norm", "swarm_traffic": "swarm_traffic",
 }
 EXIT_DRIVER_CRASHED, EXIT_RUN_FAILED = 1, 3
 
@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="swarm: replicas' optimizer steps between per-stage averages (one averaging = one round)")
     p.add_argument("--activation-codec", default=d.activation_codec, choices=["bf16", "fp16", "int8", "none"],
                    help="swarm: activations and gradients on the wire")
+    p.add_argument("--swarm-traffic", default=d.swarm_traffic, choices=list(SWARM_TRAFFIC),
+                   help="swarm: relayed (each stage's output returns to the trainer, which sends it on) or chained "
+                        "(each stage sends its output to the next stage's replica the trainer chose)")
     p.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round instead of serving status")
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); needs --tls-key")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM); needs --tls-cert")
