@@ -19,7 +19,7 @@ from fedswarm.client.daemon import RETRYABLE, ClientTimeouts
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
-from fedswarm.proto import wire
+from fedswarm.proto import refusals, wire
 
 log = logging.getLogger("fedswarm.session")
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
@@ -125,7 +125,7 @@ class AsyncSession:
                 self.on_latency("heartbeat", time.perf_counter() - started)
             except grpc.aio.AioRpcError as err:
                 self.heartbeat_failures[err.code().name] += 1
-                if err.code() == grpc.StatusCode.UNAUTHENTICATED and not self.closed.is_set():
+                if refusals.reason(err) in refusals.REJOIN and not self.closed.is_set():  # typed, not text
                     await self.rejoin(err.details() or "")
                 else:
                     log.debug("%s: heartbeat failed: %s", self.name, err.code().name)
@@ -138,7 +138,7 @@ class AsyncSession:
         try:
             return await self.with_retry("pull task", call)
         except grpc.aio.AioRpcError as err:
-            if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+            if refusals.reason(err) not in refusals.REJOIN:
                 raise
             await self.rejoin(err.details() or "")
             return pb.Task(kind=pb.TASK_NONE)

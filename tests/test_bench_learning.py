@@ -16,9 +16,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def bench_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser()   # what `fedswarm bench learning` parses (its kind is a subcommand)
     bench.add_arguments(parser)
-    return parser.parse_args(["learning", *argv])
+    args = parser.parse_args(list(argv))
+    args.which = "learning"
+    bench._fill_defaults(args)
+    return args
 
 
 def test_plan_covers_strategies_steps_and_codecs():
