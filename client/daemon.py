@@ -244,7 +244,9 @@ class ClientDaemon:
         log.info("round %d: training on task %s", task.round, task.task_id[:12])
         delta, result = work.train_on_task(self.trainer, self.run_cfg, task, base)
         steps = len(result.lrs)
-        log.info("round %d: lr %.6e -> %.6e over %d local steps", task.round, result.lrs[0], result.lrs[-1], steps)
+        first, schedule = work.task_schedule(self.run_cfg, json.loads(task.config_json))
+        log.info("round %d: lr %.6e -> %.6e over global steps %d..%d of %d", task.round, result.lrs[0],
+                 result.lrs[-1], first, first + steps - 1, schedule.total_steps)
         uploading = time.monotonic()
         reply = self.upload(task, delta, result.num_examples, result.train_loss, result.seconds,
                             base_digest=self.held.digest)
