@@ -27,14 +27,15 @@ INTRUDER = str(Path(__file__).with_name("swarm_intruder.py"))
 _until = functools.partial(wait_until, clean_exit_ok=False)
 
 
-def _coordinator(net: HostNetwork, out: Path, args: list[str], tls_ca: str | None = None):
-    """The coordinator on host 0; returns (proc, its address on the host network, a status function)."""
+def _coordinator(net: HostNetwork, out: Path, args: list[str], tls_ca: str | None = None, key: str | None = None):
+    """The coordinator on host 0; returns (proc, its address on the host network, a status function).
+    `key`: the key that signs Status in an authenticated run."""
     ip = net.hosts[0].ip
     proc = net.start(0, "coordinator", fedswarm_cmd("coordinator", "--listen", f"{ip}:0", "--p2p-host", ip, *args),
                      out / "coordinator.log")
     address = proc.wait_for_line(READY, 120).group(1)
     relayed = net.forward(0, int(address.rsplit(":", 1)[1]))   # the test process reaches host 0 through this
-    return proc, address, lambda: fetch_status(relayed, tls_ca=tls_ca)
+    return proc, address, lambda: fetch_status(relayed, tls_ca=tls_ca, key=key)
 
 
 def test_tls_federated_run_across_four_hosts(tmp_path):
@@ -47,7 +48,7 @@ def test_tls_federated_run_across_four_hosts(tmp_path):
         coord, address, status = _coordinator(net, tmp_path, [
             "--state-dir", str(tmp_path / "state"), "--rounds", "2", "--min-clients", "3", "--local-steps", "2", *SMALL,
             "--tls-cert", str(keys / "server.pem"), "--tls-key", str(keys / "server.key"),
-            "--authorized-keys", str(keys / "authorized_keys")], tls_ca=ca)
+            "--authorized-keys", str(keys / "authorized_keys")], tls_ca=ca, key=str(keys / "client-0.key"))
         assert address.startswith(net.hosts[0].ip + ":")
         clients = [net.start(i + 1, f"c{i}", fedswarm_cmd(
             "client", "--coordinator", address, "--name", f"c{i}", "--partition", f"{i}/3", "--threads", "1",
