@@ -5,6 +5,9 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 
+SWARM_TRAFFIC = ("relayed", "chained")
+
+
 @dataclass
 class RunConfig:
     """What every participant must agree on; stored with the run and sent to clients."""
@@ -29,6 +32,7 @@ class RunConfig:
     stages: int = 3
     average_every: int = 20            # replicas' optimizer steps between stage averages
     activation_codec: str = "bf16"     # activations and their gradients on the swarm wire
+    swarm_traffic: str = "relayed"     # relayed: every hop through the trainer; chained: stage to stage
     clip_update_norm: float = 0.0      # > 0: updates with a larger L2 norm are scaled down to it
     # fine-tuning (--peft lora): only adapters train and travel; the frozen base comes from --model on each side
     peft: str = "none"                 # none | lora
@@ -87,6 +91,8 @@ class RunConfig:
                 raise ValueError(f"--stages must be 1..{num_layers_of(self.model)} for {self.model}")
             if self.activation_codec not in ("fp16", "bf16", "int8", "none"):
                 raise ValueError("--activation-codec must be fp16, bf16, int8 or none")
+            if self.swarm_traffic not in SWARM_TRAFFIC:
+                raise ValueError(f"--swarm-traffic must be one of {', '.join(SWARM_TRAFFIC)}")
             if self.average_every < 1:
                 raise ValueError("--average-every must be >= 1")
         if not (self.clip_update_norm >= 0 and self.clip_update_norm < float("inf")):

@@ -16,7 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedswarm.coordinator.aggregate import return_freed_memory_to_os, sink_for
 from fedswarm.coordinator.auth import Authenticator, load_authorized_keys, server_credentials
-from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
+from fedswarm.coordinator.config import SWARM_TRAFFIC, CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.driver import RoundDriver, RunFailed, RunProgress
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Membership
@@ -47,6 +47,7 @@ RUN_FLAGS = {  # CLI flag -> RunConfig field
     "response_field": "response_field",
     "lr_schedule": "lr_schedule", "warmup_steps": "warmup_steps", "min_lr": "min_lr", "download_codec": "download_codec",
     "fraction": "fraction", "server_lr": "server_lr", "server_momentum": "server_momentum",
+    "swarm_traffic": "swarm_traffic",
 }
 EXIT_DRIVER_CRASHED, EXIT_RUN_FAILED = 1, 3
 
@@ -87,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="swarm: replicas' optimizer steps between per-stage averages (one averaging = one round)")
     p.add_argument("--activation-codec", default=d.activation_codec, choices=["bf16", "fp16", "int8", "none"],
                    help="swarm: activations and gradients on the wire")
+    p.add_argument("--swarm-traffic", default=d.swarm_traffic, choices=list(SWARM_TRAFFIC),
+                   help="swarm: relayed (each stage's output returns to the trainer, which sends it on) or chained "
+                        "(each stage sends its output to the next stage's replica the trainer chose)")
     p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, metavar="K",
                    help="sample K of the connected clients each round (Flower's min_train_nodes); "
                         "the others stay connected, long-polling (0: every client)")

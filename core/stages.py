@@ -13,6 +13,10 @@ Modules keep their full-model names inside a Stage (stage 1 of 2 of gpt2-tiny ow
 `stage.named_parameters()` already speaks the full model's language and the union of
 all stages' states is `trainable_state(build_untied_model(...))` key for key.
 
+A peer builds only its stage (`build_stage(..., state=)`): the model is constructed on the
+meta device (no memory), the stage keeps its modules, and only those are materialised and
+filled from the stage's tensors. The coordinator, which evaluates the model, builds it whole.
+
 Two layouts are supported (`FAMILIES`, by config.model_type): GPT-2 (transformer.wte/wpe/h/ln_f)
 and Llama-style (model.embed_tokens/layers/norm/rotary_emb), which Qwen2 and Mistral share.
 """
@@ -140,10 +144,40 @@ class Stage(nn.Module):
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
 
 
-def build_stage(preset: str, index: int, num_stages: int, seed: int = 0) -> Stage:
-    """Stage `index` of `num_stages`, initialised exactly as build_untied_model(preset, seed)."""
+def build_stage(preset: str, index: int, num_stages: int, seed: int = 0, *,
+                state: dict[str, torch.Tensor] | None = None, device: torch.device | str = "cpu") -> Stage:
+    """Stage `index` of `num_stages`.
+
+    With `state` (what a peer fetches from the coordinator), only the stage's own modules are ever
+    allocated: they are built on the meta device from the config, materialised on `device`, and filled
+    from `state`. Without it the stage is cut from build_untied_model(preset, seed), initialised exactly as
+    that model (this builds the whole model once: for the coordinator's initial weights and tests)."""
     _check_index(index, num_stages)
-    return Stage(build_untied_model(preset, seed), index, num_stages)
+    if state is None:
+        return Stage(build_untied_model(preset, seed), index, num_stages).to(device)
+    with torch.device("meta"):
+        stage = Stage(AutoModelForCausalLM.from_config(_untied_config(preset)), index, num_stages)
+    stage.to_empty(device=device)  # the meta model above is garbage now: only the stage's modules remain
+    _rebuild_buffers(stage, torch.device(device))
+    load_stage_state(stage, state)
+    return stage
+
+
+def _rebuild_buffers(stage: Stage, device: torch.device) -> None:
+    """Recompute the buffers to_empty left uninitialised. Stage state carries parameters only, so every
+    buffer must be a non-persistent one computed from the config (rotary `inv_freq`): its module, which
+    holds no parameters, is constructed again on `device` and its buffers taken over."""
+    for name, module in stage.named_modules():
+        if not module._buffers:
+            continue
+        persistent = set(module._buffers) - module._non_persistent_buffers_set
+        if persistent or next(module.parameters(recurse=False), None) is not None or not hasattr(module, "config"):
+            raise ValueError(f"{name or 'stage'} ({type(module).__name__}) holds buffers {sorted(module._buffers)} "
+                             "that stage state does not carry: pipeline stages cannot build this model")
+        with torch.device(device):
+            fresh = type(module)(config=module.config)
+        for key in module._buffers:
+            module._buffers[key] = fresh._buffers[key]
 
 
 def _check_index(index: int, num_stages: int) -> None:

@@ -307,7 +307,7 @@ class SwarmTensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ...) -> None: ...
 
 class StageRequest(_message.Message):
-    __slots__ = ("run_id", "stage", "microbatch_id", "ids", "ids_shape", "hidden", "labels", "grad_output", "backward")
+    __slots__ = ("run_id", "stage", "microbatch_id", "ids", "ids_shape", "hidden", "labels", "grad_output", "backward", "next_hops")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     MICROBATCH_ID_FIELD_NUMBER: _ClassVar[int]
@@ -317,6 +317,7 @@ class StageRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOPS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     stage: int
     microbatch_id: str
@@ -326,18 +327,23 @@ class StageRequest(_message.Message):
     labels: bytes
     grad_output: SwarmTensor
     backward: bool
-    def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[int] = ..., microbatch_id: _Optional[str] = ..., ids: _Optional[bytes] = ..., ids_shape: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[SwarmTensor, _Mapping]] = ..., labels: _Optional[bytes] = ..., grad_output: _Optional[_Union[SwarmTensor, _Mapping]] = ..., backward: _Optional[bool] = ...) -> None: ...
+    next_hops: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[int] = ..., microbatch_id: _Optional[str] = ..., ids: _Optional[bytes] = ..., ids_shape: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[SwarmTensor, _Mapping]] = ..., labels: _Optional[bytes] = ..., grad_output: _Optional[_Union[SwarmTensor, _Mapping]] = ..., backward: _Optional[bool] = ..., next_hops: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StageReply(_message.Message):
-    __slots__ = ("hidden", "grad_input", "loss", "optimizer_step", "recomputed")
+    __slots__ = ("hidden", "grad_input", "loss", "optimizer_step", "recomputed", "failed_peer", "failed_reason")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_STEP_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_PEER_FIELD_NUMBER: _ClassVar[int]
+    FAILED_REASON_FIELD_NUMBER: _ClassVar[int]
     hidden: SwarmTensor
     grad_input: SwarmTensor
     loss: float
     optimizer_step: int
     recomputed: bool
-    def __init__(self, hidden: _Optional[_Union[SwarmTensor, _Mapping]] = ..., grad_input: _Optional[_Union[SwarmTensor, _Mapping]] = ..., loss: _Optional[float] = ..., optimizer_step: _Optional[int] = ..., recomputed: _Optional[bool] = ...) -> None: ...
+    failed_peer: str
+    failed_reason: str
+    def __init__(self, hidden: _Optional[_Union[SwarmTensor, _Mapping]] = ..., grad_input: _Optional[_Union[SwarmTensor, _Mapping]] = ..., loss: _Optional[float] = ..., optimizer_step: _Optional[int] = ..., recomputed: _Optional[bool] = ..., failed_peer: _Optional[str] = ..., failed_reason: _Optional[str] = ...) -> None: ...

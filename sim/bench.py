@@ -5,6 +5,7 @@ import argparse
 import copy
 import json
 import sys
+import os
 from pathlib import Path
 
 from fedswarm.progress import Progress
@@ -17,6 +18,7 @@ from fedswarm.sim.bench_aggregate import add_aggregate_arguments, bench_aggregat
 from fedswarm.sim.launcher import add_arguments as add_sim_arguments
 from fedswarm.sim.launcher import run_sim
 
+BENCH_LEASE_S = 20.0
 TARGETS = {"int8": (0.26, 0.01), "int4": (0.14, 0.03)}   # bytes ratio, eval-loss tolerance vs none
 
 
@@ -131,9 +133,89 @@ def _steady_rate(report: dict, warmup: float = 10.0) -> float:
     return (end["tokens"] - start["tokens"]) / max(end["t"] - start["t"], 1e-9)
 
 
+def _peer_memory_rows(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    """Peer memory on stage 0 (the largest: it holds the embeddings), stage-only vs the old full-model build."""
+    from fedswarm.sim.peer_memory import measure_peer_memory
+
+    print(f"peer memory, stage 0 of {args.stages}: stage-only vs full-model build ...", flush=True)
+    measured = measure_peer_memory(args.model, args.stages, args.seed, args.batch_size, args.seq_len, which=[0])
+    by_build = {m["build"]: m for m in measured}
+    label = {"stage": "stage only (meta construction, its tensors from the coordinator)",
+             "full": "whole model built, then the stage cut out (the old path)"}
+    rows = [f"| {label[b]} | {m['rss_mb']:.0f} | {m['peak_mb']:.0f} | {m['peak_mb'] - m['imports_mb']:.0f} |"
+            for b, m in by_build.items()]
+    return rows, measured
+
+
+def _memory_table(args: argparse.Namespace, rows: list[str], runs: dict) -> str:
+    for name, run in runs.items():
+        mem = run.get("peer_memory") or {}
+        if mem:
+            rss = sorted(m["rss_mb"] for m in mem.values())
+            peak = sorted(m["peak_mb"] for m in mem.values())
+            rows.append(f"| {len(mem)} real peers at the end of '{name}' (stage only), min-max "
+                        f"| {rss[0]:.0f}-{rss[-1]:.0f} | {peak[0]:.0f}-{peak[-1]:.0f} | |")
+    return "\n".join([f"| peer process ({args.model}, {args.stages} stages, batch {args.batch_size}x{args.seq_len}) "
+                      "| RSS MiB | peak MiB | peak above imports MiB |", "|---|---|---|---|", *rows])
+
+
+def _swarm_run(args: argparse.Namespace, name: str, out: str, **overrides) -> dict:
+    from fedswarm.sim.swarm_sim import run_swarm_sim
+
+    sim_args = copy.copy(args)
+    sim_args.mode, sim_args.quiet, sim_args.out = "swarm", True, str(Path(args.out) / out)
+    sim_args.rounds, sim_args.duration, sim_args.duration_from_first_tokens = 10_000, args.seconds + 10.0, True
+    sim_args.lease = BENCH_LEASE_S   # no faults here: a lease long enough that peers starting under load keep it
+    for key, value in overrides.items():
+        setattr(sim_args, key, value)
+    print(f"{name}, {args.seconds:.0f} s after the first micro-batch ...", flush=True)
+    report = run_swarm_sim(sim_args, log=lambda *_: None)
+    return {"tokens_per_s": _steady_rate(report), "lost": report["swarm"]["microbatches_lost"],
+            "replayed": report["swarm"]["microbatches_retried"],
+            "completed": report["swarm"]["microbatches_completed"],
+            "kills": sum(f["kind"] == "SIGKILL" for f in report["faults"]),
+            "reassignments": len(report["swarm"]["reassignments"]),
+            "final_eval_loss": report["rounds"][-1]["eval_loss"] if report["rounds"] else None,
+            "peer_memory": report.get("peer_memory", {})}
+
+
+def bench_swarm_hosts(args: argparse.Namespace) -> dict:
+    """Every process on its own namespace host: relayed vs chained stage traffic, host links capped at
+    --host-bandwidth (50mbit) vs uncapped; then peer memory, stage-only vs the whole model."""
+    rates = (args.host_bandwidth or "50mbit", "")
+    runs = {}
+    for rate in rates:
+        for traffic in ("relayed", "chained"):
+            name = f"{rate or 'uncapped'}, {traffic}"
+            runs[name] = _swarm_run(args, name, f"{rate or 'uncapped'}-{traffic}", hosts=True, host_bandwidth=rate,
+                                    swarm_traffic=traffic)
+    hosts = 1 + args.peers + args.trainers
+    rows = []
+    for name, r in runs.items():
+        rate, traffic = name.split(", ")
+        relayed = runs[f"{rate}, relayed"]["tokens_per_s"]
+        uncapped = runs[f"uncapped, {traffic}"]["tokens_per_s"]
+        rows.append(f"| {rate} links, {traffic} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / max(relayed, 1e-9):.2f} "
+                    f"| {r['tokens_per_s'] / max(uncapped, 1e-9):.2f} | {r['completed']} | {r['replayed']} | {r['lost']} |")
+    table = "\n".join([f"| {args.stages} stages, {args.peers} peers, {args.trainers} trainer on {hosts} hosts "
+                       "| tokens/s | vs relayed | vs uncapped | micro-batches | replayed | lost |",
+                       "|---|---|---|---|---|---|---|", *rows])
+    memory_rows, measured = _peer_memory_rows(args)
+    memory = _memory_table(args, memory_rows, runs)
+    print(f"\n{args.seconds:.0f} s measured per configuration (from the first micro-batch + 10 s), {args.model}, "
+          f"batch {args.batch_size}x{args.seq_len}, {args.precision} precision, {os.cpu_count()} cores, one run:\n")
+    print(table + "\n\n" + memory)
+    result = {"runs": runs, "peer_memory": measured, "table": table, "memory_table": memory}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "bench-swarm-hosts.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def bench_swarm(args: argparse.Namespace) -> dict:
     from fedswarm.sim.swarm_sim import run_swarm_sim
 
+    if args.hosts:
+        return bench_swarm_hosts(args)
     print(f"single process, {args.seconds:.0f} s ...", flush=True)
     single = single_process_tokens_per_s(args, args.seconds)
     runs = {}

@@ -12,9 +12,14 @@ import time
 from pathlib import Path
 
 from fedswarm.sim.forkstart import warm_up
+from fedswarm.coordinator.config import SWARM_TRAFFIC, RunConfig
 from fedswarm.sim.hosts import HostNetwork, start_coordinator
+from fedswarm.sim.peer_memory import proc_memory_mb
 from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status
 from fedswarm.sim.report import write_report
+
+
+FIRST_TOKENS_TIMEOUT_S = 600.0   # with duration_from_first_tokens: start-up (imports, DHT, joins) may take this long
 
 
 def add_swarm_arguments(p) -> None:
@@ -28,6 +33,8 @@ def add_swarm_arguments(p) -> None:
     p.add_argument("--rejoin-after", type=float, default=10.0, help="swarm: a killed peer restarts after N seconds")
     p.add_argument("--duration", type=float, default=0.0, help="swarm: stop after N seconds even if rounds remain")
     p.add_argument("--inflight", type=int, default=2, help="swarm: micro-batches in flight per trainer")
+    p.add_argument("--swarm-traffic", default=RunConfig.swarm_traffic, choices=list(SWARM_TRAFFIC),
+                   help="swarm: relayed through the trainer, or chained stage to stage")
     p.add_argument("--hosts", action="store_true",
                    help="each process on its own network-namespace host with its own IP (needs root)")
     p.add_argument("--host-bandwidth", default="", metavar="RATE",
@@ -90,7 +97,10 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
                   "--rounds", str(args.rounds), "--average-every", str(args.average_every), "--model", args.model,
                   "--strategy", args.strategy, "--upload-codec", args.upload_codec, "--batch-size", str(args.batch_size),
                   "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
-                  "--eval-data", args.data]  # the held-out split of the data being trained on
+                  "--eval-data", args.data,  # the held-out split of the data being trained on
+                  "--swarm-traffic", args.swarm_traffic]
+    if getattr(args, "lease", None):   # benchmarks on a loaded machine: starting peers may miss the 3 s swarm lease
+        coord_args += ["--lease", str(args.lease)]
     rng = random.Random(args.seed)
     timeline, faults = [], []
     started = time.time()
@@ -119,6 +129,8 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
             f"{args.trainers} trainer(s)" + (f", each on its own host ({args.host_bandwidth or 'uncapped'} links)"
                                              if net else " (forked from the pre-imported fork server)" if fork else ""))
         status = _follow(args, status_address, coordinator, swarm, rng, timeline, faults, started, log, on_round)
+        peer_memory = {n: proc_memory_mb(p.pid) for n, p in swarm.procs.items()   # the peers' python processes
+                       if n.startswith("peer") and p.popen.poll() is None}
         placed = [("coordinator", 0)] + [(name, _host_of(swarm, name)) for name in swarm.procs]
         hosts = [{"name": n, "netns": net.hosts[h].netns, "ip": net.hosts[h].ip} for n, h in placed] if net else []
     report = {
@@ -126,7 +138,7 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
         "sim": {"mode": "swarm", "peers": args.peers, "trainers": args.trainers, "kill_every": args.kill_every,
                 "rejoin_after": args.rejoin_after, "duration": args.duration, "cpu_count": os.cpu_count(),
                 "hosts": hosts, "host_bandwidth": args.host_bandwidth if args.hosts else None},
-        "rounds": status["rounds"], "swarm": status["swarm"], "clients": status["clients"],
+        "rounds": status["rounds"], "swarm": status["swarm"], "clients": status["clients"], "peer_memory": peer_memory,
         "timeline": timeline, "faults": faults, "wall_seconds": round(time.time() - started, 2),
         "first_microbatch_s": next((p["t"] for p in timeline if p["completed"] > 0), None),
         "started_at": started,
@@ -145,6 +157,8 @@ def _host_of(swarm: Swarm, name: str) -> int:
 def _follow(args, address, coordinator, swarm: Swarm, rng, timeline, faults, started, log, on_round=None) -> dict:
     tick, shown = threading.Event(), 0
     next_kill = started + args.kill_every if args.kill_every else float("inf")
+    # benchmarks time --duration from the first tokens, so a slow start-up does not eat the measured window
+    clock_from_tokens, clock = getattr(args, "duration_from_first_tokens", False), started
     rejoin_at: list[tuple[float, str]] = []
     status = fetch_status(address)
     while True:
@@ -181,7 +195,13 @@ def _follow(args, address, coordinator, swarm: Swarm, rng, timeline, faults, sta
             if on_round:
                 on_round(r["round"])
         shown = len(status["rounds"])
-        if status["state"] == "done" or (args.duration and now - started >= args.duration):
+        if clock_from_tokens and clock == started:
+            if sw["tokens"] > 0:
+                clock = now
+            elif now - started > FIRST_TOKENS_TIMEOUT_S:
+                raise RuntimeError(f"no micro-batch completed in {FIRST_TOKENS_TIMEOUT_S:.0f} s; see the logs in {args.out}")
+        counting = not clock_from_tokens or clock != started
+        if status["state"] == "done" or (args.duration and counting and now - clock >= args.duration):
             return status
         tick.wait(0.5)
 

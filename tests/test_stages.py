@@ -188,3 +188,65 @@ def test_bf16_autocast_chain(preset):
     assert abs(loss.item() - ref) < 0.05  # bf16 is close to fp32 at init
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in stages[1].parameters())
+
+
+class _CpuBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of every distinct CPU storage the ops under it produce (what building allocates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                self.storages[storage.data_ptr()] = storage.nbytes()
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_stage_built_from_its_state_holds_only_its_modules(preset):
+    S = 4
+    full = build_untied_model(preset, SEED)
+    full_bytes = sum(p.numel() * 4 for p in full.parameters())
+    x, y = batch(preset)
+    g = torch.Generator().manual_seed(11)
+    old_stages, new_stages = [], []
+    for i in range(S):
+        old = build_stage(preset, i, S, SEED)   # the old construction: cut from the whole model
+        state = {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in stage_state(old).items()}
+        load_stage_state(old, state)
+        with _CpuBytes() as allocated:
+            new = build_stage(preset, i, S, state=state)
+        own = sum(t.numel() * 4 for t in state.values())
+        # only its own parameters, none left on meta, every buffer real, nothing shared with the state given
+        assert [n for n, _ in new.named_parameters()] == stage_param_names(preset, i, S)
+        assert all(p.device.type == "cpu" for p in new.parameters())
+        assert all(b.device.type == "cpu" and torch.isfinite(b).all() for b in new.buffers())
+        assert all(torch.equal(p, state[n]) and p.data_ptr() != state[n].data_ptr() for n, p in new.named_parameters())
+        assert [n for n, _ in new.named_buffers()] == [n for n, _ in old.named_buffers()]
+        assert all(torch.equal(a, b) for a, b in zip(new.buffers(), old.buffers()))
+        # what building allocated is the stage (plus small temporaries), far below the model
+        assert allocated.total <= own * 1.05 + 65536, (i, allocated.total, own)
+        assert own < full_bytes / 2
+        old_stages.append(old)
+        new_stages.append(new)
+    with torch.no_grad():
+        assert torch.equal(chain_loss(new_stages, x, y), chain_loss(old_stages, x, y))
+        assert torch.equal(new_stages[0](x), old_stages[0](x))
+    with pytest.raises(ValueError):   # a state of another stage: a clear error, not a silent partial load
+        build_stage(preset, 1, S, state=stage_state(old_stages[0]))
+
+
+def test_building_the_old_way_allocates_the_whole_model():
+    """The yardstick for the test above: cutting a stage out of the model allocates more than the model."""
+    with _CpuBytes() as allocated:
+        build_stage("gpt2-tiny", 1, 4, SEED)
+    full_bytes = sum(p.numel() * 4 for p in build_untied_model("gpt2-tiny", SEED).parameters())
+    assert allocated.total >= full_bytes

@@ -89,7 +89,7 @@ class PeerDaemon(SwarmMember):
         self.codec = C.codec_by_name(cfg["upload_codec"])
         self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
         self.node = self._start_node(client_mode=False)
-        self.server = StageServer(self.run_id, cfg, self.device, self.precision, roster=self.roster)
+        self.server = StageServer(self.run_id, cfg, self.device, self.precision, roster=self.roster, node=self.node)
         self.node.add_handler(HANDLER, self.server.handle, pb.StageRequest)
         self._switch_lock = threading.Lock()
         self._switch(self.assigned_stage, "assigned at join")
@@ -151,8 +151,9 @@ class PeerDaemon(SwarmMember):
             progress, tokens = self.server.sync(stage, average)
         reply = self.upload(task, progress, tokens, 0.0, time.monotonic() - started)
         log.info("stage %d sync %d: uploaded %d bytes of progress over %d tokens; %d of %d backward passes "
-                 "re-ran their forward", stage, task.round, reply.bytes_received, tokens,
-                 self.server.recomputed_total, self.server.backward_total)
+                 "re-ran their forward; %d forwards chained to the next stage", stage, task.round,
+                 reply.bytes_received, tokens, self.server.recomputed_total, self.server.backward_total,
+                 self.server.chained_total)
 
     def run(self) -> int:
         try:
@@ -184,7 +185,8 @@ class TrainerDaemon(SwarmMember):
         self._sample_lock = threading.Lock()
         self.node = self._start_node(client_mode=True)   # a trainer only dials out
         self.swarm = SwarmTrainer(self.node, self.run_id, cfg["stages"], self.roster,
-                                  model_config(cfg["model"]).hidden_size)
+                                  model_config(cfg["model"]).hidden_size,
+                                  chained=cfg.get("swarm_traffic", "relayed") == "chained")
         self.done = threading.Event()
 
     def heartbeat_request(self) -> pb.HeartbeatRequest:

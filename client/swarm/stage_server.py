@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
+import math
 import os
 import signal
 import threading
@@ -15,6 +17,7 @@ import torch
 
 from fedswarm.client.swarm.roster import Refusals, Roster
 from fedswarm.client.swarm.tensors import BadStageInput, from_wire, ids_from_bytes, to_wire
+from fedswarm.client.swarm.transport import PeerCallError
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.stages import build_stage, load_stage_state, stage_state
@@ -24,6 +27,7 @@ HANDLER = "fedswarm.stage"
 GRAPH_CACHE = 32              # forward graphs kept for a backward on this replica
 ROSTER_WAIT_S = 1.0           # an unknown caller may be a trainer that just joined: wait this long for the roster
 MAX_ROSTER_WAITERS = 8        # ... but only this many at once; more unknown callers are refused at once
+CHAIN_HOP_S = 10.0            # a chained forward allows this long per stage still ahead of it
 
 
 def _fault_plan() -> tuple[str, int] | None:
@@ -38,12 +42,22 @@ def _fault_plan() -> tuple[str, int] | None:
     return kind, int(count)
 
 
+def check_hop_reply(reply: pb.StageReply, shape: tuple, allowed: set) -> None:
+    """BadStageInput unless the next hop answered a chained forward with a finite loss and input gradient."""
+    if not math.isfinite(reply.loss):
+        raise BadStageInput(f"loss {reply.loss}", "bad_reply")
+    if not torch.isfinite(from_wire(reply.grad_input, shape, allowed)).all():
+        raise BadStageInput("the input gradient is not finite", "bad_reply")
+
+
 class StageServer:
     """All model work runs on one worker thread, so requests never race on the weights."""
 
-    def __init__(self, run_id: str, cfg: dict, device: torch.device, precision: str, roster: Roster | None = None):
+    def __init__(self, run_id: str, cfg: dict, device: torch.device, precision: str, roster: Roster | None = None,
+                 node=None):
         self.run_id, self.cfg, self.device, self.precision = run_id, cfg, device, precision
         self.roster = roster      # None: serve any caller (tests of the stage math only)
+        self.node = node          # the SwarmNode chained forwards go out on (None: no chaining)
         self.refusals = Refusals()
         self._roster_waiters = 0
         self.codec = C.codec_by_name(cfg["activation_codec"])
@@ -58,6 +72,7 @@ class StageServer:
         self.steps_since_sync = 0
         self.optimizer_steps = 0
         self.backward_total, self.recomputed_total = 0, 0   # diagnostics: how often a graph had to be re-run
+        self.chained_total = 0       # diagnostics: forwards this peer sent on down a chain itself
         self.weights_version = 0     # bumped by every in-place change of the weights (step, sync)
         self.tokens_since_sync = 0
         self._rate_tokens, self._rate_t0, self.throughput = 0, time.monotonic(), 0.0
@@ -71,12 +86,17 @@ class StageServer:
         self.pool.submit(self._serve, stage, weights).result()
 
     def _serve(self, stage: int, weights: dict[str, torch.Tensor]) -> None:
-        module = build_stage(self.cfg["model"], stage, self.cfg["stages"], seed=self.cfg["seed"])
-        load_stage_state(module, weights)
-        self.module = module.to(self.device).train()
+        """Build only this stage's modules from `weights`; the old stage (module, optimizer, cached graphs,
+        snapshot) is freed first, so a re-assigned peer never holds two stages at once."""
+        self.stage_index = -1   # heartbeats report serving nothing while the new stage loads: not routed to
+        self.module = self.optimizer = None
+        self.graphs.clear()
+        self.snapshot = {}
+        gc.collect()            # cached graphs hold reference cycles through autograd nodes
+        module = build_stage(self.cfg["model"], stage, self.cfg["stages"], state=weights, device=self.device)
+        self.module = module.train()
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.cfg["lr"], weight_decay=0.01)
         self.snapshot = stage_state(self.module)
-        self.graphs.clear()
         self.stage_index, self.steps_since_sync, self.tokens_since_sync = stage, 0, 0
         log.info("serving stage %d of %d (%d tensors)", stage, self.cfg["stages"], len(weights))
 
@@ -111,27 +131,70 @@ class StageServer:
 
     # -- the P2P handler -------------------------------------------------------------------
     async def handle(self, request: pb.StageRequest, context) -> pb.StageReply:
-        await self._admit(context.remote_id.to_base58() if context.remote_id is not None else "")
+        await self._admit(context.remote_id.to_base58() if context.remote_id is not None else "", request)
         self.load += 1
         try:
+            if request.next_hops and not request.backward:
+                return await self._chain(request)
             return await asyncio.get_running_loop().run_in_executor(self.pool, self._timed_compute, request)
         finally:
             self.load -= 1
 
-    async def _admit(self, caller: str) -> None:
-        """Serve only the run's trainers (the coordinator's roster); refuse anyone else before any work."""
-        if self.roster is None or self.roster.is_trainer(caller):
+    def _may_call(self, caller: str, request: pb.StageRequest) -> bool:
+        """The run's trainers, and (for a chained forward) the roster peers of the stage before this one."""
+        if self.roster.is_trainer(caller):
+            return True
+        return not request.backward and request.stage > 0 and caller in self.roster.stage_peers(request.stage - 1)
+
+    async def _admit(self, caller: str, request: pb.StageRequest) -> None:
+        """Serve only the run's members (the coordinator's roster); refuse anyone else before any work."""
+        if self.roster is None or self._may_call(caller, request):
             return
-        if self._roster_waiters < MAX_ROSTER_WAITERS:  # a trainer that joined a moment ago: the next roster has it
+        if self._roster_waiters < MAX_ROSTER_WAITERS:  # a member that joined a moment ago: the next roster has it
             self._roster_waiters += 1
             try:
-                if await asyncio.to_thread(self.roster.wait_for, lambda: self.roster.is_trainer(caller), ROSTER_WAIT_S):
+                if await asyncio.to_thread(self.roster.wait_for, lambda: self._may_call(caller, request), ROSTER_WAIT_S):
                     return
             finally:
                 self._roster_waiters -= 1
         self.refusals.add("not_member")
         log.warning("refused a call from %s: not a trainer of this run", caller)
         raise BadStageInput(f"refused: peer {caller} is not a trainer of this run", "not_member")
+
+    async def _chain(self, request: pb.StageRequest) -> pb.StageReply:
+        """A chained forward: run this stage, send the output to the next hop the trainer chose, then run this
+        stage's backward with the gradient the chain returns. A hop further down that fails is named in the
+        reply (failed_peer), so the trainer bans that one and replays the micro-batch from its input."""
+        loop = asyncio.get_running_loop()
+        stage, hops = request.stage, list(request.next_hops)
+        if self.module is None or len(hops) != self.cfg["stages"] - 1 - stage:
+            self.refusals.add("bad_route")
+            raise BadStageInput(f"a chain from stage {stage} needs {self.cfg['stages'] - 1 - stage} next hops, "
+                                f"got {len(hops)}", "bad_route")
+        if self.roster is not None and hops[0] not in self.roster.stage_peers(stage + 1):
+            return pb.StageReply(failed_peer=hops[0], failed_reason=f"not on this peer's roster of stage {stage + 1}")
+        forward = await loop.run_in_executor(self.pool, self._timed_compute, request)
+        self.chained_total += 1
+        nxt = pb.StageRequest(run_id=request.run_id, stage=stage + 1, microbatch_id=request.microbatch_id,
+                              hidden=forward.hidden, labels=request.labels, next_hops=hops[1:])
+        try:
+            down = await self.node.acall(hops[0], HANDLER, nxt, pb.StageReply, CHAIN_HOP_S * len(hops))
+            if not down.failed_peer:
+                check_hop_reply(down, tuple(forward.hidden.shape), self.allowed)
+        except PeerCallError as err:
+            return pb.StageReply(failed_peer=hops[0], failed_reason=f"{err.kind}: {err.reason}"[:500])
+        except BadStageInput as err:
+            return pb.StageReply(failed_peer=hops[0], failed_reason=f"malformed reply: {err}"[:500])
+        if down.failed_peer:
+            return pb.StageReply(failed_peer=down.failed_peer, failed_reason=down.failed_reason[:500])
+        backward = pb.StageRequest()
+        backward.CopyFrom(request)
+        del backward.next_hops[:]
+        backward.backward = True
+        backward.grad_output.CopyFrom(down.grad_input)
+        reply = await loop.run_in_executor(self.pool, self._timed_compute, backward)
+        reply.loss = down.loss
+        return reply
 
     def _timed_compute(self, request: pb.StageRequest) -> pb.StageReply:
         started = time.monotonic()

@@ -112,8 +112,9 @@ class SwarmTrainer:
 
     def __init__(self, node: SwarmNode, run_id: str, num_stages: int, roster: Roster, hidden_size: int,
                  router: Router | None = None, timeouts: TrainerTimeouts | None = None,
-                 cap_factor: float = 4.0):
+                 cap_factor: float = 4.0, chained: bool = False):
         self.node, self.run_id, self.num_stages = node, run_id, num_stages
+        self.chained = chained and num_stages > 1   # stage k sends its output to stage k+1 itself
         self.roster, self.hidden_size, self.cap_factor = roster, hidden_size, cap_factor
         self.router = router or Router()
         self.t = timeouts or TrainerTimeouts()
@@ -191,6 +192,8 @@ class SwarmTrainer:
 
     def step(self, x, y) -> float:
         """One micro-batch forward through every stage, then backward; returns its loss."""
+        if self.chained:
+            return self._step_chained(x, y)
         mb = uuid.uuid4().hex
         ids, labels = ids_to_bytes(x), ids_to_bytes(y)
         hidden_shape = (int(x.shape[0]), int(x.shape[1]), self.hidden_size)
@@ -230,6 +233,52 @@ class SwarmTrainer:
             self.stats.losses.append(loss)
         return loss
 
+    def _step_chained(self, x, y) -> float:
+        """One micro-batch as one chain: the trainer picks a replica per stage, sends the tokens to stage 0's,
+        and each stage forwards to the next; the loss comes back once the chain's backward reached stage 0.
+        A failed hop (named in the reply, or the first peer itself) is banned and the micro-batch replayed
+        from its tokens on a new route; no stage has stepped for it unless the chain's backward began."""
+        mb, started, replayed = uuid.uuid4().hex, time.monotonic(), False
+        while True:
+            route = [self.router.choose(stage) for stage in range(self.num_stages)]
+            if any(record is None for record in route):
+                if time.monotonic() - started > self.t.give_up_s:
+                    with self.stats.lock:
+                        self.stats.lost += 1
+                    raise MicrobatchLost(f"a stage had no live replica for {self.t.give_up_s:.0f} s")
+                self._await_refresh(max(self.t.no_replica_wait_s, 1.0))
+                continue
+            peers = [record.peer_id for record in route]
+            req = pb.StageRequest(run_id=self.run_id, stage=0, microbatch_id=mb, ids=ids_to_bytes(x),
+                                  labels=ids_to_bytes(y), next_hops=peers[1:])
+            req.ids_shape[:] = list(x.shape)
+            for peer in peers:
+                self.router.begin(peer)
+            t0 = time.monotonic()
+            failed, reason = None, ""
+            try:
+                reply = self._call_member(peers[0], 0, req, route=peers)
+                if reply.failed_peer:
+                    failed, reason = reply.failed_peer, reply.failed_reason
+                elif not math.isfinite(reply.loss):
+                    failed, reason = peers[-1], f"loss {reply.loss}"   # the last stage computed it
+                    self.refusals.add("bad_reply")
+            except PeerCallError as err:
+                failed, reason = err.peer_id, f"{err.kind}: {err.reason}"
+            for peer in peers:
+                self.router.end(peer, ok=peer != failed, seconds=time.monotonic() - t0)
+            if failed is None:
+                break
+            stage = peers.index(failed) if failed in peers else -1
+            self.router.ban(failed, f"chained micro-batch, stage {stage}: {reason}")
+            replayed = True
+        with self.stats.lock:
+            self.stats.completed += 1
+            self.stats.retried += int(replayed)
+            self.stats.tokens += x.numel()
+            self.stats.losses.append(reply.loss)
+        return reply.loss
+
     def _call(self, stage: int, req: pb.StageRequest, hidden_shape, prefer: str | None = None
               ) -> tuple[pb.StageReply, str, bool]:
         """Send to a live roster replica; on failure ban it and replay on another. Never drops the request."""
@@ -267,19 +316,24 @@ class SwarmTrainer:
             self.router.end(peer, ok=True, seconds=time.monotonic() - t0)
             return reply, peer, retried
 
-    def _call_member(self, peer: str, stage: int, req: pb.StageRequest) -> pb.StageReply:
-        """One call, abandoned early if the coordinator takes ``peer`` off the stage's roster meanwhile (its
-        lease ran out: a dead host or a cut link answers nothing until our deadline otherwise)."""
-        fut = self.node.submit(self.node.acall(peer, HANDLER, req, pb.StageReply, self.t.call_s))
-        deadline = time.monotonic() + self.t.call_s + 1.0
+    def _call_member(self, peer: str, stage: int, req: pb.StageRequest, route: list[str] | None = None
+                     ) -> pb.StageReply:
+        """One call, abandoned early if the coordinator takes ``peer`` (or, for a chain, any peer of its
+        ``route``, one per stage from ``stage`` on) off its stage's roster meanwhile (its lease ran out: a dead
+        host or a cut link answers nothing until our deadline otherwise)."""
+        route = route or [peer]
+        call_s = self.t.call_s * len(route)   # a chain allows each stage ahead one call's deadline
+        fut = self.node.submit(self.node.acall(peer, HANDLER, req, pb.StageReply, call_s))
+        deadline = time.monotonic() + call_s + 1.0
         try:
             while True:
                 try:
                     return fut.result(self.t.roster_check_s)
                 except concurrent.futures.TimeoutError:
-                    if peer not in self.roster.stage_peers(stage):
-                        raise PeerCallError(peer, "unreachable", "dropped from the roster by the coordinator") from None
+                    gone = next((p for i, p in enumerate(route) if p not in self.roster.stage_peers(stage + i)), None)
+                    if gone is not None:
+                        raise PeerCallError(gone, "unreachable", "dropped from the roster by the coordinator") from None
                     if time.monotonic() > deadline:
-                        raise PeerCallError(peer, "timeout", f"no reply within {self.t.call_s:.1f}s") from None
+                        raise PeerCallError(peer, "timeout", f"no reply within {call_s:.1f}s") from None
         finally:
             fut.cancel()

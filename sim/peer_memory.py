@@ -1,0 +1,121 @@
+"""Peer memory, stage-only vs the whole model (benchmark only): each build runs in a fresh process that
+imports what a peer imports, serves one stage with the peer's own StageServer, runs one forward and
+backward step through it, and reports its resident memory.
+
+`full` is the construction peers used before they built only their stage: the whole untied model is
+built, then the stage is cut out of it. It exists here only as the benchmark's yardstick.
+
+    python -m fedswarm.sim.peer_memory --model gpt2-small8 --stages 4 --stage 1 --build full --state S.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BUILDS = ("stage", "full")
+MEASURE_TIMEOUT_S = 300.0
+
+
+def proc_memory_mb(pid: int | str = "self") -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak) of a process, in MiB, from /proc."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return {"rss_mb": round(fields["VmRSS"], 1), "peak_mb": round(fields["VmHWM"], 1)}
+
+
+def _full_model_build(preset, index, num_stages, seed=0, *, state, device="cpu"):
+    """The old construction: cut from the whole model (build_stage without a state), then load the state."""
+    from fedswarm.stages import build_stage, load_stage_state
+
+    stage = build_stage(preset, index, num_stages, seed).to(device)
+    load_stage_state(stage, state)
+    return stage
+
+
+def _measure(args: argparse.Namespace) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    import fedswarm.client.swarm.roles  # noqa: F401 - a peer's imports (hivemind, grpc, transformers)
+    import fedswarm.client.swarm.stage_server as stage_server
+    from fedswarm.client.swarm.tensors import ids_to_bytes, to_wire
+    from fedswarm.proto import codec as C
+    from fedswarm.proto import fedswarm_pb2 as pb
+
+    torch.set_num_threads(1)
+    before = proc_memory_mb()
+    if args.build == "full":
+        stage_server.build_stage = _full_model_build
+    cfg = {"model": args.model, "stages": args.stages, "seed": args.seed, "lr": 1e-3, "seq_len": args.seq_len,
+           "batch_size": args.batch_size, "activation_codec": "bf16"}
+    server = stage_server.StageServer("bench", cfg, torch.device("cpu"), "fp32")
+    server.serve(args.stage, load_file(args.state))      # what a peer fetches from the coordinator
+    m = server.module
+    B, T = args.batch_size, args.seq_len
+    ids = ids_to_bytes(torch.randint(0, m.config.vocab_size, (B, T)))
+    req = pb.StageRequest(run_id="bench", stage=args.stage, microbatch_id="m")
+    if m.is_first:
+        req.ids, req.ids_shape[:] = ids, [B, T]
+    else:
+        req.hidden.CopyFrom(to_wire(torch.randn(B, T, m.config.hidden_size), C.CODEC_NAMES["bf16"]))
+    if m.is_last:
+        req.labels = ids
+    server._timed_compute(req)                            # forward (and, on the last stage, backward + step)
+    if not m.is_last:
+        req.backward = True
+        req.grad_output.CopyFrom(to_wire(torch.randn(B, T, m.config.hidden_size), C.CODEC_NAMES["bf16"]))
+        server._timed_compute(req)                        # backward + AdamW step: optimizer state exists now
+    assert server.optimizer_steps == 1
+    server.close()
+    params = sum(p.numel() for p in m.parameters())
+    return {"build": args.build, "stage": args.stage, "params": params, "imports_mb": before["rss_mb"],
+            **proc_memory_mb()}
+
+
+def measure_peer_memory(model: str, stages: int, seed: int, batch_size: int, seq_len: int,
+                        which: list[int] | None = None) -> list[dict]:
+    """For each stage in `which` (default: all), the memory of a stage-only peer and of a full-model one."""
+    from safetensors.torch import save_file
+
+    from fedswarm.stages import Stage, build_untied_model, stage_state
+
+    full = build_untied_model(model, seed)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedswarm-peer-memory-") as tmp:
+        for index in (which if which is not None else range(stages)):
+            path = Path(tmp) / f"stage{index}.safetensors"
+            save_file(dict(stage_state(Stage(full, index, stages))), str(path))
+            for build in BUILDS:
+                argv = [sys.executable, "-m", "fedswarm.sim.peer_memory", "--model", model, "--stages", str(stages),
+                        "--stage", str(index), "--build", build, "--state", str(path), "--seed", str(seed),
+                        "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=MEASURE_TIMEOUT_S)
+                if done.returncode != 0:
+                    raise RuntimeError(f"measuring {build} build of stage {index} failed:\n{done.stderr[-3000:]}")
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--stages", type=int, required=True)
+    p.add_argument("--stage", type=int, required=True)
+    p.add_argument("--build", choices=BUILDS, required=True)
+    p.add_argument("--state", required=True, help="the stage's tensors (safetensors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    print(json.dumps(_measure(p.parse_args())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
