@@ -4,58 +4,94 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
+from fedswarm.settings import opt
+
 
 SWARM_TRAFFIC = ("relayed", "chained")
 
 
+def _strategies():
+    from fedswarm.coordinator.strategies import STRATEGIES
+    return sorted(STRATEGIES)
+
+
+def _codecs():
+    from fedswarm.proto.codec import CODEC_NAMES
+    return list(CODEC_NAMES)
+
+
+def _schedules():
+    from fedswarm.schedule import SCHEDULES
+    return list(SCHEDULES)
+
+
+def _peft_methods():
+    from fedswarm.lora import PEFT_METHODS
+    return list(PEFT_METHODS)
+
+
 @dataclass
 class RunConfig:
-    """What every participant must agree on; stored with the run and sent to clients."""
+    """What every participant must agree on; stored with the run and sent to clients. Each field is also a flag
+    of `fedswarm coordinator` and `fedswarm sim` and a key of a config file's [run] table (fedswarm.settings)."""
 
-    rounds: int = 5
-    min_clients: int = 2
-    strategy: str = "fedavg"
-    upload_codec: str = "int8"
-    codec_block_size: int = 0          # 0: the codec's default
-    model: str = "gpt2-tiny"
-    local_steps: int = 40
-    grad_accum: int = 1
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 1e-3                   # gpt2-tiny, 600 steps of 12 x 64: 3e-3 ends 21 % higher, cosine 3 % higher
-    seed: int = 0
-    proximal_mu: float = 0.01          # FedProx only
-    eval_data: str = "stdlib"
-    eval_windows: int = 64
-    # swarm mode (--mode swarm): pipeline stages served by peers, micro-batches driven by trainers
-    mode: str = "federated"
-    stages: int = 3
-    average_every: int = 20            # replicas' optimizer steps between stage averages
-    activation_codec: str = "bf16"     # activations and their gradients on the swarm wire
-    swarm_traffic: str = "relayed"     # relayed: every hop through the trainer; chained: stage to stage
-    clip_update_norm: float = 0.0      # > 0: updates with a larger L2 norm are scaled down to it
-    # fine-tuning (--peft lora): only adapters train and travel; the frozen base comes from --model on each side
-    peft: str = "none"                 # none | lora
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: str = ""             # comma-separated module names ("": peft's default for the architecture)
+    rounds: int = opt(5, "federated rounds (swarm: stage averagings) to run")
+    min_clients: int = opt(2, "clients a round waits for and trains")
+    strategy: str = opt("fedavg", "Flower strategy that aggregates the updates", choices=_strategies)
+    upload_codec: str = opt("int8", "how clients encode their update deltas", choices=_codecs)
+    codec_block_size: int = opt(0, "values per scale block of the int codecs (0: the codec's default)")
+    model: str = opt("gpt2-tiny", "preset (gpt2-tiny, gpt2-small8, llama-tiny), model config JSON or HF folder")
+    local_steps: int = opt(40, "optimizer steps each client makes per round")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    batch_size: int = opt(16, "sequences per micro-batch")
+    seq_len: int = opt(128, "tokens per sequence")
+    # gpt2-tiny, 600 steps of 12 x 64: 3e-3 ends 21 % higher, cosine 3 % higher
+    lr: float = opt(1e-3, "clients' local AdamW learning rate")
+    seed: int = opt(0, "seed of the initial model and the data sampling")
+    proximal_mu: float = opt(0.01, "fedprox: weight of the proximal term")
+    eval_data: str = opt("stdlib", "held-out data for centralized eval (stdlib or PATH)")
+    eval_windows: int = opt(64, "held-out windows of --seq-len tokens each evaluation scores")
+    # swarm mode: pipeline stages served by peers, micro-batches driven by trainers
+    mode: str = opt("federated", "federated rounds, or swarm pipelines (stage peers + trainers over hivemind)",
+                    choices=("federated", "swarm"))
+    stages: int = opt(3, "swarm: pipeline stages the model is cut into")
+    average_every: int = opt(20, "swarm: replicas' optimizer steps between per-stage averages (one averaging = "
+                                 "one round)")
+    activation_codec: str = opt("bf16", "swarm: activations and their gradients on the wire",
+                                choices=("bf16", "fp16", "int8", "none"))
+    swarm_traffic: str = opt("relayed", "swarm: relayed (each stage's output returns to the trainer, which sends "
+                                        "it on) or chained (each stage sends its output to the next stage's "
+                                        "replica the trainer chose)", choices=SWARM_TRAFFIC)
+    clip_update_norm: float = opt(0.0, "scale each update whose L2 norm exceeds C down to C (0: off)", metavar="C")
+    # fine-tuning: only adapters train and travel; the frozen base comes from --model on each side
+    peft: str = opt("none", "lora: train (and send) only LoRA adapters on the frozen --model", choices=_peft_methods)
+    lora_r: int = opt(8, "LoRA rank")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator (scale = alpha / r)")
+    lora_targets: str = opt("", "comma-separated module names to adapt, or all-linear ('': peft's choice for "
+                                "the architecture)")
     # how --data / --eval-data records are read (clients may override with their own flags)
-    data_format: str = "text"          # text | chat
-    text_field: str = "text"           # JSON Lines / Parquet / datasets column holding the text
-    prompt_field: str = "prompt"       # chat: the user's turn
-    response_field: str = "response"   # chat: the assistant's turn (the only tokens with loss)
+    data_format: str = opt("text", "records as documents (text) or prompt/response pairs (chat: loss on the "
+                                   "response only)", choices=("text", "chat"), flag="--format")
+    text_field: str = opt("text", "JSON Lines / Parquet / datasets field holding the text")
+    prompt_field: str = opt("prompt", "chat: record field of the prompt")
+    response_field: str = opt("response", "chat: record field of the response (the only tokens with loss)")
     # learning-rate schedule over the run's global steps (rounds x local steps), applied by every client
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    # downloads: codec-encoded deltas from the version a client holds (full float32 copy when it holds none)
-    download_codec: str = "int8"
+    lr_schedule: str = opt("constant", "over the run's global steps (rounds x local steps); every client follows "
+                                       "it", choices=_schedules)
+    warmup_steps: int = opt(0, "linear lr warm-up (global steps)")
+    min_lr: float = opt(0.0, "cosine: the lr at the last step")
+    download_codec: str = opt("int8", "model downloads: deltas from the version a client holds, in this codec",
+                              choices=_codecs)
     # sampled rounds (federated): K clients per round and/or a fraction F of the connected ones
-    clients_per_round: int = 0         # 0: no fixed K
-    fraction: float = 0.0              # 0: no fraction (every client when K is 0 too)
+    clients_per_round: int = opt(0, "sample K of the connected clients each round (Flower's min_train_nodes); "
+                                    "the others stay connected, long-polling (0: every client)", metavar="K")
+    fraction: float = opt(0.0, "sample a fraction F of the connected clients each round, at least K (0: not set)",
+                          metavar="F")
     # the coordinator's outer optimizer (fedavg, fedavgm, fedadam, diloco); None: the strategy's default
-    server_lr: float | None = None
-    server_momentum: float | None = None
+    server_lr: float | None = opt(None, "outer learning rate of fedavg/fedavgm/diloco (fedadam: eta); default: "
+                                        "fedavg/fedavgm 1.0, fedadam 0.01, diloco 0.7")
+    server_momentum: float | None = opt(None, "outer momentum (fedavgm: heavy ball, default 0.5; diloco: Nesterov, "
+                                              "default 0.9; fedadam: beta_1, default 0.9)")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

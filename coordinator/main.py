@@ -16,84 +16,35 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedswarm.coordinator.aggregate import return_freed_memory_to_os, sink_for
 from fedswarm.coordinator.auth import Authenticator, load_authorized_keys, server_credentials
-from fedswarm.coordinator.config import SWARM_TRAFFIC, CoordinatorTimeouts, RunConfig
+from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.driver import RoundDriver, RunFailed, RunProgress
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Membership
 from fedswarm.coordinator.service import CoordinatorService
 from fedswarm.coordinator.serving import Server, ServingLimits
 from fedswarm.coordinator.store import Store
-from fedswarm.coordinator.strategies import STRATEGIES, build_strategy
-from fedswarm import tokenized
-from fedswarm.formats import FORMATS, DataSpec
-from fedswarm.lora import PEFT_METHODS, build_run_model
-from fedswarm.models import PRESETS, trainable_state
+from fedswarm.coordinator.strategies import build_strategy
+from fedswarm import settings, tokenized
+from fedswarm.formats import DataSpec
+from fedswarm.lora import build_run_model
+from fedswarm.models import trainable_state
 from fedswarm.tokenizer import load_tokenizer
-from fedswarm.proto.codec import CODEC_NAMES
 from fedswarm.threads import BUDGET
-from fedswarm.schedule import SCHEDULES
 
 log = logging.getLogger("fedswarm.coordinator")
 SWARM_LEASE_S, SWARM_HEARTBEAT_S = 3.0, 0.5   # stage peers must be noticed gone within seconds
-RUN_FLAGS = {  # CLI flag -> RunConfig field
-    "rounds": "rounds", "min_clients": "min_clients", "strategy": "strategy", "upload_codec": "upload_codec",
-    "model": "model", "local_steps": "local_steps", "batch_size": "batch_size", "seq_len": "seq_len",
-    "lr": "lr", "seed": "seed", "grad_accum": "grad_accum", "eval_data": "eval_data",
-    "mode": "mode", "stages": "stages", "average_every": "average_every", "activation_codec": "activation_codec",
-    "clip_update_norm": "clip_update_norm",
-    "clients_per_round": "clients_per_round",
-    "peft": "peft", "lora_r": "lora_r", "lora_alpha": "lora_alpha", "lora_targets": "lora_targets",
-    "format": "data_format", "text_field": "text_field", "prompt_field": "prompt_field",
-    "response_field": "response_field",
-    "lr_schedule": "lr_schedule", "warmup_steps": "warmup_steps", "min_lr": "min_lr", "download_codec": "download_codec",
-    "fraction": "fraction", "server_lr": "server_lr", "server_momentum": "server_momentum",
-    "swarm_traffic": "swarm_traffic",
-}
 EXIT_DRIVER_CRASHED, EXIT_RUN_FAILED = 1, 3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = RunConfig()
     p.add_argument("--listen", default="127.0.0.1:7000", help="HOST:PORT to serve on (port 0 picks a free port)")
     p.add_argument("--state-dir", required=True, help="folder for the SQLite database and checkpoints")
-    p.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (swarm: stage averagings) to run")
-    p.add_argument("--min-clients", type=int, default=d.min_clients, help="clients a round waits for and trains")
-    p.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGIES),
-                   help="Flower strategy that aggregates the updates")
-    p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES),
-                   help="how clients encode their update deltas")
-    p.add_argument("--download-codec", default=d.download_codec, choices=list(CODEC_NAMES),
-                   help="model downloads: deltas from the version a client holds, in this codec")
-    p.add_argument("--model", default=d.model, help=f"preset ({', '.join(PRESETS)}) or config JSON / HF folder")
-    p.add_argument("--local-steps", type=int, default=d.local_steps, help="optimizer steps each client makes per round")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches accumulated per optimizer step")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=d.lr, help="clients' local AdamW learning rate")
-    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=list(SCHEDULES),
-                   help="over the run's global steps (rounds x local steps); every client follows it")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear lr warm-up (global steps)")
-    p.add_argument("--min-lr", type=float, default=d.min_lr, help="cosine: the lr at the last step")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial model and the data sampling")
-    p.add_argument("--eval-data", default=d.eval_data, help="held-out data for centralized eval (stdlib or PATH)")
+    settings.add_arguments(p, RunConfig)   # the run's settings: one flag per RunConfig field
     p.add_argument("--round-timeout", type=float, default=CoordinatorTimeouts.round_timeout_s,
                    help="seconds a round waits for replies before it closes")
     p.add_argument("--lease", type=float, default=None,
                    help=f"seconds of silence before a client is dropped (default {CoordinatorTimeouts.lease_s:.0f}; "
                         f"swarm: {SWARM_LEASE_S:.0f})")
-    p.add_argument("--mode", default=d.mode, choices=["federated", "swarm"],
-                   help="federated rounds, or swarm pipelines (stage peers + trainers over hivemind)")
-    p.add_argument("--stages", type=int, default=d.stages, help="swarm: pipeline stages the model is cut into")
-    p.add_argument("--average-every", type=int, default=d.average_every,
-                   help="swarm: replicas' optimizer steps between per-stage averages (one averaging = one round)")
-    p.add_argument("--activation-codec", default=d.activation_codec, choices=["bf16", "fp16", "int8", "none"],
-                   help="swarm: activations and gradients on the wire")
-    p.add_argument("--swarm-traffic", default=d.swarm_traffic, choices=list(SWARM_TRAFFIC),
-                   help="swarm: relayed (each stage's output returns to the trainer, which sends it on) or chained "
-                        "(each stage sends its output to the next stage's replica the trainer chose)")
-    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, metavar="K",
-                   help="sample K of the connected clients each round (Flower's min_train_nodes); "
-                        "the others stay connected, long-polling (0: every client)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for evaluation (0: this host's CPUs shared among the fedswarm processes "
                         "running on it, re-checked at each eval)")
@@ -102,26 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
     p.add_argument("--exit-when-done", action="store_true",
                    help="exit 0 after the last round instead of serving status")
-    p.add_argument("--peft", default=d.peft, choices=PEFT_METHODS,
-                   help="lora: train (and send) only LoRA adapters on the frozen --model")
-    p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scale numerator (scale = alpha / r)")
-    p.add_argument("--lora-targets", default=d.lora_targets,
-                   help="comma-separated module names to adapt, or all-linear (default: peft's choice for the architecture)")
-    p.add_argument("--format", default=d.data_format, choices=FORMATS,
-                   help="records as documents (text) or prompt/response pairs (chat: loss on the response only)")
-    p.add_argument("--text-field", default=d.text_field, help="record field holding the text")
-    p.add_argument("--prompt-field", default=d.prompt_field, help="chat: record field of the prompt")
-    p.add_argument("--response-field", default=d.response_field, help="chat: record field of the response")
     p.add_argument("--cache-dir", default=None, help="where tokenized eval shards go when --eval-data is read-only")
-    p.add_argument("--fraction", type=float, default=d.fraction, metavar="F",
-                   help="sample a fraction F of the connected clients each round, at least K (0: not set)")
-    p.add_argument("--server-lr", type=float, default=d.server_lr,
-                   help="outer learning rate of fedavg/fedavgm/diloco (fedadam: eta); "
-                        "default: fedavg/fedavgm 1.0, fedadam 0.01, diloco 0.7")
-    p.add_argument("--server-momentum", type=float, default=d.server_momentum,
-                   help="outer momentum (fedavgm: heavy ball, default 0.5; diloco: Nesterov, default 0.9; "
-                        "fedadam: beta_1, default 0.9)")
     p.add_argument("--aggregation", default="stream", choices=["stream", "hold"],
                    help="stream: fold each update into a running sum (robust strategies: spill to --state-dir), "
                         "so memory does not grow with the clients; hold: keep every reply's weights (Flower's stock path)")
@@ -136,8 +68,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only clients proving a key listed here may join (`ed25519 <base64> name` lines)")
     p.add_argument("--admin-keys", metavar="FILE",
                    help="keys (authorized_keys format) that may read Status but not join; any authorized key may too")
-    p.add_argument("--clip-update-norm", type=float, default=d.clip_update_norm, metavar="C",
-                   help="scale each update whose L2 norm exceeds C down to C (0: off; default %(default)s)")
     p.add_argument("--max-sessions", type=int, default=ServingLimits.max_sessions,
                    help="most joined clients at once (default %(default)s)")
     p.add_argument("--max-failed-rounds", type=int, default=CoordinatorTimeouts.max_failed_rounds,
@@ -168,7 +98,7 @@ def resolve_config(args: argparse.Namespace, store: Store) -> RunConfig:
             cfg.rounds = args.rounds
             store.set_meta("run_config", cfg.to_json())
         return cfg
-    cfg = RunConfig(**{field: getattr(args, flag) for flag, field in RUN_FLAGS.items()})
+    cfg = settings.from_args(RunConfig, args)
     cfg.check()
     store.set_meta("run_config", cfg.to_json())
     store.set_meta("run_id", secrets.token_hex(8))
@@ -214,7 +144,7 @@ def serve(args: argparse.Namespace) -> int:
     try:  # the held-out split, tokenized with the run model's own tokenizer
         run = json.loads(cfg.to_json())
         eval_tokens = tokenized.eval_tokens(DataSpec.from_run(cfg.eval_data, run), load_tokenizer(cfg.model),
-                                            getattr(args, "cache_dir", None))
+                                            args.cache_dir)
         windows = tokenized.windows(eval_tokens, cfg.seq_len, cfg.eval_windows)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

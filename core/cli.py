@@ -1,4 +1,4 @@
-"""The `fedswarm` command: coordinator, client, status, health, keygen, sim, bench, export, generate.
+"""The `fedswarm` command: coordinator, client, status, health, keygen, sim, bench, config, export, generate.
 
 Each subcommand's module is imported only when that subcommand runs (or for the full `fedswarm --help`),
 so `fedswarm status` loads grpc and the proto stubs, never torch, transformers or Flower."""
@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from fedswarm import config_file
+from fedswarm.config_file import READS
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -33,15 +36,47 @@ def _health(args: argparse.Namespace) -> int:
     return run_health(args)
 
 
+def _config(args: argparse.Namespace) -> int:
+    if args.action == "doc":
+        parsers = {name: build_parser(only=name).commands[name] for name in READS}
+        print(config_file.doc(parsers), end="")
+        return 0
+    if args.target is None:
+        print("error: fedswarm config show COMMAND: name the command (" + ", ".join(READS) + ")", file=sys.stderr)
+        return 2
+    target = build_parser(only=args.target).commands[args.target]
+    for action in target._actions:
+        action.required = False   # show what is set, even without --state-dir or --coordinator
+    try:
+        path = config_file.config_path(args.rest)
+        if path:
+            config_file.apply(target, args.target, path)
+    except config_file.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(config_file.show(args.target, target, target.parse_args(args.rest)), end="")
+    return 0
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The full parser, or (`only`) one whose other subcommands are listed but not loaded."""
     parser = argparse.ArgumentParser(prog="fedswarm", description="Federated rounds and swarm pipelines for transformer LMs.",
                                      formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    parser.commands = {}   # name -> its parser (those `only` built)
+
     def add(name: str, help: str) -> argparse.ArgumentParser | None:  # noqa: A002 - argparse's own keyword
         p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
-        return p if only in (None, name) else None
+        if only not in (None, name):
+            return None
+        parser.commands[name] = p
+        if name in READS:
+            tables = " and ".join(f"[{t}]" for t in READS[name])
+            p.add_argument("--config", metavar="FILE.toml",
+                           help=f"read this command's settings from the {tables} table(s) of a TOML file; "
+                                f"flags given here override it (`fedswarm config show {name}` prints the result)")
+        return p
 
     if p := add("coordinator", "run the coordinator service"):
         from fedswarm.coordinator import main as coordinator
@@ -93,6 +128,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         bench_load.add_arguments(q)
         q.set_defaults(func=bench_load.main)
 
+    if p := add("config", "print the effective settings of a command (show) or the settings reference (doc)"):
+        p.add_argument("action", choices=["show", "doc"],
+                       help="show: COMMAND's settings as TOML (--config and flags applied); doc: docs/SETTINGS.md")
+        p.add_argument("target", nargs="?", choices=list(READS), help="show: the command whose settings to print")
+        p.add_argument("rest", nargs=argparse.REMAINDER, help="show: that command's --config FILE and flags")
+        p.set_defaults(func=_config)
+
     if p := add("export", "write a run's model (or LoRA adapters) as a Hugging Face folder"):
         from fedswarm import export
         export.add_export_arguments(p)
@@ -115,7 +157,15 @@ def main(argv: list[str] | None = None) -> int:
 
     set_wait_policy()   # before torch is imported: idle OpenMP threads sleep instead of spinning
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(only=_command(argv)).parse_args(argv)
+    command = _command(argv)
+    parser = build_parser(only=command)
+    if command in READS and (path := config_file.config_path(argv[1:])):
+        try:
+            config_file.apply(parser.commands[command], command, path)
+        except config_file.ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
 

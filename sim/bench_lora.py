@@ -98,6 +98,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab", type=int, default=1024, help="lora: most tokens in the BPE vocabulary of the built model")
     g.add_argument("--layers", type=int, default=4, help="lora: GPT-2 layers of the built model")
     g.add_argument("--hidden", type=int, default=128, help="lora: GPT-2 width of the built model")
-    g.add_argument("--lora-r", type=int, default=8, help="lora: adapter rank")
     g.add_argument("--lora-lr", type=float, default=1e-2, help="lora: learning rate of the LoRA runs")
     g.add_argument("--timeout", type=float, default=600.0, help="lora: seconds one run may take")

@@ -12,14 +12,13 @@ from pathlib import Path
 import grpc
 
 from fedswarm.coordinator.config import RunConfig
+from fedswarm import settings
 from fedswarm.progress import Progress
-from fedswarm.proto.codec import CODEC_NAMES
 from fedswarm.sim.hosts import HostNetwork, burst_bytes, probe, start_coordinator
 from fedswarm.sim.processes import client_processes, coordinator_process, fedswarm_cmd, fetch_status
 from fedswarm.sim.relay import CountingRelay
 from fedswarm.sim.swarm_sim import add_swarm_arguments, run_swarm_sim
 from fedswarm.sim.virtual_sim import add_virtual_arguments, check_virtual_args, run_virtual_sim, wants_virtual
-from fedswarm.schedule import SCHEDULES
 from fedswarm.sim.report import communication, plot_rounds, write_report
 
 DEFAULT_CLIENTS = 3
@@ -27,31 +26,13 @@ DEFAULT_ROUNDS = 6
 STATUS_TRIES = 6   # Status calls (10 s deadline each) the coordinator may leave unanswered in a row
 
 
+SIM_SETS = ("min_clients", "eval_data")   # the sim derives these from --clients and --data
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = RunConfig()
     p.add_argument("--clients", type=int, default=DEFAULT_CLIENTS, help="client processes to start")
-    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="rounds to run")
-    p.add_argument("--upload-codec", default=d.upload_codec, choices=list(CODEC_NAMES),
-                   help="how clients encode their updates")
-    p.add_argument("--download-codec", default=d.download_codec, choices=list(CODEC_NAMES),
-                   help="how the coordinator encodes model downloads (deltas from the version a client holds)")
-    p.add_argument("--strategy", default=d.strategy, help="Flower strategy (as for `fedswarm coordinator`)")
-    p.add_argument("--model", default=d.model, help="model preset, config JSON or Hugging Face folder")
-    p.add_argument("--local-steps", type=int, default=d.local_steps, help="optimizer steps per client per round")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=d.lr, help="local learning rate")
-    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=list(SCHEDULES),
-                   help="lr schedule over the run's global steps")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear lr warm-up (global steps)")
-    p.add_argument("--min-lr", type=float, default=d.min_lr, help="cosine: the lr at the last step")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the model and the data sampling")
-    p.add_argument("--clients-per-round", type=int, default=d.clients_per_round, metavar="K",
-                   help="clients sampled per round (0: all of them)")
-    p.add_argument("--fraction", type=float, default=d.fraction, metavar="F",
-                   help="fraction of the clients sampled per round, at least K (0: not set)")
-    p.add_argument("--server-lr", type=float, default=d.server_lr, help="the coordinator's outer learning rate")
-    p.add_argument("--server-momentum", type=float, default=d.server_momentum, help="the coordinator's outer momentum")
+    # every run setting the coordinator takes, with the same flag, help and default (but 6 rounds)
+    settings.add_arguments(p, RunConfig, exclude=SIM_SETS, defaults={"rounds": DEFAULT_ROUNDS})
     p.add_argument("--data", default="stdlib", help="stdlib or a text file / folder (split across clients)")
     p.add_argument("--precision", default="auto", help="clients' precision (auto, fp32, bf16, fp16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per client (0: cores / clients)")
@@ -69,17 +50,7 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
         shutil.rmtree(out / "state")  # a sim is a fresh run; the coordinator resumes only by design
     out.mkdir(parents=True, exist_ok=True)
     threads = args.threads or max(1, (os.cpu_count() or 2) // max(args.clients, 1))
-    coord_args = ["--state-dir", str(out / "state"), "--rounds", str(args.rounds), "--min-clients", str(args.clients),
-                  "--strategy", args.strategy, "--upload-codec", args.upload_codec, "--model", args.model,
-                  "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size),
-                  "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
-                  "--eval-data", args.data,  # evaluate on the held-out split of the data being trained on
-                  "--lr-schedule", args.lr_schedule, "--warmup-steps", str(args.warmup_steps),
-                  "--min-lr", str(args.min_lr), "--download-codec", args.download_codec,
-                  *(["--server-lr", str(args.server_lr)] if args.server_lr is not None else []),
-                  *(["--server-momentum", str(args.server_momentum)] if args.server_momentum is not None else [])]
-    if args.clients_per_round or args.fraction:
-        coord_args += ["--clients-per-round", str(args.clients_per_round), "--fraction", str(args.fraction)]
+    coord_args = coordinator_argv(args, out)
     if wants_virtual(args):  # many sessions per worker process, locally or on Ray
         follow = lambda address, coordinator, failed: _follow(  # noqa: E731
             address, coordinator, failed, args.rounds, log if not args.quiet else None)
@@ -129,6 +100,13 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
     write_report(out, report)
     plot_rounds(out, report["rounds"], f"{args.clients} clients, {args.strategy}, {args.upload_codec} upload")
     return report
+
+
+def coordinator_argv(args: argparse.Namespace, out: Path) -> list[str]:
+    """The sim's coordinator flags: every run setting as given to the sim, evaluated on the held-out split of
+    the data being trained on, waiting for all the sim's clients."""
+    return ["--state-dir", str(out / "state"), "--min-clients", str(args.clients), "--eval-data", args.data,
+            *settings.to_argv(RunConfig, args, exclude=SIM_SETS)]
 
 
 def _follow(address: str, coordinator, failed, rounds: int, log, on_round=None, counts=None) -> dict:

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from fedswarm.sim.forkstart import warm_up
-from fedswarm.coordinator.config import SWARM_TRAFFIC, RunConfig
+from fedswarm import settings
+from fedswarm.coordinator.config import RunConfig
 from fedswarm.sim.hosts import HostNetwork, start_coordinator
 from fedswarm.sim.peer_memory import proc_memory_mb
 from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status
@@ -23,18 +24,12 @@ FIRST_TOKENS_TIMEOUT_S = 600.0   # with duration_from_first_tokens: start-up (im
 
 
 def add_swarm_arguments(p) -> None:
-    p.add_argument("--mode", default="federated", choices=["federated", "swarm"],
-                   help="federated rounds, or swarm pipelines with stage peers and trainers")
-    p.add_argument("--stages", type=int, default=3, help="swarm: pipeline stages")
     p.add_argument("--peers", type=int, default=5, help="swarm: stage server processes")
     p.add_argument("--trainers", type=int, default=1, help="swarm: trainer processes")
-    p.add_argument("--average-every", type=int, default=20, help="swarm: replica steps between stage averages")
     p.add_argument("--kill-every", type=float, default=0.0, help="swarm: SIGKILL a random peer every N seconds (0: never)")
     p.add_argument("--rejoin-after", type=float, default=10.0, help="swarm: a killed peer restarts after N seconds")
     p.add_argument("--duration", type=float, default=0.0, help="swarm: stop after N seconds even if rounds remain")
     p.add_argument("--inflight", type=int, default=2, help="swarm: micro-batches in flight per trainer")
-    p.add_argument("--swarm-traffic", default=RunConfig.swarm_traffic, choices=list(SWARM_TRAFFIC),
-                   help="swarm: relayed through the trainer, or chained stage to stage")
     p.add_argument("--hosts", action="store_true",
                    help="each process on its own network-namespace host with its own IP (needs root)")
     p.add_argument("--host-bandwidth", default="", metavar="RATE",
@@ -93,12 +88,9 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
     if (out / "state").exists():
         shutil.rmtree(out / "state")
     out.mkdir(parents=True, exist_ok=True)
-    coord_args = ["--state-dir", str(out / "state"), "--mode", "swarm", "--stages", str(args.stages),
-                  "--rounds", str(args.rounds), "--average-every", str(args.average_every), "--model", args.model,
-                  "--strategy", args.strategy, "--upload-codec", args.upload_codec, "--batch-size", str(args.batch_size),
-                  "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--seed", str(args.seed),
-                  "--eval-data", args.data,  # the held-out split of the data being trained on
-                  "--swarm-traffic", args.swarm_traffic]
+    # every run setting as given to the sim (--mode swarm among them), evaluated on the data being trained on
+    coord_args = ["--state-dir", str(out / "state"), "--eval-data", args.data,
+                  *settings.to_argv(RunConfig, args, exclude=("min_clients", "eval_data"))]
     if getattr(args, "lease", None):   # benchmarks on a loaded machine: starting peers may miss the 3 s swarm lease
         coord_args += ["--lease", str(args.lease)]
     rng = random.Random(args.seed)

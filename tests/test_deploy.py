@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedswarm import config_file
 from fedswarm.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,9 +20,18 @@ DEPLOY = ROOT / "deploy"
 FEDSWARM = Path(sys.executable).parent / "fedswarm"
 
 
-def parses(argv: list[str]) -> None:
-    """The argv a container runs is accepted by `fedswarm` (flags exist, values have the right types)."""
-    build_parser().parse_args(argv)
+MOUNTED_CONFIG = {"/etc/fedswarm/run.toml": DEPLOY / "run.toml"}   # the k8s ConfigMap made from deploy/run.toml
+
+
+def parses(argv: list[str]):
+    """The argv a container runs is accepted by `fedswarm` (flags exist, values have the right types), with the
+    config file it names read from deploy/ the way the container sees it."""
+    parser = build_parser(only=argv[0])
+    if "--config" in argv:
+        path = argv[argv.index("--config") + 1]
+        assert path in MOUNTED_CONFIG, f"{path}: not a file deploy/ provides"
+        config_file.apply(parser.commands[argv[0]], argv[0], str(MOUNTED_CONFIG[path]))
+    return parser.parse_args(argv)
 
 
 def compose() -> dict:
@@ -95,7 +105,11 @@ def test_k8s_deployments_are_limited_probed_and_unprivileged():
             assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
             assert sc["capabilities"]["drop"] == ["ALL"]
             assert set(c["resources"]["requests"]) == set(c["resources"]["limits"]) == {"cpu", "memory"}
-            parses(c["args"])
+            args = parses(c["args"])
+            if dep["metadata"]["name"] == "fedswarm-coordinator":   # its run comes from deploy/run.toml
+                assert args.config and args.rounds == 100 and args.state_dir == "/state"
+                mounts = {m["mountPath"] for m in c["volumeMounts"]}
+                assert "/etc/fedswarm" in mounts
             for arg in c["args"]:
                 if arg.startswith("/secrets/"):
                     assert arg in secret_files, f"{arg} is not in the mounted secret's items"
