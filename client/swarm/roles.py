@@ -84,6 +84,14 @@ class PeerDaemon(SwarmMember):
 
     role = "peer"
 
+    def __init__(self, args, timeouts=None):
+        super().__init__(args, timeouts)
+        self.node: SwarmNode | None = None
+        self.server: StageServer | None = None
+        self.switcher: StageSwitcher | None = None
+        self._announcer_stop = threading.Event()
+        self.ready = threading.Event()   # set once the assigned stage is served (heartbeats read it)
+
     def _setup(self, cfg: dict) -> None:
         self.run_cfg = cfg
         self.codec = C.codec_by_name(cfg["upload_codec"])
@@ -94,8 +102,8 @@ class PeerDaemon(SwarmMember):
         self._switch_lock = threading.Lock()
         self._switch(self.assigned_stage, "assigned at join")
         self.switcher = StageSwitcher(self._switch, self._abort)
-        self._announcer_stop = threading.Event()
         threading.Thread(target=self._announce_loop, name="announce", daemon=True).start()
+        self.ready.set()
 
     def _switch(self, stage: int, why: str) -> None:
         with self._switch_lock:
@@ -121,7 +129,7 @@ class PeerDaemon(SwarmMember):
                 log.debug("announce failed: %s", err)
 
     def heartbeat_request(self) -> pb.HeartbeatRequest:
-        if not hasattr(self, "server"):  # still setting up: serving nothing (not on the roster yet)
+        if not self.ready.is_set():  # still setting up: serving nothing (not on the roster yet)
             return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token, stage=-1)
         throughput, steps, utilization, _ = self.server.stats()
         return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token, stage=self.server.stage_index,
@@ -130,7 +138,7 @@ class PeerDaemon(SwarmMember):
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
         self.roster.update(reply.roster)
-        if hasattr(self, "switcher") and reply.stage >= 0 and reply.stage != self.server.stage_index:
+        if self.ready.is_set() and reply.stage >= 0 and reply.stage != self.server.stage_index:
             self.switcher.request(reply.stage, "re-assigned by the coordinator")  # never on this thread
 
     _failure: BaseException | None = None
@@ -163,12 +171,11 @@ class PeerDaemon(SwarmMember):
                 raise RuntimeError(f"this peer stopped: its stage switch failed ({self._failure!r})") from self._failure
             raise
         finally:
-            for part in ("switcher", "server"):
-                if hasattr(self, part):
-                    getattr(self, part).close()
-            if hasattr(self, "_announcer_stop"):
-                self._announcer_stop.set()
-            if hasattr(self, "node"):
+            self._announcer_stop.set()
+            for part in (self.switcher, self.server):
+                if part is not None:
+                    part.close()
+            if self.node is not None:
                 self.node.shutdown()
 
 
@@ -176,6 +183,13 @@ class TrainerDaemon(SwarmMember):
     """Holds data and drives micro-batches through the swarm until the run is done."""
 
     role = "trainer"
+
+    def __init__(self, args, timeouts=None):
+        super().__init__(args, timeouts)
+        self.node: SwarmNode | None = None
+        self.swarm: SwarmTrainer | None = None
+        self.done = threading.Event()    # the coordinator said the run is done
+        self.ready = threading.Event()   # set once the node and the trainer exist (heartbeats read them)
 
     def _setup(self, cfg: dict) -> None:
         self.run_cfg = cfg
@@ -187,10 +201,10 @@ class TrainerDaemon(SwarmMember):
         self.swarm = SwarmTrainer(self.node, self.run_id, cfg["stages"], self.roster,
                                   model_config(cfg["model"]).hidden_size,
                                   chained=cfg.get("swarm_traffic", "relayed") == "chained")
-        self.done = threading.Event()
+        self.ready.set()
 
     def heartbeat_request(self) -> pb.HeartbeatRequest:
-        if not hasattr(self, "done"):  # still setting up
+        if not self.ready.is_set():  # still setting up
             return super().heartbeat_request()
         s = self.swarm.stats
         with s.lock:
@@ -202,9 +216,9 @@ class TrainerDaemon(SwarmMember):
                                        refused=self.swarm.refusals.snapshot())
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
-        if hasattr(self, "swarm") and self.roster.update(reply.roster):
+        if self.ready.is_set() and self.roster.update(reply.roster):
             self.swarm.apply_roster()   # a peer the coordinator dropped is not routed to from now on
-        if reply.state == "done" and hasattr(self, "done"):
+        if reply.state == "done":
             self.done.set()
 
     def _work_once(self) -> None:
@@ -235,6 +249,8 @@ class TrainerDaemon(SwarmMember):
             return 0
         finally:
             self._hb_stop.set()
-            self.swarm.close()
-            self.node.shutdown()
+            if self.swarm is not None:
+                self.swarm.close()
+            if self.node is not None:
+                self.node.shutdown()
             self.channel.close()
