@@ -144,8 +144,6 @@ class RunConfig:
 
         check_peft_settings(self.peft, self.lora_r, self.lora_alpha, load_in_4bit=False)
         check_format(self.data_format)
-        if self.peft != "none" and self.mode == "swarm":
-            raise ValueError("--peft lora runs in federated mode only for now: drop --mode swarm or --peft")
         if is_hf_folder(self.model):
             check_tokenizer_fits(self.model)
         from fedswarm.schedule import LrSchedule

@@ -201,9 +201,17 @@ def start_swarm(cfg, grid, store, progress: RunProgress, windows: torch.Tensor, 
     from fedswarm.models import trainable_state
     from fedswarm.stages import build_untied_model, stage_param_names
 
-    model = build_untied_model(cfg.model, seed=cfg.seed)
+    if cfg.peft == "lora":   # only the adapters are averaged, per stage; the frozen base stays on each side
+        from fedswarm.stage_lora import lora_eval_model, lora_stage_names
+
+        run = dataclasses.asdict(cfg)
+        model = lora_eval_model(run)
+        names = [lora_stage_names(run, s) for s in range(cfg.stages)]
+    else:
+        model = build_untied_model(cfg.model, seed=cfg.seed)
+        names = [stage_param_names(cfg.model, s, cfg.stages) for s in range(cfg.stages)]
     initial = trainable_state(model)
-    names = [stage_param_names(cfg.model, s, cfg.stages) for s in range(cfg.stages)]
+    assert sorted(initial) == sorted(n for stage in names for n in stage), "stage names do not cover the model"
     registry = SwarmRegistry(cfg.stages)
     driver = SwarmDriver(cfg, grid, registry, store, names, model, windows, progress,
                          sync_timeout_s=min(round_timeout_s, 60.0))

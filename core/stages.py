@@ -186,9 +186,10 @@ def _check_index(index: int, num_stages: int) -> None:
 
 
 def stage_state(stage: Stage) -> "OrderedDict[str, torch.Tensor]":
-    """Float32 CPU detached clones of the stage's parameters, keyed by full-untied-model names."""
+    """Float32 CPU detached clones of the stage's trainable parameters (with LoRA: its adapters), keyed by
+    full-untied-model names."""
     return OrderedDict(
-        (name, p.detach().to("cpu", torch.float32).clone()) for name, p in stage.named_parameters()
+        (name, p.detach().to("cpu", torch.float32).clone()) for name, p in stage.named_parameters() if p.requires_grad
     )
 
 

@@ -59,3 +59,63 @@ def test_qwen2_folder_trains_in_swarm_mode_across_three_stages(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["stages"] == 3 and report["swarm"]["microbatches_lost"] == 0
     assert report["rounds"][-1]["eval_loss"] < report["rounds"][0]["eval_loss"] - 1.0, report["rounds"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lora_stages_chain_to_the_coordinators_lora_model(tmp_path, family):
+    """Each stage holds its frozen base (read from the folder) and its adapters; chained, they compute what
+    the coordinator's LoRA model computes, and together their adapters are exactly its trainable state."""
+    from fedswarm.models import load_trainable_state, trainable_state
+    from fedswarm.stage_lora import build_lora_stage, lora_eval_model, lora_stage_names
+    from fedswarm.stages import stage_state
+
+    folder = str(tiny_model(tmp_path / family, family, records("add", 60, 1)))
+    cfg = {"model": folder, "stages": 2, "seed": 0, "peft": "lora", "lora_r": 4, "lora_alpha": 8.0, "lora_targets": ""}
+    full = lora_eval_model(cfg)
+    adapters = {n: torch.randn_like(t) * 0.05 for n, t in trainable_state(full).items()}   # lora_B != 0: they matter
+    load_trainable_state(full, adapters)
+    names = [lora_stage_names(cfg, i) for i in range(2)]
+    assert sorted(n for stage in names for n in stage) == sorted(adapters) and all("lora_" in n for n in adapters)
+    stages = [build_lora_stage(cfg, i, {n: adapters[n] for n in names[i]}) for i in range(2)]
+    for i, stage in enumerate(stages):
+        assert sorted(stage_state(stage)) == sorted(names[i])   # only adapters train and travel
+        assert all(not p.requires_grad for n, p in stage.named_parameters() if "lora_" not in n)
+    vocab = full.config.vocab_size
+    x, y = torch.randint(0, vocab, (2, 16)), torch.randint(0, vocab, (2, 16))
+    with torch.no_grad():
+        expected = lm_loss(full, x, y).item()
+        got = stages[1](stages[0](x), y).item()
+    assert abs(got - expected) < 1e-5, (got, expected)
+
+
+@pytest.mark.timeout(400)
+def test_gpt2_folder_trains_lora_adapters_in_swarm_mode_across_three_stages(tmp_path):
+    """`fedswarm sim --mode swarm --peft lora`: peers keep their stage's frozen base, only adapters are averaged."""
+    import json
+
+    from hf_fixtures import write_jsonl
+
+    from fedswarm.sim.processes import Proc, fedswarm_cmd
+    from fedswarm.sim.tiny_hf import save_tiny_hf
+
+    model = save_tiny_hf(tmp_path / "gpt2", "gpt2", [r["text"] for r in records("add", 200, 1)], vocab_size=400,
+                         layers=3)
+    data = write_jsonl(tmp_path / "data.jsonl", records("add", 800, 2))
+    out = tmp_path / "sim"
+    sim = Proc("sim", fedswarm_cmd("sim", "--mode", "swarm", "--model", str(model), "--data", str(data),
+                                   "--peft", "lora", "--lora-r", "4", "--lr", "1e-2",
+                                   "--stages", "3", "--peers", "3", "--trainers", "1", "--rounds", "2",
+                                   "--average-every", "5", "--seq-len", "32", "--batch-size", "8", "--out", str(out)),
+               tmp_path / "sim.log")
+    try:
+        code = sim.popen.wait(timeout=360)
+    finally:
+        sim.stop()
+    assert code == 0, sim.output()[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["peft"] == "lora" and report["swarm"]["microbatches_lost"] == 0
+    rounds = report["rounds"]
+    assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"], rounds
+    full_bytes = sum(p.numel() for p in build_untied_model(str(model)).parameters()) * 4
+    for r in rounds[1:]:   # per stage average: each replica uploads its stage's adapters (int8), not the base
+        assert 0 < r["bytes_up"] <= 0.05 * full_bytes, (r["bytes_up"], full_bytes)

@@ -20,6 +20,7 @@ from fedswarm.client.swarm.tensors import BadStageInput, from_wire, ids_from_byt
 from fedswarm.client.swarm.transport import PeerCallError
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.stage_lora import build_lora_stage
 from fedswarm.stages import build_stage, load_stage_state, stage_state
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,13 @@ class StageServer:
         self.graphs.clear()
         self.snapshot = {}
         gc.collect()            # cached graphs hold reference cycles through autograd nodes
-        module = build_stage(self.cfg["model"], stage, self.cfg["stages"], state=weights, device=self.device)
+        if self.cfg.get("peft", "none") == "lora":   # the frozen base from the model on this host, adapters given
+            module = build_lora_stage(self.cfg, stage, weights, device=self.device)
+        else:
+            module = build_stage(self.cfg["model"], stage, self.cfg["stages"], state=weights, device=self.device)
         self.module = module.train()
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.cfg["lr"], weight_decay=0.01)
+        self.optimizer = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad],
+                                           lr=self.cfg["lr"], weight_decay=0.01)
         self.snapshot = stage_state(self.module)
         self.stage_index, self.steps_since_sync, self.tokens_since_sync = stage, 0, 0
         log.info("serving stage %d of %d (%d tensors)", stage, self.cfg["stages"], len(weights))
