@@ -59,7 +59,7 @@ class RunConfig:
                                  "one round)")
     activation_codec: str = opt("bf16", "swarm: activations and their gradients on the wire",
                                 choices=("bf16", "fp16", "int8", "none"))
-    swarm_traffic: str = opt("relayed", "swarm: relayed (each stage's output returns to the trainer, which sends "
+    swarm_traffic: str = opt("chained", "swarm: relayed (each stage's output returns to the trainer, which sends "
                                         "it on) or chained (each stage sends its output to the next stage's "
                                         "replica the trainer chose)", choices=SWARM_TRAFFIC)
     clip_update_norm: float = opt(0.0, "scale each update whose L2 norm exceeds C down to C (0: off)", metavar="C")

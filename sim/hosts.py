@@ -233,11 +233,11 @@ class _Relay:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self._server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
-        server.close()
+        self._loop.close()
 
     def _connect(self) -> socket.socket:
         sock = socket.create_connection((self.host.ip, self.port), timeout=10)
@@ -257,6 +257,7 @@ class _Relay:
 
     def close(self) -> None:
         async def stop():
+            self._server.close()   # no new connection (and so no new task) from here on
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in tasks:
                 t.cancel()

@@ -3,6 +3,7 @@ the defaults, errors that name the key, `fedswarm config show` round-trips, and 
 from __future__ import annotations
 
 import dataclasses
+import socket
 import tomllib
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from fedswarm import config_file, settings
 from fedswarm.cli import build_parser, main
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.sim.launcher import coordinator_argv
-from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status, wait_until
+from fedswarm.sim.processes import READY, Proc, fedswarm_cmd, fetch_status, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,20 +106,32 @@ def _after_round_1(status: dict) -> dict | None:
     return status if len(status["rounds"]) > 1 else None
 
 
-def test_a_run_configured_by_files(tmp_path):
-    """A real coordinator and client, each set up by its table of one TOML file (flags add only the port)."""
-    path = write(tmp_path, f'[run]\nrounds = 1\nmin_clients = 1\nlocal_steps = 2\nbatch_size = 2\nseq_len = 32\n'
-                           f'eval_windows = 4\nupload_codec = "int4"\n'
-                           f'[coordinator]\nstate_dir = "{tmp_path / "state"}"\n'
-                           f'[client]\nname = "from-file"\nthreads = 1\n')
-    with coordinator_process(tmp_path, ["--config", str(path)]) as (coordinator, address):
-        client = Proc("client", fedswarm_cmd("client", "--config", str(path), "--coordinator", address),
-                      tmp_path / "client.log")
-        try:
-            status = wait_until("round 1", lambda: _after_round_1(fetch_status(address)),
-                                240, watch=[coordinator, client])
-        finally:
-            client.stop()
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_coordinator_and_two_clients_start_from_toml_files_alone(tmp_path):
+    """Real processes whose command lines are `--config FILE` and nothing else."""
+    address = f"127.0.0.1:{_free_port()}"
+    coordinator_toml = tmp_path / "coordinator.toml"
+    coordinator_toml.write_text(f'[run]\nrounds = 1\nmin_clients = 2\nlocal_steps = 2\nbatch_size = 2\n'
+                                f'seq_len = 32\neval_windows = 4\nupload_codec = "int4"\n'
+                                f'[coordinator]\nlisten = "{address}"\nstate_dir = "{tmp_path / "state"}"\n')
+    procs = [Proc("coordinator", fedswarm_cmd("coordinator", "--config", str(coordinator_toml)),
+                  tmp_path / "coordinator.log")]
+    try:
+        procs[0].wait_for_line(READY, 120)
+        for i in range(2):
+            path = tmp_path / f"client-{i}.toml"
+            path.write_text(f'[client]\ncoordinator = "{address}"\nname = "site-{i}"\npartition = "{i}/2"\n'
+                            f'threads = 1\n')
+            procs.append(Proc(f"client-{i}", fedswarm_cmd("client", "--config", str(path)), tmp_path / f"c{i}.log"))
+        status = wait_until("round 1", lambda: _after_round_1(fetch_status(address)), 240, watch=procs)
+    finally:
+        for proc in procs:
+            proc.stop()
     assert status["config"]["upload_codec"] == "int4" and status["config"]["local_steps"] == 2
-    assert [c["name"] for c in status["clients"]] == ["from-file"]
+    assert sorted(status["rounds"][1]["clients"]) == ["site-0", "site-1"], status["rounds"]
     assert (tmp_path / "state").is_dir()

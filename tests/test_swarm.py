@@ -128,7 +128,8 @@ def _steady(address: str):
 # -- 1. replay after a peer dies inside a forward and inside a backward ------------------------------------------
 @pytest.mark.timeout(200)
 def test_replay_after_peer_dies_mid_forward_and_mid_backward(tmp_path):
-    with swarm_run(tmp_path, stages=2, rounds=50, average_every=10) as swarm:
+    # relayed traffic: every hop's forward and backward is a trainer call (tests/test_swarm_chain.py: chained)
+    with swarm_run(tmp_path, stages=2, rounds=50, average_every=10, extra=["--swarm-traffic", "relayed"]) as swarm:
         p = {}
         faults = {"p2": {"FEDSWARM_FAULT": "die_on_forward:2"}, "p4": {"FEDSWARM_FAULT": "die_on_backward:2"}}
         for i, stage in enumerate([0, 1, 0, 1, 0]):   # stage 0: p0, p2, p4; stage 1: p1, p3

@@ -201,7 +201,7 @@ class TrainerDaemon(SwarmMember):
         self.node = self._start_node(client_mode=True)   # a trainer only dials out
         self.swarm = SwarmTrainer(self.node, self.run_id, cfg["stages"], self.roster,
                                   model_config(cfg["model"]).hidden_size,
-                                  chained=cfg.get("swarm_traffic", "relayed") == "chained")
+                                  chained=cfg["swarm_traffic"] == "chained")
         self.ready.set()
 
     def heartbeat_request(self) -> pb.HeartbeatRequest:
