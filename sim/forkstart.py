@@ -16,7 +16,9 @@ import sys
 
 # With hivemind, grpc and Flower preloaded too, forked peers hung now and then right after joining (no
 # heartbeat, no log line: a lock the fork copied while held, not diagnosed further); with these, no hang.
-PRELOAD = ["torch", "transformers", "fedswarm.stages"]
+# The modeling modules transformers imports lazily at a model's first build (0.4 s each, per process) too.
+PRELOAD = ["torch", "transformers", "fedswarm.stages", "transformers.models.gpt2.modeling_gpt2",
+           "transformers.models.llama.modeling_llama"]
 _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(PRELOAD)
 

@@ -20,13 +20,20 @@ BUILDS = ("stage", "full")
 MEASURE_TIMEOUT_S = 300.0
 
 
-def proc_memory_mb(pid: int | str = "self") -> dict[str, float]:
-    """VmRSS (now) and VmHWM (peak) of a process, in MiB, from /proc."""
+def proc_memory_mb(pid: int | str = "self") -> dict[str, float] | None:
+    """VmRSS (now) and VmHWM (peak) of a process, in MiB, from /proc; None once it has exited (a zombie
+    has no memory lines, a reaped process no /proc entry)."""
     fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in lines:
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0]) / 1024
+    if "VmRSS" not in fields:
+        return None
     return {"rss_mb": round(fields["VmRSS"], 1), "peak_mb": round(fields["VmHWM"], 1)}
 
 

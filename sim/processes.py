@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 READY = re.compile(r"listening on (\S+:\d+)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now (for a process that must be dialled before it says where it listens)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def fedswarm_cmd(*args: str) -> list[str]:

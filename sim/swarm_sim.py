@@ -16,7 +16,7 @@ from fedswarm import settings
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.sim.hosts import HostNetwork, start_coordinator
 from fedswarm.sim.peer_memory import proc_memory_mb
-from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status
+from fedswarm.sim.processes import READY, Proc, fedswarm_cmd, fetch_status, free_port
 from fedswarm.sim.report import write_report
 
 
@@ -107,22 +107,25 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
             net = stack.enter_context(HostNetwork(1 + args.peers + args.trainers, args.host_bandwidth or None))
             coordinator, address, status_address = start_coordinator(net, out, coord_args)
             stack.callback(coordinator.stop)
-        else:
-            coordinator, address = stack.enter_context(coordinator_process(out, coord_args, fork=fork))
-            status_address = address
-        log(f"t={time.time() - started:6.1f}s  coordinator on {address}")
+        else:   # the address is known before the coordinator listens, so every process starts at once
+            address = status_address = f"127.0.0.1:{free_port()}"
+            coordinator = Proc("coordinator", fedswarm_cmd("coordinator", "--listen", address, *coord_args),
+                               out / "coordinator.log", fork=fork)
+            stack.callback(coordinator.stop)
         swarm = Swarm(out, address, args.precision, args.data, args.inflight, net=net, peers=args.peers, fork=fork)
         stack.callback(swarm.stop)
         for i in range(args.peers):
             swarm.start_peer(f"peer{i}")
         for i in range(args.trainers):
             swarm.start_trainer(f"trainer{i}", i, args.trainers)
+        coordinator.wait_for_line(READY, 120)   # the clients retry until it listens
+        log(f"t={time.time() - started:6.1f}s  coordinator on {address}")
         log(f"t={time.time() - started:6.1f}s  started {args.peers} peers on {args.stages} stages, "
             f"{args.trainers} trainer(s)" + (f", each on its own host ({args.host_bandwidth or 'uncapped'} links)"
                                              if net else " (forked from the pre-imported fork server)" if fork else ""))
         status = _follow(args, status_address, coordinator, swarm, rng, timeline, faults, started, log, on_round)
-        peer_memory = {n: proc_memory_mb(p.pid) for n, p in swarm.procs.items()   # the peers' python processes
-                       if n.startswith("peer") and p.popen.poll() is None}
+        peer_memory = {n: m for n, p in swarm.procs.items()   # the peers' python processes still running
+                       if n.startswith("peer") and (m := proc_memory_mb(p.pid)) is not None}
         placed = [("coordinator", 0)] + [(name, _host_of(swarm, name)) for name in swarm.procs]
         hosts = [{"name": n, "netns": net.hosts[h].netns, "ip": net.hosts[h].ip} for n, h in placed] if net else []
     report = {

@@ -4,6 +4,7 @@ round commits, and the standard gRPC health service answers SERVING on the same 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 
@@ -16,6 +17,7 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import refusals, wire
+from fedswarm.coordinator.serving import ServingLimits
 from fedswarm.sim.processes import coordinator_process, fetch_status, wait_until
 
 SMALL = ["--rounds", "1", "--local-steps", "1", "--seq-len", "32", "--batch-size", "2", "--upload-codec", "int8"]
@@ -30,12 +32,17 @@ async def _timed(call) -> float:
     return time.monotonic() - started
 
 
-@pytest.mark.timeout(120)
-def test_idle_upload_streams_leave_status_and_heartbeat_fast(tmp_path):
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("idle", [IDLE_STREAMS, 1000])
+def test_idle_upload_streams_leave_status_and_heartbeat_fast(tmp_path, idle):
+    """`idle` PushUpdate streams that never send a byte, from a caller without a session, over connections of
+    their own: Status, Heartbeat and Health keep answering within 1 s; every stream is cut with its reason
+    (at most ServingLimits.max_awaiting_header wait for their header, the rest are refused as busy at once)."""
     args = ["--state-dir", str(tmp_path / "state"), "--min-clients", "5", *SMALL]
+    own_connection = [*OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
     with coordinator_process(tmp_path, args) as (coord, address):
         async def scenario():
-            async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
+            async with grpc.aio.insecure_channel(address, options=own_connection) as channel:
                 stub = pb_grpc.CoordinatorStub(channel)
                 health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
                 assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -47,26 +54,33 @@ def test_idle_upload_streams_leave_status_and_heartbeat_fast(tmp_path):
                 async def never_sends():
                     await silence.wait()
                     yield b""
-                push = channel.stream_unary("/fedswarm.Coordinator/PushUpdate")
-                streams = [push(never_sends(), timeout=60) for _ in range(IDLE_STREAMS)]
+                idlers = [grpc.aio.insecure_channel(address, options=own_connection)
+                          for _ in range((idle + 99) // 100)]   # 100 streams per connection
+                streams = [idlers[i // 100].stream_unary("/fedswarm.Coordinator/PushUpdate")(never_sends(), timeout=60)
+                           for i in range(idle)]
                 latencies, window_end = [], time.monotonic() + 4.0   # well inside the 10 s first-message deadline
                 while time.monotonic() < window_end:
                     latencies.append(await _timed(stub.Status(pb.StatusRequest(), timeout=5)))
                     latencies.append(await _timed(stub.Heartbeat(beat, timeout=5)))
                     latencies.append(await _timed(health_pb2_grpc.HealthStub(channel).Check(
                         health_pb2.HealthCheckRequest(service="fedswarm.Coordinator"), timeout=5)))
-                assert max(latencies) < 1.0, latencies
-                # The first-message deadline cuts every silent stream, with its reason.
-                codes = set()
+                assert max(latencies) < 1.0, sorted(latencies)[-5:]
+                codes = collections.Counter()
                 for call in streams:
                     with pytest.raises(grpc.aio.AioRpcError) as err:
                         await call
-                    codes.add((err.value.code(), refusals.reason(err.value)))
+                    codes[(err.value.code(), refusals.reason(err.value))] += 1
                 silence.set()
-                assert codes == {(grpc.StatusCode.DEADLINE_EXCEEDED, "slow_header")}, codes
-        asyncio.run(scenario())
+                for ch in idlers:
+                    await ch.close()
+                return codes
+        codes = asyncio.run(scenario())
+        waited = codes.pop((grpc.StatusCode.DEADLINE_EXCEEDED, "slow_header"), 0)
+        busy = codes.pop((grpc.StatusCode.RESOURCE_EXHAUSTED, "busy"), 0)
+        assert not codes and waited + busy == idle and waited <= ServingLimits.max_awaiting_header, (waited, busy, codes)
+        assert busy == 0 if idle <= ServingLimits.max_awaiting_header else busy > 0
         status = fetch_status(address)
-        assert status["rejections"]["slow_header"] == IDLE_STREAMS
+        assert status["rejections"].get("slow_header", 0) == waited and status["rejections"].get("busy", 0) == busy
         assert [c["name"] for c in status["clients"]] == ["beater"]
         assert coord.popen.poll() is None
 

@@ -5,6 +5,7 @@ import hashlib
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -61,6 +62,20 @@ class StageSwitcher:
                 return
 
 
+class ForkGate:
+    """The daemon's fork guard, held while hivemind forks its DHT process; `forked` is set once it has."""
+
+    def __init__(self, lock: threading.Lock):
+        self.lock, self.forked = lock, threading.Event()
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+        self.forked.set()
+
+
 class SwarmMember(ClientDaemon):
     """A client on the swarm's data plane: its libp2p identity exists before it joins (the signed join binds
     the peer id), and it holds the coordinator's roster of who else is on the data plane."""
@@ -70,13 +85,12 @@ class SwarmMember(ClientDaemon):
         self.p2p_key, self.p2p_peer_id = new_identity()
         self.roster = Roster()
 
-    def _start_node(self, client_mode: bool) -> SwarmNode:
+    def _start_node(self, client_mode: bool, gate: "ForkGate | None" = None) -> SwarmNode:
         self.roster.update(self.joined.roster)
         # fork_guard: no gRPC call in flight while hivemind forks its DHT process (only the fork: heartbeats
         # go on while the DHT starts, so the 3 s lease cannot lapse during a slow start)
-        return SwarmNode(initial_peers=self.dht_peers, host=getattr(self.args, "p2p_host", "127.0.0.1"),
-                         announce=getattr(self.args, "p2p_announce", ""), client_mode=client_mode,
-                         identity=self.p2p_key, fork_lock=self.fork_guard)
+        return SwarmNode(initial_peers=self.dht_peers, host=self.args.p2p_host, announce=self.args.p2p_announce,
+                         client_mode=client_mode, identity=self.p2p_key, fork_lock=gate or self.fork_guard)
 
 
 class PeerDaemon(SwarmMember):
@@ -96,12 +110,28 @@ class PeerDaemon(SwarmMember):
         self.run_cfg = cfg
         self.codec = C.codec_by_name(cfg["upload_codec"])
         self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
-        self.node = self._start_node(client_mode=False)
         local = {**cfg, "model": self.args.model or cfg["model"]}   # this host's copy of the model (LoRA's base)
-        self.server = StageServer(self.run_id, local, self.device, self.precision, roster=self.roster, node=self.node)
-        self.node.add_handler(HANDLER, self.server.handle, pb.StageRequest)
+        self.server = StageServer(self.run_id, local, self.device, self.precision, roster=self.roster)
         self._switch_lock = threading.Lock()
-        self._switch(self.assigned_stage, "assigned at join")
+        # The DHT node (p2pd, bootstrap) starts while the assigned stage is fetched and built: only hivemind's
+        # fork must see no gRPC call of ours in flight, so the fetch waits for the fork, not for the node.
+        gate = ForkGate(self.fork_guard)
+        with ThreadPoolExecutor(1, thread_name_prefix="node-start") as pool:
+            starting = pool.submit(self._start_node, False, gate)
+            while not gate.forked.wait(0.05):
+                if starting.done():
+                    starting.result()   # failed before it forked: raise its error
+                    break
+            started = time.monotonic()
+            with self._switch_lock:
+                self.server.serve(self.assigned_stage, self.fetch_model("", stage=self.assigned_stage))
+            built_s = time.monotonic() - started
+            self.node = starting.result()
+        self.server.node = self.node   # chained forwards go out on it
+        self.node.add_handler(HANDLER, self.server.handle, pb.StageRequest)
+        self._announce()
+        log.warning("now serving stage %d (was -1): assigned at join; built in %.2f s while the node started",
+                    self.assigned_stage, built_s)
         self.switcher = StageSwitcher(self._switch, self._abort)
         threading.Thread(target=self._announce_loop, name="announce", daemon=True).start()
         self.ready.set()

@@ -151,17 +151,23 @@ class StageServer:
             return True
         return not request.backward and request.stage > 0 and caller in self.roster.stage_peers(request.stage - 1)
 
+    async def _on_roster_soon(self, holds) -> bool:
+        """`holds()` now, or after a roster update within ROSTER_WAIT_S: a member that joined (or began serving)
+        a moment ago is on the next roster this peer's heartbeat brings. At most MAX_ROSTER_WAITERS wait."""
+        if holds():
+            return True
+        if self._roster_waiters >= MAX_ROSTER_WAITERS:
+            return False
+        self._roster_waiters += 1
+        try:
+            return await asyncio.to_thread(self.roster.wait_for, holds, ROSTER_WAIT_S)
+        finally:
+            self._roster_waiters -= 1
+
     async def _admit(self, caller: str, request: pb.StageRequest) -> None:
         """Serve only the run's members (the coordinator's roster); refuse anyone else before any work."""
-        if self.roster is None or self._may_call(caller, request):
+        if self.roster is None or await self._on_roster_soon(lambda: self._may_call(caller, request)):
             return
-        if self._roster_waiters < MAX_ROSTER_WAITERS:  # a member that joined a moment ago: the next roster has it
-            self._roster_waiters += 1
-            try:
-                if await asyncio.to_thread(self.roster.wait_for, lambda: self._may_call(caller, request), ROSTER_WAIT_S):
-                    return
-            finally:
-                self._roster_waiters -= 1
         self.refusals.add("not_member")
         log.warning("refused a call from %s: not a trainer of this run", caller)
         raise BadStageInput(f"refused: peer {caller} is not a trainer of this run", "not_member")
@@ -176,7 +182,7 @@ class StageServer:
             self.refusals.add("bad_route")
             raise BadStageInput(f"a chain from stage {stage} needs {self.cfg['stages'] - 1 - stage} next hops, "
                                 f"got {len(hops)}", "bad_route")
-        if self.roster is not None and hops[0] not in self.roster.stage_peers(stage + 1):
+        if self.roster is not None and not await self._on_roster_soon(lambda: hops[0] in self.roster.stage_peers(stage + 1)):
             return pb.StageReply(failed_peer=hops[0], failed_reason=f"not on this peer's roster of stage {stage + 1}")
         forward = await loop.run_in_executor(self.pool, self._timed_compute, request)
         self.chained_total += 1
