@@ -99,8 +99,6 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
     # Processes are forked from a fork server that imported torch and transformers once, except on --hosts
     # (each starts inside its own namespace through `ip netns exec`) and with --no-fork.
     fork = not getattr(args, "no_fork", False) and not args.hosts
-    if fork:
-        warm_up()
     with contextlib.ExitStack() as stack:
         net = None
         if args.hosts:
@@ -109,9 +107,12 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
             stack.callback(coordinator.stop)
         else:   # the address is known before the coordinator listens, so every process starts at once
             address = status_address = f"127.0.0.1:{free_port()}"
+            # a fresh interpreter: its imports run on one core while the fork server imports on the other
             coordinator = Proc("coordinator", fedswarm_cmd("coordinator", "--listen", address, *coord_args),
-                               out / "coordinator.log", fork=fork)
+                               out / "coordinator.log")
             stack.callback(coordinator.stop)
+            if fork:
+                warm_up()
         swarm = Swarm(out, address, args.precision, args.data, args.inflight, net=net, peers=args.peers, fork=fork)
         stack.callback(swarm.stop)
         for i in range(args.peers):
