@@ -395,10 +395,11 @@ class CoordinatorService:
 
     def _weight(self, msg: Message, h: pb.UpdateHeader) -> int:
         """An update's FedAvg weight: the examples the coordinator's task asked for (local steps x batch x
-        accumulation), never the client's own figure. Swarm stage syncs keep the peer's count."""
+        accumulation), never the client's own figure. A swarm stage sync weighs the peer's token count, capped
+        at the tokens the trainers reported through that stage since its last average."""
         config = msg.content["config"] if "config" in msg.content else {}
         if self.swarm is not None:
-            return int(h.num_examples)
+            return self.swarm.registry.sync_weight(int(config.get("stage", -1)), h.num_examples)
         steps = int(config.get("local-steps", self.cfg.local_steps))
         return steps * self.cfg.batch_size * self.cfg.grad_accum
 

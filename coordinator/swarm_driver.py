@@ -162,6 +162,7 @@ class SwarmDriver:
         with self._lock:
             self.stage_arrays[stage] = new_arrays
         self.registry.synced([m.metadata.src_node_id for m in ok])  # else the next epoch starts on stale counts
+        self.registry.stage_synced(stage)
         return {"clients": [m.content.config_records["client"]["name"] for m in ok],
                 "bytes_up": sum(int(m.content["metrics"]["bytes-up"]) for m in ok),
                 "bytes_up_raw": sum(int(m.content["metrics"]["bytes-up-raw"]) for m in ok),

@@ -54,6 +54,7 @@ class SwarmRegistry:
         self.refused_retired: collections.Counter = collections.Counter()
         self._roster_key: tuple = ()
         self._roster_version = 0
+        self._tokens_at_sync: dict[int, int] = {}   # stage -> trainers' token total at its last average
 
     # -- peers -----------------------------------------------------------------------
     def assign(self, cid: int, name: str, peer_id: str = "") -> int:
@@ -111,6 +112,19 @@ class SwarmRegistry:
             for cid in cids:
                 if cid in self.steps:
                     self.steps[cid] = 0
+
+    def sync_weight(self, stage: int, claimed: int) -> int:
+        """A stage replica's averaging weight: the tokens it says it trained on, at most the tokens the trainers
+        reported since this stage's last average (no replica can have done more), so a peer cannot claim the
+        average for itself."""
+        with self._lock:
+            done = self._total("tokens") - self._tokens_at_sync.get(stage, 0)
+        return max(1, min(int(claimed), done))
+
+    def stage_synced(self, stage: int) -> None:
+        """Stage `stage` was just averaged: its replicas' work is counted from here."""
+        with self._lock:
+            self._tokens_at_sync[stage] = self._total("tokens")
 
     def remove(self, cid: int, reason: str) -> None:
         with self._lock:

@@ -56,8 +56,8 @@ def test_lora_stages_chain_to_the_coordinators_lora_model(tmp_path, family):
 
 @pytest.mark.timeout(400)
 def test_qwen2_folder_trains_lora_adapters_in_swarm_mode_across_three_stages(tmp_path):
-    """`fedswarm sim --mode swarm --peft lora` on a Qwen2 folder with its own tokenizer and a JSON Lines file:
-    peers keep their stage's frozen base, only adapters are averaged."""
+    """`fedswarm sim --mode swarm --peft lora --format chat` on a Qwen2 folder with its own tokenizer and chat
+    template and a JSON Lines file: peers keep their stage's frozen base, only adapters are averaged."""
     import json
 
     from hf_fixtures import write_jsonl
@@ -70,6 +70,7 @@ def test_qwen2_folder_trains_lora_adapters_in_swarm_mode_across_three_stages(tmp
     data = write_jsonl(tmp_path / "data.jsonl", records("add", 800, 2))
     out = tmp_path / "sim"
     sim = Proc("sim", fedswarm_cmd("sim", "--mode", "swarm", "--model", str(model), "--data", str(data),
+                                   "--format", "chat",   # loss on the responses only: -100 labels on the wire
                                    "--peft", "lora", "--lora-r", "4", "--lr", "1e-2",
                                    "--stages", "3", "--peers", "3", "--trainers", "1", "--rounds", "2",
                                    "--average-every", "5", "--seq-len", "32", "--batch-size", "8", "--out", str(out)),
@@ -86,3 +87,14 @@ def test_qwen2_folder_trains_lora_adapters_in_swarm_mode_across_three_stages(tmp
     full_bytes = sum(p.numel() for p in build_untied_model(str(model)).parameters()) * 4
     for r in rounds[1:]:   # per stage average: each replica uploads its stage's adapters (int8), not the base
         assert 0 < r["bytes_up"] <= 0.05 * full_bytes, (r["bytes_up"], full_bytes)
+
+
+def test_chat_labels_cross_the_wire_but_ids_stay_in_the_vocabulary():
+    """The last stage takes -100 labels (no loss on a chat prompt); token ids and other labels are refused."""
+    from fedswarm.client.swarm.tensors import BadStageInput, ids_from_bytes, ids_to_bytes
+
+    masked = torch.tensor([[-100, -100, 5, 7]])
+    assert torch.equal(ids_from_bytes(ids_to_bytes(masked), (1, 4), 10, 8, labels=True), masked)
+    for data, labels in ((masked, False), (torch.tensor([[-1, 2, 3, 4]]), True), (torch.tensor([[1, 2, 3, 10]]), True)):
+        with pytest.raises(BadStageInput, match="outside the vocabulary"):
+            ids_from_bytes(ids_to_bytes(data), (1, 4), 10, 8, labels=labels)

@@ -258,6 +258,8 @@ def test_stage_average_equals_flower_aggregate(tmp_path):
             joined = stub.Join(pb.JoinRequest(name=name, device="cpu", precision="fp32", role="peer"), timeout=30)
             assert joined.stage == 0
             peers[name] = joined
+        # a trainer's reported tokens bound each replica's weight (SwarmRegistry.sync_weight): 1000 >= 10, 30
+        trainer = stub.Join(pb.JoinRequest(name="t", device="cpu", precision="fp32", role="trainer"), timeout=30)
         cfg = json.loads(peers["a"].run_config_json)
         assert cfg["upload_codec"] == "none" and cfg["stages"] == 1
         codec = C.codec_by_name(cfg["upload_codec"])
@@ -273,6 +275,11 @@ def test_stage_average_equals_flower_aggregate(tmp_path):
                         assert reply.stage == 0
                     except Exception as err:  # noqa: BLE001 - reported by the test thread
                         errors.append(err)
+                try:
+                    stub.Heartbeat(pb.HeartbeatRequest(client_id=trainer.client_id, session_token=trainer.session_token,
+                                                       microbatches_completed=1, tokens=1000), timeout=10)
+                except Exception as err:  # noqa: BLE001 - reported by the test thread
+                    errors.append(err)
         beat = threading.Thread(target=heartbeats, name="heartbeats", daemon=True)
         beat.start()
         try:

@@ -95,3 +95,16 @@ def test_trainer_losses_average_into_one_round_then_reset():
     reg.report_trainer(100, "t0", 2, 0, 0, 200)            # a heartbeat with no new micro-batch
     assert reg.take_train_loss() == 2.5
     assert reg.take_train_loss() is None
+
+
+def test_a_replica_cannot_claim_more_tokens_than_went_through_its_stage():
+    """A stage sync's averaging weight is the peer's token count, capped at what the trainers reported since
+    that stage's last average: a peer claiming 1e9 tokens weighs no more than the stage's real traffic."""
+    reg, _, _ = _registry()
+    reg.report_trainer(100, "t0", completed=10, retried=0, lost=0, tokens=2048)
+    assert reg.sync_weight(0, 10**9) == 2048 and reg.sync_weight(0, 1000) == 1000
+    reg.stage_synced(0)
+    assert reg.sync_weight(0, 10**9) == 1             # nothing went through stage 0 since its average
+    assert reg.sync_weight(1, 10**9) == 2048          # stage 1 was not averaged yet
+    reg.report_trainer(100, "t0", completed=15, retried=0, lost=0, tokens=3072)
+    assert reg.sync_weight(0, 10**9) == 1024

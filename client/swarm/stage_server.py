@@ -244,7 +244,7 @@ class StageServer:
             if not torch.isfinite(x).all():
                 raise BadStageInput("input activations are not finite", "non_finite")
             x = x.requires_grad_()
-        labels = ids_from_bytes(req.labels, shape[:2], m.config.vocab_size, max_len) if m.is_last else None
+        labels = ids_from_bytes(req.labels, shape[:2], m.config.vocab_size, max_len, labels=True) if m.is_last else None
         return x.to(self.device), (labels.to(self.device) if labels is not None else None)
 
     def _maybe_die(self, req: pb.StageRequest) -> None:

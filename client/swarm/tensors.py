@@ -48,8 +48,11 @@ def ids_to_bytes(ids: torch.Tensor) -> bytes:
     return ids.to(torch.int32).cpu().numpy().astype("<i4").tobytes()
 
 
-def ids_from_bytes(data: bytes, shape, vocab: int, max_len: int) -> torch.Tensor:
-    """int64 [B, T] from int32 LE bytes, checking shape, size and the vocabulary."""
+IGNORE_INDEX = -100   # a label without loss (chat data: the prompt's tokens), as torch's cross_entropy skips it
+
+
+def ids_from_bytes(data: bytes, shape, vocab: int, max_len: int, labels: bool = False) -> torch.Tensor:
+    """int64 [B, T] from int32 LE bytes, checking shape, size and the vocabulary (`labels`: IGNORE_INDEX too)."""
     shape = tuple(shape)
     if len(shape) != 2 or min(shape) < 1 or shape[0] * shape[1] > MAX_TOKENS or shape[1] > max_len:
         raise BadStageInput(f"token shape {shape[:8]} invalid (need [B, T], B*T <= {MAX_TOKENS}, T <= {max_len})",
@@ -57,6 +60,9 @@ def ids_from_bytes(data: bytes, shape, vocab: int, max_len: int) -> torch.Tensor
     if len(data) != 4 * shape[0] * shape[1]:
         raise BadStageInput(f"{len(data)} bytes of ids for shape {shape} (need {4 * shape[0] * shape[1]})", "bad_shape")
     ids = torch.from_numpy(np.frombuffer(data, dtype="<i4").astype(np.int64)).view(shape)
-    if ids.min() < 0 or ids.max() >= vocab:
+    valid = (ids >= 0) & (ids < vocab)
+    if labels:
+        valid |= ids == IGNORE_INDEX
+    if not bool(valid.all()):
         raise BadStageInput(f"token ids outside the vocabulary 0..{vocab - 1}", "bad_tokens")
     return ids
