@@ -45,13 +45,14 @@ def export(state_dir: str, out: str, rnd: int | None = None, merge: bool = False
     from fedswarm.tokenizer import byte_hf_tokenizer, load_tokenizer
 
     cfg, rnd, state = _round_state(state_dir, rnd)
-    if cfg.get("mode") == "swarm":
-        raise ValueError("this run is a swarm run: its checkpoints hold pipeline stages; export federated runs")
     if model:
         cfg["model"] = model
-    net = build_run_model(cfg)
-    load_trainable_state(net, state)
     lora = cfg.get("peft", "none") != "none"
+    if cfg.get("mode") == "swarm":
+        net = _swarm_model(cfg, state, lora)
+    else:
+        net = build_run_model(cfg)
+        load_trainable_state(net, state)
     if merge and not lora:
         raise ValueError("--merge merges LoRA adapters into the base: this run trained the full model")
     if lora and merge:
@@ -63,6 +64,23 @@ def export(state_dir: str, out: str, rnd: int | None = None, merge: bool = False
     (byte_hf_tokenizer() if getattr(tokenizer, "is_bytes", False) else tokenizer).save_pretrained(out_dir)
     kind = "adapters" if lora and not merge else "model"
     return {"round": rnd, "out": str(out_dir), "kind": kind, "base": cfg["model"], "tensors": len(state)}
+
+
+def _swarm_model(cfg: dict, state: dict, lora: bool) -> torch.nn.Module:
+    """A swarm run's checkpoint as one model: the untied model its stages were cut from (lm_head its own
+    tensor), or, with LoRA, the frozen base wrapped by peft with the stages' adapters (the base is frozen, so
+    its untied head still equals the embedding and the adapters fit the folder's own, tied, model)."""
+    from fedswarm.lora import LoraSettings, wrap_lora
+    from fedswarm.models import build_model, load_trainable_state
+    from fedswarm.stages import build_untied_model
+
+    if not lora:
+        net = build_untied_model(cfg["model"], seed=cfg.get("seed", 0))
+        load_trainable_state(net, state)
+        return net
+    net = wrap_lora(build_model(cfg["model"], seed=cfg.get("seed", 0)), LoraSettings.from_run(cfg), cfg.get("seed", 0))
+    load_trainable_state(net, {"base_model.model." + name: t for name, t in state.items()})
+    return net
 
 
 def load_exported(folder: str, base: str | None = None) -> torch.nn.Module:

@@ -88,6 +88,23 @@ def test_qwen2_folder_trains_lora_adapters_in_swarm_mode_across_three_stages(tmp
     for r in rounds[1:]:   # per stage average: each replica uploads its stage's adapters (int8), not the base
         assert 0 < r["bytes_up"] <= 0.05 * full_bytes, (r["bytes_up"], full_bytes)
 
+    # the run exports as a PEFT adapter folder on the folder's own model, or merged; both compute what the
+    # coordinator's model of the last round computes
+    from fedswarm.export import _round_state, export, load_exported
+    from fedswarm.models import load_trainable_state
+    from fedswarm.stage_lora import lora_eval_model
+
+    cfg, _, state = _round_state(str(out / "state"), None)
+    ref = lora_eval_model(cfg).eval()
+    load_trainable_state(ref, state)
+    x = torch.randint(0, ref.config.vocab_size, (2, 16))
+    for merge in (False, True):
+        folder = tmp_path / f"export-{'merged' if merge else 'adapters'}"
+        assert export(str(out / "state"), str(folder), merge=merge)["kind"] == ("model" if merge else "adapters")
+        with torch.no_grad():
+            got, expected = load_exported(str(folder)).eval()(x).logits, ref(x).logits
+        assert torch.allclose(got, expected, atol=1e-4), (merge, (got - expected).abs().max())
+
 
 def test_chat_labels_cross_the_wire_but_ids_stay_in_the_vocabulary():
     """The last stage takes -100 labels (no loss on a chat prompt); token ids and other labels are refused."""

@@ -183,6 +183,15 @@ class SwarmTrainer:
             self._wake.wait(self.t.refresh_s)
             self._wake.clear()
 
+    def _wait_for_replica(self, started: float, what: str) -> None:
+        """No live replica to route to: wait for the next DHT refresh, or count the micro-batch lost (raise
+        MicrobatchLost) once the trainer has waited give_up_s for it."""
+        if time.monotonic() - started > self.t.give_up_s:
+            with self.stats.lock:
+                self.stats.lost += 1
+            raise MicrobatchLost(f"{what} had no live replica for {self.t.give_up_s:.0f} s")
+        self._await_refresh(max(self.t.no_replica_wait_s, 1.0))
+
     def _await_refresh(self, timeout: float) -> None:
         """Wake the refresher and wait (bounded) for its next read."""
         with self._refreshed:
@@ -242,11 +251,7 @@ class SwarmTrainer:
         while True:
             route = [self.router.choose(stage) for stage in range(self.num_stages)]
             if any(record is None for record in route):
-                if time.monotonic() - started > self.t.give_up_s:
-                    with self.stats.lock:
-                        self.stats.lost += 1
-                    raise MicrobatchLost(f"a stage had no live replica for {self.t.give_up_s:.0f} s")
-                self._await_refresh(max(self.t.no_replica_wait_s, 1.0))
+                self._wait_for_replica(started, "a stage")
                 continue
             peers = [record.peer_id for record in route]
             req = pb.StageRequest(run_id=self.run_id, stage=0, microbatch_id=mb, ids=ids_to_bytes(x),
@@ -291,11 +296,7 @@ class SwarmTrainer:
                 record = self.router.choose(stage)
                 peer = record.peer_id if record else None
             if peer is None:
-                if time.monotonic() - started > self.t.give_up_s:
-                    with self.stats.lock:
-                        self.stats.lost += 1
-                    raise MicrobatchLost(f"stage {stage} had no live replica for {self.t.give_up_s:.0f} s")
-                self._await_refresh(max(self.t.no_replica_wait_s, 1.0))
+                self._wait_for_replica(started, f"stage {stage}")
                 continue
             self.router.begin(peer)
             t0 = time.monotonic()
