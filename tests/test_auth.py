@@ -193,11 +193,13 @@ def test_bad_security_files_exit_2(tmp_path, keys):
         ["client", "--coordinator", "127.0.0.1:1", "--tls-ca", str(keys / "client-0.pub")],
         ["status", "--coordinator", "127.0.0.1:1", "--tls-ca", str(tmp_path / "missing.pem")],
     ]
-    for argv in cases:
-        proc = run_cli(*argv)
-        out = proc.stdout + proc.stderr
+    procs = [subprocess.Popen(fedswarm_cmd(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL) for argv in cases]   # all at once: each is a start-up
+    for argv, proc in zip(cases, procs):
+        stdout, stderr = proc.communicate(timeout=120)
+        out = stdout + stderr
         assert proc.returncode == 2, (argv, out)
-        assert "error:" in proc.stderr and "Traceback" not in out, (argv, out)
+        assert "error:" in stderr and "Traceback" not in out, (argv, out)
     assert not state.exists()
 
 

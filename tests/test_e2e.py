@@ -133,6 +133,7 @@ def test_exit_when_done(tmp_path):
     assert ckpt.is_file() and ckpt.stat().st_size > 0
 
 
+@pytest.mark.slow   # every swarm sim starts its clients before the coordinator listens (tests/test_swarm_sim.py)
 @pytest.mark.timeout(300)
 def test_client_waits_for_coordinator(tmp_path):
     port = free_port()  # nothing listens here until the coordinator below takes it

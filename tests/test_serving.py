@@ -33,7 +33,7 @@ async def _timed(call) -> float:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("idle", [IDLE_STREAMS, 1000])
+@pytest.mark.parametrize("idle", [pytest.param(IDLE_STREAMS, marks=pytest.mark.slow), 1000])   # 1000 covers 64
 def test_idle_upload_streams_leave_status_and_heartbeat_fast(tmp_path, idle):
     """`idle` PushUpdate streams that never send a byte, from a caller without a session, over connections of
     their own: Status, Heartbeat and Health keep answering within 1 s; every stream is cut with its reason
