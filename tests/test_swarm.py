@@ -164,6 +164,7 @@ def test_replay_after_peer_dies_mid_forward_and_mid_backward(tmp_path):
 
 
 # -- 2. SIGKILL a replica, then the only peer of a stage ----------------------------------------------------------
+@pytest.mark.slow   # the default run heals both across hosts (tests/test_hosts_swarm.py: replica SIGKILL, only peer lost)
 @pytest.mark.timeout(240)
 def test_sigkill_replica_then_only_peer(tmp_path):
     with swarm_run(tmp_path, stages=3, rounds=50, average_every=5) as swarm:
