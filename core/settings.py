@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from typing import Any, Callable, Iterable
 
@@ -44,7 +45,7 @@ def settings_of(cls: type) -> list[Setting]:
         if "help" not in f.metadata:
             continue
         kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", ())):
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
             kind = next(a for a in typing.get_args(kind) if a is not type(None))   # float | None: float
         choices = f.metadata["choices"]
         if callable(choices):

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from fedswarm.lora import LoraSettings
 from fedswarm.models import load_trainable_state
-from fedswarm.stages import (Stage, _check_index, _rebuild_buffers, _untied_config, build_stage, build_untied_model)
+from fedswarm.stages import Stage, _check_index, _untied_config, build_stage, build_untied_model, stage_param_names
 from fedswarm.tokenizer import is_hf_folder
 
 EMBEDDINGS = ("transformer.wte.weight", "model.embed_tokens.weight")   # what an untied lm_head starts as
@@ -43,7 +43,7 @@ def inject_adapters(module: nn.Module, settings: LoraSettings, model_type: str, 
         try:
             return inject_adapter_in_model(config, module)
         except ValueError as err:
-            raise ValueError(f"cannot place LoRA adapters on this {model_type} stage: {err}; check --lora-targets")
+            raise ValueError(f"cannot place LoRA adapters on this {model_type} stage: {err}; check --lora-targets") from err
 
 
 def lora_eval_model(cfg: dict) -> nn.Module:
@@ -98,13 +98,9 @@ def build_lora_stage(cfg: dict, index: int, adapters: dict[str, torch.Tensor],
     adapters set to `adapters`."""
     _check_index(index, cfg["stages"])
     model = cfg["model"]
-    if is_hf_folder(model):
-        with torch.device("meta"):
-            stage = Stage(AutoModelForCausalLM.from_config(_untied_config(model)), index, cfg["stages"])
-        stage.to_empty(device=device)
-        _rebuild_buffers(stage, torch.device(device))
-        base = _folder_tensors(Path(model), [n for n, _ in stage.named_parameters()])
-        load_trainable_state(stage, base)   # every parameter is trainable before the adapters go in
+    if is_hf_folder(model):   # stage-only, as a full fine-tune's peer builds it, from the folder's tensors
+        base = _folder_tensors(Path(model), stage_param_names(model, index, cfg["stages"]))
+        stage = build_stage(model, index, cfg["stages"], state=base, device=device)
     else:   # a preset's base exists only as its seeded initialisation
         stage = build_stage(model, index, cfg["stages"], seed=cfg["seed"], device=device)
     stage = inject_adapters(stage, LoraSettings.from_run(cfg), stage.config.model_type, seed=cfg["seed"])
