@@ -7,9 +7,8 @@ import subprocess
 
 import pytest
 
-from fedswarm.coordinator.strategies import STRATEGIES
 from fedswarm.sim import bench
-from fedswarm.sim.bench_learning import plan_runs
+from fedswarm.sim.bench_learning import client_batch_size, parse_strategy, plan_runs
 from fedswarm.sim.processes import fedswarm_cmd
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,28 +25,41 @@ def bench_args(*argv: str) -> argparse.Namespace:
 
 def test_plan_covers_strategies_steps_and_codecs():
     runs = plan_runs(bench_args("--local-steps-list", "10,50", "--codec-list", "int8", "--extra-codecs", "none,int4"))
-    expected = ["fedavg", "fedavgm"] + (["diloco"] if "diloco" in STRATEGIES else [])
-    assert sorted({r["strategy"] for r in runs}) == sorted(expected)
-    assert {(r["local_steps"], r["codec"]) for r in runs if r["strategy"] == "fedavgm"} == {(10, "int8"), (50, "int8")}
-    assert {r["codec"] for r in runs if (r["strategy"], r["local_steps"]) == ("fedavg", 10)} == {"int8", "none", "int4"}
+    assert {r["label"] for r in runs} == {"fedavg", "fedavgm", "diloco", "diloco/0.7/0.8"}   # the default grid
+    assert {(r["local_steps"], r["codec"]) for r in runs if r["label"] == "fedavgm"} == {(10, "int8"), (50, "int8")}
+    last = [r for r in runs if r["label"] == "diloco/0.7/0.8"]
+    assert {r["codec"] for r in last if r["local_steps"] == 10} == {"int8", "none", "int4"}
+    assert all((r["strategy"], r["server_lr"], r["server_momentum"]) == ("diloco", 0.7, 0.8) for r in last)
+    assert parse_strategy("fedavgm/1.5")["server_lr"] == 1.5 and parse_strategy("fedavg")["server_lr"] is None
     with pytest.raises(ValueError, match="unknown"):
         plan_runs(bench_args("--strategies", "fedavg,nope"))
+    with pytest.raises(ValueError, match="must be numbers"):
+        parse_strategy("diloco/fast")
+    with pytest.raises(ValueError, match="momentum < 1"):
+        parse_strategy("diloco/0.7/1.2")
+    assert client_batch_size(bench_args()) == 3   # 12 sequences over 4 clients
+    assert client_batch_size(bench_args("--client-batch-size", "5")) == 5
+    with pytest.raises(ValueError, match="does not split over --clients 4"):
+        client_batch_size(bench_args("--batch-size", "10"))
 
 
 @pytest.mark.timeout(400)
 def test_bench_learning_tiny_budget(tmp_path):
     out = tmp_path / "bench"
-    argv = fedswarm_cmd("bench", "learning", "--tokens", "2048", "--clients", "2", "--strategies", "fedavg",
-                        "--local-steps-list", "4", "--extra-codecs", "", "--seq-len", "32", "--batch-size", "4",
+    argv = fedswarm_cmd("bench", "learning", "--tokens", "1024", "--clients", "2", "--strategies", "fedavg",
+                        "--local-steps-list", "4", "--codec-list", "int8", "--extra-codecs", "", "--seq-len", "32",
+                        "--batch-size", "4",
                         "--precision", "fp32", "--threads", "1", "--out", str(out))
     done = subprocess.run(argv, capture_output=True, text=True, timeout=380, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "bench-learning.json").read_text())
     single, (fed,) = result["single"], result["runs"]
-    assert single["clients"] == 1 and single["rounds"] == 4 and fed["clients"] == 2 and fed["rounds"] == 2
-    assert single["tokens"] == fed["tokens"] == 2048, "every run trains the same tokens"
+    # the one process's batch of 4 splits as data-parallel training splits it: 2 clients of 2, same steps
+    assert (single["clients"], single["batch_size"], single["rounds"]) == (1, 4, 2)
+    assert (fed["clients"], fed["batch_size"], fed["rounds"]) == (2, 2, 2)
+    assert single["tokens"] == fed["tokens"] == 1024, "every run trains the same tokens"
     assert fed["loss_vs_single"] == pytest.approx(fed["final_eval_loss"] / single["final_eval_loss"] - 1)
     assert fed["allreduce_over_socket"] > 0 and single["allreduce_over_socket"] is None
-    assert "| one process |" in done.stdout and "| fedavg | 2 | 4 x 2 | int8 |" in done.stdout, done.stdout
+    assert "| one process |" in done.stdout and "| fedavg | 2 x 2 | 4 x 2 | int8 |" in done.stdout, done.stdout
     assert "largest reduction within 5%" in done.stdout or "no run within 5%" in done.stdout
     assert (out / "loss_vs_bytes.png").read_bytes().startswith(PNG_MAGIC)
