@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,9 +155,9 @@ def group_assignment(data: str, num_partitions: int) -> tuple[list[list[str]], l
     return assign_bins(train, num_partitions), sorted(g for g in sizes if is_eval_group(g))
 
 
-def _read_span(files: tuple[_File, ...], start: int, end: int) -> bytearray:
-    """Bytes [start, end) of the files joined by b"\\n", reading only what is needed."""
-    out, pos = bytearray(), 0
+def iter_span(files, start: int, end: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Bytes [start, end) of the files joined by b"\\n", in pieces of at most ``chunk``, reading only what is needed."""
+    pos = 0
     for i, f in enumerate(files):
         if pos >= end:
             break
@@ -164,13 +165,23 @@ def _read_span(files: tuple[_File, ...], start: int, end: int) -> bytearray:
         if lo < hi:
             with open(f.path, "rb") as fh:
                 fh.seek(lo - pos)
-                out += fh.read(hi - lo)
+                left = hi - lo
+                while left > 0:
+                    block = fh.read(min(chunk, left))
+                    if not block:
+                        break
+                    left -= len(block)
+                    yield block
         pos += f.size
         if i < len(files) - 1:
             if start <= pos < end:
-                out += b"\n"
+                yield b"\n"
             pos += 1
-    return out
+
+
+def _read_span(files: tuple[_File, ...], start: int, end: int) -> bytearray:
+    """Bytes [start, end) of the files joined by b"\\n", as one buffer."""
+    return bytearray().join(iter_span(files, start, end))
 
 
 def _tokens(buf: bytearray) -> np.ndarray:

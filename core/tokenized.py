@@ -204,30 +204,6 @@ def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _iter_span(files, start: int, end: int) -> Iterator[bytes]:
-    """Bytes [start, end) of the files joined by b"\\n", in bounded pieces (fedswarm.data's byte stream)."""
-    pos = 0
-    for i, f in enumerate(files):
-        if pos >= end:
-            break
-        lo, hi = max(start, pos), min(end, pos + f.size)
-        if lo < hi:
-            with open(f.path, "rb") as fh:
-                fh.seek(lo - pos)
-                left = hi - lo
-                while left > 0:
-                    block = fh.read(min(_TEXT_CHUNK, left))
-                    if not block:
-                        break
-                    left -= len(block)
-                    yield block
-        pos += f.size
-        if i < len(files) - 1:
-            if start <= pos < end:
-                yield b"\n"
-            pos += 1
-
-
 def _text_span(data: str, split: tuple) -> tuple[tuple, int, int]:
     plan = D._plan(data)
     if split[0] == "eval":
@@ -244,7 +220,7 @@ def _text_pieces(data: str, tokenizer, split: tuple) -> Iterator[tuple[list[int]
     """Plain text tokenized in ~1 MiB pieces cut at line ends (so no token straddles a cut)."""
     files, lo, hi = _text_span(data, split)
     carry = b""
-    for block in _iter_span(files, lo, hi):
+    for block in D.iter_span(files, lo, hi, _TEXT_CHUNK):
         carry += block
         if len(carry) < _TEXT_CHUNK:
             continue

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads per client (0: cores / clients)")
     p.add_argument("--out", default="sim-out", help="folder for report.json, plots, logs and state")
     p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    p.add_argument("--lease", type=float, default=None,
+                   help="the coordinator's --lease: seconds of silence before a client (a dropout too) is dropped")
     add_swarm_arguments(p)
     add_virtual_arguments(p)
 
@@ -105,8 +107,9 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
 def coordinator_argv(args: argparse.Namespace, out: Path) -> list[str]:
     """The sim's coordinator flags: every run setting as given to the sim, evaluated on the held-out split of
     the data being trained on, waiting for all the sim's clients."""
+    lease = [] if args.lease is None else ["--lease", str(args.lease)]
     return ["--state-dir", str(out / "state"), "--min-clients", str(args.clients), "--eval-data", args.data,
-            *settings.to_argv(RunConfig, args, exclude=SIM_SETS)]
+            *lease, *settings.to_argv(RunConfig, args, exclude=SIM_SETS)]
 
 
 def _follow(address: str, coordinator, failed, rounds: int, log, on_round=None, counts=None) -> dict:

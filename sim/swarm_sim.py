@@ -91,7 +91,7 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
     # every run setting as given to the sim (--mode swarm among them), evaluated on the data being trained on
     coord_args = ["--state-dir", str(out / "state"), "--eval-data", args.data,
                   *settings.to_argv(RunConfig, args, exclude=("min_clients", "eval_data"))]
-    if getattr(args, "lease", None):   # benchmarks on a loaded machine: starting peers may miss the 3 s swarm lease
+    if args.lease is not None:   # benchmarks on a loaded machine: starting peers may miss the 3 s swarm lease
         coord_args += ["--lease", str(args.lease)]
     rng = random.Random(args.seed)
     timeline, faults = [], []

@@ -136,7 +136,8 @@ async def _answer(stub, joined, task) -> None:
 def test_200_sessions_stay_members_while_a_round_commits(tmp_path):
     """Every session long-polls; all get a task (FedAvg samples everyone), one answers; the round commits at
     its timeout with one reply, and no session loses its lease meanwhile (every heartbeat answered)."""
-    args = ["--state-dir", str(tmp_path / "state"), "--min-clients", str(SESSIONS), "--round-timeout", "25",
+    args = ["--state-dir", str(tmp_path / "state"), "--min-clients", str(SESSIONS), "--round-timeout", "14",
+            "--lease", "8",   # the round outlasts a lease: only answered heartbeats keep the sessions
             *SMALL]
     with coordinator_process(tmp_path, args) as (coord, address):
         stats: dict = {"heartbeat": [], "status": [], "members": []}

@@ -15,12 +15,12 @@ def test_swarm_sim_with_a_kill_writes_report(tmp_path):
     out = tmp_path / "sim"
     proc = subprocess.run(
         [sys.executable, "-m", "fedswarm", "sim", "--mode", "swarm", "--stages", "2", "--peers", "3",
-         "--trainers", "1", "--rounds", "3", "--average-every", "5", "--kill-every", "8", "--rejoin-after", "4",
+         "--trainers", "1", "--rounds", "2", "--average-every", "5", "--kill-every", "8", "--rejoin-after", "4",
          "--seq-len", "64", "--batch-size", "8", "--out", str(out)],
         capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
-    assert [r["round"] for r in report["rounds"]] == [0, 1, 2, 3]
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
     assert report["config"]["mode"] == "swarm" and report["config"]["stages"] == 2
     sw = report["swarm"]
     assert sw["microbatches_completed"] > 0 and sw["microbatches_lost"] == 0

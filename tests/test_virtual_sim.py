@@ -66,6 +66,7 @@ def test_clients_per_round_samples_k_distinct_connected_nodes(task_identity):
         RunConfig(clients_per_round=-1).check()
 
 
+@pytest.mark.slow   # virtual clients on two workers, sampled: also test_dropouts_leave_and_stragglers_still_count
 @pytest.mark.timeout(450)
 def test_forty_virtual_clients_on_two_workers(tmp_path):
     report = run_sim(tmp_path, "--clients", "40", "--clients-per-round", "4", "--rounds", "2", "--workers", "2")
@@ -93,7 +94,7 @@ def test_dropouts_leave_and_stragglers_still_count(tmp_path):
     assert would_drop == {"v0000", "v0002", "v0004"}
     report = run_sim(tmp_path, "--clients", str(clients), "--clients-per-round", "4", "--rounds", "1",
                      "--workers", "2", "--seed", str(seed), "--dropout-rate", "0.5",
-                     "--straggler-rate", "1", "--straggler-delay", "1")
+                     "--straggler-rate", "1", "--straggler-delay", "1", "--lease", "6")
     v = report["virtual"]
     assert 1 <= len(v["dropped"]) <= 3 and set(v["dropped"]) <= would_drop
     (r1,) = [r for r in report["rounds"] if r["round"] == 1]
