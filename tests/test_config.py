@@ -85,6 +85,8 @@ def test_the_sim_hands_every_run_setting_to_its_coordinator(tmp_path):
         derived = {"min_clients": sim.clients, "eval_data": sim.data}
         expected = derived[f.name] if f.name in derived else getattr(sim, f.name)
         assert getattr(cfg, f.name) == expected, f.name
+    sim.lease = 6.0   # the sim's --lease is the coordinator's
+    assert parse("coordinator", coordinator_argv(sim, tmp_path)).lease == 6.0
 
 
 def test_settings_doc_is_generated_from_the_definitions(capsys):

@@ -126,6 +126,9 @@ def _steady(address: str):
 
 
 # -- 1. replay after a peer dies inside a forward and inside a backward ------------------------------------------
+# The default run replays both in chained traffic (tests/test_swarm_chain.py) and runs relayed traffic through
+# SIGKILLs in tests/test_swarm_sim.py.
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_replay_after_peer_dies_mid_forward_and_mid_backward(tmp_path):
     # relayed traffic: every hop's forward and backward is a trainer call (tests/test_swarm_chain.py: chained)

@@ -37,12 +37,14 @@ def test_only_the_previous_stages_roster_peers_may_chain_into_a_stage():
 def test_chained_traffic_trains_and_replays_a_dead_hop(tmp_path):
     with swarm_run(tmp_path, stages=2, rounds=50, average_every=5, extra=["--swarm-traffic", "chained"]) as swarm:
         p = {}
-        for i, stage in enumerate([0, 1, 0, 1]):   # stage 0: p0, p2; stage 1: p1, p3 (dies in its 2nd forward)
-            env = {"FEDSWARM_FAULT": "die_on_forward:2"} if i == 3 else None
-            p[f"p{i}"] = swarm.start_peer(f"p{i}", stage, env=env)
+        # stage 0: p0, p2, p4 (dies in its 2nd backward); stage 1: p1, p3 (dies in its 2nd forward)
+        faults = {"p3": {"FEDSWARM_FAULT": "die_on_forward:2"}, "p4": {"FEDSWARM_FAULT": "die_on_backward:2"}}
+        for i, stage in enumerate([0, 1, 0, 1, 0]):
+            p[f"p{i}"] = swarm.start_peer(f"p{i}", stage, env=faults.get(f"p{i}"))
         trainer = swarm.start_trainer()
         healthy = [swarm.coordinator, trainer, p["p0"], p["p1"], p["p2"]]
-        _until("p3 died in a chained forward", lambda: p["p3"].popen.poll() is not None, 120, healthy, poll_s=0.1)
+        _until("p3 died in a chained forward, p4 in a backward",
+               lambda: p["p3"].popen.poll() is not None and p["p4"].popen.poll() is not None, 120, healthy, poll_s=0.1)
         after = _completed(swarm.address)
         _until(">= 12 micro-batches after p3 died, and a stage average",
                lambda: _completed(swarm.address) >= after + 12 and len(fetch_status(swarm.address)["rounds"]) >= 2,
@@ -54,8 +56,10 @@ def test_chained_traffic_trains_and_replays_a_dead_hop(tmp_path):
                        for t in re.findall(r"uploaded \d+ bytes of progress over (\d+) tokens", p[name].output()))
         _until("both stages trained", lambda: trained(["p0", "p2"]) and trained(["p1"]), 60, healthy)
         assert "fault injection: dying during forward" in p["p3"].output()
+        assert "fault injection: dying during backward" in p["p4"].output()
         log = trainer.output()
         assert re.search(r"chained micro-batch, stage 1: (unreachable|error|timeout)", log), log[-3000:]
+        assert re.search(r"chained micro-batch, stage 0: (unreachable|error|timeout)", log), log[-3000:]   # p4
         assert "micro-batch lost" not in log
         # stage 0's replicas sent their outputs on themselves (they log the count at each stage sync)
         def chained_by_stage_0():

@@ -16,12 +16,14 @@ def test_swarm_sim_with_a_kill_writes_report(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fedswarm", "sim", "--mode", "swarm", "--stages", "2", "--peers", "3",
          "--trainers", "1", "--rounds", "2", "--average-every", "5", "--kill-every", "8", "--rejoin-after", "4",
+         "--swarm-traffic", "relayed",   # the chained default runs in test_swarm_chain.py and across hosts
          "--seq-len", "64", "--batch-size", "8", "--out", str(out)],
         capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
     assert report["config"]["mode"] == "swarm" and report["config"]["stages"] == 2
+    assert report["config"]["swarm_traffic"] == "relayed"
     sw = report["swarm"]
     assert sw["microbatches_completed"] > 0 and sw["microbatches_lost"] == 0
     assert any(f["kind"] == "SIGKILL" for f in report["faults"]), "the schedule injected no fault"
