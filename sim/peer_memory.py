@@ -22,11 +22,11 @@ MEASURE_TIMEOUT_S = 300.0
 
 def proc_memory_mb(pid: int | str = "self") -> dict[str, float] | None:
     """VmRSS (now) and VmHWM (peak) of a process, in MiB, from /proc; None once it has exited (a zombie
-    has no memory lines, a reaped process no /proc entry)."""
+    has no memory lines, a reaped process no /proc entry, and one that exits mid-read fails the read with ESRCH)."""
     fields = {}
     try:
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
     for line in lines:
         key, _, value = line.partition(":")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import signal
 import socket
@@ -180,9 +181,11 @@ def test_bad_cli_input(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_sim_writes_report(tmp_path):
-    out = tmp_path / "sim"
-    argv = fedswarm_cmd("sim", "--clients", "2", "--rounds", "2", "--local-steps", "10", *SMALL,
+def test_sim_writes_report_and_evaluates_on_its_datas_split(tmp_path):
+    from test_learning import initial_eval_loss, write_corpus
+
+    out, corpus = tmp_path / "sim", write_corpus(tmp_path / "plays.txt")
+    argv = fedswarm_cmd("sim", "--clients", "2", "--rounds", "2", "--local-steps", "10", *SMALL, "--data", corpus,
                         "--quiet", "--out", str(out))
     sim = Proc("sim", argv, tmp_path / "sim.log")
     try:
@@ -210,3 +213,8 @@ def test_sim_writes_report(tmp_path):
     for name in ("eval_loss.png", "upload_bytes.png"):
         data = (out / name).read_bytes()
         assert len(data) > len(PNG_MAGIC) and data.startswith(PNG_MAGIC), name
+    # the coordinator evaluates on the held-out split of --data, not on the stdlib
+    assert report["config"]["eval_data"] == corpus
+    on_file, on_stdlib = initial_eval_loss(corpus, seq_len=64), initial_eval_loss("stdlib", seq_len=64)
+    assert abs(on_file - on_stdlib) > 1e-3, "the corpus must be distinguishable from stdlib"
+    assert math.isclose(report["rounds"][0]["eval_loss"], on_file, rel_tol=1e-4), (report["rounds"][0], on_file)

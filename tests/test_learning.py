@@ -47,18 +47,6 @@ def initial_eval_loss(data: str, seq_len: int = 32, windows: int = 64) -> float:
     return evaluate(model, eval_windows(load_eval_tokens(data), seq_len, windows))
 
 
-@pytest.mark.timeout(300)
-def test_sim_evaluates_on_the_data_files_split(tmp_path):
-    corpus = write_corpus(tmp_path / "plays.txt")
-    report = run_sim(sim_args(tmp_path / "sim", "--data", corpus, "--clients", "1", "--rounds", "1",
-                              "--local-steps", "2", *SMALL), log=lambda *_: None)
-    assert report["config"]["eval_data"] == corpus
-    on_file, on_stdlib = initial_eval_loss(corpus), initial_eval_loss("stdlib")
-    assert abs(on_file - on_stdlib) > 1e-3, "the corpus must be distinguishable from stdlib"
-    assert math.isclose(report["rounds"][0]["eval_loss"], on_file, rel_tol=1e-4), (
-        report["rounds"][0]["eval_loss"], on_file, on_stdlib)
-
-
 # -- lr schedules ----------------------------------------------------------------------------------
 
 def test_schedule_warmup_then_cosine_to_min_lr():
