@@ -53,11 +53,11 @@ def parse_strategy(spec: str) -> dict:
     if len(values) > 2:
         raise ValueError(f"--strategies: {spec!r} has too many parts; write NAME or NAME/SERVER_LR/SERVER_MOMENTUM")
     try:
-        lr, momentum = (float(v) for v in values + ["nan"] * (2 - len(values)))
+        numbers = [float(v) for v in values]
     except ValueError:
         raise ValueError(f"--strategies: {spec!r}: the server lr and momentum must be numbers, "
                          f"e.g. diloco/0.7/0.8") from None
-    lr, momentum = (None if v != v else v for v in (lr, momentum))
+    lr, momentum = (numbers + [None, None])[:2]
     if lr is not None and not 0 < lr <= 10 or momentum is not None and not 0 <= momentum < 1:
         raise ValueError(f"--strategies: {spec!r}: need 0 < server lr <= 10 and 0 <= momentum < 1")
     return {"strategy": name, "server_lr": lr, "server_momentum": momentum, "label": spec}
