@@ -74,7 +74,8 @@ class AsyncSession:
             try:
                 return await call()
             except grpc.aio.AioRpcError as err:
-                if err.code() not in RETRYABLE or self.closed.is_set():
+                if (err.code() not in RETRYABLE and refusals.reason(err) not in refusals.RETRY_SOON) \
+                        or self.closed.is_set():
                     raise
                 if self.t.give_up_s and time.monotonic() - started > self.t.give_up_s:
                     raise

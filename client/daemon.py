@@ -18,8 +18,10 @@ import torch
 from fedswarm import tokenized
 from fedswarm.client import work
 from fedswarm.client.identity import Identity, open_channel, signed_join_fields
+from fedswarm.client.preflight import check_args
 from fedswarm.client.trainer import PRECISIONS, LocalTrainer, resolve_device, resolve_precision
 from fedswarm.data import parse_partition
+from fedswarm.errors import BadInput, one_line
 from fedswarm.lora import build_run_model
 from fedswarm.models import trainable_state
 from fedswarm.proto import codec as C
@@ -45,6 +47,7 @@ class ClientTimeouts:
     backoff_max_s: float = 10.0       # cap on the retry delay
     give_up_s: float = 0.0            # stop retrying after this long unreachable (0: never)
     pending_s: float = 120.0          # how long to keep re-sending an update the coordinator says is early
+    unknown_retries: int = 3          # UNKNOWN (the coordinator hit an unexpected error) retried this often
 
 
 class JoinRefused(Exception):
@@ -103,12 +106,16 @@ class ClientDaemon:
     # -- connection ------------------------------------------------------------------
     def with_retry(self, what: str, call):
         """Call until it succeeds; exponential backoff with jitter while the coordinator is unreachable."""
-        delay, started = self.t.backoff_initial_s, time.monotonic()
+        delay, started, unknown = self.t.backoff_initial_s, time.monotonic(), 0
         while True:
             try:
                 return call()
             except grpc.RpcError as err:
-                if err.code() not in RETRYABLE or refusals.reason(err) in refusals.FINAL:
+                why = refusals.reason(err)
+                unknown += err.code() == grpc.StatusCode.UNKNOWN
+                transient = err.code() in RETRYABLE or why in refusals.RETRY_SOON or \
+                    (err.code() == grpc.StatusCode.UNKNOWN and unknown <= self.t.unknown_retries)
+                if not transient or why in refusals.FINAL:
                     raise
                 if self.t.give_up_s and time.monotonic() - started > self.t.give_up_s:
                     raise
@@ -166,7 +173,8 @@ class ClientDaemon:
         model = build_run_model(local, self.device, load_in_4bit=getattr(self.args, "load_in_4bit", False))
         initial = trainable_state(model)   # the run's version 0, if the coordinator's digest agrees
         self.held = Held(0, initial, wire.state_digest(initial))
-        self.trainer = LocalTrainer(model, sampler, self.device, self.precision, lr=cfg["lr"])
+        self.trainer = LocalTrainer(model, sampler, self.device, self.precision, lr=cfg["lr"],
+                                    gradient_checkpointing=getattr(self.args, "gradient_checkpointing", False))
         self.codec = C.codec_by_name(cfg["upload_codec"])
         self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
 
@@ -216,6 +224,8 @@ class ClientDaemon:
                         return 0
                     if task.kind == pb.TASK_TRAIN:
                         self.train(task)
+                    elif task.kind == pb.TASK_EVALUATE:
+                        self.evaluate(task)
                 except SessionLost:
                     log.warning("session lost; joining again")
                     self.join()
@@ -237,6 +247,30 @@ class ClientDaemon:
             self.channel.close()
             if self._rounds_bar is not None:
                 self._rounds_bar.close()
+
+    def evaluate(self, task: pb.Task) -> None:
+        """Score the task's model (downloaded as for training: deltas from the version held) on this client's
+        held-out split, and answer with the loss and the tokens it averages."""
+        BUDGET.refresh()
+        base = self.fetch_global(task.task_id)
+        try:
+            if getattr(self, "_held_out", None) is None:   # tokenized once, on the first evaluation asked for
+                self._held_out = work.held_out_windows(self.args, self.run_cfg)
+        except ValueError as err:   # e.g. --data too small for a held-out split: say so rather than go silent
+            log.error("round %d: cannot evaluate: %s", task.round, err)
+            outcome, error = work.EvalOutcome(0.0, 0, 0.0), str(err)[:500]
+        else:
+            outcome, error = work.evaluate_on_task(self.evaluation_model(), self._held_out, base), ""
+        req = work.eval_result(outcome, client_id=self.client_id, token=self.token, run_id=self.run_id, task=task,
+                               base_digest=self.held.digest, identity=self.identity, error=error)
+        self.with_retry("evaluation result", lambda: self.stub.PushEval(req, timeout=self.t.rpc_s))
+        if not error:
+            log.info("round %d: eval loss %.4f on %d held-out tokens in %.1f s", task.round, outcome.loss,
+                     outcome.tokens, outcome.seconds)
+
+    def evaluation_model(self) -> torch.nn.Module:
+        """The model an evaluation loads the task's weights into (the trainer's: its optimizer state is apart)."""
+        return self.trainer.model
 
     def train(self, task: pb.Task) -> None:
         BUDGET.refresh()   # other fedswarm processes may have started beside us since the last round
@@ -381,6 +415,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: $FEDSWARM_CACHE or ~/.cache/fedswarm/tokens)")
     p.add_argument("--load-in-4bit", action="store_true",
                    help="QLoRA: hold the frozen base in 4 bits (bitsandbytes; CUDA clients of a --peft lora run)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each transformer block's activations in the backward pass instead of keeping "
+                        "them: far less memory for about a third more compute (clients and peers; this host's choice)")
     p.add_argument("--partition", default="0/1", help="I/N: this client's share of --data (0-based)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -389,8 +426,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: this host's CPUs shared among the fedswarm processes running on it, "
                         "re-checked each round)")
-    p.add_argument("--role", default="client", choices=["client", "peer", "trainer"],
-                   help="client: federated rounds; peer: serve a swarm pipeline stage; trainer: drive swarm micro-batches")
+    p.add_argument("--role", default="client", choices=["client", "evaluator", "peer", "trainer"],
+                   help="client: federated rounds; evaluator: only evaluate each round's model on --data's held-out "
+                        "split (--evaluate clients/both; never sampled for training); peer: serve a swarm pipeline "
+                        "stage; trainer: drive swarm micro-batches")
     p.add_argument("--inflight", type=int, default=2, help="trainer: micro-batches in flight at once")
     p.add_argument("--tls-ca", metavar="FILE", help="CA certificate (PEM) to verify a TLS coordinator")
     p.add_argument("--key", metavar="FILE", help="Ed25519 private key (PEM) proving this client's identity")
@@ -404,17 +443,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        check_args(args)   # address, data and model: before anything connects (or logs, or sizes threads)
+    except ValueError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
     console = setup_logging()   # through rich on a terminal, so the rounds bar and the log share it
     BUDGET.configure(args.threads)
     cls = ClientDaemon
-    if args.role != "client":
+    if args.role == "evaluator":
+        from fedswarm.client.evaluator import EvaluatorDaemon
+
+        cls = EvaluatorDaemon
+    elif args.role != "client":
         from fedswarm.client.swarm.roles import PeerDaemon, TrainerDaemon
 
         cls = PeerDaemon if args.role == "peer" else TrainerDaemon
     try:
         daemon = cls(args)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     daemon.console = console
     if args.metrics_port is not None:
@@ -430,3 +478,6 @@ def main(args: argparse.Namespace) -> int:
     except (JoinRefused, SessionReplaced) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except BadInput as err:   # data or model that only the run's settings show unusable (e.g. its text field)
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2

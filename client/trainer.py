@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedswarm.data import BatchSampler
-from fedswarm.models import lm_loss, load_trainable_state, trainable_state
+from fedswarm.models import enable_gradient_checkpointing, lm_loss, load_trainable_state, trainable_state
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -47,15 +47,19 @@ class RoundResult:
 
 
 class LocalTrainer:
-    """Trains one model replica; the optimizer state persists across rounds."""
+    """Trains one model replica; the optimizer state persists across rounds.
+
+    `gradient_checkpointing`: recompute each block's activations in the backward pass (less memory, more time)."""
 
     def __init__(self, model: torch.nn.Module, sampler: BatchSampler, device: torch.device,
-                 precision: str, lr: float, weight_decay: float = 0.01):
+                 precision: str, lr: float, weight_decay: float = 0.01, gradient_checkpointing: bool = False):
         self.device = device
         self.precision = precision
         # a 4-bit (QLoRA) base is placed on its GPU when loaded and cannot be moved
         quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "hf_quantizer", None) is not None
         self.model = model if quantized else model.to(device)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.model.train()
         self.sampler = sampler
         # with LoRA only the adapters train: the frozen base gets no optimizer state

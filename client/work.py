@@ -1,9 +1,12 @@
 """What a federated client does with a task, apart from the connection: train on it, and encode the
-result as the PushUpdate stream. Shared by the daemon (client/daemon.py) and the simulation's
-virtual clients (sim/virtual.py), so both send exactly the same bytes for the same work."""
+result as the PushUpdate stream; or evaluate the task's model on its held-out split, and sign the result.
+Shared by the daemon (client/daemon.py) and the simulation's virtual clients (sim/virtual.py), so both
+send exactly the same bytes for the same work."""
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -55,3 +58,58 @@ def update_stream(raw_parts: list[bytes], *, client_id: int, token: str, run_id:
         header.signature = identity.sign_update(run_id, task.round, client_id, task.task_id,
                                                 num_examples, train_loss, len(raw_parts), raw_parts)
     return [pb.UpdateChunk(header=header).SerializeToString()] + raw_parts
+
+
+# -- evaluation --------------------------------------------------------------------------
+
+@dataclass
+class EvalOutcome:
+    loss: float      # mean loss over the scored tokens
+    tokens: int      # tokens scored (the weight of this loss in the round's average)
+    seconds: float
+
+
+def held_out_windows(args, run_cfg: dict) -> torch.Tensor:
+    """Eval windows of the held-out split of this client's --data, read and tokenized as its training data is
+    (the run's format unless its own flags say otherwise; its copy of the model's tokenizer): at most the run's
+    --eval-windows windows of --seq-len tokens, as the coordinator's central evaluation takes them."""
+    from fedswarm import formats, tokenized
+    from fedswarm.tokenizer import load_tokenizer
+
+    overrides = {k: getattr(args, k, None) for k in ("format", "text_field", "prompt_field", "response_field")}
+    spec = formats.DataSpec.from_run(args.data, run_cfg, overrides)
+    tokens = tokenized.eval_tokens(spec, load_tokenizer(getattr(args, "model", None) or run_cfg["model"]),
+                                   getattr(args, "cache_dir", None))
+    return tokenized.windows(tokens, run_cfg["seq_len"], run_cfg["eval_windows"])
+
+
+def scored_tokens(windows: torch.Tensor) -> int:
+    """Tokens a loss over eval windows averages: [N, T+1] scores N x T; [N, 2, T+1] its labels that are not -100."""
+    if windows.dim() == 3:
+        return int((windows[:, 1, 1:] != -100).sum())
+    return int(windows.size(0) * (windows.size(1) - 1))
+
+
+def evaluate_on_task(model: torch.nn.Module, windows: torch.Tensor, base: dict[str, torch.Tensor]) -> EvalOutcome:
+    """Load the task's weights into `model` and score the windows (float32, as the coordinator does)."""
+    from fedswarm.models import evaluate, load_trainable_state
+
+    started = time.perf_counter()
+    load_trainable_state(model, base)
+    loss = evaluate(model, windows)
+    return EvalOutcome(loss, scored_tokens(windows), time.perf_counter() - started)
+
+
+def eval_result(outcome: EvalOutcome, *, client_id: int, token: str, run_id: str, task: pb.Task,
+                base_digest: bytes = b"", identity=None, error: str = "") -> pb.EvalResult:
+    """The PushEval request (`error`: why this client cannot evaluate), signed with `identity` (a
+    client.identity.Identity) if given, as updates are."""
+    from fedswarm.proto import signing
+
+    req = pb.EvalResult(client_id=client_id, session_token=token, task_id=task.task_id, round=task.round,
+                        loss=outcome.loss, tokens=outcome.tokens, eval_seconds=outcome.seconds,
+                        base_digest=base_digest, error=error)
+    if identity is not None:
+        req.signature = identity.key.sign(signing.update_message(
+            run_id, task.round, client_id, task.task_id, signing.eval_digest(outcome.loss, outcome.tokens)))
+    return req

@@ -11,8 +11,10 @@ Robust strategies need every update: `SpillUpdates` (spill.py) maps them from di
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
+import math
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -24,8 +26,11 @@ from flwr.common.constant import SType
 from flwr.serverapp import strategy as S
 from flwr.serverapp.exception import AggregationError
 
+from fedswarm.coordinator.integrity import Inadmissible, peak
+
 M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 128 << 10   # glibc mallopt: allocations above go to mmap
 WEIGHT_KEY = "num-examples"   # the MetricRecord key Flower weights by (FedAvg's weighted_by_key)
+FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class MeanFold:
         self._lock = threading.Lock()
         self._sums: dict[str, torch.Tensor] | None = None
         self._weights: dict[str, float] = {}               # instruction message id -> weight folded in
+        self._peaks: dict[str, float] = {}                 # per tensor: a bound on max |sum| (no overflow)
         self._consumed = False
 
     def add(self, message_id: str, delta: Mapping[str, torch.Tensor], weight: float) -> None:
@@ -82,14 +88,30 @@ class MeanFold:
                 raise AggregationError("this round's mean was already taken; the update came too late")
             if message_id in self._weights:
                 raise ValueError(f"an update for {message_id} was already folded in")
+            if self._sums is not None and set(delta) != set(self._sums):
+                raise ValueError("the update's tensors differ from the ones already folded in")
+            peaks = self._room_for(delta, weight)   # checked before anything is added: all or nothing
             if self._sums is None:
                 self._sums = {n: torch.mul(d.float(), weight) for n, d in delta.items()}
             else:
-                if set(delta) != set(self._sums):
-                    raise ValueError("the update's tensors differ from the ones already folded in")
                 for n, d in delta.items():
                     self._sums[n].add_(d, alpha=weight)
+            self._peaks = peaks
             self._weights[message_id] = weight
+
+    def _room_for(self, delta: Mapping[str, torch.Tensor], weight: float) -> dict[str, float]:
+        """The sums' bounds (max |sum| per tensor) after adding weight x delta; Inadmissible if a sum could leave
+        fp32's range (or the delta is not finite), so the fp32 sums can never overflow."""
+        peaks = {}
+        for n, d in delta.items():
+            top = self._peaks.get(n, 0.0) + weight * peak(d)
+            if not math.isfinite(top):
+                raise Inadmissible("non_finite", f"the update's {n!r} is not finite")
+            if top > FP32_MAX:
+                raise Inadmissible("update_overflow", f"the update's {n!r} x its weight {weight:g} would overflow "
+                                   f"the round's fp32 sum")
+            peaks[n] = top
+        return peaks
 
     def mean(self, weights: Mapping[str, float]) -> ArrayRecord:
         """base + sum / total weight, for exactly the replies in `weights` (instruction id -> weight).
@@ -125,7 +147,20 @@ class FoldedArrays(ArrayRecord):
 
 
 class UpdateSink:
-    """Turns a delivered, verified update into the reply content the strategy will aggregate."""
+    """Turns a delivered, verified update into the reply content the strategy will aggregate; counts the
+    aggregates refused before commit (the driver's last check), which status lists with the rejections."""
+
+    def __init__(self):
+        self._refused_lock = threading.Lock()
+        self._refused: collections.Counter[str] = collections.Counter()
+
+    def refuse(self, reason: str) -> None:
+        with self._refused_lock:
+            self._refused[reason] += 1
+
+    def refused(self) -> dict[str, int]:
+        with self._refused_lock:
+            return dict(self._refused)
 
     def content(self, instruction: Message, fold: MeanFold | None, update: DecodedUpdate) -> RecordDict:
         raise NotImplementedError

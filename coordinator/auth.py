@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -22,8 +23,12 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from fedswarm.proto import signing
 
 JOIN_WINDOW_S = 120.0       # a challenge is valid this long after it was issued
-MAX_NONCES = 200_000        # remembered proofs (each is signed by an authorized key, so this caps a flood)
+MAX_NONCES = 200_000        # proofs remembered at once (each is signed by an authorized key, so this caps a flood)
+MAX_NONCES_PER_KEY = 2_000  # ... of them by any one key (16 proofs/s sustained): 100 keys are needed to fill it
 KEY_TYPE = "ed25519"
+
+
+_clock = time.monotonic   # challenges are checked only by the process that issued them: immune to clock steps
 
 
 class AuthError(Exception):
@@ -92,46 +97,85 @@ def server_credentials(cert_path: str | Path, key_path: str | Path) -> grpc.Serv
 
 # -- replay protection -------------------------------------------------------------------
 class NonceCache:
-    """Nonces remembered until their expiry time; thread-safe."""
+    """Proof nonces, each remembered until its challenge expires (a proof on an expired challenge is refused
+    as stale, so its nonce need not be kept past that); at most `max_entries` at once, `per_key` of them for
+    any one key, so a key that proves often (an admin polling Status) cannot crowd the others out. A full
+    cache refuses a fresh proof with its own reason (retry shortly), never as a replay. Thread-safe."""
 
-    def __init__(self, max_entries: int = MAX_NONCES):
-        self._max = max_entries
-        self._expiry: dict[bytes, float] = {}
-        self._heap: list[tuple[float, bytes]] = []
+    def __init__(self, max_entries: int = MAX_NONCES, per_key: int = MAX_NONCES_PER_KEY):
+        self.max_entries, self.per_key = max_entries, per_key
+        self._live: set[bytes] = set()              # key + nonce of every proof whose challenge has not expired
+        self._heap: list[tuple[float, bytes, bytes]] = []  # (expiry, key + nonce, key)
+        self._per: dict[bytes, int] = {}            # key -> its live entries
         self._lock = threading.Lock()
 
-    def add(self, nonce: bytes, expires_at: float, now: float) -> bool:
-        """Remember `nonce`; False if it is still remembered (a replay)."""
+    def add(self, key: bytes, nonce: bytes, expires_at: float, now: float) -> str:
+        """Remember `nonce` of `key` until `expires_at`: '' if fresh, else the refusal's reason
+        (replayed_join, too_many_proofs: this key's share is in use, nonce_cache_full)."""
+        key = bytes(key)
+        entry = key + bytes(nonce)
         with self._lock:
-            while self._heap and self._heap[0][0] < now:
-                self._expiry.pop(heapq.heappop(self._heap)[1], None)
-            if nonce in self._expiry or len(self._expiry) >= self._max:
-                return False
-            self._expiry[nonce] = expires_at
-            heapq.heappush(self._heap, (expires_at, nonce))
-            return True
+            self._expire(now)
+            if entry in self._live:
+                return "replayed_join"
+            if self._per.get(key, 0) >= self.per_key:
+                return "too_many_proofs"
+            if len(self._live) >= self.max_entries:
+                return "nonce_cache_full"
+            self._live.add(entry)
+            self._per[key] = self._per.get(key, 0) + 1
+            heapq.heappush(self._heap, (expires_at, entry, key))
+            return ""
+
+    def _expire(self, now: float) -> None:
+        while self._heap and self._heap[0][0] < now:
+            _, entry, key = heapq.heappop(self._heap)
+            self._live.discard(entry)
+            left = self._per.pop(key, 1) - 1
+            if left:
+                self._per[key] = left
 
     def __len__(self) -> int:
-        return len(self._expiry)
+        return len(self._live)
 
 
 class SeenSet:
-    """A bounded set (oldest entries forgotten first); thread-safe."""
+    """Items (delivered updates, their signatures) kept while their round can still be answered: an item added
+    while round C was the last committed belongs to round C + 1 (or C, if it committed meanwhile), and is
+    forgotten once C + 2 is committed, when no task of its round is open or can be adopted (a replay is then
+    refused as task_closed). So the set holds about two rounds' deliveries and never evicts a live item (no
+    replay hole). `committed()` reads the last committed round. Thread-safe."""
 
-    def __init__(self, max_entries: int = 200_000):
-        self._items: OrderedDict = OrderedDict()
-        self._max = max_entries
+    def __init__(self, committed: Callable[[], int]):
+        self._committed = committed
+        self._items: OrderedDict = OrderedDict()   # item -> the committed round when it was added (ascending)
         self._lock = threading.Lock()
 
     def __contains__(self, item) -> bool:
+        committed = self._committed()
         with self._lock:
+            self._forget(committed)
             return item in self._items
 
     def add(self, item) -> None:
+        committed = self._committed()
         with self._lock:
-            self._items[item] = None
-            while len(self._items) > self._max:
-                self._items.popitem(last=False)
+            self._forget(committed)
+            self._items[item] = committed
+            self._items.move_to_end(item)
+
+    def _forget(self, committed: int) -> None:
+        while self._items:
+            item, added_at = next(iter(self._items.items()))
+            if added_at + 2 > committed:
+                return
+            del self._items[item]
+
+    def __len__(self) -> int:
+        committed = self._committed()
+        with self._lock:
+            self._forget(committed)
+            return len(self._items)
 
 
 # -- verification ------------------------------------------------------------------------
@@ -150,10 +194,10 @@ class Authenticator:
     recorded before a restart is refused) and the run id and role, and each is accepted once."""
 
     def __init__(self, authorized: dict[bytes, str] | None, window_s: float = JOIN_WINDOW_S,
-                 admin: dict[bytes, str] | None = None, run_id: str = ""):
+                 admin: dict[bytes, str] | None = None, run_id: str = "", nonces: NonceCache | None = None):
         self.authorized, self.window_s, self.run_id = authorized, window_s, run_id
         self.admin = admin or {}
-        self.nonces = NonceCache()
+        self.nonces = NonceCache() if nonces is None else nonces
         self._secret = os.urandom(32)
 
     @property
@@ -161,18 +205,21 @@ class Authenticator:
         return self.authorized is not None
 
     def challenge(self, now: float | None = None) -> bytes:
-        issued = struct.pack("<d", time.time() if now is None else now)
+        issued = struct.pack("<d", _clock() if now is None else now)
         return issued + hmac.new(self._secret, issued, hashlib.sha256).digest()[:16]
 
-    def _check_challenge(self, challenge: bytes, now: float) -> None:
+    def _check_challenge(self, challenge: bytes, now: float) -> float:
+        """The challenge's expiry time, or AuthError(stale_challenge|stale_join)."""
         if len(challenge) != signing.CHALLENGE_BYTES or not hmac.compare_digest(
                 challenge[8:], hmac.new(self._secret, challenge[:8], hashlib.sha256).digest()[:16]):
             raise AuthError("stale_challenge", "the proof signs a challenge this coordinator did not issue "
                             "(a replay, or a proof made before a restart): fetch a fresh challenge and sign again")
         issued = struct.unpack("<d", challenge[:8])[0]
-        if not 0 <= now - issued <= self.window_s:
+        expires = issued + self.window_s
+        if not issued <= now <= expires:   # the nonce cache forgets a proof after `expires`: the same test
             raise AuthError("stale_join", f"the challenge is {now - issued:.0f} s old (limit {self.window_s:.0f} s): "
                             "fetch a fresh one")
+        return expires
 
     def _check_proof(self, keys: dict[bytes, str], public_key: bytes, signature: bytes, challenge: bytes,
                      nonce: bytes, message: bytes, now: float | None) -> str:
@@ -180,18 +227,26 @@ class Authenticator:
         if label is None:
             raise AuthError("unknown_key", "this public key is not in the coordinator's authorized_keys: "
                             "add its line there (client-I.pub) or start the client with a listed --key")
-        now = time.time() if now is None else now
-        self._check_challenge(bytes(challenge), now)
+        now = _clock() if now is None else now
+        expires = self._check_challenge(bytes(challenge), now)
         if len(nonce) != signing.NONCE_BYTES or not verify(public_key, signature, message):
             raise AuthError("bad_signature", "the proof's signature does not verify for this key, run and role")
-        if not self.nonces.add(bytes(nonce), now + self.window_s, now):
-            raise AuthError("replayed_join", "this proof was already used")
+        refused = self.nonces.add(bytes(public_key), bytes(nonce), expires, now)
+        if refused:
+            raise AuthError(refused, self._nonce_refusal(refused))
         return label
+
+    def _nonce_refusal(self, reason: str) -> str:
+        return {"replayed_join": "this proof was already used",
+                "too_many_proofs": f"this key made {self.nonces.per_key} proofs in the last {self.window_s:.0f} s: "
+                                   "retry shortly (the oldest expire first)",
+                "nonce_cache_full": f"the coordinator holds {self.nonces.max_entries} unexpired proofs of many "
+                                    "keys: retry shortly"}[reason]
 
     def check_join(self, name: str, role: str, public_key: bytes, signature: bytes, challenge: bytes, nonce: bytes,
                    now: float | None = None, p2p_peer_id: str = "") -> str:
         """The key's authorized_keys comment, or AuthError(unknown_key|stale_challenge|stale_join|
-        bad_signature|replayed_join)."""
+        bad_signature|replayed_join|too_many_proofs|nonce_cache_full; the last two: retry shortly)."""
         if self.authorized is None:
             return ""
         message = signing.join_message(self.run_id, role, name, bytes(challenge), bytes(nonce), p2p_peer_id)

@@ -8,6 +8,7 @@ from fedswarm.settings import opt
 
 
 SWARM_TRAFFIC = ("relayed", "chained")
+EVALUATE = ("central", "clients", "both")
 
 
 def _strategies():
@@ -51,6 +52,15 @@ class RunConfig:
     proximal_mu: float = opt(0.01, "fedprox: weight of the proximal term")
     eval_data: str = opt("stdlib", "held-out data for centralized eval (stdlib or PATH)")
     eval_windows: int = opt(64, "held-out windows of --seq-len tokens each evaluation scores")
+    # where each round's model is evaluated; either way off the critical path (the next round trains meanwhile)
+    evaluate: str = opt("central", "central: the coordinator scores --eval-data; clients: sampled clients (or "
+                                   "--role evaluator hosts, when any are connected) score their own held-out split "
+                                   "through Flower's configure_evaluate/aggregate_evaluate; both: each round gets both",
+                        choices=EVALUATE)
+    fraction_evaluate: float = opt(1.0, "--evaluate clients/both: fraction of the connected evaluators (else "
+                                        "clients) that evaluate each round (Flower's fraction_evaluate)", metavar="F")
+    min_evaluate_nodes: int = opt(1, "--evaluate clients/both: at least this many evaluate each round (Flower's "
+                                     "min_evaluate_nodes)", metavar="K")
     # swarm mode: pipeline stages served by peers, micro-batches driven by trainers
     mode: str = opt("federated", "federated rounds, or swarm pipelines (stage peers + trainers over hivemind)",
                     choices=("federated", "swarm"))
@@ -63,6 +73,9 @@ class RunConfig:
                                         "it on) or chained (each stage sends its output to the next stage's "
                                         "replica the trainer chose)", choices=SWARM_TRAFFIC)
     clip_update_norm: float = opt(0.0, "scale each update whose L2 norm exceeds C down to C (0: off)", metavar="C")
+    max_update_norm_ratio: float = opt(10.0, "refuse (and count) an update whose L2 norm exceeds R x the median "
+                                             "of recently accepted ones (before 3 are: R x the norm of the task's "
+                                             "weights); 0: off", metavar="R")
     # fine-tuning: only adapters train and travel; the frozen base comes from --model on each side
     peft: str = opt("none", "lora: train (and send) only LoRA adapters on the frozen --model", choices=_peft_methods)
     lora_r: int = opt(8, "LoRA rank")
@@ -120,6 +133,7 @@ class RunConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.mode not in ("federated", "swarm"):
             raise ValueError("--mode must be federated or swarm")
+        self._check_evaluate()
         if self.mode == "swarm":
             from fedswarm.stages import num_layers_of
 
@@ -133,6 +147,8 @@ class RunConfig:
                 raise ValueError("--average-every must be >= 1")
         if not (self.clip_update_norm >= 0 and self.clip_update_norm < float("inf")):
             raise ValueError("--clip-update-norm must be a finite number >= 0")
+        if not (self.max_update_norm_ratio == 0 or 1 <= self.max_update_norm_ratio < float("inf")):
+            raise ValueError("--max-update-norm-ratio must be 0 (off) or a finite number >= 1")
         if not 0 < self.lr < 1:
             raise ValueError("--lr must be in (0, 1)")
         if self.clients_per_round < 0:
@@ -158,6 +174,18 @@ class RunConfig:
         if self.server_momentum is not None and not 0 <= self.server_momentum < 1:
             raise ValueError("--server-momentum must be in [0, 1)")
 
+    def _check_evaluate(self) -> None:
+        if self.evaluate not in EVALUATE:
+            raise ValueError(f"--evaluate must be one of {', '.join(EVALUATE)}")
+        if self.mode == "swarm" and self.evaluate != "central":
+            raise ValueError("--evaluate clients/both applies to federated rounds; a swarm is evaluated centrally")
+        if not 0 < self.fraction_evaluate <= 1:
+            raise ValueError("--fraction-evaluate must be in (0, 1]")
+        if self.min_evaluate_nodes < 1:
+            raise ValueError("--min-evaluate-nodes must be >= 1")
+        if self.eval_windows < 1:
+            raise ValueError("--eval-windows must be >= 1")
+
 
 @dataclass
 class CoordinatorTimeouts:
@@ -166,6 +194,7 @@ class CoordinatorTimeouts:
     lease_s: float = 15.0              # a client silent this long is dropped (its open tasks fail)
     heartbeat_interval_s: float = 2.0  # what clients are told to use
     round_timeout_s: float = 600.0     # replies not in by then count as failures
+    evaluate_timeout_s: float = 0.0    # federated evaluation replies not in by then are left out (0: round_timeout_s)
     max_pull_wait_s: float = 30.0      # upper bound on a PullTask long-poll
     reaper_interval_s: float = 1.0     # how often leases are checked
     failed_round_backoff_s: float = 1.0       # wait before repeating a round with no usable reply (doubles) ...

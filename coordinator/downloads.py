@@ -21,6 +21,7 @@ serves the same S (and accepts uploads trained from it).
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -32,10 +33,12 @@ import torch
 from safetensors.torch import load_file
 
 from fedswarm.coordinator.store import write_checkpoint
+from fedswarm.errors import why
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import wire
 
+log = logging.getLogger(__name__)
 DEFAULT_KEEP_VERSIONS = 8
 
 
@@ -80,13 +83,18 @@ class ServedVersions:
                 state = {n: t.detach().to("cpu", torch.float32).clone() for n, t in global_state.items()}
                 entry = Served(version, state, _shapes(state), wire.state_digest(state), None, 0)
             else:
+                # S_version replaces S_prev tensor by tensor: once this is the only reference to S_prev's tensors
+                # (a full copy streaming it holds its own, model_chunks), each is freed as soon as it has been
+                # built on, so at most one tensor more than one state is alive, not two states
+                held, prev.state = dict(prev.state), None
                 step, state, size = {}, {}, 0
                 for name, g in global_state.items():
-                    base = prev.state[name]
+                    base = held.pop(name)
                     enc = step[name] = C.encode((g.detach().to("cpu", torch.float32) - base).flatten(),
                                                 self.codec, self.block_size)
                     size += len(enc.data) + len(enc.scales)
                     state[name] = base + C.decode(enc).view(base.shape)   # exactly what the client computes
+                    del base
                 entry = Served(version, state, _shapes(state), wire.state_digest(state), step, size)
             for older in self._versions.values():
                 older.state = None   # only the newest is served in full or built on
@@ -97,6 +105,15 @@ class ServedVersions:
             if self.persist is not None:
                 write_checkpoint(self.persist, entry.state, {"version": str(version), "codec": C.codec_name(self.codec)})
             return entry
+
+    def forget_newer(self, version: int) -> int:
+        """Drop the versions after `version` (served before a crash, never committed: the re-run makes them
+        again from other weights); how many were dropped. Their clients get a full copy next time."""
+        with self._lock:
+            newer = [v for v in self._versions if v > version]
+            for v in newer:
+                del self._versions[v]
+            return len(newer)
 
     def digest(self, version: int) -> bytes | None:
         with self._lock:
@@ -122,14 +139,21 @@ class ServedVersions:
             return steps if sum(s.step_bytes for s in steps) < full else None
 
     def _load(self, path: Path) -> None:
+        """The newest served state a previous coordinator persisted; a cache that does not load is dropped
+        (logged): the next download is then served as a full copy and the cache is written again."""
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-        if meta.get("codec") != C.codec_name(self.codec) or "version" not in meta:
-            return  # another codec's chain: start a new one
-        state = load_file(str(path))
-        version = int(meta["version"])
+        try:
+            with safe_open(str(path), "pt") as fh:
+                meta = fh.metadata() or {}
+            if meta.get("codec") != C.codec_name(self.codec) or "version" not in meta:
+                return  # another codec's chain: start a new one
+            version = int(meta["version"])
+            state = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - truncated or garbled: safetensors raises its own type
+            log.warning("dropping the download cache %s, which does not load (%s); it is rebuilt", path, why(err))
+            path.unlink(missing_ok=True)
+            return
         self._versions[version] = Served(version, state, _shapes(state), wire.state_digest(state), None, 0)
 
 
@@ -143,10 +167,17 @@ def full_copy(name: str, tensor: torch.Tensor) -> C.Encoded:
 
 def model_chunks(served: Served, steps: list[Served] | None, max_part_bytes: int) -> Iterator[pb.ModelChunk]:
     """A FetchModel stream: `steps` (encoded deltas, in order), or a float32 copy of `served` when None.
-    The first chunk of each version carries the digest of the weights it reconstructs."""
+    The first chunk of each version carries the digest of the weights it reconstructs. A full copy takes its
+    own reference to each tensor now, so the next version may replace the state while it streams."""
     if steps is None:
-        yield from _versioned(wire.state_parts(served.state, full_copy, max_part_bytes), served, delta=False)
-        return
+        state = served.state
+        if state is None:
+            raise RuntimeError(f"model version {served.version} is older than the newest served one")
+        return _versioned(wire.state_parts(dict(state), full_copy, max_part_bytes), served, delta=False)
+    return _steps(steps, max_part_bytes)
+
+
+def _steps(steps: list[Served], max_part_bytes: int) -> Iterator[pb.ModelChunk]:
     for step in steps:
         parts = (p for name, enc in step.step.items()
                  for p in wire.tensor_parts(name, step.shapes[name], enc, max_part_bytes))

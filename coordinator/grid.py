@@ -20,7 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -28,6 +28,23 @@ from fedswarm.coordinator.aggregate import DecodedUpdate, HoldEveryUpdate, MeanF
 
 ERROR_NODE_LOST = 1001
 ERROR_REJECTED = 1002
+
+
+class LongPoll:
+    """One asyncio long-poll of a node; `end()` (from any thread) answers it at once with nothing."""
+
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.wake = asyncio.Event()
+        self.superseded = False
+
+    def wake_up(self) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.wake.set)
+
+    def end(self) -> None:
+        self.superseded = True
+        self.wake_up()
 
 
 class SessionGrid(Grid):
@@ -42,7 +59,7 @@ class SessionGrid(Grid):
         self._owner: dict[str, int] = {}                 # message id -> node id
         self._queues: dict[int, deque[str]] = {}         # node id -> message ids not yet handed out
         self._replies: dict[str, Message] = {}           # message id -> reply, until pulled
-        self._waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}  # async long-polls
+        self._waiters: dict[int, list[LongPoll]] = {}   # node id -> its async long-polls, oldest first
         self._folds: dict[str, MeanFold] = {}            # message id -> running sum of its instruction set
         self._delivering: set[str] = set()               # message ids whose update is being folded in
         self._closed = False
@@ -70,7 +87,7 @@ class SessionGrid(Grid):
         with self._cv:
             for msg in messages:
                 message_id = uuid.uuid4().hex
-                if "arrays" in msg.content:
+                if "arrays" in msg.content and msg.metadata.message_type == MessageType.TRAIN:
                     if id(msg.content) not in folds:
                         folds[id(msg.content)] = MeanFold(msg.content["arrays"])
                     self._folds[message_id] = folds[id(msg.content)]
@@ -92,10 +109,15 @@ class SessionGrid(Grid):
             return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        ids = list(self.push_messages(messages))
+        return self.receive(list(self.push_messages(messages)), timeout=timeout)
+
+    def receive(self, ids: list[str], *, timeout: float | None = None,
+                stop: threading.Event | None = None) -> list[Message]:
+        """The replies to pushed instructions `ids`, once all came, `timeout` passed or `stop` was set;
+        the unanswered instructions are void then (a late answer is refused as task_closed)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            while not all(i in self._replies for i in ids):
+            while not all(i in self._replies for i in ids) and not (stop is not None and stop.is_set()):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
@@ -122,35 +144,41 @@ class SessionGrid(Grid):
                 self._cv.wait(timeout=remaining)
             return None
 
-    async def take_task_async(self, node_id: int, wait_s: float) -> Message | None:
-        """`take_task` for an asyncio long-poll: waiting parks no thread (the driver wakes it thread-safely)."""
-        loop, wake = asyncio.get_running_loop(), asyncio.Event()
-        deadline = loop.time() + wait_s
+    async def take_task_async(self, node_id: int, wait_s: float, poll: LongPoll | None = None,
+                              max_polls: int = 0) -> Message | None:
+        """`take_task` for an asyncio long-poll: waiting parks no thread (the driver wakes it thread-safely).
+        With `max_polls`, a node holds at most that many: a newer poll answers its oldest at once with None
+        (`poll.superseded`), so a poll left behind by a client that went away cannot take the next task."""
+        loop = asyncio.get_running_loop()
+        poll = poll or LongPoll()
+        poll.loop, deadline = loop, loop.time() + wait_s
         with self._cv:
-            waiter = (loop, wake)
-            self._waiters.setdefault(node_id, []).append(waiter)
+            polls = self._waiters.setdefault(node_id, [])
+            while max_polls and len(polls) >= max_polls:
+                polls.pop(0).end()
+            polls.append(poll)
         try:
             while True:
                 with self._cv:
-                    if self._closed:
+                    if self._closed or poll.superseded:
                         return None
                     queue = self._queues.get(node_id)
                     if queue:
                         return self._instructions[queue.popleft()]
-                    wake.clear()
+                    poll.wake.clear()
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return None
                 try:
-                    await asyncio.wait_for(wake.wait(), remaining)
+                    await asyncio.wait_for(poll.wake.wait(), remaining)
                 except asyncio.TimeoutError:
                     return None
         finally:
             with self._cv:
-                waiters = self._waiters.get(node_id, [])
-                if waiter in waiters:
-                    waiters.remove(waiter)
-                if not waiters:
+                polls = self._waiters.get(node_id, [])
+                if poll in polls:
+                    polls.remove(poll)
+                if not polls:
                     self._waiters.pop(node_id, None)
 
     def close(self) -> None:
@@ -176,6 +204,15 @@ class SessionGrid(Grid):
             if msg is None or message_id in self._delivering:
                 return False
             self._publish(message_id, msg, content)
+            return True
+
+    def deliver_error(self, message_id: str, node_id: int, reason: str) -> bool:
+        """A node says it cannot do the task: the strategy sees an error reply; False if not open for it."""
+        with self._cv:
+            if self.open_instruction(message_id, node_id) is None or message_id in self._delivering:
+                return False
+            self._reply_error(message_id, ERROR_REJECTED, reason)
+            self._cv.notify_all()
             return True
 
     def deliver_update(self, message_id: str, node_id: int, update: DecodedUpdate) -> bool:
@@ -234,9 +271,8 @@ class SessionGrid(Grid):
 
     # -- internals (caller holds the lock) ---------------------------------------------
     def _wake(self, node_id: int) -> None:
-        for loop, event in self._waiters.get(node_id, ()):
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(event.set)
+        for poll in self._waiters.get(node_id, ()):
+            poll.wake_up()
     def _publish(self, message_id: str, msg: Message, content: RecordDict) -> None:
         self._replies[message_id] = Message(content, reply_to=msg)
         self._forget(message_id)
@@ -258,3 +294,34 @@ class SessionGrid(Grid):
 
     def _drop(self, message_id: str) -> None:
         self._forget(message_id)
+
+
+class NodesView(Grid):
+    """The grid as a strategy sees it when it may sample only some nodes (`node_ids()`): the run's training
+    clients, or its evaluators. Messages go through the one grid underneath."""
+
+    def __init__(self, grid: Grid, node_ids: Callable[[], list[int]]):
+        self._grid, self._node_ids = grid, node_ids
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids())
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)

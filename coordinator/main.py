@@ -9,6 +9,7 @@ import secrets
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import grpc
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -21,13 +22,15 @@ from fedswarm.coordinator.driver import RoundDriver, RunFailed, RunProgress
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Membership
 from fedswarm.coordinator.service import CoordinatorService
-from fedswarm.coordinator.serving import Server, ServingLimits
-from fedswarm.coordinator.store import Store
+from fedswarm.coordinator.serving import Server, ServingLimits, raise_open_file_limit
+from fedswarm.coordinator.status import StatusLimits
+from fedswarm.coordinator.store import DB_NAME, StateError, Store, check_state_dir
 from fedswarm.coordinator.strategies import build_strategy
 from fedswarm import settings, tokenized
+from fedswarm.errors import one_line, why
 from fedswarm.formats import DataSpec
-from fedswarm.lora import build_run_model
-from fedswarm.models import trainable_state
+from fedswarm.lora import CentralModel
+from fedswarm.models import check_model
 from fedswarm.tokenizer import load_tokenizer
 from fedswarm.threads import BUDGET
 
@@ -68,8 +71,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only clients proving a key listed here may join (`ed25519 <base64> name` lines)")
     p.add_argument("--admin-keys", metavar="FILE",
                    help="keys (authorized_keys format) that may read Status but not join; any authorized key may too")
-    p.add_argument("--max-sessions", type=int, default=ServingLimits.max_sessions,
-                   help="most joined clients at once (default %(default)s)")
+    # what one caller may hold: --max-sessions, the waiting shares, per-session caps, deadlines (ServingLimits)
+    settings.add_arguments(p.add_argument_group("serving limits"), ServingLimits)
+    p.add_argument("--status-rounds", type=int, default=StatusLimits.recent_rounds, metavar="N",
+                   help="rounds a Status reply lists: the last N (totals cover every round; all of them: "
+                        "`fedswarm status --history`; default %(default)s)")
     p.add_argument("--max-failed-rounds", type=int, default=CoordinatorTimeouts.max_failed_rounds,
                    help="give up (state failed, exit 3) after this many rounds in a row with no usable reply "
                         "(0: never; default %(default)s)")
@@ -92,7 +98,11 @@ def resolve_config(args: argparse.Namespace, store: Store) -> RunConfig:
     """A new run takes the flags; a state dir that holds a run keeps its stored config."""
     stored = store.get_meta("run_config")
     if stored is not None:
-        cfg = RunConfig.from_json(stored)
+        try:
+            cfg = RunConfig.from_json(stored)
+        except (ValueError, TypeError) as err:
+            raise StateError(f"{store.db_path}: the run config stored there does not parse ({why(err)}): restore "
+                             f"the database from a backup, or start a new run on an empty --state-dir") from None
         if args.rounds != cfg.rounds and args.rounds > cfg.rounds:
             log.info("extending the run from %d to %d rounds", cfg.rounds, args.rounds)
             cfg.rounds = args.rounds
@@ -105,10 +115,46 @@ def resolve_config(args: argparse.Namespace, store: Store) -> RunConfig:
     return cfg
 
 
+def open_run(args: argparse.Namespace) -> tuple[Store, RunConfig]:
+    """The --state-dir's store (writable, its database readable) and the run's config with its model checked;
+    BadInput (a ValueError) naming the file otherwise."""
+    new_run = not (Path(args.state_dir) / DB_NAME).is_file()
+    if new_run:   # bad flags or files make nothing on disk
+        fresh = settings.from_args(RunConfig, args)
+        fresh.check()
+        check_model(fresh.model)
+    check_state_dir(args.state_dir)
+    store = Store(args.state_dir)
+    try:
+        cfg = resolve_config(args, store)
+        if not new_run:
+            check_model(cfg.model)   # the folder may have changed since the run began
+    except BaseException:
+        store.close()
+        raise
+    return store, cfg
+
+
+def resolve_resume(store: Store, initial: dict, progress: RunProgress) -> None:
+    """Where the run resumes: the newest committed round whose checkpoint loads and fits the model (newer
+    rounds are dropped from the store and from `progress`, and run again); CheckpointError if none does."""
+    good = store.resume_point({name: tuple(t.shape) for name, t in initial.items()})
+    if good is None:
+        return
+    with progress.lock:
+        dropped = [r["round"] for r in progress.rounds if r["round"] > good]
+        progress.rounds = [r for r in progress.rounds if r["round"] <= good]
+    if dropped:
+        log.warning("resuming from round %d: round(s) %s will run again", good, ", ".join(map(str, dropped)))
+
+
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_open_file_limit()   # every connection holds a file: the soft limit (often 1024) is up to the hard one
     try:
         tls, auth = load_security(args)
+        limits = settings.from_args(ServingLimits, args)
+        status_limits = StatusLimits(recent_rounds=args.status_rounds)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -120,11 +166,10 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("no --tls-cert/--tls-key: traffic is plaintext")
     if not return_freed_memory_to_os():
         log.warning("not glibc: freed update buffers may stay in this process's RSS")
-    store = Store(args.state_dir)
     try:
-        cfg = resolve_config(args, store)
+        store, cfg = open_run(args)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     run_id = store.get_meta("run_id")
     auth.run_id = run_id
@@ -141,38 +186,51 @@ def serve(args: argparse.Namespace) -> int:
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     TaskIdentity.task_id = 1
 
-    try:  # the held-out split, tokenized with the run model's own tokenizer
-        run = json.loads(cfg.to_json())
-        eval_tokens = tokenized.eval_tokens(DataSpec.from_run(cfg.eval_data, run), load_tokenizer(cfg.model),
-                                            args.cache_dir)
-        windows = tokenized.windows(eval_tokens, cfg.seq_len, cfg.eval_windows)
+    try:  # the held-out split, tokenized with the run model's own tokenizer (--evaluate clients: not needed)
+        run, windows = json.loads(cfg.to_json()), None
+        if cfg.evaluate != "clients" or swarm_mode:
+            eval_tokens = tokenized.eval_tokens(DataSpec.from_run(cfg.eval_data, run), load_tokenizer(cfg.model),
+                                                args.cache_dir)
+            windows = tokenized.windows(eval_tokens, cfg.seq_len, cfg.eval_windows)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        store.close()
         return 2
     progress = RunProgress(cfg, store.rounds())
 
     lost_hooks = []
-    limits = ServingLimits(max_sessions=args.max_sessions)
     membership = Membership(timeouts.lease_s, on_lost=lambda cid, why: [hook(cid, why) for hook in lost_hooks],
                             reaper_interval_s=timeouts.reaper_interval_s, max_sessions=limits.max_sessions)
     grid = SessionGrid(TaskIdentity.run_id, membership.live_ids, updates=sink_for(cfg.strategy, args.state_dir, args.aggregation))
     lost_hooks.append(grid.fail_node)
     swarm = None
-    if swarm_mode:
-        from fedswarm.coordinator.swarm_driver import start_swarm
+    try:
+        if swarm_mode:
+            from fedswarm.coordinator.swarm_driver import start_swarm
 
-        swarm, initial = start_swarm(cfg, grid, store, progress, windows, timeouts.round_timeout_s,
-                                     p2p_host=args.p2p_host, p2p_announce=args.p2p_announce)
-        lost_hooks.append(swarm.registry.remove)
-        driver, run_driver = swarm.driver, swarm.driver.run
-    else:
-        model = build_run_model(run)  # with --peft lora: the frozen base + adapters; only adapters travel
-        initial = trainable_state(model)
-        driver = RoundDriver(cfg, grid, build_strategy(cfg), store, model, windows, progress, timeouts.round_timeout_s,
-                             timeouts=timeouts)
-        run_driver = driver.run
+            swarm, initial = start_swarm(cfg, grid, store, progress, windows, timeouts.round_timeout_s,
+                                         p2p_host=args.p2p_host, p2p_announce=args.p2p_announce)
+            lost_hooks.append(swarm.registry.remove)
+            driver, run_driver = swarm.driver, swarm.driver.run
+        else:
+            # --peft lora: only adapters travel, and the base is built only if the coordinator evaluates
+            central = getattr(cfg, "evaluate", "central") != "clients"
+            model = CentralModel(run, central_eval=central)
+            initial = model.initial_state()
+            driver = RoundDriver(cfg, grid, build_strategy(cfg), store, model if central else None, windows,
+                                 progress, timeouts.round_timeout_s, timeouts=timeouts,
+                                 roles=lambda: {m.client_id: m.role for m in membership.snapshot()})
+            run_driver = driver.run
+        resolve_resume(store, initial, progress)   # before serving: the drivers resume where the store says
+    except ValueError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        if swarm is not None:
+            swarm.node.shutdown()
+        membership.close()
+        store.close()
+        return 2
     service = CoordinatorService(cfg, run_id, grid, membership, progress, timeouts, auth=auth, swarm=swarm,
-                                 limits=limits, state_dir=store.dir)
+                                 limits=limits, state_dir=store.dir, status_limits=status_limits)
     if args.metrics_port is not None:
         from fedswarm.metrics import coordinator_registry, serve as serve_metrics
         try:
@@ -195,7 +253,7 @@ def serve(args: argparse.Namespace) -> int:
 async def _serve_until_done(args: argparse.Namespace, service: CoordinatorService, tls, run_driver,
                             progress: RunProgress) -> int:
     """Serve until a signal, the end of the run (--exit-when-done) or a driver failure; the exit code."""
-    server = Server(service.handler(), service.limits)
+    server = Server(service.handler(), service.limits, service.admission)
     host, _, port = args.listen.rpartition(":")
     bound = server.bind(f"{host}:{port}", tls)
     if bound == 0:

@@ -1,21 +1,21 @@
 """The Coordinator gRPC service (grpc.aio). Handlers take raw bytes and parse them here, so a
 malformed request gets INVALID_ARGUMENT (stock grpcio would answer INTERNAL). Every refusal
-carries its reason in the trailing metadata key `fedswarm-reason` (serving.REASON_KEY)."""
+carries its reason in the trailing metadata key `fedswarm-reason` (refusals.REASON_KEY)."""
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from google.protobuf.message import DecodeError
 
 from fedswarm.coordinator.aggregate import ArraysView, DecodedUpdate
@@ -23,19 +23,23 @@ from fedswarm.coordinator.auth import AuthError, Authenticator, SeenSet
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.downloads import ServedVersions, full_copy, model_chunks
 from fedswarm.coordinator.driver import RunProgress
-from fedswarm.coordinator.grid import SessionGrid
+from fedswarm.coordinator.grid import LongPoll, SessionGrid
+from fedswarm.coordinator.integrity import Inadmissible, UpdateNormBound, check_values, l2_norm
 from fedswarm.coordinator.membership import Member, Membership, SessionsFull
-from fedswarm.coordinator.serving import REASON_KEY, ServingLimits, StreamBridge, StreamRefused
+from fedswarm.coordinator.admission import Admission, CallRefused
+from fedswarm.coordinator.serving import ServingLimits, StreamBridge
+from fedswarm.coordinator.status import StatusLimits, StatusReport
 from fedswarm.coordinator.swarm_registry import PEER_ID
 from fedswarm.metrics import counted_down
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
-from fedswarm.proto import signing, wire
+from fedswarm.proto import refusals, signing, wire
 
 log = logging.getLogger(__name__)
 SERVICE = "fedswarm.Coordinator"
 MAX_NAME = 128
 MAX_UPDATE_BYTES_FACTOR = 1.5   # an update stream may not exceed 1.5x the model's fp32 size (+1 MiB)
+MAX_EVAL_LOSS = 1e4             # nats per token; a real model's loss is far below (a uniform 2^20 vocab: 13.9)
 
 
 class Rejected(Exception):
@@ -51,113 +55,149 @@ def invalid(reason: str, detail: str) -> Rejected:
 
 
 def unauthenticated(err: AuthError) -> Rejected:
-    return Rejected(grpc.StatusCode.UNAUTHENTICATED, err.reason, err.detail)
+    """A refused proof; too many unexpired proofs is RESOURCE_EXHAUSTED (retry shortly), not a bad identity."""
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED if err.reason in refusals.RETRY_SOON else grpc.StatusCode.UNAUTHENTICATED
+    return Rejected(code, err.reason, err.detail)
 
 
 class CoordinatorService:
     def __init__(self, cfg: RunConfig, run_id: str, grid: SessionGrid, membership: Membership,
                  progress: RunProgress, timeouts: CoordinatorTimeouts,
                  auth: Authenticator | None = None, swarm=None, limits: ServingLimits | None = None,
-                 state_dir: Path | None = None):
+                 state_dir: Path | None = None, status_limits: StatusLimits | None = None):
         self.cfg, self.run_id, self.grid, self.members = cfg, run_id, grid, membership
         self.auth = auth or Authenticator(None)  # None: dev mode, anyone may join
-        self._answered, self._seen_signatures = SeenSet(), SeenSet()  # replayed-update guards
+        # replayed-update guards, each item kept until a round after its own commits (auth.SeenSet)
+        self._answered = SeenSet(lambda: progress.committed_round)
+        self._seen_signatures = SeenSet(lambda: progress.committed_round)
         self.progress, self.timeouts = progress, timeouts
         self.swarm = swarm  # SwarmContext in --mode swarm: registry, driver, DHT peers
+        self.report = StatusReport(cfg, run_id, progress, membership, swarm, status_limits)
         self.codec = C.codec_by_name(cfg.upload_codec)
         self.block_size = cfg.codec_block_size or C.DEFAULT_BLOCK_SIZE.get(self.codec, 0)
         self.rejections: collections.Counter[str] = collections.Counter()  # under _counter_lock
         self.clipped_updates = 0                                            # under _counter_lock
+        self.norm_bound = UpdateNormBound(cfg.max_update_norm_ratio)       # recent accepted norms (integrity.py)
         self._counter_lock = threading.Lock()
         self.limits = limits or ServingLimits()
-        self._awaiting_header = 0   # PushUpdate streams that have not sent their first message (loop only)
+        self.admission = Admission(self.limits, self.count)   # waiting shares, per-session caps (admission.py)
         self._base_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._cache_lock = threading.Lock()
         # what clients hold of each global version; deltas from it in the download codec (swarm: full copies)
         self.downloads = ServedVersions(C.codec_by_name(cfg.download_codec), cfg.codec_block_size or None,
                                         persist=Path(state_dir) / "served.safetensors" if state_dir else None)
+        # a version served before a crash but never committed will be re-made (from other weights) by the re-run
+        self.downloads.forget_newer(progress.committed_round)
         self._bytes_down: dict[str, int] = {}   # task id -> bytes of ModelChunk messages sent for it
 
     # -- plumbing --------------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
-        """The aio handlers: quick unary bodies run on the event loop; model transfers run on bounded pools."""
+        """The aio handlers. Every method is served as a stream, so its handler starts with the call and reads
+        the request under a deadline (admission.py); a stock unary stub sees no difference on the wire. Quick
+        bodies run on the event loop; model transfers run on bounded pools."""
         ser = lambda m: m.SerializeToString()  # noqa: E731
+        unary = lambda t, fn: grpc.stream_unary_rpc_method_handler(self._unary(t, fn), response_serializer=ser)  # noqa: E731
         return grpc.method_handlers_generic_handler(SERVICE, {
-            "Join": grpc.unary_unary_rpc_method_handler(self._unary(pb.JoinRequest, self.join), response_serializer=ser),
-            "Heartbeat": grpc.unary_unary_rpc_method_handler(self._unary(pb.HeartbeatRequest, self.heartbeat), response_serializer=ser),
-            "PullTask": grpc.unary_unary_rpc_method_handler(self._unary(pb.PullTaskRequest, self.pull_task), response_serializer=ser),
-            "FetchModel": grpc.unary_stream_rpc_method_handler(self._unary_stream(pb.FetchModelRequest, self.fetch_model), response_serializer=ser),
+            "Join": unary(pb.JoinRequest, self.join),
+            "Heartbeat": unary(pb.HeartbeatRequest, self.heartbeat),
+            "PullTask": unary(pb.PullTaskRequest, self.pull_task),
+            "FetchModel": grpc.stream_stream_rpc_method_handler(self._unary_stream(pb.FetchModelRequest, self.fetch_model), response_serializer=ser),
             "PushUpdate": grpc.stream_unary_rpc_method_handler(self._stream_unary(self.push_update), response_serializer=ser),
-            "Status": grpc.unary_unary_rpc_method_handler(self._unary(pb.StatusRequest, self.status), response_serializer=ser),
-            "Challenge": grpc.unary_unary_rpc_method_handler(self._unary(pb.ChallengeRequest, self.challenge), response_serializer=ser),
+            "Status": unary(pb.StatusRequest, self.status),
+            "Challenge": unary(pb.ChallengeRequest, self.challenge),
+            "PushEval": unary(pb.EvalResult, self.push_eval),
         })
 
     def count(self, reason: str) -> None:
         with self._counter_lock:
             self.rejections[reason] += 1
 
-    async def _refuse(self, context, rej: Rejected) -> None:
-        self.count(rej.reason)
-        await context.abort(rej.code, rej.detail, trailing_metadata=((REASON_KEY, rej.reason),))
+    async def _refuse(self, context, rej: Rejected | CallRefused) -> None:
+        await self.admission.refuse(context, rej)
 
-    def _parse_unary(self, msg_type, raw: bytes):
+    def _parse_unary(self, msg_type, raw: bytes | None):
+        if raw is None:
+            raise invalid("no_request", "the call carried no request message")
         if len(raw) > wire.MAX_MESSAGE_BYTES:
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "oversized", f"request of {len(raw)} bytes")
         return _parse(msg_type, raw)
 
+    async def _request(self, msg_type, requests, context):
+        """The call's one request, read under the first-message deadline and parsed."""
+        return self._parse_unary(msg_type, await self.admission.first_message(requests, context, "slow_request"))
+
+    def _session_slot(self, client_id: int, token: str):
+        """A slot of the session's calls in flight while a call with a valid session runs (else no limit here:
+        the body refuses the session)."""
+        if client_id and self.members.check(client_id, token) is not None:
+            return self.admission.session_call(client_id)
+        return contextlib.nullcontext()
+
     def _unary(self, msg_type, fn: Callable) -> Callable:
-        async def parse_then_call(raw: bytes, context):
+        async def read_then_call(requests, context):
             try:
-                result = fn(self._parse_unary(msg_type, raw), context)
-                return await result if asyncio.iscoroutine(result) else result
-            except Rejected as rej:
+                req = await self._request(msg_type, requests, context)
+                with self._session_slot(getattr(req, "client_id", 0), getattr(req, "session_token", "")):
+                    result = fn(req, context)
+                    return await result if asyncio.iscoroutine(result) else result
+            except (Rejected, CallRefused) as rej:
                 await self._refuse(context, rej)
-        return parse_then_call
+        return read_then_call
 
     def _unary_stream(self, msg_type, fn: Callable) -> Callable:
         """The body builds its iterator on a worker thread; each item is made there too; writing waits on
         flow control without a thread, so a slow reader holds none."""
-        async def parse_then_stream(raw: bytes, context):
+        async def read_then_stream(requests, context):
             loop, done = asyncio.get_running_loop(), object()
             try:
-                req = self._parse_unary(msg_type, raw)
-                items = await loop.run_in_executor(self.limits.cpu_pool, fn, req, context)
-                while (item := await loop.run_in_executor(self.limits.cpu_pool, next, items, done)) is not done:
-                    await context.write(item)
-            except Rejected as rej:
+                req = await self._request(msg_type, requests, context)
+                with self._session_slot(req.client_id, req.session_token):
+                    items = await loop.run_in_executor(self.limits.cpu_pool, fn, req, context)
+                    while (item := await loop.run_in_executor(self.limits.cpu_pool, next, items, done)) is not done:
+                        await context.write(item)
+            except (Rejected, CallRefused) as rej:
                 await self._refuse(context, rej)
-        return parse_then_stream
+        return read_then_stream
 
     def _stream_unary(self, fn: Callable) -> Callable:
-        """The first message must come within limits.first_message_s, waited for on the loop (an idle stream
-        holds no thread, and only limits.max_awaiting_header of them at once); then the body consumes the
-        stream on an upload worker, each further message within limits.chunk_idle_s."""
+        """The header must come within limits.first_message_s, waited for on the loop (an idle stream holds no
+        thread); then the body consumes the stream on an upload worker, each further message within
+        limits.chunk_idle_s and all of it within limits.upload_s. One stream per open task: a newer one for
+        the same task ends the older."""
         async def first_then_consume(requests, context):
             loop = asyncio.get_running_loop()
             try:
-                if self._awaiting_header >= self.limits.max_awaiting_header:
-                    raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy",
-                                   "too many uploads waiting to start: retry shortly")
-                self._awaiting_header += 1
-                try:
-                    first = await asyncio.wait_for(anext(requests, None), self.limits.first_message_s)
-                except asyncio.TimeoutError:
-                    raise Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, "slow_header",
-                                   f"no first message within {self.limits.first_message_s:.0f} s") from None
-                finally:
-                    self._awaiting_header -= 1
-                bridge = StreamBridge(first, requests, loop, self.limits.chunk_idle_s)
-                return await loop.run_in_executor(self.limits.upload_pool, self._consume, fn, bridge, context)
-            except Rejected as rej:
+                first = await self.admission.first_message(requests, context, "slow_header")
+                bridge = StreamBridge(first, requests, loop, self.limits.chunk_idle_s, self.limits.upload_s)
+                owner = self._upload_owner(first)
+                with contextlib.ExitStack() as held:
+                    if owner is not None:
+                        held.enter_context(self.admission.session_call(owner[0]))
+                        held.enter_context(self.admission.only_upload(*owner, bridge))
+                    return await loop.run_in_executor(self.limits.upload_pool, self._consume, fn, bridge, context)
+            except (Rejected, CallRefused) as rej:
                 await self._refuse(context, rej)
 
         return first_then_consume
+
+    def _upload_owner(self, first: bytes | None) -> tuple[int, str] | None:
+        """(session, task) of an upload whose header names a valid session; None leaves it to the body to refuse."""
+        try:
+            head = pb.UpdateChunk.FromString(first) if first and len(first) <= wire.MAX_MESSAGE_BYTES else None
+        except (DecodeError, RuntimeError, ValueError):
+            return None
+        if head is None or head.WhichOneof("kind") != "header":
+            return None
+        h = head.header
+        if self.members.check(h.client_id, h.session_token) is None:
+            return None
+        return h.client_id, h.task_id[:64]
 
     @staticmethod
     def _consume(fn: Callable, bridge: StreamBridge, context):
         try:
             return fn(bridge, context)
-        except StreamRefused as err:
+        except CallRefused as err:
             raise Rejected(err.code, err.reason, err.detail) from None
 
     def _session(self, client_id: int, token: str) -> Member:
@@ -183,9 +223,12 @@ class CoordinatorService:
         except AuthError as err:
             log.warning("refused join of %r: %s", req.name, err.reason)
             raise unauthenticated(err) from None
-        allowed = ("peer", "trainer") if self.swarm else ("client",)
+        allowed = ("peer", "trainer") if self.swarm else ("client", "evaluator")
         if role not in allowed:
             raise invalid("bad_role", f"role {role[:16]!r} does not fit this {self.cfg.mode} run (use {' or '.join(allowed)})")
+        if role == "evaluator" and self.cfg.evaluate == "central":
+            raise invalid("bad_role", "this run evaluates on the coordinator only (--evaluate central): an evaluator "
+                          "would never be asked; start the run with --evaluate clients or both, or run a client")
         try:
             member, resumed = self.members.join(req.name, req.device, req.precision,
                                                 req.resume_client_id, req.resume_token,
@@ -223,9 +266,11 @@ class CoordinatorService:
         if self.swarm and member.role == "peer":
             if not (math.isfinite(req.throughput) and req.throughput >= 0):
                 raise invalid("bad_heartbeat", "throughput must be a finite number >= 0")
+            if not (math.isfinite(req.switch_s) and req.switch_s >= 0):
+                raise invalid("bad_heartbeat", "switch_s must be a finite number of seconds >= 0")
             self.swarm.registry.report_peer(member.client_id, req.throughput, int(req.optimizer_steps),
                                             req.load if math.isfinite(req.load) else 0.0, serving=req.stage,
-                                            refused=dict(req.refused))
+                                            refused=dict(req.refused), switch_s=req.switch_s)
             stage = self.swarm.registry.stage(member.client_id)
         elif self.swarm and member.role == "trainer":
             self.swarm.registry.report_trainer(member.client_id, member.name, int(req.microbatches_completed),
@@ -241,14 +286,19 @@ class CoordinatorService:
             raise invalid("bad_wait", "wait_s must be a finite number >= 0")
         if self.progress.done.is_set():
             return pb.Task(kind=pb.TASK_DONE, round=self.progress.committed_round)
-        msg = await self.grid.take_task_async(member.client_id, min(req.wait_s, self.timeouts.max_pull_wait_s))
+        poll = LongPoll()   # a session holds limits.max_polls_per_session: a newer poll answers its oldest
+        msg = await self.grid.take_task_async(member.client_id, min(req.wait_s, self.timeouts.max_pull_wait_s),
+                                              poll, max_polls=self.limits.max_polls_per_session)
+        if poll.superseded:
+            self.count("poll_superseded")
         if not context.cancelled():  # the long-poll renews the lease too, unless the client went away meanwhile
             self.members.check(req.client_id, req.session_token)
         if msg is None:
             kind = pb.TASK_DONE if self.progress.done.is_set() else pb.TASK_NONE
             return pb.Task(kind=kind, round=self.progress.committed_round)
         config = dict(msg.content["config"]) if "config" in msg.content else {}
-        return pb.Task(kind=pb.TASK_TRAIN, task_id=msg.metadata.message_id, round=int(msg.metadata.group_id or config.get("server-round", 0)),
+        kind = pb.TASK_EVALUATE if _is_evaluate(msg) else pb.TASK_TRAIN
+        return pb.Task(kind=kind, task_id=msg.metadata.message_id, round=int(msg.metadata.group_id or config.get("server-round", 0)),
                        config_json=json.dumps(config), num_tensors=len(msg.content["arrays"]))
 
     def fetch_model(self, req: pb.FetchModelRequest, context) -> Iterator[pb.ModelChunk]:
@@ -269,7 +319,7 @@ class CoordinatorService:
 
     def _download(self, req: pb.FetchModelRequest, msg: Message, max_bytes: int) -> Iterator[pb.ModelChunk]:
         """The task's version as-served: encoded steps from the version the client holds, else a full copy."""
-        version = _task_round(msg) - 1
+        version = _task_version(msg)
         served = self.downloads.served(version, self._base_state(req.task_id, msg))
         steps = self.downloads.chain(version, req.held_version, bytes(req.held_digest)) if req.has_version else None
         yield from model_chunks(served, steps, max_bytes)
@@ -301,6 +351,8 @@ class CoordinatorService:
         if msg is None:
             msg = self._open_task(h.task_id, member)   # raises FAILED_PRECONDITION
         task_id = msg.metadata.message_id            # differs from h.task_id when adopted after a restart
+        if _is_evaluate(msg):
+            raise invalid("wrong_task_kind", "this task asks for an evaluation: answer it with PushEval, not an update")
         base = self._base_state(task_id, msg)
         if h.base_digest and h.base_digest != self._served_digest(msg):
             raise invalid("bad_base", "the update was trained from weights other than this task's model: "
@@ -344,15 +396,19 @@ class CoordinatorService:
         except wire.WireError as err:
             raise invalid("incomplete", str(err)) from None
         delta = self._clip(delta)
-        if not all(torch.isfinite(base[n] + delta[n]).all() for n in spec):  # one tensor's sum at a time
-            raise invalid("non_finite", "the update makes the model non-finite")
+        norm = self._admit(msg, base, delta)   # finite, bounded, within --max-update-norm-ratio (integrity.py)
         update = DecodedUpdate(base, delta, client=ConfigRecord({"name": member.name}), metrics=MetricRecord({
             "num-examples": self._weight(msg, h), "train_loss": float(h.train_loss),
             "bytes-up": int(received), "bytes-up-raw": int(raw_update_bytes),
             "bytes-down": self._bytes_down_of(task_id, h.task_id), "bytes-down-raw": int(raw_update_bytes),
             "train-seconds": float(h.train_seconds)}))
-        if not self.grid.deliver_update(task_id, member.client_id, update):  # folded or spilled (aggregate.py)
+        try:
+            delivered = self.grid.deliver_update(task_id, member.client_id, update)  # folded or spilled (aggregate.py)
+        except Inadmissible as err:   # the fold's own overflow check
+            raise invalid(err.reason, err.detail) from None
+        if not delivered:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "task_closed", "the task closed while uploading")
+        self.norm_bound.accept(_norm_key(msg), norm)
         self._answered.add((member.client_id, h.task_id))
         self._answered.add((member.client_id, task_id))
         if h.signature:
@@ -362,36 +418,75 @@ class CoordinatorService:
             self._base_cache.pop(task_id, None)
         return pb.PushReply(accepted=True, message="ok", bytes_received=received)
 
+    def push_eval(self, req: pb.EvalResult, context) -> pb.PushReply:
+        """A client's answer to a TASK_EVALUATE task: its held-out loss and the tokens it scored (bounded by the
+        run's --eval-windows x --seq-len, so no evaluator outweighs the others by claiming more), or why it
+        cannot evaluate (a failed reply, so the round does not wait for it)."""
+        member = self._session(req.client_id, req.session_token)
+        if (member.client_id, req.task_id) in self._answered:
+            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "replayed_update",
+                           f"an answer for task {req.task_id[:64]!r} was already delivered (replay)")
+        if self.auth.enabled and len(req.signature) != signing.SIGNATURE_BYTES:
+            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "bad_signature",
+                           "the evaluation result is not signed: start the client with --key")
+        msg = self._open_task(req.task_id, member)
+        if not _is_evaluate(msg):
+            raise invalid("wrong_task_kind", "this task asks for training: answer it with PushUpdate")
+        self._check_eval(req, msg)
+        try:
+            self.auth.check_update(member.public_key, req.signature, self.run_id, _task_round(msg), member.client_id,
+                                   req.task_id, signing.eval_digest(req.loss, req.tokens))
+        except AuthError as err:
+            raise unauthenticated(err) from None
+        if req.error:
+            log.warning("%s cannot evaluate round %d: %s", member.name, _task_round(msg), req.error)
+            delivered = self.grid.deliver_error(req.task_id, member.client_id, f"{member.name}: {req.error}")
+        else:
+            delivered = self.grid.deliver_reply(req.task_id, member.client_id, RecordDict({
+                "metrics": MetricRecord({"eval_loss": float(req.loss), "num-examples": int(req.tokens)}),
+                "client": ConfigRecord({"name": member.name})}))
+        if not delivered:
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "task_closed", "the task closed before its answer came")
+        self._answered.add((member.client_id, req.task_id))
+        return pb.PushReply(accepted=True, message="ok")
+
+    def _check_eval(self, req: pb.EvalResult, msg: Message) -> None:
+        if req.error:
+            if len(req.error) > MAX_NAME * 4 or not req.error.isprintable():
+                raise invalid("bad_eval", f"error must be at most {MAX_NAME * 4} printable characters")
+            return
+        max_tokens = self.cfg.eval_windows * self.cfg.seq_len
+        if not (math.isfinite(req.loss) and 0 <= req.loss <= MAX_EVAL_LOSS) or not 1 <= req.tokens <= max_tokens:
+            raise invalid("bad_eval", f"loss must be in [0, {MAX_EVAL_LOSS:g}] and tokens in 1..{max_tokens} "
+                          f"(--eval-windows x --seq-len)")
+        served = self.downloads.digest(_task_version(msg))
+        if req.base_digest and served is not None and bytes(req.base_digest) != served:
+            raise invalid("bad_base", "the loss was measured on weights other than this task's model: "
+                          "download the task's model again")
+
     def status(self, req: pb.StatusRequest, context) -> pb.StatusReply:
         try:
             self.auth.check_status(req.public_key, req.signature, req.challenge, req.nonce)
         except AuthError as err:
             raise unauthenticated(err) from None
+        if req.history:   # a page of the round history
+            return pb.StatusReply(json=json.dumps(self.report.history(req.from_round, req.max_rounds)))
         return pb.StatusReply(json=json.dumps(self.status_dict()))
 
     def challenge(self, req: pb.ChallengeRequest, context) -> pb.ChallengeReply:
         return pb.ChallengeReply(run_id=self.run_id, challenge=self.auth.challenge(), expires_in_s=self.auth.window_s)
 
     def status_dict(self) -> dict:
-        with self.progress.lock:
-            rounds = [dict(r) for r in self.progress.rounds]
-            state, current = self.progress.state, self.progress.current_round
-        return {
-            "state": state, "run_id": self.run_id, "round": rounds[-1]["round"] if rounds else 0,
-            "current_round": current, "rounds_total": self.cfg.rounds,
-            "clients": [{"name": m.name, "id": str(m.client_id), "role": m.role, "device": m.device,
-                         "precision": m.precision, "rounds_done": m.rounds_done, "address": m.address,
-                         "seen_s_ago": round(time.monotonic() - m.last_seen, 2)}
-                        for m in self.members.snapshot()],
-            "rounds": rounds, "config": json.loads(self.cfg.to_json()),
-            **self._counters(),
-            **({"swarm": self.swarm.registry.snapshot()} if self.swarm else {}),
-        }
+        """The Status object (coordinator/status.py): the last rounds, totals over all, bounded client lists."""
+        return self.report.status(self._counters())
 
     # -- helpers ---------------------------------------------------------------------
     def _counters(self) -> dict:
         with self._counter_lock:
-            return {"rejections": dict(self.rejections), "clipped_updates": self.clipped_updates}
+            rejections = collections.Counter(self.rejections)
+            clipped = self.clipped_updates
+        rejections.update(self.grid.updates.refused())   # aggregates refused before commit (driver)
+        return {"rejections": dict(rejections), "clipped_updates": clipped}
 
     def _weight(self, msg: Message, h: pb.UpdateHeader) -> int:
         """An update's FedAvg weight: the examples the coordinator's task asked for (local steps x batch x
@@ -408,13 +503,23 @@ class CoordinatorService:
         limit = self.cfg.clip_update_norm
         if not limit:
             return delta
-        norm = math.sqrt(sum(float(d.double().square().sum()) for d in delta.values()))
+        norm = l2_norm(delta.values())
         if not norm > limit:
             return delta
         with self._counter_lock:
             self.clipped_updates += 1
         scale = limit / norm
         return {n: d * scale for n, d in delta.items()}
+
+    def _admit(self, msg: Message, base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> float:
+        """The update's L2 norm; refused unless the weights it leads to are finite and bounded and its norm is
+        within --max-update-norm-ratio of the recent ones (integrity.py)."""
+        try:
+            check_values(base, delta)
+            return self.norm_bound.check(_norm_key(msg), delta, base)
+        except Inadmissible as err:
+            log.warning("refused an update for task %s: %s", msg.metadata.message_id[:12], err.detail)
+            raise invalid(err.reason, err.detail) from None
 
     def _open_task(self, task_id: str, member: Member) -> Message:
         if len(task_id) > 64:
@@ -431,7 +536,7 @@ class CoordinatorService:
         if len(h.base_digest) != 32:
             return None
         for msg in self.grid.open_for_node(member.client_id):
-            if _task_round(msg) == h.round and self._served_digest(msg) == h.base_digest:
+            if not _is_evaluate(msg) and _task_round(msg) == h.round and self._served_digest(msg) == h.base_digest:
                 log.info("adopted %s's upload for round %d (task %s predates a restart)", member.name, h.round, h.task_id[:12])
                 return msg
         with self.progress.lock:
@@ -444,7 +549,7 @@ class CoordinatorService:
     def _served_digest(self, msg: Message) -> bytes:
         """Digest of the weights a client of this task trains from (the as-served state of its version)."""
         base = self._base_state(msg.metadata.message_id, msg)
-        return wire.state_digest(base) if self.swarm else self.downloads.served(_task_round(msg) - 1, base).digest
+        return wire.state_digest(base) if self.swarm else self.downloads.served(_task_version(msg), base).digest
 
     def _bytes_down_of(self, *task_ids: str) -> int:
         with self._cache_lock:
@@ -481,6 +586,23 @@ def _parse(msg_type, raw: bytes):
     except (DecodeError, RuntimeError, ValueError) as err:
         raise invalid("malformed", f"cannot parse {msg_type.DESCRIPTOR.name}: {err}") from None
     return msg
+
+
+def _norm_key(msg: Message) -> str:
+    """Which accepted norms an update is compared with: the model's, or (swarm) its stage's."""
+    config = msg.content["config"] if "config" in msg.content else {}
+    stage = int(config.get("stage", -1))
+    return f"stage {stage}" if stage >= 0 else "model"
+
+
+def _is_evaluate(msg: Message) -> bool:
+    return msg.metadata.message_type == MessageType.EVALUATE
+
+
+def _task_version(msg: Message) -> int:
+    """The global version a task's client downloads: a round trains from the previous round's model; the
+    evaluation of round N scores round N's."""
+    return _task_round(msg) - (0 if _is_evaluate(msg) else 1)
 
 
 def _task_round(msg: Message) -> int:

@@ -1,31 +1,64 @@
 """The coordinator's grpc.aio server: limits on what a caller can hold, worker pools, health service.
 
 Waiting (long-polls, idle streams, slow readers) happens on the event loop and holds no thread;
-CPU work of a model transfer runs on small bounded pools so Status and Heartbeat stay fast."""
+CPU work of a model transfer runs on small bounded pools so Status and Heartbeat stay fast. Our own
+limits (coordinator/admission.py) sit below gRPC core's, so our code refuses first and counts why."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
+import resource
+import time
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
+from fedswarm.coordinator.admission import Admission, CallRefused
 from fedswarm.proto import wire
-from fedswarm.proto.refusals import REASON_KEY  # noqa: F401 - the service sets it on every refusal
+from fedswarm.settings import opt
+
+log = logging.getLogger(__name__)
+HEALTH_SERVICE = "grpc.health.v1.Health"
+FEW_OPEN_FILES = 8192   # below this soft limit, say so: every connection holds a file
 
 
 @dataclass
 class ServingLimits:
-    """Everything a caller can hold, bounded; every timeout named."""
+    """Everything a caller can hold, bounded; every timeout named. The fields with help are flags of
+    `fedswarm coordinator`."""
 
-    max_sessions: int = 5000              # joined clients (a join beyond is RESOURCE_EXHAUSTED too_many_sessions)
-    max_concurrent_rpcs: int = 12000      # beyond, gRPC answers RESOURCE_EXHAUSTED at once
-    max_pending_rpcs: int = 12000         # calls queued in gRPC core before the loop takes them (core's default,
-                                          # 1000, cancels calls in bursts: 1000 sessions' synchronized polls)
-    max_awaiting_header: int = 256        # PushUpdate streams allowed to wait for their first message at once
-    first_message_s: float = 10.0         # a PushUpdate stream must send its header within this
-    chunk_idle_s: float = 30.0            # ... and each later chunk within this of the previous one
+    max_sessions: int = opt(5000, "most joined clients at once (a join beyond is refused too_many_sessions)",
+                            metavar="N")
+    # a call that has not sent its first message (a unary request, an upload's header) waits in these shares;
+    # one that starts while a share is full gets only first_message_grace_s (an honest call needs no more)
+    max_waiting: int = opt(2048, "calls that may wait for their first message (a request, an upload's header) "
+                                 "at once, in all", flag="--max-waiting-calls", metavar="N")
+    max_waiting_per_address: int = opt(256, "calls from one address (IPv6: one /64) that may wait for their "
+                                            "first message at once", metavar="N")
+    max_waiting_per_connection: int = opt(64, "calls on one connection that may wait for their first message "
+                                              "at once", metavar="N")
+    first_message_s: float = opt(10.0, "seconds a call may take to send its first message",
+                                 flag="--first-message-timeout", metavar="S")
+    first_message_grace_s: float = opt(1.0, "seconds a call gets for its first message when it starts while "
+                                            "its connection's, address's or the server's waiting share is full",
+                                       flag="--first-message-grace", metavar="S")
+    chunk_idle_s: float = opt(30.0, "seconds an upload may take between two chunks", flag="--chunk-timeout",
+                              metavar="S")
+    upload_s: float = opt(600.0, "seconds a whole upload may take from its header", flag="--upload-timeout",
+                          metavar="S")
+    # a call with a valid session
+    max_calls_per_session: int = opt(8, "calls one session may have in flight (polls, downloads, uploads, "
+                                        "heartbeats)", metavar="N")
+    max_polls_per_session: int = opt(2, "PullTask long-polls one session may hold; a newer one answers the "
+                                        "oldest at once", metavar="N")
+    max_health_watches: int = 64          # grpc.health.v1 Watch streams at once (probes use Check) ...
+    max_health_watches_per_address: int = 4   # ... and from one address
+    handshake_s: float = opt(10.0, "seconds a new connection may take for its TLS and HTTP/2 handshake "
+                                   "(a silent one is closed)", flag="--handshake-timeout", metavar="S")
+    core_headroom: int = 16384            # calls gRPC core admits beyond the sum of our caps (quick calls, graces)
     upload_workers: int = 16              # threads consuming PushUpdate streams past a valid header
     cpu_workers: int = 4                  # threads for model downloads' setup and chunks
     keepalive_time_s: float = 60.0        # the server pings an idle connection this often ...
@@ -38,15 +71,28 @@ class ServingLimits:
     cpu_pool: futures.ThreadPoolExecutor = field(init=False, repr=False)
 
     def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name) if f.init else 1
+            if not value > 0:
+                flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+                raise ValueError(f"{flag if 'help' in f.metadata else f.name} must be > 0, not {value}")
         self.upload_pool = futures.ThreadPoolExecutor(self.upload_workers, thread_name_prefix="upload")
         self.cpu_pool = futures.ThreadPoolExecutor(self.cpu_workers, thread_name_prefix="transfer")
+
+    def core_max_calls(self) -> int:
+        """gRPC core's cap on calls at once: above every call our own limits let in, so ours refuse first."""
+        return (self.max_waiting + self.max_sessions * self.max_calls_per_session + self.max_health_watches
+                + self.core_headroom)
 
     def options(self) -> list[tuple[str, int]]:
         ms = lambda s: int(s * 1000)  # noqa: E731
         return [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
                 ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096),
-                ("grpc.server.max_pending_requests", self.max_pending_rpcs),
-                ("grpc.server.max_pending_requests_hard_limit", 2 * self.max_pending_rpcs),
+                # calls queued in core before the loop takes them (core's default, 1000, cancels calls in
+                # bursts: 1000 sessions' synchronized polls)
+                ("grpc.server.max_pending_requests", self.core_max_calls()),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * self.core_max_calls()),
+                ("grpc.server_handshake_timeout_ms", ms(self.handshake_s)),
                 ("grpc.keepalive_time_ms", ms(self.keepalive_time_s)),
                 ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
                 ("grpc.keepalive_permit_without_calls", 1),
@@ -61,57 +107,115 @@ class ServingLimits:
         self.cpu_pool.shutdown(wait=False, cancel_futures=True)
 
 
-class StreamRefused(Exception):
-    """A client stream broke its limits while a worker consumed it (the service turns it into a refusal)."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str, detail: str):
-        super().__init__(detail)
-        self.code, self.reason, self.detail = code, reason, detail
-
-
 class StreamBridge:
-    """A blocking iterator (for a worker thread) over an aio request stream whose first message was read."""
+    """A blocking iterator (for a worker thread) over an aio request stream whose first message was read:
+    each further message within `idle_s` of the previous, the whole stream within `total_s`. `refuse(err)`
+    (from the loop) ends it at once with `err`, even while the worker waits for a message."""
 
     _END = object()
 
-    def __init__(self, first, requests, loop: asyncio.AbstractEventLoop, idle_s: float):
+    def __init__(self, first, requests, loop: asyncio.AbstractEventLoop, idle_s: float, total_s: float):
         self._pending, self._requests, self._loop, self._idle_s = first, requests, loop, idle_s
+        self._total_s, self._deadline = total_s, time.monotonic() + total_s
         self._ended = first is None
+        self._refusal: CallRefused | None = None
+        self._waiting: futures.Future | None = None
+
+    def refuse(self, err: CallRefused) -> None:
+        self._refusal = err
+        waiting = self._waiting
+        if waiting is not None:
+            waiting.cancel()
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        if self._refusal is not None:
+            raise self._refusal
         if self._pending is not None:
             item, self._pending = self._pending, None
             return item
         if self._ended:
             raise StopIteration
-        future = asyncio.run_coroutine_threadsafe(
-            asyncio.wait_for(anext(self._requests, self._END), self._idle_s), self._loop)
+        left = self._deadline - time.monotonic()
+        wait = min(self._idle_s, left)
+        if wait <= 0:
+            raise self._over_time()
+        self._waiting = asyncio.run_coroutine_threadsafe(
+            asyncio.wait_for(anext(self._requests, self._END), wait), self._loop)
         try:
-            item = future.result(self._idle_s + 5.0)
+            if self._refusal is not None:   # refused between the check above and the wait
+                self._waiting.cancel()
+            item = self._waiting.result(wait + 5.0)
         except (asyncio.TimeoutError, futures.TimeoutError):
-            future.cancel()
-            raise StreamRefused(grpc.StatusCode.DEADLINE_EXCEEDED, "slow_upload",
-                                f"no upload chunk for {self._idle_s:.0f} s") from None
+            self._waiting.cancel()
+            raise (self._over_time() if wait < self._idle_s else
+                   CallRefused(grpc.StatusCode.DEADLINE_EXCEEDED, "slow_upload",
+                               f"no upload chunk for {self._idle_s:g} s")) from None
         except (futures.CancelledError, asyncio.CancelledError, grpc.RpcError, grpc.aio.AioRpcError) as err:
-            raise StreamRefused(grpc.StatusCode.CANCELLED, "stream_broken", f"the upload stream broke: {err}") from None
+            if self._refusal is not None:
+                raise self._refusal from None
+            raise CallRefused(grpc.StatusCode.CANCELLED, "stream_broken", f"the upload stream broke: {err}") from None
+        finally:
+            self._waiting = None
         if item is self._END:
             self._ended = True
             raise StopIteration
         return item
 
+    def _over_time(self) -> CallRefused:
+        return CallRefused(grpc.StatusCode.DEADLINE_EXCEEDED, "upload_deadline",
+                           f"the upload took longer than {self._total_s:g} s: send it over a faster link, or ask "
+                           f"the operator for a longer --upload-timeout")
+
+
+def health_handler(servicer: health.aio.HealthServicer, admission: Admission) -> grpc.GenericRpcHandler:
+    """grpc.health.v1.Health as streams: the request is read under the first-message deadline (a stock
+    unary handler waits for it without one) and Watch streams are capped."""
+    async def request(requests, context) -> health_pb2.HealthCheckRequest:
+        raw = await admission.first_message(requests, context, "slow_request")
+        if raw is None:
+            raise CallRefused(grpc.StatusCode.INVALID_ARGUMENT, "no_request", "the call carried no request")
+        try:
+            return health_pb2.HealthCheckRequest.FromString(raw)
+        except Exception:  # noqa: BLE001 - DecodeError and friends: the caller's bytes are bad
+            raise CallRefused(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                              "cannot parse HealthCheckRequest") from None
+
+    async def check(requests, context):
+        try:
+            return await servicer.Check(await request(requests, context), context)
+        except CallRefused as err:
+            await admission.refuse(context, err)
+
+    async def watch(requests, context):
+        try:
+            req = await request(requests, context)
+            with admission.watch(context):
+                await servicer.Watch(req, context)
+        except CallRefused as err:
+            await admission.refuse(context, err)
+
+    ser = health_pb2.HealthCheckResponse.SerializeToString
+    return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
+        "Check": grpc.stream_unary_rpc_method_handler(check, response_serializer=ser),
+        "Watch": grpc.stream_stream_rpc_method_handler(watch, response_serializer=ser)})
+
 
 class Server:
     """The aio server with the Coordinator service and the standard health service on one port."""
 
-    def __init__(self, service_handler: grpc.GenericRpcHandler, limits: ServingLimits):
-        self.limits = limits
-        self.grpc = grpc.aio.server(options=limits.options(), maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
-        self.grpc.add_generic_rpc_handlers((service_handler,))
+    def __init__(self, service_handler: grpc.GenericRpcHandler, limits: ServingLimits,
+                 admission: Admission | None = None):
+        """`admission`: the service's (CoordinatorService.admission), so health refusals land in its counters;
+        without it they are counted in `self.rejections`."""
+        self.limits, self.rejections = limits, collections.Counter()
+        if admission is None:
+            admission = Admission(limits, lambda reason: self.rejections.update((reason,)))
+        self.grpc = grpc.aio.server(options=limits.options(), maximum_concurrent_rpcs=limits.core_max_calls())
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        self.grpc.add_generic_rpc_handlers((service_handler, health_handler(self.health, admission)))
 
     def bind(self, address: str, tls: grpc.ServerCredentials | None) -> int:
         """The port bound (0: could not bind)."""
@@ -129,3 +233,29 @@ class Server:
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(grace_s)
         self.limits.shutdown()
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's open-file soft limit to its hard limit (every connection holds a file); logged.
+    Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            target = int(open("/proc/sys/fs/nr_open").read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open-file limit raised from %d to %d (the hard limit)", soft, target)
+            soft = target
+        except (OSError, ValueError) as err:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, err)
+    else:
+        log.info("open-file limit %d", soft)
+    if soft != resource.RLIM_INFINITY and soft < FEW_OPEN_FILES:
+        log.warning("the open-file limit is %d: each connection holds a file, so this many silent connections "
+                    "lock everyone out; raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, compose ulimits)",
+                    soft)
+    return soft

@@ -45,6 +45,7 @@ class SpillUpdates(UpdateSink):
     """Writes each update's weights to the state dir and hands Flower memory-mapped Arrays."""
 
     def __init__(self, state_dir: str | Path):
+        super().__init__()
         self.root = Path(state_dir) / SPILL_DIR
         shutil.rmtree(self.root, ignore_errors=True)   # left by a coordinator that was killed mid-round
         self._lock = threading.Lock()

@@ -6,6 +6,7 @@ the round's row commits, so a committed row always names a complete file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -14,6 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from fedswarm.coordinator.strategy_state import PREFIX as STRATEGY_PREFIX
+from fedswarm.errors import BadInput, why
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -25,8 +31,34 @@ CREATE TABLE IF NOT EXISTS rounds (
 );
 """
 KEEP_CHECKPOINTS = 3
+DB_NAME = "fedswarm.sqlite3"
 COLUMNS = ("round", "eval_loss", "train_loss", "clients", "bytes_up", "bytes_up_raw", "seconds")
 # other round-record fields (bytes_down, tokens, ...) live as JSON in rounds.extra
+
+
+class StateError(BadInput):
+    """A --state-dir that cannot be used (unwritable, a database that does not open): the message names it."""
+
+
+class CheckpointError(StateError):
+    """No committed round's checkpoint can be loaded: the message names each file and what is wrong with it."""
+
+
+def check_state_dir(state_dir: str | Path) -> None:
+    """StateError unless `state_dir` (made if missing) and its checkpoints folder take a file (written,
+    fsynced, removed): a read-only or full disk is found before a run starts, not at its first commit."""
+    root = Path(state_dir)
+    for folder in (root, root / "checkpoints"):
+        probe = folder / f".write-test-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as fh:
+                fh.write(b"fedswarm")
+                os.fsync(fh.fileno())
+            probe.unlink()
+        except OSError as err:
+            raise StateError(f"--state-dir {state_dir}: cannot write to {folder} ({err.strerror or err}): pass a "
+                             f"folder this user can write on a writable disk") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -55,9 +87,20 @@ class Store:
         self.ckpt_dir = self.dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.dir / "fedswarm.sqlite3", check_same_thread=False, isolation_level=None)
+        self._resumed: tuple[int, dict[str, torch.Tensor]] | None = None   # resume_point's load, handed out once
+        self.db_path = self.dir / DB_NAME
+        try:
+            self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+            self._open()
+        except sqlite3.DatabaseError as err:
+            raise StateError(_db_problem(self.db_path, err)) from None
+
+    def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(problems[:3]))
         self._db.executescript(SCHEMA)
         if "extra" not in {row[1] for row in self._db.execute("PRAGMA table_info(rounds)")}:
             self._db.execute("ALTER TABLE rounds ADD COLUMN extra TEXT")
@@ -105,10 +148,55 @@ class Store:
 
     def load_checkpoint(self, rnd: int) -> dict[str, torch.Tensor]:
         with self._lock:
+            resumed, self._resumed = self._resumed, None
             row = self._db.execute("SELECT checkpoint FROM rounds WHERE round=?", (rnd,)).fetchone()
         if row is None:
             raise KeyError(f"round {rnd} is not committed in {self.dir}")
+        if resumed is not None and resumed[0] == rnd:
+            return resumed[1]   # resume_point loaded (and checked) it already
         return load_file(str(self.ckpt_dir / row[0]))
+
+    def resume_point(self, expected: dict[str, tuple[int, ...]]) -> int | None:
+        """The newest committed round whose checkpoint loads and holds `expected` (name -> shape; other keys
+        only strategy state), or None before round 0. Newer rounds, whose checkpoints are missing or broken,
+        are dropped (logged, files removed) so they run again. CheckpointError (nothing dropped) when none of
+        the kept checkpoints loads, or one cannot be read at all (permissions)."""
+        with self._lock:
+            rows = self._db.execute("SELECT round, checkpoint FROM rounds ORDER BY round DESC LIMIT ?",
+                                    (KEEP_CHECKPOINTS,)).fetchall()
+        bad: list[str] = []
+        for rnd, name in rows:
+            path = self.ckpt_dir / name
+            try:
+                state = load_file(str(path))
+                problem = _mismatch(state, expected)
+            except PermissionError as err:
+                raise CheckpointError(f"checkpoint {path} of round {rnd} cannot be read ({err.strerror}): make it "
+                                      f"readable by this user") from None
+            except Exception as err:  # noqa: BLE001 - missing, truncated or garbled: safetensors has its own type
+                problem = "missing" if isinstance(err, FileNotFoundError) else why(err)
+            if problem is None:
+                self._drop_after(rnd, rows)
+                with self._lock:
+                    self._resumed = (rnd, state)
+                return rnd
+            log.error("checkpoint %s of round %d cannot be used (%s)", path, rnd, problem)
+            bad.append(f"round {rnd}: {path} ({problem})")
+        if rows:
+            raise CheckpointError(f"no kept checkpoint of {self.dir} can be loaded: {'; '.join(bad)}: restore "
+                                  f"{self.ckpt_dir} from a backup, or start a new run on an empty --state-dir")
+        return None
+
+    def _drop_after(self, good: int, rows: list[tuple[int, str]]) -> None:
+        dropped = [(rnd, name) for rnd, name in rows if rnd > good]
+        if not dropped:
+            return
+        with self._lock:
+            self._db.execute("DELETE FROM rounds WHERE round > ?", (good,))
+        for _, name in dropped:
+            (self.ckpt_dir / name).unlink(missing_ok=True)
+        log.warning("falling back to the checkpoint of round %d: dropped round(s) %s from %s; they run again",
+                    good, ", ".join(str(rnd) for rnd, _ in sorted(dropped)), self.db_path)
 
     def close(self) -> None:
         with self._lock:
@@ -120,3 +208,28 @@ class Store:
                 path.unlink(missing_ok=True)
         for tmp in self.ckpt_dir.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
+
+
+def _mismatch(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """What keeps `state` from being a checkpoint of the model `expected` describes (None: nothing)."""
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        return f"no tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            return f"{name!r} has shape {tuple(state[name].shape)}, the model {tuple(shape)}"
+    foreign = sorted(k for k in state if k not in expected and not k.startswith(STRATEGY_PREFIX))
+    if foreign:
+        return f"unexpected tensor {foreign[0]!r}: it is not this run's model"
+    return None
+
+
+def _db_problem(path: Path, err: sqlite3.DatabaseError) -> str:
+    text = str(err)
+    if "locked" in text:
+        return (f"{path} is in use by another process (database is locked): stop the other coordinator on this "
+                f"--state-dir")
+    if isinstance(err, sqlite3.OperationalError) and ("readonly" in text or "unable to open" in text):
+        return f"--state-dir: {path} cannot be written ({text}): pass a folder this user can write"
+    return (f"{path} is not a usable SQLite database ({text}): move it (and any -wal/-shm files beside it) away "
+            f"to start a new run there, or restore it from a backup")

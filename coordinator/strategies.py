@@ -33,9 +33,20 @@ def sampling(cfg) -> dict:
     k, f = cfg.clients_per_round, cfg.fraction
     fraction_train = f if f > 0 else (EXACTLY_MIN_TRAIN_NODES if k > 0 else 1.0)
     min_train = k if k > 0 else (1 if f > 0 else cfg.min_clients)
-    # Centralized eval runs on the coordinator; federated eval is off.
+    # Federated evaluation has its own strategy (evaluation_strategy): its population (evaluators, else the
+    # training clients) and its minimum differ from training's, and Flower's strategy has one min_available_nodes.
     return dict(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train,
                 min_evaluate_nodes=0, min_available_nodes=max(cfg.min_clients, k))
+
+
+def evaluation_strategy(cfg) -> S.FedAvg:
+    """Flower's FedAvg for --evaluate clients/both: its configure_evaluate samples max(F x connected, K) of the
+    nodes it is shown (--fraction-evaluate F, --min-evaluate-nodes K), and aggregate_evaluate averages their
+    `eval_loss` weighted by `num-examples` (the tokens each scored). Every strategy here inherits these two
+    hooks from FedAvg unchanged; this instance only carries evaluation's own sampling."""
+    return S.FedAvg(fraction_train=EXACTLY_MIN_TRAIN_NODES, min_train_nodes=1,
+                    fraction_evaluate=cfg.fraction_evaluate, min_evaluate_nodes=cfg.min_evaluate_nodes,
+                    min_available_nodes=cfg.min_evaluate_nodes)
 
 
 class DiLoCo(S.FedAvg):

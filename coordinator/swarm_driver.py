@@ -13,14 +13,12 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+from flwr.app import ArrayRecord, ConfigRecord
 
 from fedswarm.coordinator.driver import RunProgress, arrays_to_state, state_to_arrays
+from fedswarm.coordinator.grid import NodesView
 from fedswarm.coordinator.strategies import build_strategy
 from fedswarm.coordinator.strategy_state import export_state, import_state, split_checkpoint
 from fedswarm.coordinator.swarm_registry import SwarmRegistry
@@ -28,35 +26,6 @@ from fedswarm.models import evaluate, load_trainable_state
 from fedswarm.threads import BUDGET
 
 log = logging.getLogger(__name__)
-
-
-class StageGridView(Grid):
-    """The shared SessionGrid, seen as only the live replicas of one stage."""
-
-    def __init__(self, grid, node_ids: Callable[[], list[int]]):
-        self._grid, self._node_ids = grid, node_ids
-
-    def set_run(self, run: Run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self._node_ids())
-
-    def push_messages(self, messages):
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids):
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 class SwarmDriver:
@@ -145,7 +114,7 @@ class SwarmDriver:
     def _stage_round(self, stage: int, epoch: int) -> dict | None:
         if not self.registry.stage_peers(stage):
             return None  # Flower's sampler would wait forever for a node; the stage keeps its average
-        view = StageGridView(self.grid, lambda: self.registry.stage_peers(stage))
+        view = NodesView(self.grid, lambda: self.registry.stage_peers(stage))  # its stage's live replicas
         strategy = self.strategies[stage]
         with self._lock:
             arrays = self.stage_arrays[stage]

@@ -1,4 +1,5 @@
-"""Which peer serves which pipeline stage; re-assignment when a stage empties or is the clear bottleneck."""
+"""Which peer serves which pipeline stage; re-assignment when a stage empties (at once) or when moving a peer
+pays for its switch (coordinator/rebalance.py)."""
 from __future__ import annotations
 
 import collections
@@ -7,8 +8,8 @@ import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
+from fedswarm.coordinator.rebalance import Move, Rebalancer, SwarmRegistryConfig
 from fedswarm.proto import fedswarm_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -16,36 +17,29 @@ MAX_EVENTS = 1000      # stage events kept (oldest forgotten first)
 MAX_LOSSES = 10_000    # trainers' losses kept between two rounds
 PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,128}")   # a base58 libp2p peer id
 MAX_REFUSAL_REASONS = 32                                  # distinct reasons kept per reporter
-
-
-@dataclass
-class SwarmTimeouts:
-    rebalance_cooldown_s: float = 15.0   # at most one bottleneck move this often (an emptied stage moves at once)
-    busy: float = 0.85                   # a stage whose peers compute this fraction of the time is saturated ...
-    idle: float = 0.45                   # ... and takes a peer from a stage (of >= 2 peers) busy at most this much
-    warm_reports: int = 4                # utilization counts only after this many heartbeats of a peer
-    rate_window_s: float = 10.0          # tokens/s is measured over this window
+__all__ = ["SwarmRegistry", "SwarmRegistryConfig", "PEER_ID"]
 
 
 class SwarmRegistry:
     """Thread-safe: the service reports peers and trainers; the membership reaper reports losses."""
 
-    def __init__(self, num_stages: int, timeouts: SwarmTimeouts | None = None, clock=time.time):
+    def __init__(self, num_stages: int, config: SwarmRegistryConfig | None = None, clock=time.time):
         self.num_stages = num_stages
-        self.t = timeouts or SwarmTimeouts()
+        self.t = config or SwarmRegistryConfig()
         self.clock = clock
+        self.policy = Rebalancer(self.t, clock)
         self._lock = threading.Lock()
         self.stage_of: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.throughput: dict[int, float] = {}
         self.steps: dict[int, int] = {}
         self.util: dict[int, float] = {}
-        self.reports: dict[int, int] = {}
+        self.reports: dict[int, int] = {}            # heartbeats since the peer began serving its assigned stage
+        self.switch_s: dict[int, float] = {}         # each peer's last measured stage switch (fetch + build)
         self._warned_empty: set[int] = set()
         self.trainers: dict[int, dict] = {}           # live trainers' latest totals
         self.retired = {"completed": 0, "retried": 0, "lost": 0, "tokens": 0}   # totals of trainers that left
         self.events: deque[dict] = deque(maxlen=MAX_EVENTS)
-        self._last_move = 0.0
         self._samples: list[tuple[float, int]] = []
         self._losses: deque[float] = deque(maxlen=MAX_LOSSES)   # trainers' reported losses since the last round
         self.peer_ids: dict[int, str] = {}       # peers' and trainers' libp2p ids, from their signed joins
@@ -66,6 +60,7 @@ class SwarmRegistry:
             if peer_id:
                 self.peer_ids[cid] = peer_id
             self.throughput[cid], self.steps[cid] = 0.0, 0
+            self.policy.reset()
             self._event(stage, cid, "joined")
             return stage
 
@@ -74,13 +69,19 @@ class SwarmRegistry:
             return self.stage_of.get(cid, -1)
 
     def report_peer(self, cid: int, throughput: float, steps: int, utilization: float = 0.0,
-                    serving: int = -1, refused: dict[str, int] | None = None) -> None:
+                    serving: int = -1, refused: dict[str, int] | None = None, switch_s: float = 0.0) -> None:
+        """A peer's heartbeat; its readings feed the rebalancer once it served its assigned stage a while."""
         with self._lock:
             if cid in self.stage_of:
                 self.throughput[cid], self.steps[cid] = throughput, steps
                 self.util[cid] = min(max(utilization, 0.0), 1.0)
-                self.reports[cid] = self.reports.get(cid, 0) + 1
                 self.serving[cid] = serving
+                if switch_s > 0:
+                    self.switch_s[cid] = min(switch_s, self.t.max_switch_s)
+                if serving == self.stage_of[cid]:
+                    self.reports[cid] = self.reports.get(cid, 0) + 1
+                    if self.reports[cid] > self.t.warm_reports:
+                        self.policy.observe(cid, throughput, self.util[cid])
                 self._take_refused(cid, refused)
         self.rebalance()
 
@@ -139,33 +140,27 @@ class SwarmRegistry:
             if stage is None:
                 return
             self._event(stage, cid, f"left: {reason}")
-            for d in (self.throughput, self.steps, self.util, self.reports):
+            for d in (self.throughput, self.steps, self.util, self.reports, self.switch_s):
                 d.pop(cid, None)
+            self.policy.forget(cid)
+            self.policy.reset()
             if self._counts()[stage] == 0:
                 self._move_to(stage, f"stage {stage} lost its last peer")
 
     def rebalance(self) -> None:
-        """Fill empty stages; move one peer to a saturated stage from an idle one (with a cooldown).
-
-        In a pipeline every stage serves the same tokens/s, so throughput cannot show a
-        bottleneck; utilization (the fraction of time a peer spends computing) can."""
+        """Fill empty stages at once; move a peer to the bottleneck stage only when the move pays for its
+        switch (coordinator/rebalance.py: a pipeline model judged over several windows, with cool-downs)."""
         with self._lock:
             counts = self._counts()
             for stage in range(self.num_stages):
                 if counts[stage] == 0:
                     self._move_to(stage, f"stage {stage} has no peer")
                     counts = self._counts()
-            if self.clock() - self._last_move < self.t.rebalance_cooldown_s:
-                return
-            if not self.stage_of or any(self.reports.get(c, 0) < self.t.warm_reports for c in self.stage_of):
-                return  # utilization not yet measured everywhere
-            util = [self._mean_util(s) for s in range(self.num_stages)]
-            hot = max(range(self.num_stages), key=lambda s: util[s])
-            donors = [s for s in range(self.num_stages) if counts[s] >= 2 and util[s] <= self.t.idle and s != hot]
-            if util[hot] >= self.t.busy and donors:
-                cold = min(donors, key=lambda s: util[s])
-                self._move_to(hot, f"stage {hot} is the bottleneck (peers {util[hot]:.0%} busy, "
-                                   f"stage {cold}'s {util[cold]:.0%})", donor_stage=cold)
+            stages = [[c for c, s in self.stage_of.items() if s == st] for st in range(self.num_stages)]
+            switch = {c: self.switch_s.get(c, self.t.default_switch_s) for c in self.stage_of}
+            move = self.policy.tick(stages, switch)
+            if move is not None:
+                self._apply(move)
 
     def stage_peers(self, stage: int) -> list[int]:
         with self._lock:
@@ -203,7 +198,9 @@ class SwarmRegistry:
             return {
                 "stages": [{"stage": s, "peers": sorted(self.names[c] for c, st in self.stage_of.items() if st == s),
                             "throughput": round(self._totals()[s], 1),
-                            "optimizer_steps": sum(self.steps.get(c, 0) for c, st in self.stage_of.items() if st == s)}
+                            "optimizer_steps": sum(self.steps.get(c, 0) for c, st in self.stage_of.items() if st == s),
+                            "switch_s": {self.names[c]: round(self.switch_s[c], 2) for c, st in self.stage_of.items()
+                                         if st == s and c in self.switch_s}}
                            for s in range(self.num_stages)],
                 "microbatches_completed": self._total("completed"),
                 "microbatches_retried": self._total("retried"),
@@ -211,6 +208,8 @@ class SwarmRegistry:
                 "tokens": self._total("tokens"),
                 "tokens_per_s": round(rate, 1),
                 "refused": dict(sorted(self._refused_totals().items())),
+                "rebalance": {**{f"windows_{k}": v for k, v in self.policy.windows.items()},
+                              "streak": self.policy.streak},
                 "reassignments": [e for e in self.events if e["reason"] != "joined" and not e["reason"].startswith("left")],
                 "events": list(self.events)[-200:],
             }
@@ -241,33 +240,42 @@ class SwarmRegistry:
             totals[s] += self.throughput.get(c, 0.0)
         return totals
 
-    def _mean_util(self, stage: int) -> float:
-        vals = [self.util.get(c, 0.0) for c, s in self.stage_of.items() if s == stage]
-        return sum(vals) / len(vals) if vals else 0.0
-
     def _total(self, key: str) -> int:
         return self.retired[key] + sum(t.get(key, 0) for t in self.trainers.values())
 
-    def _move_to(self, stage: int, reason: str, donor_stage: int | None = None) -> bool:
+    def _move_to(self, stage: int, reason: str) -> bool:
+        """An emptied stage takes a peer at once from the most provisioned stage that can spare one: its slowest
+        replica, one not cooling down after a move if there is one."""
         counts = self._counts()
-        if donor_stage is None:  # the most over-provisioned stage that can spare a peer
-            candidates = [s for s in range(self.num_stages) if counts[s] >= 2]
-            if not candidates:
-                if stage not in self._warned_empty:
-                    self._warned_empty.add(stage)
-                    log.warning("%s and no stage has a peer to spare: waiting for a new peer", reason)
-                return False
-            donor_stage = max(candidates, key=lambda s: (counts[s], -self._totals()[s]))
+        candidates = [s for s in range(self.num_stages) if counts[s] >= 2]
+        if not candidates:
+            if stage not in self._warned_empty:
+                self._warned_empty.add(stage)
+                log.warning("%s and no stage has a peer to spare: waiting for a new peer", reason)
+            return False
+        donor_stage = max(candidates, key=lambda s: (counts[s], -self._totals()[s]))
+        cooling = self.policy.cooling()
         donors = [c for c, s in self.stage_of.items() if s == donor_stage]
-        donor = min(donors, key=lambda c: self.throughput.get(c, 0.0))   # the slowest replica moves
-        self.stage_of[donor] = stage
-        self.steps[donor], self.reports[donor] = 0, 0
-        self._warned_empty.discard(stage)
-        self._last_move = self.clock()
-        self._event(stage, donor, reason)
-        log.warning("re-assigned %s from stage %d to stage %d: %s", self.names.get(donor), donor_stage, stage, reason)
+        donor = min(donors, key=lambda c: (c in cooling, self.throughput.get(c, 0.0)))
+        self._reassign(donor, stage, reason)
         return True
 
-    def _event(self, stage: int, cid: int, reason: str) -> None:
+    def _apply(self, move: Move) -> None:
+        """A move that pays: the planned peer goes, its event carrying the predicted gain and switch cost."""
+        reason = (f"stage {move.dst} is the bottleneck: predicted {move.rate_now:.0f} -> {move.rate_after:.0f} "
+                  f"tokens/s, +{move.gain:.0%} over {self.t.horizon_s:.0f} s net of a {move.switch_s:.1f} s switch, "
+                  f"held {self.policy.streak} windows")
+        self._reassign(move.peer, move.dst, reason, gain=round(move.gain, 3), switch_s=round(move.switch_s, 2))
+
+    def _reassign(self, cid: int, stage: int, reason: str, **extra) -> None:
+        src = self.stage_of[cid]
+        self.stage_of[cid] = stage
+        self.steps[cid], self.reports[cid] = 0, 0
+        self._warned_empty.discard(stage)
+        self.policy.moved(cid)
+        self._event(stage, cid, reason, source=src, **extra)
+        log.warning("re-assigned %s from stage %d to stage %d: %s", self.names.get(cid), src, stage, reason)
+
+    def _event(self, stage: int, cid: int, reason: str, **extra) -> None:
         self.events.append({"stage": stage, "peer": self.names.get(cid, str(cid)), "reason": reason,
-                            "at": round(self.clock(), 3)})
+                            "at": round(self.clock(), 3), **extra})

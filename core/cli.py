@@ -9,6 +9,7 @@ import sys
 
 from fedswarm import config_file
 from fedswarm.config_file import READS
+from fedswarm.errors import BadInput, one_line
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -91,6 +92,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if p := add("status", "print the coordinator's status"):
         p.add_argument("--coordinator", required=True, help="HOST:PORT")
         p.add_argument("--json", action="store_true", help="one JSON object (the full status)")
+        p.add_argument("--history", action="store_true",
+                       help="every committed round, fetched page by page (a Status lists the last --status-rounds)")
         p.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
                        help="refresh the table every SECONDS (2 if not given) until interrupted")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator's answer")
@@ -140,10 +143,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         export.add_export_arguments(p)
         p.set_defaults(func=export.export_main)
 
-    if p := add("generate", "print a sample from a Hugging Face folder (e.g. one export wrote)"):
-        from fedswarm import export
-        export.add_generate_arguments(p)
-        p.set_defaults(func=export.generate_main)
+    if p := add("generate", "answer a prompt with a Hugging Face folder (e.g. one export wrote), through its "
+                            "chat template when it has one, or continue plain text (--raw)"):
+        from fedswarm import generate
+        generate.add_generate_arguments(p)
+        p.set_defaults(func=generate.generate_main)
     return parser
 
 
@@ -163,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config_file.apply(parser.commands[command], command, path)
         except config_file.ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             return 2
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BadInput as err:   # a file or flag found unusable deep inside a command: one line, exit 2
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

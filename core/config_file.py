@@ -18,12 +18,14 @@ import json
 import tomllib
 from typing import Any
 
+from fedswarm.errors import BadInput
+
 READS = {"coordinator": ("run", "coordinator"), "client": ("client",), "sim": ("run", "sim")}
 TABLES = ("run", "coordinator", "client", "sim")
 _NOT_OPTIONS = {"help", "config"}
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A config file that cannot be used; the message names the file and the key."""
 
 
@@ -52,8 +54,14 @@ def read(path: str) -> dict[str, dict[str, Any]]:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path} is a folder: pass a TOML file (e.g. run.toml)") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not a TOML file (byte {err.start} is not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"--config {path}: not valid TOML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror or err})") from None
     for name, table in data.items():
         if name not in TABLES or not isinstance(table, dict):
             raise ConfigError(f"{path}: {name!r} at the top level: put every key under one of the tables "

@@ -1,8 +1,10 @@
-"""`fedswarm export` and `fedswarm generate`: a run's weights as a standard Hugging Face folder, and a sample from one.
+"""`fedswarm export`: a run's weights as a standard Hugging Face folder (`fedswarm generate` samples one: generate.py).
 
 Export writes what `AutoModelForCausalLM.from_pretrained` loads (config, safetensors, tokenizer);
 a LoRA run writes a PEFT adapter folder (`PeftModel.from_pretrained`) or, with --merge, the base
-with the adapters merged in. Presets get the byte tokenizer as a Hugging Face tokenizer.
+with the adapters merged in. Presets get the byte tokenizer as a Hugging Face tokenizer. A small
+`fedswarm.json` beside them records how the run trained (its --format: generate answers a chat-tuned
+folder through the chat template).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+EXPORT_RECORD = "fedswarm.json"   # in an exported folder: {"format": "text" | "chat", "round": N, ...}
 
 
 def _round_state(state_dir: str, rnd: int | None) -> tuple[dict, int, dict[str, torch.Tensor]]:
@@ -63,7 +67,24 @@ def export(state_dir: str, out: str, rnd: int | None = None, merge: bool = False
     tokenizer = load_tokenizer(cfg["model"])
     (byte_hf_tokenizer() if getattr(tokenizer, "is_bytes", False) else tokenizer).save_pretrained(out_dir)
     kind = "adapters" if lora and not merge else "model"
-    return {"round": rnd, "out": str(out_dir), "kind": kind, "base": cfg["model"], "tensors": len(state)}
+    fmt = cfg.get("data_format", "text")
+    (out_dir / EXPORT_RECORD).write_text(json.dumps({"format": fmt, "round": rnd, "kind": kind, "base": cfg["model"],
+                                                     "mode": cfg.get("mode", "federated")}, indent=1) + "\n")
+    return {"round": rnd, "out": str(out_dir), "kind": kind, "base": cfg["model"], "tensors": len(state),
+            "format": fmt}
+
+
+def exported_format(folder: str) -> str | None:
+    """The --format the run that export wrote `folder` from trained with ("text" or "chat"); None: no record."""
+    path = Path(folder) / EXPORT_RECORD
+    if not path.is_file():
+        return None
+    try:
+        fmt = json.loads(path.read_text()).get("format")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{path} is not a fedswarm export record (JSON with a format): remove it, or export "
+                         "the folder again") from None
+    return fmt if fmt in ("text", "chat") else None
 
 
 def _swarm_model(cfg: dict, state: dict, lora: bool) -> torch.nn.Module:
@@ -99,41 +120,12 @@ def load_exported(folder: str, base: str | None = None) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
 
 
-def generate(folder: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
-             base: str | None = None) -> str:
-    """The prompt continued by the model in `folder` (greedy at temperature 0)."""
-    from transformers import AutoTokenizer
-
-    model = load_exported(folder, base)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    if ids.numel() == 0:
-        raise ValueError("the prompt is empty: pass some text with --prompt")
-    torch.manual_seed(seed)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                             top_k=None, top_p=None,
-                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    return tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True)
-
-
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", required=True, help="the coordinator's --state-dir")
     p.add_argument("--out", required=True, metavar="HF_DIR", help="folder to write")
     p.add_argument("--round", type=int, default=None, help="committed round to export (default: the last)")
     p.add_argument("--merge", action="store_true", help="LoRA runs: merge the adapters into the base weights")
     p.add_argument("--model", default=None, metavar="HF_DIR", help="the base model folder (default: the run's --model)")
-
-
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="HF_DIR", help="a folder written by export (or any HF folder)")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate after the prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    p.add_argument("--base", default=None, metavar="HF_DIR", help="adapter folders: the base model (default: recorded)")
 
 
 def export_main(args: argparse.Namespace) -> int:
@@ -143,13 +135,4 @@ def export_main(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
-    return 0
-
-
-def generate_main(args: argparse.Namespace) -> int:
-    try:
-        print(generate(args.model, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.base))
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     return 0

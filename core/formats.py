@@ -93,8 +93,18 @@ def iter_records(data: str, kind: str) -> Iterator[tuple[str, dict]]:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    for lineno, _size, record in _jsonl_lines(path):
+        yield f"{path}:{lineno}", record
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, int, dict]]:
+    """(line number, bytes, record) of each non-blank line; ValueError naming the line that is not a JSON object."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{lineno} is not UTF-8 text; JSON Lines hold one JSON object a line") from None
             if not line.strip():
                 continue
             try:
@@ -103,7 +113,36 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
                 raise ValueError(f"{path}:{lineno} is not valid JSON ({err.msg}); each line must be one JSON object") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno} is a JSON {type(record).__name__}, not an object with named fields")
-            yield f"{path}:{lineno}", record
+            yield lineno, len(raw), record
+
+
+def check_jsonl(path: Path, fields: list[tuple[str, str]], budget: int) -> int:
+    """Read records of `path` until `budget` bytes: each must be a JSON object holding every (field, flag) of
+    `fields` (ValueError naming the line otherwise); the bytes read. ValueError if it holds no record at all."""
+    used, records = 0, 0
+    for lineno, size, record in _jsonl_lines(path):
+        for name, flag in fields:
+            field(record, name, f"{path}:{lineno}", flag)
+        used, records = used + size, records + 1
+        if used >= budget:
+            break
+    if not records:
+        raise ValueError(f"{path} holds no records (every line is blank): put one JSON object on each line")
+    return used
+
+
+def check_parquet(path: Path, fields: list[tuple[str, str]]) -> None:
+    """ValueError unless `path` is a readable Parquet file whose columns include every (field, flag) of `fields`."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.ParquetFile(path).schema_arrow.names
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise ValueError(f"{path} is not a readable Parquet file: {err}") from None
+    for name, flag in fields:
+        if name not in names:
+            raise ValueError(f"{path} has no column {name!r} (it has: {', '.join(names[:8])}); name the right one "
+                             f"with {flag}")
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, dict]]:

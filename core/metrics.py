@@ -1,6 +1,6 @@
 """Prometheus metrics for the coordinator and the client daemon (`--metrics-port`).
 
-The coordinator's figures are read at scrape time from the status it already keeps (rounds, membership,
+The coordinator's figures are read at scrape time from the status it already keeps (totals, last rounds, membership,
 rejections, the swarm registry), so nothing on the serving path changes; the client records its rounds
 (step time, tokens/s, upload time) and, in swarm roles, reports its trainer or stage-server counters."""
 from __future__ import annotations
@@ -63,7 +63,7 @@ class CoordinatorCollector:
 
     def collect(self):
         s = self.status()
-        cfg, rounds = s.get("config", {}), s["rounds"]
+        cfg, rounds, totals = s.get("config", {}), s["rounds"], s["totals"]   # the last rounds; totals: all of them
         info = InfoMetricFamily("fedswarm_run", "the run this coordinator serves")
         info.add_metric([], {"run_id": str(s.get("run_id", "")), "mode": str(cfg.get("mode", "")),
                              "model": str(cfg.get("model", "")), "strategy": str(cfg.get("strategy", "")),
@@ -74,25 +74,27 @@ class CoordinatorCollector:
         yield _gauge("fedswarm_rounds_planned", "rounds the run is configured for", s["rounds_total"])
         done = [r for r in rounds if r["round"] > 0]
         summary = SummaryMetricFamily("fedswarm_round_duration_seconds", "wall time of each committed round")
-        summary.add_metric([], count_value=len(done), sum_value=sum(r["seconds"] for r in done))
+        summary.add_metric([], count_value=totals["rounds_committed"], sum_value=totals["seconds"])
         yield summary
         if done:
             yield _gauge("fedswarm_last_round_duration_seconds", "wall time of the last committed round",
                          done[-1]["seconds"])
         if rounds and rounds[-1]["eval_loss"] is not None:
             yield _gauge("fedswarm_eval_loss", "held-out loss of the last committed model", rounds[-1]["eval_loss"])
+        if rounds and rounds[-1].get("evals"):
+            yield from _eval_metrics(rounds[-1]["evals"])
         if rounds and rounds[-1].get("train_loss") is not None:
             yield _gauge("fedswarm_train_loss", "clients' mean train loss in the last committed round",
                          rounds[-1]["train_loss"])
         yield _counter("fedswarm_upload_bytes", "update bytes received in committed rounds (as sent)",
-                       sum(r["bytes_up"] for r in rounds))
-        yield _counter("fedswarm_upload_raw_bytes", "fp32-equivalent size of those updates",
-                       sum(r["bytes_up_raw"] for r in rounds))
+                       totals["bytes_up"])
+        yield _counter("fedswarm_upload_raw_bytes", "fp32-equivalent size of those updates", totals["bytes_up_raw"])
         yield _counter("fedswarm_download_bytes", "model bytes sent to clients", BYTES_DOWN.value)
+        yield _counter("fedswarm_tokens", "tokens trained in committed rounds", totals["tokens"])
+        yield _counter("fedswarm_failed_replies", "train instructions of committed rounds that brought no usable "
+                       "reply", totals["failures"])
         clients = GaugeMetricFamily("fedswarm_clients_connected", "clients holding a live session", labels=["role"])
-        roles: dict[str, int] = {}
-        for c in s["clients"]:
-            roles[c.get("role", "client")] = roles.get(c.get("role", "client"), 0) + 1
+        roles = s["clients_by_role"]   # every session (the `clients` list is bounded)
         for role in sorted(set(roles) | {"client"}):
             clients.add_metric([role], roles.get(role, 0))
         yield clients
@@ -102,6 +104,18 @@ class CoordinatorCollector:
         yield rejections
         if s.get("swarm"):
             yield from _swarm_metrics(s["swarm"])
+
+
+def _eval_metrics(evals: list[dict]):
+    """The last committed round's evaluations by source: central (the coordinator's) and clients (token-weighted)."""
+    loss = GaugeMetricFamily("fedswarm_round_eval_loss", "held-out loss of the last committed model, by where it "
+                             "was evaluated (central, clients: weighted by tokens)", labels=["source"])
+    tokens = GaugeMetricFamily("fedswarm_round_eval_tokens", "tokens that evaluation scored", labels=["source"])
+    for e in evals:
+        loss.add_metric([e["source"]], e["loss"])
+        tokens.add_metric([e["source"]], e["tokens"])
+    yield loss
+    yield tokens
 
 
 def _swarm_metrics(sw: dict):
@@ -117,7 +131,7 @@ def _swarm_metrics(sw: dict):
     throughput = GaugeMetricFamily("fedswarm_swarm_stage_throughput", "announced throughput of each stage's peers",
                                    labels=["stage"])
     for st in sw["stages"]:
-        peers.add_metric([str(st["stage"])], len(st["peers"]))
+        peers.add_metric([str(st["stage"])], st.get("peer_count", len(st["peers"])))
         throughput.add_metric([str(st["stage"])], st["throughput"])
     yield peers
     yield throughput

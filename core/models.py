@@ -14,7 +14,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
 from fedswarm.data import VOCAB_SIZE
-from fedswarm.tokenizer import is_hf_folder, load_tokenizer
+from fedswarm.errors import BadInput, why
+from fedswarm.tokenizer import is_hf_folder, json_problem, load_tokenizer
 
 
 def _gpt2(n_layer: int, n_embd: int, n_head: int, n_positions: int = 512) -> GPT2Config:
@@ -43,22 +44,97 @@ DEFAULT_PRESET = "gpt2-tiny"
 
 
 def model_config(preset: str) -> PretrainedConfig:
-    """A preset name, a config JSON file, or a folder holding config.json."""
+    """A preset name, a config JSON file, or a folder holding config.json; BadInput naming the file if unusable."""
     if preset in PRESETS:
         return PRESETS[preset]()
     path = Path(preset)
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BadInput(f"--model {preset}: the folder has no config.json; point --model at a folder "
+                           f"save_pretrained wrote (config.json, weights, tokenizer), a config JSON file or {_PRESETS}")
         path = path / "config.json"
-    if path.is_file():
-        raw = json.loads(path.read_text())
-        model_type = raw.pop("model_type", None)
-        if model_type is None:
-            raise ValueError(f"{path} has no 'model_type'; add e.g. \"model_type\": \"gpt2\"")
-        return AutoConfig.for_model(model_type, **raw)
-    raise ValueError(
-        f"unknown model {preset!r}: use one of {sorted(PRESETS)}, a config JSON file, "
-        "or a folder with config.json"
-    )
+    elif not path.is_file():
+        raise BadInput(f"--model {preset!r}: no such preset, file or folder; use {_PRESETS}, a config JSON file, "
+                       f"or a folder with config.json")
+    if problem := json_problem(path):
+        raise BadInput(f"--model: {problem}; a model config is the config.json save_pretrained writes")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise BadInput(f"--model: {path} holds a JSON {type(raw).__name__}, not a model config object")
+    model_type = raw.pop("model_type", None)
+    if model_type is None:
+        raise BadInput(f"{path} has no 'model_type'; add e.g. \"model_type\": \"gpt2\"")
+    try:
+        config = AutoConfig.for_model(model_type, **raw)
+    except (ValueError, TypeError, KeyError) as err:
+        raise BadInput(f"--model: {path} is not a config transformers can build ({why(err)})") from None
+    check_config(config, path)
+    return config
+
+
+_PRESETS = "a preset (" + ", ".join(PRESETS) + ")"
+_POSITIVE = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size", "intermediate_size",
+             "num_key_value_heads")
+
+
+def check_config(config: PretrainedConfig, where: Path | str) -> None:
+    """BadInput naming the key of a config that no model can be built from (sizes < 1, heads that do not divide)."""
+    def key(attr: str) -> str:   # the name in config.json (GPT-2 says n_layer for num_hidden_layers)
+        return getattr(config, "attribute_map", {}).get(attr, attr)
+
+    for attr in _POSITIVE:
+        value = getattr(config, attr, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise BadInput(f"--model: {where}: {key(attr)} = {value!r}; it must be an integer >= 1")
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if hidden and heads and getattr(config, "head_dim", None) is None and hidden % heads:
+        raise BadInput(f"--model: {where}: {key('hidden_size')} = {hidden} is not a multiple of "
+                       f"{key('num_attention_heads')} = {heads}; each attention head gets hidden/heads dimensions")
+    kv = getattr(config, "num_key_value_heads", None)
+    if heads and kv and heads % kv:
+        raise BadInput(f"--model: {where}: {key('num_attention_heads')} = {heads} is not a multiple of "
+                       f"num_key_value_heads = {kv}")
+
+
+def check_model(model: str) -> None:
+    """BadInput (naming the file and what is wrong) unless `model` builds: its config, and for a Hugging Face
+    folder its tokenizer and the headers of its safetensors weights (read without loading the tensors)."""
+    model_config(model)
+    if is_hf_folder(model):
+        check_tokenizer_fits(model)
+        for path in weight_files(model):
+            check_weights(path)
+
+
+def weight_files(folder: str) -> list[Path]:
+    """The safetensors files a folder's weights are in (one file, or the shards its index names)."""
+    root = Path(folder)
+    if (root / "model.safetensors").is_file():
+        return [root / "model.safetensors"]
+    index = root / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    if problem := json_problem(index):
+        raise BadInput(f"--model: {problem}: save the model again with save_pretrained")
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (KeyError, TypeError, AttributeError):
+        raise BadInput(f"--model: {index} has no weight_map of tensor -> shard file: save the model again") from None
+    return [root / name for name in shards]
+
+
+def check_weights(path: Path) -> None:
+    """BadInput unless `path` is a complete safetensors file (its header names every byte of it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            fh.keys()
+    except FileNotFoundError:
+        raise BadInput(f"--model: {path} is missing: copy the model's whole folder") from None
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type (and OSError) for a bad file
+        raise BadInput(f"--model: {path} is not a complete safetensors file ({why(err)}): copy or save it again") \
+            from None
 
 
 def build_model(preset: str, seed: int = 0, weights: str | None = None) -> torch.nn.Module:
@@ -66,11 +142,16 @@ def build_model(preset: str, seed: int = 0, weights: str | None = None) -> torch
 
     A Hugging Face folder with weights loads with `from_pretrained` (float32, offline); a folder must hold
     a tokenizer whose vocabulary fits the embeddings (ValueError otherwise)."""
+    config = model_config(preset)
     if is_hf_folder(preset):
         check_tokenizer_fits(preset)
         if weights is None and _has_weights(preset):
-            return AutoModelForCausalLM.from_pretrained(preset, local_files_only=True, dtype=torch.float32)
-    config = model_config(preset)
+            for path in weight_files(preset):
+                check_weights(path)
+            try:
+                return AutoModelForCausalLM.from_pretrained(preset, local_files_only=True, dtype=torch.float32)
+            except (OSError, RuntimeError, ValueError) as err:
+                raise BadInput(f"--model {preset}: its weights do not load ({why(err)})") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -78,10 +159,11 @@ def build_model(preset: str, seed: int = 0, weights: str | None = None) -> torch
     if weights_file is not None:
         from safetensors.torch import load_file
 
+        check_weights(weights_file)
         missing, unexpected = model.load_state_dict(load_file(str(weights_file)), strict=False)
         missing = [k for k in missing if k not in _tied_names(model)]
         if missing or unexpected:
-            raise ValueError(f"{weights_file} does not match {preset}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise BadInput(f"{weights_file} does not match {preset}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
 
 
@@ -92,10 +174,10 @@ def _has_weights(folder: str) -> bool:
 
 def check_tokenizer_fits(folder: str) -> None:
     """Refuse a folder whose tokenizer is missing or has more ids than the model has embeddings."""
-    tokenizer = load_tokenizer(folder)  # ValueError when there is none
-    rows = model_config(folder).vocab_size
+    rows = model_config(folder).vocab_size   # a broken config.json is named as such, not as a tokenizer problem
+    tokenizer = load_tokenizer(folder)  # BadInput when there is none or it does not load
     if len(tokenizer) > rows:
-        raise ValueError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model has {rows} embeddings: "
+        raise BadInput(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model has {rows} embeddings: "
                          f"save the tokenizer that belongs to this model, or resize the embeddings with "
                          f"model.resize_token_embeddings({len(tokenizer)}) before save_pretrained")
 
@@ -177,3 +259,23 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 32
 
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """Recompute each transformer block's activations in the backward pass instead of keeping them
+    (`torch.utils.checkpoint` per block, non-reentrant): less memory for about a third more compute.
+
+    Works for the presets and Hugging Face folders alike (both are transformers models whose blocks are
+    checkpointing layers), plain or wrapped by peft: non-reentrant checkpointing needs no input that requires
+    grad, so LoRA on a frozen base gets its adapters' gradients as it does without checkpointing."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(base).__name__} does not support gradient checkpointing: drop "
+                         "--gradient-checkpointing for this model")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):   # transformers >= 5.x names it so
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.config.use_cache = False   # a KV cache is useless in training and incompatible with the recompute
+    return model

@@ -10,6 +10,7 @@ weights on disk) is rebuilt from the run's seed."""
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -18,7 +19,8 @@ from transformers import AutoModelForCausalLM
 
 from fedswarm.lora import LoraSettings
 from fedswarm.models import load_trainable_state
-from fedswarm.stages import Stage, _check_index, _untied_config, build_stage, build_untied_model, stage_param_names
+from fedswarm.stages import (HandedOver, Stage, _check_index, _untied_config, build_stage, build_untied_model,
+                             stage_param_names)
 from fedswarm.tokenizer import is_hf_folder
 
 EMBEDDINGS = ("transformer.wte.weight", "model.embed_tokens.weight")   # what an untied lm_head starts as
@@ -54,12 +56,17 @@ def lora_eval_model(cfg: dict) -> nn.Module:
 
 def lora_stage_names(cfg: dict, index: int) -> list[str]:
     """The adapter names stage `index` trains, from a model on the meta device."""
+    return list(lora_stage_shapes(cfg, index))
+
+
+def lora_stage_shapes(cfg: dict, index: int) -> "OrderedDict[str, tuple[int, ...]]":
+    """Name -> shape of each adapter stage `index` trains, from a model on the meta device."""
     _check_index(index, cfg["stages"])
     config = _untied_config(cfg["model"])
     with torch.device("meta"):
         stage = Stage(AutoModelForCausalLM.from_config(config), index, cfg["stages"])
         stage = inject_adapters(stage, LoraSettings.from_run(cfg), config.model_type)
-    return [n for n, p in stage.named_parameters() if p.requires_grad]
+    return OrderedDict((n, tuple(p.shape)) for n, p in stage.named_parameters() if p.requires_grad)
 
 
 def _folder_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
@@ -99,8 +106,8 @@ def build_lora_stage(cfg: dict, index: int, adapters: dict[str, torch.Tensor],
     _check_index(index, cfg["stages"])
     model = cfg["model"]
     if is_hf_folder(model):   # stage-only, as a full fine-tune's peer builds it, from the folder's tensors
-        base = _folder_tensors(Path(model), stage_param_names(model, index, cfg["stages"]))
-        stage = build_stage(model, index, cfg["stages"], state=base, device=device)
+        base = HandedOver(_folder_tensors(Path(model), stage_param_names(model, index, cfg["stages"])))
+        stage = build_stage(model, index, cfg["stages"], state=base, device=device)   # read once, not copied
     else:   # a preset's base exists only as its seeded initialisation
         stage = build_stage(model, index, cfg["stages"], seed=cfg["seed"], device=device)
     stage = inject_adapters(stage, LoraSettings.from_run(cfg), stage.config.model_type, seed=cfg["seed"])

@@ -27,6 +27,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM
 from transformers.masking_utils import create_causal_mask
 
@@ -73,7 +74,12 @@ def build_untied_model(preset: str, seed: int = 0) -> nn.Module:
 
 
 class Stage(nn.Module):
-    """Blocks `layer_range` of a causal LM (+ embeddings if first, + norm/head/loss if last)."""
+    """Blocks `layer_range` of a causal LM (+ embeddings if first, + norm/head/loss if last).
+
+    With `gradient_checkpointing` set, each block runs under `torch.utils.checkpoint` (non-reentrant) while
+    training: a forward keeps only the blocks' inputs, and the backward recomputes the rest."""
+
+    gradient_checkpointing = False
 
     def __init__(self, model: nn.Module, index: int, num_stages: int):
         super().__init__()
@@ -131,11 +137,11 @@ class Stage(nn.Module):
                                   past_key_values=None, position_ids=pos)
         if self.family == "gpt2":
             for block in self.blocks:
-                h = block(h, attention_mask=mask, position_ids=pos)  # [B, T, D]
+                h = self._block(block, h, attention_mask=mask, position_ids=pos)  # [B, T, D]
         else:
             cos_sin = body.rotary_emb(h, position_ids=pos)  # 2 x [1, T, head_dim]
             for block in self.blocks:
-                h = block(h, attention_mask=mask, position_embeddings=cos_sin, position_ids=pos)
+                h = self._block(block, h, attention_mask=mask, position_embeddings=cos_sin, position_ids=pos)
         if not self.is_last:
             return h  # [B, T, D]
         h = body.ln_f(h) if self.family == "gpt2" else body.norm(h)
@@ -144,23 +150,56 @@ class Stage(nn.Module):
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
 
 
+    def _block(self, block: nn.Module, h: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, use_reentrant=False, **kwargs)
+        return block(h, **kwargs)
+
+
 def build_stage(preset: str, index: int, num_stages: int, seed: int = 0, *,
                 state: dict[str, torch.Tensor] | None = None, device: torch.device | str = "cpu") -> Stage:
     """Stage `index` of `num_stages`.
 
     With `state` (what a peer fetches from the coordinator), only the stage's own modules are ever
     allocated: they are built on the meta device from the config, materialised on `device`, and filled
-    from `state`. Without it the stage is cut from build_untied_model(preset, seed), initialised exactly as
-    that model (this builds the whole model once: for the coordinator's initial weights and tests)."""
+    from `state` (a `HandedOver` state's tensors become the parameters themselves: no second copy).
+    Without it the stage is cut from build_untied_model(preset, seed), initialised exactly as that model
+    (this builds the whole model once: for the coordinator's initial weights and tests)."""
     _check_index(index, num_stages)
     if state is None:
         return Stage(build_untied_model(preset, seed), index, num_stages).to(device)
-    with torch.device("meta"):
-        stage = Stage(AutoModelForCausalLM.from_config(_untied_config(preset)), index, num_stages)
-    stage.to_empty(device=device)  # the meta model above is garbage now: only the stage's modules remain
+    stage = _meta_stage(preset, index, num_stages)  # the meta model around it is garbage: only the stage remains
+    if isinstance(state, HandedOver):
+        _take_parameters(stage, state, torch.device(device))
+    else:
+        stage.to_empty(device=device)
     _rebuild_buffers(stage, torch.device(device))
-    load_stage_state(stage, state)
+    if not isinstance(state, HandedOver):
+        load_stage_state(stage, state)
     return stage
+
+
+class HandedOver(dict):
+    """A stage's tensors handed to `build_stage`, which makes them the stage's parameters instead of copying
+    them: a peer's download is used once. A plain mapping is copied (its owner may still use it)."""
+
+
+def _take_parameters(stage: Stage, state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """`state`'s float32 tensors (on `device`) as the stage's parameters; ValueError on other names or shapes."""
+    shapes = {n: tuple(p.shape) for n, p in stage.named_parameters()}
+    if set(shapes) != set(state):
+        missing, extra = sorted(set(shapes) - set(state))[:5], sorted(set(state) - set(shapes))[:5]
+        raise ValueError(f"state does not match the model: missing {missing}, unexpected {extra}")
+    for name, shape in shapes.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{name}: shape {tuple(state[name].shape)} != model's {shape}")
+    stage.load_state_dict({n: t.detach().to(device, torch.float32) for n, t in state.items()}, strict=True,
+                          assign=True)
+
+
+def _meta_stage(preset: str, index: int, num_stages: int) -> Stage:
+    with torch.device("meta"):
+        return Stage(AutoModelForCausalLM.from_config(_untied_config(preset)), index, num_stages)
 
 
 def _rebuild_buffers(stage: Stage, device: torch.device) -> None:
@@ -200,10 +239,13 @@ def load_stage_state(stage: Stage, state: dict[str, torch.Tensor]) -> None:
 
 def stage_param_names(preset: str, index: int, num_stages: int) -> list[str]:
     """The keys stage_state would have, from a model on the meta device (no memory, no init cost)."""
+    return list(stage_shapes(preset, index, num_stages))
+
+
+def stage_shapes(preset: str, index: int, num_stages: int) -> "OrderedDict[str, tuple[int, ...]]":
+    """Name -> shape of each tensor stage_state would hold, from a model on the meta device."""
     _check_index(index, num_stages)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(_untied_config(preset))
-    return [name for name, _ in Stage(model, index, num_stages).named_parameters()]
+    return OrderedDict((n, tuple(p.shape)) for n, p in _meta_stage(preset, index, num_stages).named_parameters())
 
 
 def assemble(states: list[dict[str, torch.Tensor]]) -> "OrderedDict[str, torch.Tensor]":

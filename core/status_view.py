@@ -11,15 +11,36 @@ import time
 
 
 def fetch(args: argparse.Namespace) -> dict:
-    """One Status call (signed with --key when given: an authenticated run requires it); raises grpc.RpcError or
-    IdentityError."""
+    """One Status call (signed with --key when given: an authenticated run requires it), with every committed
+    round paged in when --history; raises grpc.RpcError or IdentityError."""
     from fedswarm.client.identity import Identity, open_channel, status_request
     from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 
     identity = Identity.load(args.key) if getattr(args, "key", None) else None
     with open_channel(args.coordinator, args.tls_ca) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        return json.loads(stub.Status(status_request(stub, identity, args.timeout), timeout=args.timeout).json)
+        request = lambda: status_request(stub, identity, args.timeout)  # noqa: E731 - a fresh proof per call
+        status = json.loads(stub.Status(request(), timeout=args.timeout).json)
+        if getattr(args, "history", False):
+            status["rounds"] = fetch_history(stub, request, args.timeout, through=status["round"])
+        return status
+
+
+def fetch_history(stub, request, timeout: float, through: int | None = None) -> list[dict]:
+    """Every committed round (up to round `through`), page by page; `request()` makes a (signed) StatusRequest."""
+    rounds: list[dict] = []
+    start: int | None = 0
+    while start is not None and (through is None or start <= through):
+        req = request()
+        req.history, req.from_round = True, start
+        page = json.loads(stub.Status(req, timeout=timeout).json)
+        if "next_round" not in page:   # a coordinator without pages lists every round in its status
+            return [r for r in page["rounds"] if through is None or r["round"] <= through]
+        if not page["rounds"]:
+            break
+        rounds += page["rounds"]
+        start = page["next_round"]
+    return [r for r in rounds if through is None or r["round"] <= through]
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -32,8 +53,9 @@ def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def render(status: dict, address: str) -> str:
-    """The status as readable text: a header line, then rounds, clients and (swarm) stages tables."""
+def render(status: dict, address: str, all_rounds: bool = False) -> str:
+    """The status as readable text: a header line and totals, then rounds (the last 10, or all of those in
+    `status`), clients and (swarm) stages tables."""
     cfg = status.get("config", {})
     out = [f"coordinator {address}  run {status.get('run_id', '?')}  {cfg.get('mode', 'federated')} "
            f"{cfg.get('model', '')} {cfg.get('strategy', '')}  state {status['state']}  "
@@ -42,12 +64,19 @@ def render(status: dict, address: str) -> str:
     rejections = status.get("rejections") or {}
     if rejections:
         out.append("rejections: " + ", ".join(f"{k} {v}" for k, v in sorted(rejections.items())))
-    out += ["", f"rounds ({len(status['rounds'])}, last 10 shown)"] if len(status["rounds"]) > 10 else ["", "rounds"]
+    t = status.get("totals")
+    if t:
+        out.append(f"totals: {t['rounds_committed']} rounds, {t['updates']} updates, {t['bytes_up'] / 1e6:.2f} MB up, "
+                   f"{t['bytes_down'] / 1e6:.2f} MB down, {t['tokens']} tokens, {t['failures']} failed replies")
+    rounds = status["rounds"] if all_rounds else status["rounds"][-10:]
+    listed = max(status.get("history", {}).get("rounds", 0), len(status["rounds"]))   # committed, round 0 too
+    out += ["", f"rounds ({listed}, last {len(rounds)} shown)" if listed > len(rounds) else "rounds"]
     out += _table(["round", "eval loss", "train loss", "clients", "MB up", "seconds"],
                   [[str(r["round"]), _num(r["eval_loss"], ".4f"), _num(r.get("train_loss"), ".4f"),
-                    str(len(r["clients"])), f"{r['bytes_up'] / 1e6:.2f}", f"{r['seconds']:.1f}"]
-                   for r in status["rounds"][-10:]])
-    out += ["", f"clients ({len(status['clients'])})"]
+                    str(len(r["clients"])), f"{r['bytes_up'] / 1e6:.2f}", f"{r['seconds']:.1f}"] for r in rounds])
+    total = status.get("clients_total", len(status["clients"]))
+    out += ["", f"clients ({total}" + (f", first {len(status['clients'])} shown)" if total > len(status["clients"])
+                                       else ")")]
     out += _table(["name", "role", "device", "precision", "rounds", "seen s ago"],
                   [[c["name"], c.get("role", ""), c.get("device", ""), c.get("precision", ""),
                     str(c.get("rounds_done", "")), _num(c.get("seen_s_ago"), ".1f")] for c in status["clients"]])
@@ -57,8 +86,8 @@ def render(status: dict, address: str) -> str:
                     f"{sw['microbatches_lost']} lost), {sw['tokens_per_s']:.0f} tokens/s, "
                     f"{len(sw['reassignments'])} re-assignments"]
         out += _table(["stage", "peers", "throughput", "peer names"],
-                      [[str(s["stage"]), str(len(s["peers"])), f"{s['throughput']:.0f}", ", ".join(s["peers"]) or "-"]
-                       for s in sw["stages"]])
+                      [[str(s["stage"]), str(s.get("peer_count", len(s["peers"]))), f"{s['throughput']:.0f}",
+                        ", ".join(s["peers"]) or "-"] for s in sw["stages"]])
     return "\n".join(out)
 
 
@@ -93,7 +122,7 @@ def run_status(args: argparse.Namespace) -> int:
             else:
                 if args.watch and sys.stdout.isatty():
                     print("\033[2J\033[H", end="")   # clear the screen: the table refreshes in place
-                print(render(status, args.coordinator), flush=True)
+                print(render(status, args.coordinator, getattr(args, "history", False)), flush=True)
                 if args.watch:
                     print(f"\n(refreshed {time.strftime('%H:%M:%S')}; every {args.watch:g} s; Ctrl-C to stop)",
                           flush=True)

@@ -28,6 +28,7 @@ import torch
 
 from fedswarm import data as D
 from fedswarm import formats as F
+from fedswarm.errors import BadInput, one_line
 
 log = logging.getLogger(__name__)
 CACHE_DIRNAME = ".fedswarm-tokens"
@@ -271,12 +272,63 @@ def _chat_records(spec: F.DataSpec, tokenizer, batch: list[tuple[str, dict]]):
 
 # ---------------------------------------------------------------- a participant's data
 
+PREFLIGHT_BYTES = 64 << 20   # JSON Lines bytes check_source reads line by line (the rest: checked as tokenized)
+
+
+def check_source(data: str, fields: list[tuple[str, str]] = ()) -> None:
+    """Fail fast, before connecting or tokenizing: BadInput naming the file and the problem when `data` is
+    missing, empty or unreadable, or its records (JSON Lines: the first PREFLIGHT_BYTES; Parquet: the columns)
+    are not JSON objects or lack a (field, flag) of `fields`."""
+    try:
+        _check_source(data, list(fields))
+    except BadInput:
+        raise
+    except ValueError as err:
+        raise BadInput(f"--data: {one_line(err)}") from None
+
+
+def _check_source(data: str, fields: list[tuple[str, str]]) -> None:
+    if data == D.STDLIB:
+        return
+    path = Path(data)
+    if not path.exists():
+        raise BadInput(f"--data {data}: no such file or folder; pass an existing file or folder, or stdlib "
+                       f"(the running Python's own sources)")
+    kind = F.source_kind(data)
+    if kind == "datasets":
+        return   # datasets.load_from_disk checks its own folder when it is read
+    files = F.source_files(data)
+    if not files:
+        raise BadInput(f"--data {data}: the folder holds no files")
+    for file in files:
+        try:
+            with open(file, "rb") as fh:
+                fh.read(1)
+        except OSError as err:
+            raise BadInput(f"--data: {file} cannot be read ({err.strerror or err})") from None
+    if path.is_file() and path.stat().st_size == 0:
+        raise BadInput(f"--data {data} is empty: point --data at a file with text or records in it")
+    if kind == "text":
+        D._plan(data)   # a folder must hold UTF-8 text
+    budget = PREFLIGHT_BYTES
+    for file in files:
+        if kind == "jsonl" and budget > 0:
+            budget -= F.check_jsonl(file, fields, budget)
+        elif kind == "parquet":
+            F.check_parquet(file, fields)
+
+
 def client_tokens(args, cfg: dict, index: int, num_partitions: int) -> Tokens:
     """A client's train tokens: its --data read with the run's format (or its own flags), tokenized with
-    the tokenizer of its copy of the run's model (--model, default the run's)."""
+    the tokenizer of its copy of the run's model (--model, default the run's); BadInput if they cannot be."""
     from fedswarm.tokenizer import load_tokenizer
 
     overrides = {k: getattr(args, k, None) for k in ("format", "text_field", "prompt_field", "response_field")}
-    spec = F.DataSpec.from_run(args.data, cfg, overrides)
-    tokenizer = load_tokenizer(getattr(args, "model", None) or cfg["model"])
-    return train_tokens(spec, tokenizer, index, num_partitions, getattr(args, "cache_dir", None))
+    try:
+        spec = F.DataSpec.from_run(args.data, cfg, overrides)
+        tokenizer = load_tokenizer(getattr(args, "model", None) or cfg["model"])
+        return train_tokens(spec, tokenizer, index, num_partitions, getattr(args, "cache_dir", None))
+    except BadInput:
+        raise
+    except ValueError as err:
+        raise BadInput(one_line(err)) from None

@@ -7,10 +7,12 @@ with `AutoTokenizer` (nothing is downloaded).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 from fedswarm.data import VOCAB_SIZE
+from fedswarm.errors import BadInput, why
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
                     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -50,19 +52,49 @@ def has_tokenizer(folder: str) -> bool:
 def load_tokenizer(model: str):
     """The tokenizer that goes with `model`: ByteTokenizer for presets and config files, else the folder's own.
 
-    Raises ValueError for a folder without a tokenizer."""
+    Raises BadInput (a ValueError) for a folder without a tokenizer or with a file that does not load."""
     if not is_hf_folder(model):
         return ByteTokenizer()
     if not has_tokenizer(model):
-        raise ValueError(f"model folder {model} has no tokenizer (tokenizer.json / tokenizer_config.json): save it "
-                         f"there with tokenizer.save_pretrained({model!r}), or pass a preset or a config JSON file "
-                         f"for a byte-level model")
+        raise BadInput(f"model folder {model} has no tokenizer (tokenizer.json / tokenizer_config.json): save it "
+                       f"there with tokenizer.save_pretrained({model!r}), or pass a preset or a config JSON file "
+                       f"for a byte-level model")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - transformers and tokenizers (Rust) raise many types for a bad file
+        raise BadInput(tokenizer_problem(model, err)) from None
     tok.is_bytes = False
     tok.fingerprint = lambda: folder_fingerprint(model)
     return tok
+
+
+_JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "vocab.json", "chat_template.json")
+
+
+def json_problem(path: Path) -> str | None:
+    """What is wrong with a JSON file (None: it parses)."""
+    try:
+        json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return f"{path} is not a JSON file (byte {err.start} is not UTF-8 text)"
+    except json.JSONDecodeError as err:
+        return f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+    except OSError as err:
+        return f"{path} cannot be read ({err.strerror or err})"
+    return None
+
+
+def tokenizer_problem(folder: str, err: BaseException) -> str:
+    """One line naming the file of `folder` that made loading its tokenizer fail, and what to do."""
+    fix = f"save the tokenizer again with tokenizer.save_pretrained({folder!r})"
+    for name in _JSON_FILES:
+        path = Path(folder) / name
+        if path.is_file() and (problem := json_problem(path)):
+            return f"{problem}: {'save the model again with save_pretrained' if name == 'config.json' else fix}"
+    return f"cannot load the tokenizer in {folder} ({why(err)}): {fix}"
 
 
 def folder_fingerprint(folder: str) -> str:

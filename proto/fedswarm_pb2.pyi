@@ -20,6 +20,7 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_NONE: _ClassVar[TaskKind]
     TASK_TRAIN: _ClassVar[TaskKind]
     TASK_DONE: _ClassVar[TaskKind]
+    TASK_EVALUATE: _ClassVar[TaskKind]
 CODEC_NONE: Codec
 CODEC_FP16: Codec
 CODEC_BF16: Codec
@@ -28,6 +29,7 @@ CODEC_INT4: Codec
 TASK_NONE: TaskKind
 TASK_TRAIN: TaskKind
 TASK_DONE: TaskKind
+TASK_EVALUATE: TaskKind
 
 class TensorPart(_message.Message):
     __slots__ = ("name", "shape", "codec", "block_size", "offset", "count", "data", "scales")
@@ -128,7 +130,7 @@ class JoinReply(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., dht_peers: _Optional[_Iterable[str]] = ..., stage: _Optional[int] = ..., roster: _Optional[_Union[SwarmRoster, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("client_id", "session_token", "stage", "throughput", "optimizer_steps", "microbatches_completed", "microbatches_retried", "microbatches_lost", "tokens", "load", "train_loss", "refused")
+    __slots__ = ("client_id", "session_token", "stage", "throughput", "optimizer_steps", "microbatches_completed", "microbatches_retried", "microbatches_lost", "tokens", "load", "train_loss", "refused", "switch_s")
     class RefusedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +150,7 @@ class HeartbeatRequest(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_S_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session_token: str
     stage: int
@@ -160,7 +163,8 @@ class HeartbeatRequest(_message.Message):
     load: float
     train_loss: float
     refused: _containers.ScalarMap[str, int]
-    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., stage: _Optional[int] = ..., throughput: _Optional[float] = ..., optimizer_steps: _Optional[int] = ..., microbatches_completed: _Optional[int] = ..., microbatches_retried: _Optional[int] = ..., microbatches_lost: _Optional[int] = ..., tokens: _Optional[int] = ..., load: _Optional[float] = ..., train_loss: _Optional[float] = ..., refused: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    switch_s: float
+    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., stage: _Optional[int] = ..., throughput: _Optional[float] = ..., optimizer_steps: _Optional[int] = ..., microbatches_completed: _Optional[int] = ..., microbatches_retried: _Optional[int] = ..., microbatches_lost: _Optional[int] = ..., tokens: _Optional[int] = ..., load: _Optional[float] = ..., train_loss: _Optional[float] = ..., refused: _Optional[_Mapping[str, int]] = ..., switch_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("state", "round", "stage", "roster")
@@ -274,17 +278,47 @@ class PushReply(_message.Message):
     bytes_received: int
     def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
+class EvalResult(_message.Message):
+    __slots__ = ("client_id", "session_token", "task_id", "round", "loss", "tokens", "eval_seconds", "signature", "base_digest", "error")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    session_token: str
+    task_id: str
+    round: int
+    loss: float
+    tokens: int
+    eval_seconds: float
+    signature: bytes
+    base_digest: bytes
+    error: str
+    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., eval_seconds: _Optional[float] = ..., signature: _Optional[bytes] = ..., base_digest: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
-    __slots__ = ("public_key", "signature", "challenge", "nonce")
+    __slots__ = ("public_key", "signature", "challenge", "nonce", "history", "from_round", "max_rounds")
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    FROM_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     public_key: bytes
     signature: bytes
     challenge: bytes
     nonce: bytes
-    def __init__(self, public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., challenge: _Optional[bytes] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    history: bool
+    from_round: int
+    max_rounds: int
+    def __init__(self, public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., challenge: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., history: _Optional[bool] = ..., from_round: _Optional[int] = ..., max_rounds: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("json",)

@@ -9,6 +9,8 @@ REJOIN = frozenset({"bad_session"})                  # the session is gone (rest
 REPLACED = "session_replaced"                        # another daemon joined with this key: stop
 RETRY_JOIN = frozenset({"stale_challenge", "stale_join"})  # the proof's challenge expired or predates a restart
 FINAL = frozenset({"oversized"})                     # the same request can never succeed: do not retry
+# the coordinator holds too many unexpired proofs (of this key, or of all): sign a fresh challenge a little later
+RETRY_SOON = frozenset({"too_many_proofs", "nonce_cache_full"})
 
 
 def reason(err: grpc.RpcError) -> str:

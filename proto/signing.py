@@ -7,6 +7,7 @@ import struct
 JOIN_DOMAIN = b"fedswarm-join-v2\0"
 STATUS_DOMAIN = b"fedswarm-status-v1\0"
 UPDATE_DOMAIN = b"fedswarm-update-v1\0"
+EVAL_DOMAIN = b"fedswarm-eval-v1\0"
 NONCE_BYTES = 16
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
@@ -54,3 +55,8 @@ def update_message(run_id: str, round_: int, client_id: int, task_id: str, diges
     """What a client signs for one update: domain, run id, round and client id (uint64 LE), task id, digest."""
     return (UPDATE_DOMAIN + run_id.encode() + b"\0" + struct.pack("<QQ", round_, client_id)
             + task_id.encode() + b"\0" + digest)
+
+
+def eval_digest(loss: float, tokens: int) -> bytes:
+    """What an evaluation result signs in place of an update's digest (its own domain: never an update's)."""
+    return hashlib.sha256(EVAL_DOMAIN + struct.pack("<dQ", loss, tokens)).digest()

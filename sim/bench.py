@@ -15,6 +15,9 @@ from fedswarm.coordinator.config import RunConfig
 from fedswarm.sim.bench_learning import add_arguments as add_learning_arguments
 from fedswarm.sim.bench_learning import bench_learning
 from fedswarm.sim.bench_aggregate import add_aggregate_arguments, bench_aggregate
+from fedswarm.sim.bench_memory import add_arguments as add_memory_arguments
+from fedswarm.sim.bench_scale import SCALE_DEFAULTS, bench_scale
+from fedswarm.sim.bench_scale import add_arguments as add_scale_arguments
 from fedswarm.sim.launcher import add_arguments as add_sim_arguments
 from fedswarm.sim.launcher import run_sim
 
@@ -29,7 +32,12 @@ KINDS = {  # `fedswarm bench KIND` (sim/bench_load.py adds "load")
     "lora": "bytes per round of full fine-tuning vs LoRA, codec none vs int8 (an HF model built here)",
     "learning": "federated held-out loss and traffic vs one process, same tokens",
     "aggregate": "coordinator peak RSS over idle while aggregating --uploads, streaming vs holding",
+    "memory": "peak RSS and seconds per step of a 124M client and stage peer, with and without gradient checkpointing",
+    "scale": "time per round and every process's peak RSS at 124M / 135M: full fine-tuning, LoRA, swarm",
 }
+# settings whose default depends on the benchmark (None on the command line: _fill_defaults picks)
+PER_BENCH = ("precision", "clients", "batch_size", "seq_len", "rounds", "local_steps", "eval_windows", "stages", "peers",
+             "average_every")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,13 +48,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sim_arguments(p)
     add_learning_arguments(p)
     add_lora_arguments(p)
-    p.set_defaults(clients=None, batch_size=None, seq_len=None, rounds=6, out="bench-out")  # None: per benchmark
+    add_memory_arguments(p)
+    add_scale_arguments(p)
+    p.set_defaults(out="bench-out", **dict.fromkeys(PER_BENCH))  # None: per benchmark
 
 
 def _fill_defaults(args: argparse.Namespace) -> None:
-    defaults = {"clients": 2, "batch_size": RunConfig.batch_size, "seq_len": RunConfig.seq_len}
+    defaults = {"precision": "auto", "clients": 2, "batch_size": RunConfig.batch_size, "seq_len": RunConfig.seq_len, "rounds": 6,
+                "local_steps": RunConfig.local_steps, "eval_windows": RunConfig.eval_windows,
+                "stages": RunConfig.stages, "peers": 5, "average_every": RunConfig.average_every}
     if args.which == "learning":
         defaults.update(clients=4, batch_size=12, seq_len=64)
+    if args.which == "memory":
+        defaults.update(batch_size=2, seq_len=512)
+    if args.which == "scale":
+        defaults.update(SCALE_DEFAULTS)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -254,12 +270,17 @@ def bench_swarm(args: argparse.Namespace) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     _fill_defaults(args)
+    try:
+        _run_bench(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> None:
     if args.which == "learning":
-        try:
-            bench_learning(args)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        bench_learning(args)
     elif args.which == "codecs":
         bench_codecs(args)
     elif args.which == "swarm":
@@ -272,4 +293,9 @@ def main(args: argparse.Namespace) -> int:
         bench_lora(args)
     elif args.which == "aggregate":
         bench_aggregate(args)
-    return 0
+    elif args.which == "memory":
+        from fedswarm.sim.bench_memory import bench_memory
+
+        bench_memory(args)
+    elif args.which == "scale":
+        bench_scale(args)

@@ -209,7 +209,7 @@ def measure(n: int, args: argparse.Namespace, log_line=print) -> dict:
                     return -1
                 status_s.append(time.perf_counter() - t0)
                 rounds_seen.append((time.monotonic(), status["round"]))
-                return len(status["clients"])
+                return status["clients_total"]   # every session (the list is bounded)
 
             while time.monotonic() - started < ramp_s and probe() < n:   # the join ramp
                 time.sleep(0.5)

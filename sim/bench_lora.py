@@ -48,8 +48,9 @@ def _one_run(out: Path, model: Path, sites: list[Path], eval_data: Path, peft: s
                                                    "--name", f"site-{i}", "--threads", "1", "--device", "cpu"),
                         out / f"site-{i}.log") for i, site in enumerate(sites)]
         try:
-            status = wait_until("the run's end", lambda: (s := fetch_status(address))["state"] == "done" and s,
-                                args.timeout, watch=[coordinator, *clients])
+            wait_until("the run's end", lambda: fetch_status(address)["state"] == "done", args.timeout,
+                       watch=[coordinator, *clients])
+            status = fetch_status(address, history=True)   # every round (a Status lists the last ones)
             for c in clients:
                 c.popen.wait(timeout=60)
         finally:

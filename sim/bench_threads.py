@@ -26,8 +26,8 @@ def hand_started_round_seconds(out: Path, args: argparse.Namespace, client_flags
                         out / f"client-{i}.log", env=env) for i in range(2)]
         try:
             def finished():
-                status = fetch_status(address)
-                return status if status["state"] == "done" else None
+                done = fetch_status(address)["state"] == "done"
+                return fetch_status(address, history=True) if done else None   # every round, paged in
             status = wait_until("the last round", finished, deadline_s, watch=[coordinator, *clients], poll_s=1.0)
         finally:
             for client in clients:

@@ -18,7 +18,8 @@ from fedswarm.sim.hosts import HostNetwork, burst_bytes, probe, start_coordinato
 from fedswarm.sim.processes import client_processes, coordinator_process, fedswarm_cmd, fetch_status
 from fedswarm.sim.relay import CountingRelay
 from fedswarm.sim.swarm_sim import add_swarm_arguments, run_swarm_sim
-from fedswarm.sim.virtual_sim import add_virtual_arguments, check_virtual_args, run_virtual_sim, wants_virtual
+from fedswarm.sim.virtual_sim import (PROCESS_PER_CLIENT_MAX, add_virtual_arguments, check_virtual_args,
+                                      run_virtual_sim, wants_virtual)
 from fedswarm.sim.report import communication, plot_rounds, write_report
 
 DEFAULT_CLIENTS = 3
@@ -36,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="stdlib", help="stdlib or a text file / folder (split across clients)")
     p.add_argument("--precision", default="auto", help="clients' precision (auto, fp32, bf16, fp16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per client (0: cores / clients)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="start every client (and swarm peer) with --gradient-checkpointing: less memory, more compute")
     p.add_argument("--out", default="sim-out", help="folder for report.json, plots, logs and state")
     p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     p.add_argument("--lease", type=float, default=None,
@@ -58,7 +61,7 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
             address, coordinator, failed, args.rounds, log if not args.quiet else None)
         return run_virtual_sim(args, coord_args, follow, log)
     started = time.time()
-    client_args = ["--data", args.data, "--precision", args.precision]
+    client_args = ["--data", args.data, "--precision", args.precision, *checkpointing_flags(args)]
     hosts = []
     if getattr(args, "hosts", False):  # each process on its own network-namespace host
         with HostNetwork(args.clients + 1, args.host_bandwidth or None) as net:
@@ -104,6 +107,11 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
     return report
 
 
+def checkpointing_flags(args: argparse.Namespace) -> list[str]:
+    """The client flag the sim passes on to the processes it starts."""
+    return ["--gradient-checkpointing"] if getattr(args, "gradient_checkpointing", False) else []
+
+
 def coordinator_argv(args: argparse.Namespace, out: Path) -> list[str]:
     """The sim's coordinator flags: every run setting as given to the sim, evaluated on the held-out split of
     the data being trained on, waiting for all the sim's clients."""
@@ -115,9 +123,10 @@ def coordinator_argv(args: argparse.Namespace, out: Path) -> list[str]:
 def _follow(address: str, coordinator, failed, rounds: int, log, on_round=None, counts=None) -> dict:
     """Print a line per committed round; return the final status once the run is done.
     `failed()` names the client processes (or workers) that died. With `counts()` (socket bytes up, down so far),
-    each round gets the counts as it was seen committed (socket_up, socket_down: cumulative)."""
-    seen: list[tuple[int, int]] = []
-    shown, unanswered, tick = 0, 0, threading.Event()
+    each round gets the counts as it was seen committed (socket_up, socket_down: cumulative). The final status
+    holds every committed round (paged in), not only the last ones a Status lists."""
+    seen: dict[int, tuple[int, int]] = {}   # round -> socket counts when it was first seen committed
+    shown, unanswered, tick = -1, 0, threading.Event()
     while True:
         if coordinator.popen.poll() is not None:
             raise RuntimeError(f"the coordinator exited with {coordinator.popen.returncode}; see {coordinator.log_path}")
@@ -134,21 +143,33 @@ def _follow(address: str, coordinator, failed, rounds: int, log, on_round=None, 
             tick.wait(0.5)
             continue
         unanswered = 0
-        if counts is not None:
-            seen += [counts()] * (len(status["rounds"]) - len(seen))
-            for r, (socket_up, socket_down) in zip(status["rounds"], seen):
-                r["socket_up"], r["socket_down"] = socket_up, socket_down
-        for r in status["rounds"][shown:]:
+        fresh = [r for r in status["rounds"] if r["round"] > shown]
+        if counts is not None and fresh:
+            now = counts()
+            seen.update((r["round"], now) for r in fresh)
+        for r in fresh:
             if log:
                 traffic = (f"{r['bytes_up'] / 1e6:6.2f} MB up {(r.get('bytes_down') or 0) / 1e6:6.2f} MB down"
                            if r["round"] else "initial model")
-                log(f"round {r['round']:>3}/{rounds}  eval loss {r['eval_loss']:.4f}  {traffic}  {r['seconds']:5.1f} s")
+                log(f"round {r['round']:>3}/{rounds}  eval loss {_loss(r)}  {traffic}  {r['seconds']:5.1f} s")
             if on_round:
                 on_round(r["round"])
-        shown = len(status["rounds"])
+        shown = fresh[-1]["round"] if fresh else shown
         if status["state"] == "done":
-            return status
+            final = fetch_status(address, history=True)
+            if counts is not None:
+                last = counts()
+                for r in final["rounds"]:
+                    r["socket_up"], r["socket_down"] = seen.get(r["round"], last)
+            return final
         tick.wait(0.5)
+
+
+def _loss(r: dict) -> str:
+    """A round's eval loss for a progress line, and where it was evaluated when not on the coordinator."""
+    if r.get("eval_loss") is None:
+        return "  -   "
+    return f"{r['eval_loss']:.4f}" + (f" ({r['eval_source']})" if r.get("eval_source") == "clients" else "")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -168,6 +189,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: --hosts cannot make network namespaces here: {reason}", file=sys.stderr)
         return 2
     problem = check_virtual_args(args)
+    if not problem and args.gradient_checkpointing and args.mode != "swarm" and wants_virtual(args):
+        problem = ("--gradient-checkpointing is passed to client processes, and this sim runs virtual clients: "
+                   f"drop it, or use at most {PROCESS_PER_CLIENT_MAX} --clients and none of --workers, "
+                   "--backend ray, --dropout-rate, --straggler-rate")
+    if not problem and args.evaluate != "central" and args.mode != "swarm" and wants_virtual(args):
+        problem = (f"--evaluate {args.evaluate} asks client processes to evaluate, and this sim runs virtual clients "
+                   f"(they only train): use --evaluate central, or at most {PROCESS_PER_CLIENT_MAX} --clients and none "
+                   "of --workers, --backend ray, --dropout-rate, --straggler-rate")
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -184,6 +213,8 @@ def main(args: argparse.Namespace) -> int:
     with Progress("sim: rounds", args.rounds) as progress:
         report = run_sim(args, log=progress.line, on_round=progress.update)
     first, last = report["rounds"][0]["eval_loss"], report["rounds"][-1]["eval_loss"]
+    if first is None or last is None:   # --evaluate clients, and a round's evaluation brought no answer
+        first = last = float("nan")
     comm = report.get("communication")   # virtual clients have no socket relay, so no socket figures
     traffic = ""
     if comm:

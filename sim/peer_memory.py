@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 BUILDS = ("stage", "full")
-MEASURE_TIMEOUT_S = 300.0
+MEASURE_TIMEOUT_S = 900.0   # one peer process at 135M, on a loaded 2-core machine
 
 
 def proc_memory_mb(pid: int | str = "self") -> dict[str, float] | None:
@@ -46,6 +46,34 @@ def _full_model_build(preset, index, num_stages, seed=0, *, state, device="cpu")
     return stage
 
 
+def _saved_bytes(params) -> tuple[object, dict]:
+    """A saved-tensors hook pair that adds up the bytes autograd keeps for the backward (each storage once,
+    the parameters themselves not counted): one micro-batch's activations."""
+    import torch
+
+    own = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t: "torch.Tensor"):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), seen
+
+
+def stage_state_bytes(module, activation_bytes: int) -> dict[str, int]:
+    """What a serving peer holds for its stage, in bytes: fp32 weights; per trainable weight its gradient,
+    AdamW's two moments and the snapshot of the last sync; one micro-batch's activations. `sync_state_bytes`
+    adds the upload's error-feedback residual (one more per trainable weight, from the first sync on)."""
+    params = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    state = 4 * params + (4 + 8 + 4) * trainable + activation_bytes
+    return {"params": params, "trainable": trainable, "activation_bytes": activation_bytes, "state_bytes": state,
+            "sync_state_bytes": state + 4 * trainable}
+
+
 def _measure(args: argparse.Namespace) -> dict:
     import torch
     from safetensors.torch import load_file
@@ -62,7 +90,7 @@ def _measure(args: argparse.Namespace) -> dict:
         stage_server.build_stage = _full_model_build
     cfg = {"model": args.model, "stages": args.stages, "seed": args.seed, "lr": 1e-3, "seq_len": args.seq_len,
            "batch_size": args.batch_size, "activation_codec": "bf16"}
-    server = stage_server.StageServer("bench", cfg, torch.device("cpu"), "fp32")
+    server = stage_server.StageServer("bench", cfg, torch.device("cpu"), args.precision)
     server.serve(args.stage, load_file(args.state))      # what a peer fetches from the coordinator
     m = server.module
     B, T = args.batch_size, args.seq_len
@@ -74,21 +102,23 @@ def _measure(args: argparse.Namespace) -> dict:
         req.hidden.CopyFrom(to_wire(torch.randn(B, T, m.config.hidden_size), C.CODEC_NAMES["bf16"]))
     if m.is_last:
         req.labels = ids
-    server._timed_compute(req)                            # forward (and, on the last stage, backward + step)
+    hooks, saved = _saved_bytes(m.parameters())
+    with hooks:
+        server._timed_compute(req)                        # forward (and, on the last stage, backward + step)
     if not m.is_last:
         req.backward = True
         req.grad_output.CopyFrom(to_wire(torch.randn(B, T, m.config.hidden_size), C.CODEC_NAMES["bf16"]))
         server._timed_compute(req)                        # backward + AdamW step: optimizer state exists now
     assert server.optimizer_steps == 1
     server.close()
-    params = sum(p.numel() for p in m.parameters())
-    return {"build": args.build, "stage": args.stage, "params": params, "imports_mb": before["rss_mb"],
-            **proc_memory_mb()}
+    return {"build": args.build, "stage": args.stage, "imports_mb": before["rss_mb"],
+            **stage_state_bytes(m, sum(saved.values())), **proc_memory_mb()}
 
 
 def measure_peer_memory(model: str, stages: int, seed: int, batch_size: int, seq_len: int,
-                        which: list[int] | None = None) -> list[dict]:
-    """For each stage in `which` (default: all), the memory of a stage-only peer and of a full-model one."""
+                        which: list[int] | None = None, builds: tuple[str, ...] = BUILDS,
+                        precision: str = "fp32") -> list[dict]:
+    """For each stage in `which` (default: all), the memory of a peer built each of `builds` ways."""
     from safetensors.torch import save_file
 
     from fedswarm.stages import Stage, build_untied_model, stage_state
@@ -99,10 +129,10 @@ def measure_peer_memory(model: str, stages: int, seed: int, batch_size: int, seq
         for index in (which if which is not None else range(stages)):
             path = Path(tmp) / f"stage{index}.safetensors"
             save_file(dict(stage_state(Stage(full, index, stages))), str(path))
-            for build in BUILDS:
+            for build in builds:
                 argv = [sys.executable, "-m", "fedswarm.sim.peer_memory", "--model", model, "--stages", str(stages),
                         "--stage", str(index), "--build", build, "--state", str(path), "--seed", str(seed),
-                        "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
+                        "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--precision", precision]
                 done = subprocess.run(argv, capture_output=True, text=True, timeout=MEASURE_TIMEOUT_S)
                 if done.returncode != 0:
                     raise RuntimeError(f"measuring {build} build of stage {index} failed:\n{done.stderr[-3000:]}")
@@ -120,6 +150,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="the stage's autocast")
     print(json.dumps(_measure(p.parse_args())))
     return 0
 

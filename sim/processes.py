@@ -141,16 +141,22 @@ def client_processes(out_dir: Path, address: str, count: int, extra: list[str] |
 
 
 def fetch_status(address: str, timeout: float = 10.0, tls_ca: str | Path | None = None,
-                 key: str | Path | None = None) -> dict:
+                 key: str | Path | None = None, history: bool = False) -> dict:
     """The coordinator's status object; `tls_ca` (the CA's PEM) for a TLS coordinator, `key` (a private
-    key file) for an authenticated one."""
+    key file) for an authenticated one. Its `rounds` are the last --status-rounds; `history`: every
+    committed round (fetched page by page), as a report needs."""
     from fedswarm.client.identity import Identity, open_channel, status_request
     from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
+    from fedswarm.status_view import fetch_history
 
     identity = Identity.load(key) if key else None
     with open_channel(address, tls_ca) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        return json.loads(stub.Status(status_request(stub, identity, timeout), timeout=timeout).json)
+        request = lambda: status_request(stub, identity, timeout)  # noqa: E731 - a fresh proof per call
+        status = json.loads(stub.Status(request(), timeout=timeout).json)
+        if history:
+            status["rounds"] = fetch_history(stub, request, timeout, through=status["round"])
+        return status
 
 
 def wait_until(what: str, check, deadline_s: float, watch=(), poll_s: float = 0.2, clean_exit_ok: bool = True):

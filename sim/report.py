@@ -34,6 +34,18 @@ def communication(rounds: list[dict], config: dict, workers: int, socket_up: int
             "allreduce_over_socket": round(dp / moved, 2) if dp and moved else None}
 
 
+def eval_points(rounds: list[dict], source: str) -> list[tuple[int, float]]:
+    """(round, loss) of one evaluation source (central, clients); a round recorded before `evals` existed
+    (or a swarm round) counts its eval_loss as central."""
+    out = []
+    for r in rounds:
+        evals = r.get("evals")
+        if evals is None and source == "central" and r.get("eval_loss") is not None:
+            out.append((r["round"], r["eval_loss"]))
+        out += [(r["round"], e["loss"]) for e in evals or () if e["source"] == source]
+    return out
+
+
 def plot_rounds(out_dir: Path, rounds: list[dict], title: str) -> list[Path]:
     """eval_loss.png (eval and train loss per round) and upload_bytes.png (bytes up and down per round)."""
     import matplotlib
@@ -42,9 +54,12 @@ def plot_rounds(out_dir: Path, rounds: list[dict], title: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    xs = [r["round"] for r in rounds]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(xs, [r["eval_loss"] for r in rounds], marker="o", label="eval loss (held out)")
+    for source, label, marker in (("central", "eval loss (held out, coordinator)", "o"),
+                                  ("clients", "eval loss (clients' held-out splits, by tokens)", "s")):
+        points = eval_points(rounds, source)
+        if points:
+            ax.plot(*zip(*points), marker=marker, label=label)
     train = [(r["round"], r["train_loss"]) for r in rounds if r.get("train_loss") is not None]
     if train:
         ax.plot(*zip(*train), marker=".", linestyle="--", label="train loss (clients' mean)")

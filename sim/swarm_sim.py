@@ -50,6 +50,7 @@ class Swarm:
         self.fork = fork   # forked from the pre-imported fork server (sim/forkstart.py), not a fresh interpreter
         self.procs: dict[str, Proc] = {}
         self.restarts: dict[str, int] = {}
+        self.peer_flags: list[str] = []   # more `fedswarm client` flags for peers (--gradient-checkpointing)
 
     def _start(self, name: str, host: int, argv: list[str], log: Path) -> None:
         if self.net is None:
@@ -61,7 +62,7 @@ class Swarm:
     def start_peer(self, name: str) -> None:
         n = self.restarts.get(name, 0)
         argv = fedswarm_cmd("client", "--role", "peer", "--coordinator", self.address, "--name", name,
-                            "--threads", "1", "--precision", self.precision)
+                            "--threads", "1", "--precision", self.precision, *self.peer_flags)
         self._start(name, 1 + int(name[len("peer"):]), argv, self.out / f"{name}{'.' + str(n) if n else ''}.log")
         self.restarts[name] = n + 1
 
@@ -115,6 +116,7 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
                 warm_up()
         swarm = Swarm(out, address, args.precision, args.data, args.inflight, net=net, peers=args.peers, fork=fork)
         stack.callback(swarm.stop)
+        swarm.peer_flags = ["--gradient-checkpointing"] if getattr(args, "gradient_checkpointing", False) else []
         for i in range(args.peers):
             swarm.start_peer(f"peer{i}")
         for i in range(args.trainers):
@@ -151,7 +153,7 @@ def _host_of(swarm: Swarm, name: str) -> int:
 
 
 def _follow(args, address, coordinator, swarm: Swarm, rng, timeline, faults, started, log, on_round=None) -> dict:
-    tick, shown = threading.Event(), 0
+    tick, shown = threading.Event(), -1   # the last round logged
     next_kill = started + args.kill_every if args.kill_every else float("inf")
     # benchmarks time --duration from the first tokens, so a slow start-up does not eat the measured window
     clock_from_tokens, clock = getattr(args, "duration_from_first_tokens", False), started
@@ -183,14 +185,15 @@ def _follow(args, address, coordinator, swarm: Swarm, rng, timeline, faults, sta
                          "peers_per_stage": [len(s["peers"]) for s in sw["stages"]]})
         if sw["microbatches_completed"] and not any(p["completed"] for p in timeline[:-1]):
             log(f"t={now - started:6.1f}s  first micro-batch through all {len(sw['stages'])} stages")
-        for r in status["rounds"][shown:]:
+        fresh = [r for r in status["rounds"] if r["round"] > shown]
+        for r in fresh:
             if log:
                 log(f"round {r['round']:>3}/{args.rounds}  eval loss {r['eval_loss']:.4f}  "
                     f"{sw['microbatches_completed']} micro-batches, {sw['tokens_per_s']:.0f} tokens/s, "
                     f"lost {sw['microbatches_lost']}")
             if on_round:
                 on_round(r["round"])
-        shown = len(status["rounds"])
+        shown = fresh[-1]["round"] if fresh else shown
         if clock_from_tokens and clock == started:
             if sw["tokens"] > 0:
                 clock = now
@@ -198,7 +201,8 @@ def _follow(args, address, coordinator, swarm: Swarm, rng, timeline, faults, sta
                 raise RuntimeError(f"no micro-batch completed in {FIRST_TOKENS_TIMEOUT_S:.0f} s; see the logs in {args.out}")
         counting = not clock_from_tokens or clock != started
         if status["state"] == "done" or (args.duration and counting and now - clock >= args.duration):
-            return status
+            rounds = fetch_status(address, history=True)["rounds"]   # every committed round, paged in
+            return {**status, "rounds": [r for r in rounds if r["round"] <= status["round"]]}
         tick.wait(0.5)
 
 

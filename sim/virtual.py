@@ -15,7 +15,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import random
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field

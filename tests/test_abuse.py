@@ -3,7 +3,6 @@ coordinator (a client's num_examples=1e9 gains nothing), --clip-update-norm, and
 after a coordinator restart. Each is refused (or neutralized) and counted."""
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 

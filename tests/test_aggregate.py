@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import strategy as S
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedswarm.coordinator.aggregate import DecodedUpdate, FoldedArrays, FoldUpdates, HoldEveryUpdate, MeanFold
 from fedswarm.coordinator.config import RunConfig
@@ -29,12 +27,7 @@ NODES = [11, 22, 33, 44]
 EXAMPLES = {11: 3, 22: 40, 33: 17, 44: 100}   # deliberately unequal weights
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, SUPERLINK_NODE_ID, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")   # tests/conftest.py
 
 
 def model(seed: int) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedswarm.client.identity import Identity, open_channel
-from fedswarm.coordinator.auth import AuthError, Authenticator, parse_authorized_keys, verify
+from fedswarm.coordinator.auth import AuthError, Authenticator, NonceCache, SeenSet, parse_authorized_keys, verify
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
@@ -129,6 +129,70 @@ def test_status_proof_checks():
     assert reason(stranger) == "unknown_key" and reason(None) == "no_key"
     with pytest.raises(AuthError):  # an admin key may read status, not join
         auth.check_join("ops", "client", **admin.join_proof("ops", "client", "run-1", auth.challenge()))
+
+
+def _refusal(call) -> str | None:
+    try:
+        call()
+    except AuthError as err:
+        return err.reason
+    return None
+
+
+def test_a_full_nonce_cache_never_locks_out_a_fresh_join():
+    admin, honest, *others = (Identity(ed25519.Ed25519PrivateKey.generate()) for _ in range(5))
+    auth = Authenticator({honest.public_key: "c0", **{o.public_key: f"o{i}" for i, o in enumerate(others)}},
+                         admin={admin.public_key: "ops"}, run_id="run-1", nonces=NonceCache(max_entries=40, per_key=15))
+    now = time.monotonic()
+
+    def status(who: Identity, at: float = now, proof: dict | None = None) -> str | None:
+        p = proof or who.status_proof("run-1", auth.challenge(at))
+        return _refusal(lambda: auth.check_status(p["public_key"], p["signature"], p["challenge"], p["nonce"], now=at))
+
+    def join(who: Identity, at: float = now, proof: dict | None = None) -> str | None:
+        p = proof or who.join_proof("h", "client", "run-1", auth.challenge(at))
+        return _refusal(lambda: auth.check_join("h", "client", **p, now=at))
+
+    kept = admin.status_proof("run-1", auth.challenge(now))
+    assert status(admin, proof=kept) is None
+    assert [status(admin) for _ in range(14)] == [None] * 14          # an admin polling Status: its share ...
+    assert status(admin) == "too_many_proofs"                         # ... and no more
+    assert join(honest) is None                                       # another key still joins
+    assert [status(o) for o in others[:2] for _ in range(12)] == [None] * 24   # 15 + 1 + 24 = 40: full
+    assert join(others[2]) == "nonce_cache_full"                      # a fresh proof: "retry shortly", not a replay
+    assert status(admin, proof=kept) == "replayed_join"               # a replay still is one
+    assert len(auth.nonces) == 40
+    # Every proof is forgotten when its challenge expires, and a proof on an expired challenge is stale: no hole.
+    later = now + auth.window_s + 0.001
+    assert status(admin, at=later, proof=kept) == "stale_join"
+    assert join(others[2], at=later) is None and join(honest, at=later) is None
+    assert len(auth.nonces) == 2
+
+
+def test_nonces_are_per_key_and_expire_with_their_challenge():
+    cache = NonceCache(max_entries=10, per_key=10)
+    nonce = bytes(16)
+    assert cache.add(b"a" * 32, nonce, expires_at=10.0, now=0.0) == ""
+    assert cache.add(b"b" * 32, nonce, expires_at=10.0, now=0.0) == ""   # another key's proof may reuse it
+    assert cache.add(b"a" * 32, nonce, expires_at=20.0, now=10.0) == "replayed_join"   # still live at its expiry
+    assert cache.add(b"a" * 32, nonce, expires_at=20.0, now=10.5) == ""  # forgotten after it
+    assert len(cache) == 1
+
+
+def test_seen_updates_are_kept_until_a_round_after_theirs_commits():
+    committed = [4]
+    seen = SeenSet(lambda: committed[0])
+    seen.add(("c1", "task-a"))          # an update of round 5, delivered while 4 was the last committed
+    committed[0] = 5
+    seen.add(("c1", "task-b"))          # round 6
+    assert ("c1", "task-a") in seen     # round 5 just committed: a replay of it is still caught here
+    committed[0] = 6
+    assert ("c1", "task-a") not in seen and ("c1", "task-b") in seen and len(seen) == 1
+    for i in range(5000):               # no size cap, so nothing live is ever evicted
+        seen.add(("c2", i))
+    assert ("c1", "task-b") in seen and len(seen) == 5001
+    committed[0] = 8
+    assert len(seen) == 0
 
 
 def test_authorized_keys_parsing():

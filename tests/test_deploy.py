@@ -166,3 +166,17 @@ def test_grafana_dashboard_queries_metrics_that_exist():
     for name in names:
         base = re.sub(r"_(total|sum|count)$", "", name)
         assert f'"{base}"' in source, f"the dashboard queries {name}, which fedswarm.metrics does not export"
+
+
+SANE_NOFILE = 65536   # files a coordinator needs: one per connection (the common default, 1024, is a lockout)
+
+
+def test_deploy_files_give_sane_open_file_limits():
+    """compose: every container (the coordinator above all) gets nofile 65536; the systemd unit sets LimitNOFILE;
+    the coordinator itself raises its soft limit to the hard one at start (k8s pods cannot set one)."""
+    for name, svc in compose()["services"].items():
+        nofile = svc["ulimits"]["nofile"]
+        assert nofile["soft"] >= SANE_NOFILE and nofile["hard"] >= nofile["soft"], name
+    unit = (DEPLOY / "fedswarm-client.service").read_text()
+    limit = re.search(r"^LimitNOFILE=(\d+)$", unit, flags=re.M)
+    assert limit and int(limit.group(1)) >= SANE_NOFILE

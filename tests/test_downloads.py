@@ -145,7 +145,6 @@ def test_int8_delta_downloads_in_a_real_run(tmp_path):
     from fedswarm.sim.report import allreduce_bytes
     from test_learning import sim_args
 
-    from fedswarm.sim.launcher import run_sim
 
     report = run_sim(sim_args(tmp_path, "--clients", "2", "--rounds", "3", "--local-steps", "3",
                               "--download-codec", "int8", "--seq-len", "32", "--batch-size", "4"), log=lambda *_: None)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from fedswarm.coordinator.store import Store
 from fedswarm.sim.processes import Proc, coordinator_process, fetch_status, fedswarm_cmd
 
 ROUND_KEYS = {"round", "eval_loss", "train_loss", "clients", "bytes_up", "bytes_up_raw", "seconds"}
@@ -71,7 +72,7 @@ def free_port() -> int:
 @pytest.mark.timeout(300)
 def test_two_clients_train(tmp_path):
     coord_args = ["--state-dir", str(tmp_path / "state"), "--rounds", "3", "--local-steps", "15",
-                  "--min-clients", "2", "--upload-codec", "int8", *SMALL]
+                  "--min-clients", "2", "--upload-codec", "int8", "--evaluate", "both", *SMALL]
     with coordinator_process(tmp_path, coord_args) as (coordinator, address):
         before = fetch_status(address)
         assert before["state"] == "waiting"
@@ -102,6 +103,7 @@ def test_two_clients_train(tmp_path):
             first, last = rounds[0]["eval_loss"], rounds[-1]["eval_loss"]
             assert last < first
             assert last <= 0.9 * first, f"eval loss {first:.4f} -> {last:.4f}: not learning"
+            check_both_evaluations(rounds)
 
             # TASK_DONE reaches the daemons: they exit 0 on their own.
             for client in clients:
@@ -115,23 +117,60 @@ def test_two_clients_train(tmp_path):
         assert fetch_status(address)["state"] == "done"
 
 
+def check_both_evaluations(rounds: list[dict]) -> None:
+    """--evaluate both: each round scored by the coordinator (on --eval-data) and by the clients (each on its
+    --data's held-out split, here the same stdlib split), weighted by tokens; round N+1 went out before round N
+    was committed (its evaluation and checkpoint ran while N+1 trained)."""
+    windows, seq_len = 64, 64
+    for r in rounds:
+        central, clients = ({e["source"]: e for e in r["evals"]}[s] for s in ("central", "clients"))
+        assert r["eval_source"] == "central" and r["eval_loss"] == central["loss"]
+        assert central["tokens"] == windows * seq_len
+        assert clients["tokens"] == windows * seq_len * len(clients["clients"]) and clients["failures"] == 0
+        # the clients score the as-served model (int8 delta downloads): the same loss, within its rounding
+        tolerance = 1e-4 if r["round"] == 0 else 0.02
+        assert abs(clients["loss"] - central["loss"]) <= tolerance * central["loss"], (r["round"], r["evals"])
+    for r in rounds[1:]:
+        assert {e["source"]: e for e in r["evals"]}["clients"]["clients"] == ["c0", "c1"]
+    for done, nxt in zip(rounds[1:], rounds[2:]):
+        assert nxt["configured_at"] < done["committed_at"], (done, nxt)
+
+
 @pytest.mark.timeout(300)
 def test_exit_when_done(tmp_path):
+    """--exit-when-done: the coordinator exits 0 after its only round. With --evaluate clients and an evaluator:
+    the evaluator scores each round (the coordinator evaluates nothing itself) and never trains; the client only
+    trains."""
     state = tmp_path / "state"
     coord_args = ["--state-dir", str(state), "--rounds", "1", "--min-clients", "1", "--local-steps", "5",
-                  "--exit-when-done", *SMALL]
+                  "--exit-when-done", "--evaluate", "clients", *SMALL]
     with coordinator_process(tmp_path, coord_args) as (coordinator, address):
-        with named_clients(tmp_path, address, ["solo"]) as (client,):
-            try:
-                rc = coordinator.popen.wait(timeout=180)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"coordinator did not exit after its only round:\n{coordinator.output()[-3000:]}")
-            assert rc == 0, coordinator.output()[-3000:]
-            assert "round 1 committed" in coordinator.output()
-            assert client.popen.poll() in (None, 0), client.output()[-3000:]
+        with named_clients(tmp_path, address, ["judge"], ["--role", "evaluator"]) as (judge,):
+            judge.wait_for_line(re.compile(r"joined run \w+ as judge"), 120)   # before any trainer: deterministic
+            with named_clients(tmp_path, address, ["solo"]) as (client,):
+                try:
+                    rc = coordinator.popen.wait(timeout=180)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"coordinator did not exit after its only round:\n{coordinator.output()[-3000:]}")
+                assert rc == 0, coordinator.output()[-3000:]
+                assert "round 1 committed" in coordinator.output()
+                assert client.popen.poll() in (None, 0), client.output()[-3000:]
+                assert judge.popen.poll() in (None, 0), judge.output()[-3000:]
+                assert "eval loss" not in client.output() and "training on task" not in judge.output()
     assert list(state.glob("*.sqlite3")), f"no sqlite database in {state}: {sorted(p.name for p in state.iterdir())}"
     ckpt = state / "checkpoints" / "round-000001.safetensors"
     assert ckpt.is_file() and ckpt.stat().st_size > 0
+    store = Store(state)
+    try:
+        rounds = store.rounds()
+    finally:
+        store.close()
+    assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["clients"] == ["solo"]
+    for r in rounds:
+        (ev,) = r["evals"]
+        assert (r["eval_source"], ev["clients"], ev["tokens"]) == ("clients", ["judge"], 64 * 64), r
+        assert r["eval_loss"] == ev["loss"] > 0
+    assert rounds[1]["eval_loss"] < rounds[0]["eval_loss"]
 
 
 @pytest.mark.slow   # every swarm sim starts its clients before the coordinator listens (tests/test_swarm_sim.py)

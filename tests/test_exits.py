@@ -1,14 +1,23 @@
 """Honest exits and typed refusals, with real processes: a crashed round driver exits non-zero with its
-cause; rounds that bring no usable reply back off and the run gives up (exit 3); a client daemon whose
-session was dropped re-joins because of the refusal's typed reason."""
+cause; bad state on disk falls back to a good checkpoint or exits 2 naming the file; rounds that bring no
+usable reply back off and the run gives up (exit 3); a client daemon whose session was dropped re-joins
+because of the refusal's typed reason."""
 from __future__ import annotations
 
+import json
 import re
 import signal
+import subprocess
+from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
+from fedswarm.coordinator.config import RunConfig
+from fedswarm.coordinator.store import Store
+from fedswarm.lora import build_run_model
+from fedswarm.models import trainable_state
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.sim.processes import READY, Proc, coordinator_process, fedswarm_cmd, fetch_status, wait_until
@@ -16,23 +25,81 @@ from fedswarm.sim.processes import READY, Proc, coordinator_process, fedswarm_cm
 SMALL = ["--rounds", "1", "--local-steps", "1", "--seq-len", "32", "--batch-size", "2"]
 
 
+def prepared_state(state: Path, rounds: int, strategy: str = "fedavg", extra: dict | None = None) -> list[Path]:
+    """A state dir holding a run (SMALL's settings) with rounds 0 .. rounds-1 committed through the Store, each
+    checkpoint the run's model (+ `extra` tensors); the checkpoint files, oldest first."""
+    cfg = RunConfig(rounds=rounds + 2, min_clients=1, local_steps=1, seq_len=32, batch_size=2, strategy=strategy)
+    initial = trainable_state(build_run_model(json.loads(cfg.to_json())))
+    store = Store(state)
+    store.set_meta("run_config", cfg.to_json())
+    store.set_meta("run_id", "00c0ffee00c0ffee")
+    for rnd in range(rounds):
+        store.commit_round({"round": rnd, "eval_loss": 5.0 - rnd, "clients": []},
+                           {**{k: v + rnd for k, v in initial.items()}, **(extra or {})})
+    store.close()
+    return sorted((state / "checkpoints").glob("round-*.safetensors"))
+
+
 @pytest.mark.timeout(180)
 def test_a_crashed_round_driver_exits_non_zero_with_its_cause(tmp_path):
+    """The checkpoint loads and fits the model (so the coordinator starts), but its FedAvgM momentum names a
+    tensor the model lacks: restoring it fails in the driver thread, after the server is up."""
     state = tmp_path / "state"
-    args = ["--state-dir", str(state), "--min-clients", "1", *SMALL]
-    with coordinator_process(tmp_path, args, name="coordinator-1") as (coord, address):
-        wait_until("the round-0 checkpoint", lambda: list((state / "checkpoints").glob("*.safetensors")), 120, [coord])
-        assert coord.stop() == 0
-    for ckpt in (state / "checkpoints").glob("*.safetensors"):   # the driver thread fails loading it on restart
-        ckpt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
-    proc = Proc("coordinator-2", fedswarm_cmd("coordinator", "--listen", "127.0.0.1:0", *args),
-                tmp_path / "coordinator-2.log")
+    prepared_state(state, 1, "fedavgm", {"strategy/momentum_vector/no.such.tensor": torch.zeros(3)})
+    proc = Proc("coordinator", fedswarm_cmd("coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(state)),
+                tmp_path / "coordinator.log")
     try:
         proc.wait_for_line(READY, 120)
         assert proc.popen.wait(timeout=60) == 1
     finally:
         proc.stop()
-    assert "error: the round driver crashed:" in proc.output()
+    assert "error: the round driver crashed: ValueError: checkpoint's momentum_vector" in proc.output()
+
+
+def started(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def read_only(folder: Path, *argv: str) -> list[str]:
+    """`argv` in a mount namespace of its own where `folder` is a read-only bind mount of itself."""
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    return ["unshare", "--mount", "sh", "-c", script, str(folder), *argv]
+
+
+@pytest.mark.timeout(240)
+def test_bad_state_on_disk_falls_back_or_exits_2_naming_the_file(tmp_path):
+    """A truncated latest checkpoint: the real coordinator names it and resumes from the round before (status
+    says so). No kept checkpoint that loads, or a read-only --state-dir: exit 2 with one line (the client's bad
+    flags and files: tests/test_bad_state.py, in-process). The three processes start together (a start is
+    mostly imports)."""
+    truncated = prepared_state(tmp_path / "fallback", 3)[-1]
+    truncated.write_bytes(truncated.read_bytes()[:4096])
+    for ckpt in prepared_state(tmp_path / "none-good", 2):
+        ckpt.write_bytes(ckpt.read_bytes()[:-8])
+    prepared_state(tmp_path / "read-only", 1)
+    refused = {
+        "none-good": (started(fedswarm_cmd("coordinator", "--state-dir", str(tmp_path / "none-good"))),
+                      ["no kept checkpoint of", "round-000001.safetensors (SafetensorError", "round-000000"]),
+        "read-only": (started(read_only(tmp_path / "read-only", *fedswarm_cmd(
+                          "coordinator", "--state-dir", str(tmp_path / "read-only")))),
+                      ["cannot write to", "Read-only file system"]),
+    }
+    with coordinator_process(tmp_path, ["--state-dir", str(tmp_path / "fallback")]) as (coord, address):
+        status = fetch_status(address)
+        assert status["round"] == 1 and [r["round"] for r in status["rounds"]] == [0, 1]
+        assert [r["eval_loss"] for r in status["rounds"]] == [5.0, 4.0]
+        coord.wait_for_line(re.compile(r"resuming after committed round 1\b"), 30)   # the driver's own log
+    log = coord.output()
+    assert f"checkpoint {truncated} of round 2 cannot be used (SafetensorError" in log
+    assert "falling back to the checkpoint of round 1: dropped round(s) 2" in log and "Traceback" not in log
+    for name, (proc, says) in refused.items():
+        out, err = proc.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2, (name, out + err)
+        assert "Traceback" not in out + err and lines[-1].startswith("error: "), (name, err)
+        assert [line for line in lines if line.startswith("error")] == lines[-1:], (name, err)
+        assert all(s in lines[-1] for s in says), (name, lines[-1])
+    assert len(list((tmp_path / "none-good" / "checkpoints").glob("*.safetensors"))) == 2   # nothing dropped
 
 
 @pytest.mark.timeout(180)

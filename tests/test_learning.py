@@ -3,7 +3,6 @@ communication accounting. Real coordinator and client processes (sim/processes.p
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import re
 

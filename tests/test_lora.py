@@ -81,3 +81,50 @@ def test_preset_run_exports_with_a_byte_tokenizer(tmp_path, capsys):
         np.testing.assert_allclose(loaded(input_ids=x).logits.numpy(), model(input_ids=x).logits.numpy(), atol=1e-5)
     assert main(["export", "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "m"), "--merge"]) == 2
     assert "this run trained the full model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["llama_dir", "gpt2-tiny"])
+def test_lora_coordinator_holds_no_base_and_starts_from_the_clients_adapters(model, request):
+    """Round 0's adapters come from a base on the meta device, seeded as a client seeds its own: bit-equal to what
+    a client builds; the base is materialised only when the coordinator evaluates, and scores like a client's."""
+    from fedswarm.lora import CentralModel, adapter_skeleton
+    from fedswarm.models import evaluate, load_trainable_state
+
+    name = str(request.getfixturevalue(model)) if model == "llama_dir" else model
+    cfg = {"model": name, "peft": "lora", "lora_r": 4, "lora_alpha": 8, "seed": 5}
+    skeleton = adapter_skeleton(cfg)
+    assert all(p.device.type == "meta" for p in skeleton.parameters() if not p.requires_grad)
+    central = CentralModel(cfg)
+    initial = central.initial_state()
+    client = trainable_state(build_run_model(cfg))   # what client/daemon.py builds at join
+    assert list(initial) == list(client) and all(torch.equal(initial[n], client[n]) for n in client)
+    assert not central.materialised
+    state = {n: t + 0.05 * torch.randn_like(t) for n, t in initial.items()}   # lora_B != 0: adapters matter
+    reference = build_run_model(cfg)
+    load_trainable_state(reference, state)
+    windows = torch.randint(0, 250, (6, 17))
+    assert central.evaluate(state, windows) == pytest.approx(evaluate(reference, windows), abs=1e-6)
+    assert central.materialised
+    central.free()
+    assert not central.materialised
+
+
+def test_full_finetune_coordinator_keeps_no_copy_of_the_weights():
+    """A full fine-tune's initial weights are the model's own tensors, handed over; the evaluation model keeps
+    only meta parameters between evaluations (ties kept: GPT-2's head is its embedding)."""
+    from fedswarm.lora import CentralModel
+    from fedswarm.models import evaluate, load_trainable_state
+
+    cfg = {"model": "gpt2-tiny", "peft": "none", "seed": 2}
+    central = CentralModel(cfg)
+    initial = central.initial_state()
+    assert list(initial) == list(trainable_state(build_model("gpt2-tiny", seed=2)))
+    assert central.materialised and all(p.device.type == "meta" for p in central._module.parameters())
+    state = {n: t + 0.01 * torch.randn_like(t) for n, t in initial.items()}
+    reference = build_model("gpt2-tiny", seed=2)
+    load_trainable_state(reference, state)
+    windows = torch.randint(0, 256, (6, 33))
+    assert central.evaluate(state, windows) == pytest.approx(evaluate(reference, windows), abs=1e-6)
+    assert all(p.device.type == "meta" for p in central._module.parameters())
+    no_eval = CentralModel(cfg, central_eval=False)   # --evaluate clients: the model is dropped once built
+    assert set(no_eval.initial_state()) == set(initial) and not no_eval.materialised

@@ -64,3 +64,23 @@ def test_a_metrics_port_in_use_is_a_clear_error(tmp_path):
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.stderr and "--metrics-port" in proc.stderr
+
+
+def test_coordinator_counters_cover_every_round_not_only_those_status_lists():
+    from fedswarm.coordinator.status import StatusLimits
+    from fedswarm.metrics import coordinator_registry
+    from fedswarm.sim.bench_status import build_service, old_run
+
+    rounds = old_run(300, 3)
+    service = build_service(rounds, 12, limits=StatusLimits(recent_rounds=5, clients=4))
+    try:
+        registry = coordinator_registry(service.status_dict)
+        value = lambda name, **labels: registry.get_sample_value(name, labels or None)  # noqa: E731
+        assert len(service.status_dict()["rounds"]) == 5
+        assert value("fedswarm_round") == 300
+        assert value("fedswarm_round_duration_seconds_count") == 300
+        assert value("fedswarm_upload_bytes_total") == sum(r["bytes_up"] for r in rounds)
+        assert value("fedswarm_tokens_total") == sum(r["tokens"] for r in rounds)
+        assert value("fedswarm_clients_connected", role="client") == 12   # every session, not the 4 listed
+    finally:
+        service.members.close()

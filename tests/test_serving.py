@@ -1,11 +1,14 @@
 """The aio service under load, with real processes: idle upload streams cost no worker (Status and Heartbeat
 stay fast, the streams are cut at the first-message deadline), 200 long-polling sessions stay members while a
-round commits, and the standard gRPC health service answers SERVING on the same port."""
+round commits, and the standard gRPC health service answers SERVING on the same port. In-process: the upload
+stream bridge's deadlines and replacement, and how peers are grouped into addresses."""
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
+import threading
 import time
 
 import grpc
@@ -17,8 +20,9 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import refusals, wire
-from fedswarm.coordinator.serving import ServingLimits
-from fedswarm.sim.processes import coordinator_process, fetch_status, wait_until
+from fedswarm.coordinator.admission import CallRefused, peer_address
+from fedswarm.coordinator.serving import ServingLimits, StreamBridge
+from fedswarm.sim.processes import coordinator_process, fetch_status
 
 SMALL = ["--rounds", "1", "--local-steps", "1", "--seq-len", "32", "--batch-size", "2", "--upload-codec", "int8"]
 OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
@@ -33,11 +37,13 @@ async def _timed(call) -> float:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("idle", [pytest.param(IDLE_STREAMS, marks=pytest.mark.slow), 1000])   # 1000 covers 64
+@pytest.mark.slow   # test_lockout.py floods a coordinator with small limits the same way, in less time
+@pytest.mark.parametrize("idle", [IDLE_STREAMS, 1000])
 def test_idle_upload_streams_leave_status_and_heartbeat_fast(tmp_path, idle):
     """`idle` PushUpdate streams that never send a byte, from a caller without a session, over connections of
-    their own: Status, Heartbeat and Health keep answering within 1 s; every stream is cut with its reason
-    (at most ServingLimits.max_awaiting_header wait for their header, the rest are refused as busy at once)."""
+    their own, against the default limits: Status, Heartbeat and Health keep answering within 1 s; every stream
+    is cut with its reason (at most ServingLimits.max_waiting_per_address wait for their header, the rest are
+    refused after the grace as busy_connection or busy_address)."""
     args = ["--state-dir", str(tmp_path / "state"), "--min-clients", "5", *SMALL]
     own_connection = [*OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
     with coordinator_process(tmp_path, args) as (coord, address):
@@ -76,11 +82,13 @@ def test_idle_upload_streams_leave_status_and_heartbeat_fast(tmp_path, idle):
                 return codes
         codes = asyncio.run(scenario())
         waited = codes.pop((grpc.StatusCode.DEADLINE_EXCEEDED, "slow_header"), 0)
-        busy = codes.pop((grpc.StatusCode.RESOURCE_EXHAUSTED, "busy"), 0)
-        assert not codes and waited + busy == idle and waited <= ServingLimits.max_awaiting_header, (waited, busy, codes)
-        assert busy == 0 if idle <= ServingLimits.max_awaiting_header else busy > 0
+        busy = {r: codes.pop((grpc.StatusCode.RESOURCE_EXHAUSTED, r), 0) for r in ("busy_connection", "busy_address")}
+        limits = ServingLimits()
+        assert not codes and waited + sum(busy.values()) == idle, (waited, busy, codes)
+        assert waited == min(idle, limits.max_waiting_per_address), (waited, busy)   # 100 per connection: 64 wait
         status = fetch_status(address)
-        assert status["rejections"].get("slow_header", 0) == waited and status["rejections"].get("busy", 0) == busy
+        assert status["rejections"].get("slow_header", 0) == waited
+        assert all(status["rejections"].get(r, 0) == n for r, n in busy.items()), (status["rejections"], busy)
         assert [c["name"] for c in status["clients"]] == ["beater"]
         assert coord.popen.poll() is None
 
@@ -171,3 +179,68 @@ def test_200_sessions_stay_members_while_a_round_commits(tmp_path):
         assert stats["members"] and min(stats["members"]) == SESSIONS, stats["members"]
         assert "lost its lease" not in coord.output()
         assert len(stats["heartbeat"]) >= SESSIONS   # latency figures belong to the load benchmark, not here
+
+
+@contextlib.contextmanager
+def _loop_thread():
+    """An asyncio loop running in its own thread, as the server's is beside its upload workers."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+async def _drip(every_s: float, count: int = 10**6):
+    for i in range(count):
+        await asyncio.sleep(every_s)
+        yield b"part-%d" % i
+    await asyncio.Event().wait()   # then silence
+
+
+def _drain(bridge: StreamBridge) -> tuple[list, CallRefused | None, float]:
+    got, started = [], time.monotonic()
+    try:
+        for item in bridge:
+            got.append(item)
+    except CallRefused as err:
+        return got, err, time.monotonic() - started
+    return got, None, time.monotonic() - started
+
+
+def test_stream_bridge_cuts_a_dripping_upload_at_its_whole_deadline():
+    with _loop_thread() as loop:
+        requests = _drip(0.05)
+        bridge = StreamBridge(b"header", requests, loop, idle_s=1.0, total_s=0.4)
+        got, err, took = _drain(bridge)
+    assert err is not None and err.reason == "upload_deadline" and err.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert got[0] == b"header" and len(got) >= 3 and 0.35 < took < 2.0, (len(got), took)
+
+
+def test_stream_bridge_cuts_a_silent_upload_at_its_chunk_deadline():
+    with _loop_thread() as loop:
+        got, err, took = _drain(StreamBridge(b"header", _drip(0.01, count=2), loop, idle_s=0.3, total_s=60))
+    assert err is not None and err.reason == "slow_upload" and got == [b"header", b"part-0", b"part-1"]
+    assert 0.25 < took < 2.0, took
+
+
+def test_stream_bridge_refused_from_the_loop_frees_its_worker_at_once():
+    """What a newer upload of the same task does to the older: the worker waiting for a chunk raises at once."""
+    replaced = CallRefused(grpc.StatusCode.ABORTED, "upload_replaced", "a newer upload replaced this one")
+    with _loop_thread() as loop:
+        bridge = StreamBridge(b"header", _drip(3600), loop, idle_s=30, total_s=60)
+        loop.call_later(0.2, bridge.refuse, replaced)
+        got, err, took = _drain(bridge)
+    assert err is replaced and got == [b"header"] and took < 2.0, took
+
+
+@pytest.mark.parametrize("peer, address", [
+    ("ipv4:10.0.0.3:5123", "10.0.0.3"), ("ipv6:[::1]:5123", "::/64"),
+    ("ipv6:[2001:db8:1:2:aaaa::7]:443", "2001:db8:1:2::/64"), ("ipv6:[::ffff:192.0.2.9]:80", "192.0.2.9"),
+    ("unix:/tmp/sock", "unix:/tmp/sock")])
+def test_peer_address_groups_ipv6_by_its_64(peer, address):
+    assert peer_address(peer) == address

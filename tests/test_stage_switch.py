@@ -1,7 +1,9 @@
-"""A re-assigned peer frees its old stage (module, optimizer, cached graphs, snapshot) and holds only the new one."""
+"""A re-assigned peer frees its old stage (module, optimizer, cached graphs, snapshot) and holds only the new one;
+a genuinely slow stage gets a peer moved to it (real processes, -m slow)."""
 import gc
 import weakref
 
+import pytest
 import torch
 
 from fedswarm.client.swarm.stage_server import StageServer
@@ -49,3 +51,44 @@ def test_a_stage_switch_frees_the_old_stage_before_building_the_new_one(monkeypa
             {id(p) for p in server.module.parameters()}
     finally:
         server.close()
+
+
+# A real swarm whose stage 2 runs on a slow device (FEDSWARM_FAULT=slow: every forward and backward takes 0.1 s
+# more): the coordinator moves a peer there once the imbalance held over several windows, with the predicted
+# gain and the mover's measured switch time (fetch + build, reported in its heartbeats) in the event.
+# Real processes for ~2 minutes: behind -m slow (the policy itself: tests/test_swarm_registry.py).
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_genuinely_slow_stage_gets_a_peer_moved_to_it(tmp_path):
+    import re
+
+    from fedswarm.sim.processes import Proc, fedswarm_cmd
+    from test_swarm import _swarm_status, _until, swarm_run
+
+    with swarm_run(tmp_path, stages=3, rounds=1000, average_every=50) as swarm:
+        for i, stage in enumerate([0, 1, 2, 0, 1]):   # stage 0: p0 p3, 1: p1 p4, 2: p2 (slow)
+            swarm.start_peer(f"p{i}", stage, env={"FEDSWARM_FAULT": "slow:0.1"} if i == 2 else None)
+        argv = fedswarm_cmd("client", "--role", "trainer", "--coordinator", swarm.address, "--name", "t0",
+                            "--threads", "1", "--inflight", "2")
+        trainer = swarm.procs["t0"] = Proc("t0", argv, tmp_path / "t0.log")
+        watch = list(swarm.procs.values()) + [swarm.coordinator]
+        started = _until("the first micro-batches", lambda: (s := _swarm_status(swarm.address))["tokens"] > 0 and s,
+                         120, watch)
+        assert started["reassignments"] == [], started["reassignments"]
+
+        def moved():
+            s = _swarm_status(swarm.address)
+            return [e for e in s["reassignments"] if e["stage"] == 2] or None
+        move = _until("a peer moved to the slow stage 2", moved, 180, watch)[0]
+        assert move["source"] in (0, 1) and "bottleneck" in move["reason"], move
+        assert move["gain"] >= 0.15 and move["switch_s"] > 0, move
+        mover = swarm.procs[move["peer"]]
+        line = _until(f"{move['peer']} serving stage 2",
+                      lambda: re.search(rf"now serving stage 2 \(was {move['source']}\).*ready in ([\d.]+) s",
+                                        mover.output()), 120, watch)
+        switched = float(line.group(1))
+        sw = _until("its measured switch reported", lambda: (s := _swarm_status(swarm.address)) and
+                    s["stages"][2]["switch_s"].get(move["peer"]) == pytest.approx(switched, abs=0.01) and s, 30, watch)
+        assert not [e for e in sw["reassignments"] if "no peer" in e["reason"] or "last peer" in e["reason"]], sw
+        assert sw["microbatches_lost"] == 0, sw
+        assert "micro-batch lost" not in trainer.output()

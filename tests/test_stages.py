@@ -250,3 +250,54 @@ def test_building_the_old_way_allocates_the_whole_model():
         build_stage("gpt2-tiny", 1, 4, SEED)
     full_bytes = sum(p.numel() * 4 for p in build_untied_model("gpt2-tiny", SEED).parameters())
     assert allocated.total >= full_bytes
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_gradient_checkpointing_stage_same_gradients(preset):
+    """A stage that checkpoints its blocks gives the gradients (weights and input) of one that does not,
+    keeps less for the backward, and re-runs its blocks' forwards in the backward."""
+    from recompute import first_mlp, forwards, grads, saved_bytes
+
+    x, y = batch(preset, T=48)
+    hidden = build_stage(preset, 0, 2, SEED)(x).detach()
+
+    def step(checkpointing: bool):
+        stage = build_stage(preset, 1, 2, SEED).train()
+        stage.gradient_checkpointing = checkpointing
+        h = hidden.clone().requires_grad_()
+        with forwards(first_mlp(stage)) as runs:
+            with saved_bytes() as saved:
+                loss = stage(h, y)
+            loss.backward()
+        return grads(stage), h.grad, runs.n, saved.n
+
+    plain, plain_input, runs, saved = step(False)
+    ckpt, ckpt_input, ckpt_runs, ckpt_saved = step(True)
+    assert (runs, ckpt_runs) == (1, 2)
+    assert ckpt_saved < 0.5 * saved, (ckpt_saved, saved)
+    torch.testing.assert_close(ckpt_input, plain_input, atol=1e-6, rtol=1e-5)
+    assert set(ckpt) == set(plain)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    stage = build_stage(preset, 1, 2, SEED).train()
+    stage.gradient_checkpointing = True
+    with forwards(first_mlp(stage)) as runs, torch.no_grad():   # nothing to recompute for: plain forward
+        stage(hidden, y)
+    assert runs.n == 1
+
+
+def test_gradient_checkpointing_flag_reaches_a_peers_stage():
+    """The peer's StageServer sets it on every stage it builds (and not when off)."""
+    from fedswarm.client.swarm.roles import PeerStageServer
+
+    cfg = {"model": "gpt2-tiny", "stages": 2, "seed": SEED, "lr": 1e-3, "seq_len": 16, "batch_size": 2,
+           "activation_codec": "bf16"}
+    states = [stage_state(build_stage("gpt2-tiny", index, 2, SEED)) for index in (0, 1)]
+    for on, indices in ((False, [1]), (True, [0, 1])):   # a re-assigned peer builds another stage: it checkpoints too
+        server = PeerStageServer("run", cfg, torch.device("cpu"), "fp32", gradient_checkpointing=on)
+        try:
+            for index in indices:
+                server.serve(index, states[index])
+                assert server.module.gradient_checkpointing is on and server.module.index == index
+        finally:
+            server.close()

@@ -363,3 +363,90 @@ def test_assembler_rejects_incomplete_and_overlong(state):
         asm.add(bad)
     asm.add(last)
     assert asm.complete()
+
+
+# -- gradient checkpointing ------------------------------------------------------------------
+
+def _step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """(gradients, forwards of the first block's MLP, bytes saved for backward) of one fp32 step."""
+    from recompute import first_mlp, forwards, grads, saved_bytes
+
+    model.train()
+    with forwards(first_mlp(model)) as runs:
+        with saved_bytes() as saved:
+            loss = lm_loss(model, x, y)
+        loss.backward()
+    return grads(model), runs.n, saved.n
+
+
+def _same_gradients_with_checkpointing(build, vocab: int) -> None:
+    g = torch.Generator().manual_seed(7)
+    x, y = (torch.randint(0, vocab, (2, 48), generator=g) for _ in range(2))
+    plain, runs, saved = _step(build(), x, y)
+    model = build()
+    from fedswarm.models import enable_gradient_checkpointing
+
+    enable_gradient_checkpointing(model)
+    ckpt, ckpt_runs, ckpt_saved = _step(model, x, y)
+    assert (runs, ckpt_runs) == (1, 2), "a checkpointed block runs its forward again in the backward"
+    assert ckpt_saved < 0.5 * saved, (ckpt_saved, saved)   # the blocks keep only their inputs
+    assert set(ckpt) == set(plain) and plain
+    for name in plain:
+        assert plain[name].abs().sum() > 0, name
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_gradient_checkpointing_same_gradients_preset(preset):
+    _same_gradients_with_checkpointing(lambda: build_model(preset, seed=0), 256)
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    from hf_fixtures import records, tiny_model
+
+    return str(tiny_model(tmp_path_factory.mktemp("ckpt") / "llama", "llama", records("add", 60, 3)))
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_gradient_checkpointing_same_gradients_hf_folder(hf_llama, peft):
+    """A Hugging Face folder, fully trained and with LoRA adapters on its frozen base (non-reentrant
+    checkpointing: the adapters get their gradients although no block input requires grad)."""
+    from fedswarm.lora import build_run_model
+
+    cfg = {"model": hf_llama, "peft": peft, "lora_r": 4, "lora_alpha": 8, "seed": 0}
+
+    def build():
+        model, g = build_run_model(cfg), torch.Generator().manual_seed(1)
+        with torch.no_grad():   # trained adapters: at init lora_B = 0, so lora_A gets no gradient at all
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(0.1 * torch.randn(param.shape, generator=g))
+        return model
+
+    _same_gradients_with_checkpointing(build, 300)
+
+
+def test_gradient_checkpointing_flag_reaches_the_trainers_model(tmp_path, tokens):
+    """`fedswarm client --gradient-checkpointing` -> the daemon's LocalTrainer -> every block of its model."""
+    import json
+
+    from fedswarm.cli import build_parser
+    from fedswarm.client.daemon import ClientDaemon
+    from fedswarm.coordinator.config import RunConfig
+
+    data = tmp_path / "code.txt"
+    data.write_text("def f(x):\n    return x + 1\n" * 400)
+    argv = ["client", "--coordinator", "127.0.0.1:1", "--device", "cpu", "--data", str(data)]
+    cfg = json.loads(RunConfig(seq_len=SEQ_LEN, batch_size=BATCH).to_json())
+    for flag, expected in (([], False), (["--gradient-checkpointing"], True)):
+        daemon = ClientDaemon(build_parser(only="client").parse_args(argv + flag))
+        try:
+            daemon._setup(cfg)
+        finally:
+            daemon.channel.close()
+        blocks = daemon.trainer.model.transformer.h
+        assert [b.gradient_checkpointing for b in blocks] == [expected] * len(blocks)
+    # and it trains: a round with checkpointing on
+    result = daemon.trainer.train_round(trainable_state(daemon.trainer.model), local_steps=1)
+    assert math.isfinite(result.train_loss)

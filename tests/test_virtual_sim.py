@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.coordinator.grid import SessionGrid
@@ -44,13 +42,6 @@ def test_more_partitions_than_groups_cut_the_train_stream():
         load_train_tokens("stdlib", 1000, n)
 
 
-@pytest.fixture
-def task_identity():
-    """Flower's Message reads the sender's identity from TaskIdentity (as coordinator/main.py sets it)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, SUPERLINK_NODE_ID, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def test_clients_per_round_samples_k_distinct_connected_nodes(task_identity):

@@ -14,11 +14,16 @@ from fedswarm.client.daemon import ClientDaemon
 from fedswarm.client.swarm.roster import Roster
 from fedswarm.client.swarm.routing import StageRecord, stage_key
 from fedswarm.client.swarm.stage_server import HANDLER, StageServer
+from fedswarm.client.swarm.tensors import BadStageInput
 from fedswarm.client.swarm.swarm_trainer import MicrobatchLost, SwarmTrainer, run_workers
 from fedswarm.client.swarm.transport import SwarmNode, new_identity
+from fedswarm import memory
 from fedswarm.models import model_config
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto import wire
+from fedswarm.stage_lora import lora_stage_shapes
+from fedswarm.stages import HandedOver, stage_shapes
 
 log = logging.getLogger("fedswarm.swarm")
 ANNOUNCE_EVERY_S, RECORD_TTL_S = 1.0, 4.0
@@ -76,6 +81,19 @@ class ForkGate:
         self.forked.set()
 
 
+class PeerStageServer(StageServer):
+    """A peer's StageServer: with `gradient_checkpointing` (the client's --gradient-checkpointing), every stage
+    it builds recomputes its blocks' activations in the backward pass, so cached forwards hold only block inputs."""
+
+    def __init__(self, *args, gradient_checkpointing: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def _serve(self, stage: int, weights) -> None:
+        super()._serve(stage, weights)   # on the stage's one worker thread: no request runs in between
+        self.module.gradient_checkpointing = self.gradient_checkpointing
+
+
 class SwarmMember(ClientDaemon):
     """A client on the swarm's data plane: its libp2p identity exists before it joins (the signed join binds
     the peer id), and it holds the coordinator's roster of who else is on the data plane."""
@@ -105,13 +123,15 @@ class PeerDaemon(SwarmMember):
         self.switcher: StageSwitcher | None = None
         self._announcer_stop = threading.Event()
         self.ready = threading.Event()   # set once the assigned stage is served (heartbeats read it)
+        self.switch_s = 0.0              # seconds the last stage load took (fetch + build): the coordinator's move cost
 
     def _setup(self, cfg: dict) -> None:
         self.run_cfg = cfg
         self.codec = C.codec_by_name(cfg["upload_codec"])
         self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
         local = {**cfg, "model": self.args.model or cfg["model"]}   # this host's copy of the model (LoRA's base)
-        self.server = StageServer(self.run_id, local, self.device, self.precision, roster=self.roster)
+        self.server = PeerStageServer(self.run_id, local, self.device, self.precision, roster=self.roster,
+                                      gradient_checkpointing=getattr(self.args, "gradient_checkpointing", False))
         self._switch_lock = threading.Lock()
         # The DHT node (p2pd, bootstrap) starts while the assigned stage is fetched and built: only hivemind's
         # fork must see no gRPC call of ours in flight, so the fetch waits for the fork, not for the node.
@@ -124,8 +144,9 @@ class PeerDaemon(SwarmMember):
                     break
             started = time.monotonic()
             with self._switch_lock:
-                self.server.serve(self.assigned_stage, self.fetch_model("", stage=self.assigned_stage))
-            built_s = time.monotonic() - started
+                self.server.serve(self.assigned_stage, self.fetch_stage("", self.assigned_stage))
+            memory.trim()   # what the download's buffers left free in malloc's arenas goes back to the OS
+            built_s = self.switch_s = time.monotonic() - started
             self.node = starting.result()
         self.server.node = self.node   # chained forwards go out on it
         self.node.add_handler(HANDLER, self.server.handle, pb.StageRequest)
@@ -142,9 +163,28 @@ class PeerDaemon(SwarmMember):
                 return
             old = self.server.stage_index
             started = time.monotonic()
-            self.server.serve(stage, self.fetch_model("", stage=stage))
+            self.server.serve(stage, self.fetch_stage("", stage))
+            memory.trim()   # the old stage was freed: its pages go back to the OS, not into malloc's arenas
+            self.switch_s = time.monotonic() - started
             self._announce()
-            log.warning("now serving stage %d (was %d): %s; ready in %.2f s", stage, old, why, time.monotonic() - started)
+            log.warning("now serving stage %d (was %d): %s; ready in %.2f s", stage, old, why, self.switch_s)
+
+    def fetch_stage(self, task_id: str, stage: int) -> HandedOver:
+        """Stage `stage`'s tensors: its latest committed average (no task), or a sync task's average. Each part
+        is checked against the stage's names and shapes and decoded into place as it arrives, so the stream is
+        never held whole next to the tensors; the result is handed over (the stage built from it copies nothing)."""
+        cfg = self.server.cfg   # this host's copy of the run's model
+        spec = lora_stage_shapes(cfg, stage) if cfg.get("peft", "none") == "lora" else \
+            stage_shapes(cfg["model"], stage, cfg["stages"])
+
+        def download() -> HandedOver:
+            req = pb.FetchModelRequest(client_id=self.client_id, session_token=self.token, task_id=task_id,
+                                       stage=0 if task_id else stage + 1)
+            assembler = wire.PartAssembler(spec, {C.CODEC_NAMES["none"]})   # stages travel as full fp32 copies
+            for chunk in self.stub.FetchModel(req, timeout=self.t.transfer_s):
+                assembler.add(chunk.part)
+            return HandedOver(assembler.finish())
+        return self.with_retry("stage download", download)
 
     def _announce(self) -> None:
         throughput, _, _, load = self.server.stats()
@@ -165,7 +205,7 @@ class PeerDaemon(SwarmMember):
         throughput, steps, utilization, _ = self.server.stats()
         return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token, stage=self.server.stage_index,
                                    throughput=throughput, optimizer_steps=steps, load=utilization,
-                                   refused=self.server.refusals.snapshot())
+                                   refused=self.server.refusals.snapshot(), switch_s=self.switch_s)
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
         self.roster.update(reply.roster)
@@ -184,11 +224,16 @@ class PeerDaemon(SwarmMember):
         import json
 
         stage = int(json.loads(task.config_json).get("stage", -1))
-        average = self.fetch_model(task.task_id)
+        if stage != self.server.stage_index:   # checked before the download: its parts are checked against stage's
+            raise BadStageInput(f"sync for stage {stage}, but this peer serves stage {self.server.stage_index}",
+                                "wrong_stage")
+        average = self.fetch_stage(task.task_id, stage)
         started = time.monotonic()
         with self._switch_lock:
             progress, tokens = self.server.sync(stage, average)
         reply = self.upload(task, progress, tokens, 0.0, time.monotonic() - started)
+        del average, progress
+        memory.trim()   # the average, the progress and the encoded upload were freed
         log.info("stage %d sync %d: uploaded %d bytes of progress over %d tokens; %d of %d backward passes "
                  "re-ran their forward; %d forwards chained to the next stage", stage, task.round,
                  reply.bytes_received, tokens, self.server.recomputed_total, self.server.backward_total,

@@ -29,17 +29,27 @@ GRAPH_CACHE = 32              # forward graphs kept for a backward on this repli
 ROSTER_WAIT_S = 1.0           # an unknown caller may be a trainer that just joined: wait this long for the roster
 MAX_ROSTER_WAITERS = 8        # ... but only this many at once; more unknown callers are refused at once
 CHAIN_HOP_S = 10.0            # a chained forward allows this long per stage still ahead of it
+GRAD_CLIP_NORM = 1.0          # a replica's gradient is clipped to this L2 norm before its optimizer step
 
 
-def _fault_plan() -> tuple[str, int] | None:
+def _fault_plan() -> tuple[str, float] | None:
     """FEDSWARM_FAULT=die_on_forward:N or die_on_backward:N: SIGKILL this peer (its whole process
-    group, p2pd included) while it handles its N-th such request. For fault-injection tests and sims."""
+    group, p2pd included) while it handles its N-th such request; slow:SECONDS: spend SECONDS more on every
+    forward and backward (a slow device). For fault-injection tests and sims."""
     spec = os.environ.get("FEDSWARM_FAULT", "")
     if not spec:
         return None
     kind, _, count = spec.partition(":")
+    if kind == "slow":
+        try:
+            seconds = float(count)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds <= 60:
+            raise ValueError(f"FEDSWARM_FAULT={spec!r}: slow takes 0 to 60 seconds per request, e.g. slow:0.05")
+        return kind, seconds
     if kind not in ("die_on_forward", "die_on_backward") or not count.isdigit() or int(count) < 1:
-        raise ValueError(f"FEDSWARM_FAULT={spec!r}: use die_on_forward:N or die_on_backward:N")
+        raise ValueError(f"FEDSWARM_FAULT={spec!r}: use die_on_forward:N, die_on_backward:N or slow:SECONDS")
     return kind, int(count)
 
 
@@ -99,8 +109,7 @@ class StageServer:
         else:
             module = build_stage(self.cfg["model"], stage, self.cfg["stages"], state=weights, device=self.device)
         self.module = module.train()
-        self.optimizer = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad],
-                                           lr=self.cfg["lr"], weight_decay=0.01)
+        self.optimizer = self._new_optimizer()
         self.snapshot = stage_state(self.module)
         self.stage_index, self.steps_since_sync, self.tokens_since_sync = stage, 0, 0
         log.info("serving stage %d of %d (%d tensors)", stage, self.cfg["stages"], len(weights))
@@ -112,7 +121,12 @@ class StageServer:
     def _sync(self, stage: int, average: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
         if stage != self.stage_index:
             raise BadStageInput(f"sync for stage {stage}, but this peer serves stage {self.stage_index}", "wrong_stage")
+        self._repair_if_broken()   # never upload (or keep) progress made of NaN
         current = stage_state(self.module)
+        if not all(torch.isfinite(average[n]).all() for n in current):
+            self.refusals.add("non_finite_average")   # keep this replica's own weights, as if it were the average
+            log.error("stage %d: the served average is not finite; keeping this replica's weights", stage)
+            average = self.snapshot
         progress = {n: current[n] - self.snapshot[n] for n in current}
         merged = {n: average[n] + progress[n] for n in current}
         load_stage_state(self.module, merged)
@@ -249,6 +263,8 @@ class StageServer:
 
     def _maybe_die(self, req: pb.StageRequest) -> None:
         kind = "die_on_backward" if req.backward else "die_on_forward"
+        if self._fault and self._fault[0] == "slow":
+            time.sleep(self._fault[1])   # inside _timed_compute: counted as busy, like a slower device
         if self._fault and self._fault[0] == kind:
             self._fault_seen += 1
             if self._fault_seen >= self._fault[1]:
@@ -267,6 +283,7 @@ class StageServer:
             with self._autocast():
                 loss = m(x, labels)
             if not torch.isfinite(loss):
+                self._repair_if_broken()
                 raise BadStageInput("the loss is not finite", "non_finite")
             loss.backward()
             reply = pb.StageReply(loss=loss.item())
@@ -278,6 +295,9 @@ class StageServer:
             x, _ = self._inputs(req)
             with self._autocast():
                 out = m(x)
+            if not torch.isfinite(out).all():
+                self._repair_if_broken()
+                raise BadStageInput("the stage's output is not finite", "non_finite")
             self.graphs[req.microbatch_id] = (x, out, self.weights_version)
             while len(self.graphs) > GRAPH_CACHE:
                 self.graphs.popitem(last=False)
@@ -310,13 +330,43 @@ class StageServer:
             self._rate_tokens += x.shape[0] * x.shape[1]
 
     def _after_backward(self, x: torch.Tensor) -> None:
-        """One optimizer step per backward pass (each micro-batch is one step of this replica)."""
+        """One optimizer step per backward pass (each micro-batch is one step of this replica), on the gradient
+        clipped to GRAD_CLIP_NORM. A gradient that is not finite (or whose norm overflows fp32) is refused and
+        counted, never stepped; so is one that makes the input gradient sent back non-finite."""
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), GRAD_CLIP_NORM)
+        if not torch.isfinite(norm) or (x.grad is not None and not torch.isfinite(x.grad).all()):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._repair_if_broken()   # non-finite weights give non-finite gradients too
+            raise BadStageInput("the gradient is not finite: refused, not stepped", "non_finite_grad")
         if self.module.is_last:
             self._count(x)
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_since_sync += 1
         self.tokens_since_sync += x.shape[0] * x.shape[1]
         self.optimizer_steps += 1
         self.weights_version += 1
+
+    # -- weight health ----------------------------------------------------------------------
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad],
+                                 lr=self.cfg["lr"], weight_decay=0.01)
+
+    def _weights_finite(self) -> bool:
+        return all(torch.isfinite(p).all() for p in self.module.parameters() if p.requires_grad)
+
+    def _repair_if_broken(self) -> bool:
+        """If the replica's weights hold a NaN or Inf, go back to its last good state (the snapshot taken at the
+        last sync or stage load: no extra copy is kept) with a fresh optimizer; counted as `weights_restored`,
+        which heartbeats carry to the coordinator. Progress since that sync is lost (its weight drops to 0)."""
+        if self._weights_finite():
+            return False
+        load_stage_state(self.module, self.snapshot)
+        self.optimizer = self._new_optimizer()
+        self.graphs.clear()
+        self.weights_version += 1
+        self.tokens_since_sync = 0
+        self.refusals.add("weights_restored")
+        log.error("stage %d: this replica's weights turned non-finite; restored the state of its last sync",
+                  self.stage_index)
+        return True

@@ -1,0 +1,159 @@
+"""Who may hold what on the coordinator, before and after it knows the caller.
+
+Every call is a stream to the server (unary ones too), so its handler starts with the call and reads the
+first message (a request, an upload's header) under a deadline. Until it arrives the call holds a slot of
+its connection's, its address's and the server's waiting share. An honest call's first message comes with
+its headers and needs the slot for no time: a call that starts while a share is full gets only a short
+grace, then is refused (`busy_connection`, `busy_address`, `busy`). So strangers hold at most the shares,
+and an honest call still gets through. Past its first message a call that carries a valid session counts
+against that session's caps (calls in flight, one upload stream per task). Everything here runs on the
+event loop: no locks."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ipaddress
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+
+import grpc
+
+from fedswarm.proto.refusals import REASON_KEY
+
+IPV6_PREFIX = 64   # one IPv6 address is one /64: a host gets a whole one
+
+
+class CallRefused(Exception):
+    """A call broke a serving limit; `reason` is the rejections counter it lands in."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, detail: str):
+        super().__init__(detail)
+        self.code, self.reason, self.detail = code, reason, detail
+
+
+def peer_address(peer: str) -> str:
+    """The address a call comes from, from grpc's context.peer() ("ipv4:10.0.0.3:5123", "ipv6:[::1]:5123"):
+    IPv4 as is, IPv6 as its /64 (an IPv4-mapped one as the IPv4), anything else whole."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind != "ipv6":
+        return peer
+    try:
+        ip = ipaddress.IPv6Address(rest.rpartition("]")[0].lstrip("[").partition("%")[0])
+    except ValueError:
+        return peer
+    if ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network(f"{ip}/{IPV6_PREFIX}", strict=False))
+
+
+class Tally:
+    """Counts per key that forget a key at zero (so strangers' addresses do not pile up)."""
+
+    def __init__(self):
+        self._n: collections.Counter[Hashable] = collections.Counter()
+        self.total = 0   # holders (each holds one or more keys)
+
+    def __getitem__(self, key: Hashable) -> int:
+        return self._n.get(key, 0)
+
+    @contextlib.contextmanager
+    def held(self, *keys: Hashable) -> Iterator[None]:
+        for key in keys:
+            self._n[key] += 1
+        self.total += 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            for key in keys:
+                self._n[key] -= 1
+                if not self._n[key]:
+                    del self._n[key]
+
+
+class Admission:
+    """The waiting shares, the per-session caps and the health watches of one server (`limits`: ServingLimits);
+    `count(reason)` records a refusal."""
+
+    def __init__(self, limits, count: Callable[[str], None]):
+        self.limits, self.count = limits, count
+        self._waiting = Tally()                     # keys: ("conn", peer), ("addr", address)
+        self._in_flight = Tally()                   # keys: session ids
+        self._watches = Tally()                     # keys: addresses
+        self._uploads: dict[tuple[int, str], object] = {}   # (session, task) -> that upload's StreamBridge
+
+    def _full_share(self, conn: str, addr: str) -> str:
+        """'' while the call may wait its full deadline, else the reason it would be refused for."""
+        lim = self.limits
+        if self._waiting["conn", conn] >= lim.max_waiting_per_connection:
+            return "busy_connection"
+        if self._waiting["addr", addr] >= lim.max_waiting_per_address:
+            return "busy_address"
+        return "busy" if self._waiting.total >= lim.max_waiting else ""
+
+    async def first_message(self, requests: AsyncIterator, context, late_reason: str) -> bytes | None:
+        """The call's first message (None if the client sent none) within limits.first_message_s, or within
+        limits.first_message_grace_s when a waiting share is full; CallRefused when it does not come."""
+        conn = context.peer()
+        addr = peer_address(conn)
+        full = self._full_share(conn, addr)
+        wait = self.limits.first_message_grace_s if full else self.limits.first_message_s
+        with self._waiting.held(("conn", conn), ("addr", addr)) if not full else contextlib.nullcontext():
+            try:
+                message = await asyncio.wait_for(anext(requests, None), wait)
+                if message is None:   # no message: a call its client cancelled is cancelled here (not counted)
+                    await asyncio.sleep(0)
+                return message
+            except asyncio.TimeoutError:
+                if full:
+                    where = {"busy_connection": "on this connection", "busy_address": "from this address",
+                             "busy": "on this server"}[full]
+                    raise CallRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, full,
+                                      f"too many calls {where} are waiting to send their first message: "
+                                      f"send the request with the call, or retry shortly") from None
+                raise CallRefused(grpc.StatusCode.DEADLINE_EXCEEDED, late_reason,
+                                  f"no first message within {wait:g} s") from None
+
+    @contextlib.contextmanager
+    def session_call(self, session_id: int) -> Iterator[None]:
+        """Hold one of the session's limits.max_calls_per_session slots for a call's duration."""
+        cap = self.limits.max_calls_per_session
+        if self._in_flight[session_id] >= cap:
+            raise CallRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, "session_busy",
+                              f"this session already has {cap} calls in flight, the most one may hold: "
+                              f"wait for them to finish")
+        with self._in_flight.held(session_id):
+            yield
+
+    @contextlib.contextmanager
+    def only_upload(self, session_id: int, task_id: str, bridge) -> Iterator[None]:
+        """One upload stream per open task: a newer one ends the older (`upload_replaced`, counted there)."""
+        key = (session_id, task_id)
+        older = self._uploads.get(key)
+        if older is not None:
+            older.refuse(CallRefused(grpc.StatusCode.ABORTED, "upload_replaced",
+                                     "a newer upload for the same task replaced this one"))
+        self._uploads[key] = bridge
+        try:
+            yield
+        finally:
+            if self._uploads.get(key) is bridge:
+                del self._uploads[key]
+
+    @contextlib.contextmanager
+    def watch(self, context) -> Iterator[None]:
+        """Hold a health Watch slot (limits.max_health_watches in all, max_health_watches_per_address each)."""
+        addr = peer_address(context.peer())
+        lim = self.limits
+        if self._watches.total >= lim.max_health_watches or self._watches[addr] >= lim.max_health_watches_per_address:
+            raise CallRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_watches",
+                              "too many health Watch streams are open: use Check, or retry later")
+        with self._watches.held(addr):
+            yield
+
+    async def refuse(self, context, err) -> None:
+        """Count `err` (anything with code, reason and detail) and end the call with it."""
+        self.count(err.reason)
+        await context.abort(err.code, err.detail, trailing_metadata=((REASON_KEY, err.reason),))

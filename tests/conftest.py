@@ -1,0 +1,13 @@
+"""Fixtures shared by the test modules."""
+import pytest
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's Message reads the sender's identity from TaskIdentity (as coordinator/main.py sets it)."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, SUPERLINK_NODE_ID, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
