@@ -23,6 +23,7 @@ from fedswarm.settings import opt
 log = logging.getLogger(__name__)
 HEALTH_SERVICE = "grpc.health.v1.Health"
 FEW_OPEN_FILES = 8192   # below this soft limit, say so: every connection holds a file
+FILE_RESERVE = 256      # open files kept from connections (checkpoints, the database, /proc, logs)
 
 
 @dataclass
@@ -100,7 +101,8 @@ class ServingLimits:
                 ("grpc.http2.max_ping_strikes", 3),
                 ("grpc.max_connection_idle_ms", ms(self.max_connection_idle_s)),
                 ("grpc.max_connection_age_ms", ms(self.max_connection_age_s)),
-                ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace_s))]
+                ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace_s)),
+                ("grpc.max_allowed_incoming_connections", max_connections())]
 
     def shutdown(self) -> None:
         self.upload_pool.shutdown(wait=False, cancel_futures=True)
@@ -233,6 +235,15 @@ class Server:
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(grace_s)
         self.limits.shutdown()
+
+
+def max_connections() -> int:
+    """Connections gRPC may accept at once: the open-file soft limit less FILE_RESERVE, so silent
+    connections can never take the files a commit, the database or a checkpoint needs."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft >= (1 << 31) - 1:
+        return (1 << 31) - 1
+    return max(soft - FILE_RESERVE, 64)
 
 
 def raise_open_file_limit() -> int:

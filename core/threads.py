@@ -54,7 +54,11 @@ def fedswarm_processes(proc: Path = Path("/proc")) -> int:
     if not proc.is_dir():
         return 1
     count = 0
-    for entry in proc.iterdir():
+    try:
+        entries = list(proc.iterdir())
+    except OSError:   # no file to spare (EMFILE): count only this process
+        return 1
+    for entry in entries:
         if not entry.name.isdigit():
             continue
         try:

@@ -268,6 +268,7 @@ def run_swarm(out: Path, model: Path, data: Path, args: argparse.Namespace) -> d
                 p.stop()
     return {"setup": "swarm", "rounds": status["rounds"], "peer_stages": stages, "peak_mb": dict(peaks.peaks),
             "microbatches": status.get("swarm", {}).get("microbatches_completed"),
+            "reassignments": [r for r in status.get("swarm", {}).get("reassignments", [])],
             "wall_s": round(time.time() - started, 1)}
 
 
@@ -309,14 +310,16 @@ def time_table(runs: list[dict]) -> str:
     for r in runs:
         if r["setup"] == "swarm":
             rounds = [x for x in r["rounds"] if x["round"] > 0]
-            rows.append(f"| {r['model']} | swarm | | | | | | | {_fmt(_mean(rounds, 'seconds'))} | |")
+            moves = ", ".join(f"{m.get('peer')} {m.get('reason')}" for m in r["reassignments"]) or "none"
+            rows.append(f"| {r['model']} | swarm | | | | | | | {_fmt(_mean(rounds, 'seconds'))} | "
+                        f"{r['wall_s']:.0f} s, re-assignments: {moves} |")
             continue
         split = r["split"]
         means = [_mean(split, k) for k in keys]
         ratio = means[-1] / means[1] if means[-1] and means[1] else None
         rows.append(f"| {r['model']} | {r['setup']} | " + " | ".join(_fmt(m) for m in means) + f" | {_fmt(ratio, '.2f')} |")
     return "\n".join(["| model | setup | download s | train s | upload s | aggregate s | evaluate s "
-                      "| evaluate + checkpoint s (background) | round s (critical path) | round / train |",
+                      "| evaluate + checkpoint s (background) | round s (critical path) | round / train (swarm: wall, re-assignments) |",
                       "|---|---|---|---|---|---|---|---|---|---|", *rows])
 
 

@@ -11,3 +11,14 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, SUPERLINK_NODE_ID, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+# Module fixtures that start a coordinator process, hivemind nodes or a gRPC server: every test using one is
+# in the integration tier with the tests marked by hand (`pytest -m "not integration"` is the unit tier).
+PROCESS_FIXTURES = {"auth_coordinator", "coord", "old_coordinator", "outcome", "pair", "servers"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

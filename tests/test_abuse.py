@@ -29,6 +29,7 @@ def _refusal(call) -> tuple[grpc.StatusCode, str]:
     return err.value.code(), refusals.reason(err.value)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_one_session_per_key_and_no_join_replay_after_restart(tmp_path):
     subprocess.run(fedswarm_cmd("keygen", str(tmp_path / "keys"), "--clients", "1"), check=True, capture_output=True)
@@ -79,6 +80,7 @@ def _upload(stub, joined: pb.JoinReply, task: pb.Task, delta_of, num_examples: i
     return stub.PushUpdate(iter(chunks), timeout=60)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_weights_come_from_the_task_and_updates_are_clipped(tmp_path):
     """A claims 1e9 examples and sends a huge delta; B claims 1 and sends none. With weights from the tasks

@@ -219,6 +219,7 @@ def test_spill_krum_selects_like_flowers_krum():
     assert_close(ours, theirs, rtol=0, atol=0)
 
 
+@pytest.mark.integration
 def test_delivery_in_progress_outlives_the_round_deadline():
     """An update being folded when the deadline passes still lands in this round's replies."""
     started, release = threading.Event(), threading.Event()

@@ -209,6 +209,7 @@ def test_authorized_keys_parsing():
 
 
 # -- real processes -------------------------------------------------------------------------
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_tls_client_completes_round_and_plaintext_client_cannot_join(tmp_path, keys):
     ca, key0 = str(keys / "ca.pem"), str(keys / "client-0.key")
@@ -243,6 +244,7 @@ def test_tls_client_completes_round_and_plaintext_client_cannot_join(tmp_path, k
         assert run_cli("status", "--coordinator", address, "--timeout", "3").returncode != 0
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_bad_security_files_exit_2(tmp_path, keys):
     state = tmp_path / "state"
@@ -286,6 +288,7 @@ def _join(stub, proof: dict, name: str):
     return stub.Join(pb.JoinRequest(name=name, device="cpu", precision="fp32", **proof), timeout=30)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_unlisted_key_is_refused(auth_coordinator, keys):
     _, address, channel, ca = auth_coordinator
@@ -302,6 +305,7 @@ def test_unlisted_key_is_refused(auth_coordinator, keys):
     assert not any(c["name"] in ("stranger", "keyless") for c in status["clients"])
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_tampered_and_replayed_updates_are_refused(auth_coordinator, keys):
     coord, address, channel, ca = auth_coordinator

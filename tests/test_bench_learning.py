@@ -43,6 +43,7 @@ def test_plan_covers_strategies_steps_and_codecs():
         client_batch_size(bench_args("--batch-size", "10"))
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_bench_learning_tiny_budget(tmp_path):
     out = tmp_path / "bench"

@@ -9,6 +9,7 @@ import pytest
 from fedswarm.sim.processes import fedswarm_cmd
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(450)
 def test_bench_load_holds_twenty_sessions(tmp_path):
     proc = subprocess.run(fedswarm_cmd("bench", "load", "--clients", "20", "--seconds", "10", "--clients-per-round", "4",
@@ -25,6 +26,7 @@ def test_bench_load_holds_twenty_sessions(tmp_path):
     assert row["coordinator_rss_mb"] > 0 and row["holds"]
 
 
+@pytest.mark.integration
 def test_bench_load_refuses_bad_counts(tmp_path):
     proc = subprocess.run(fedswarm_cmd("bench", "load", "--clients", "ten", "--out", str(tmp_path)),
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)

@@ -137,6 +137,7 @@ def outcome(tmp_path_factory):
     return get
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("strategy", ["fedavg", *ROBUST])
 def test_one_poisoner_end_to_end(strategy, outcome):

@@ -2,6 +2,8 @@
 default, and the status table shows a real coordinator's rounds and clients."""
 from __future__ import annotations
 
+import pytest
+
 import argparse
 import json
 import subprocess
@@ -60,6 +62,7 @@ def test_every_option_of_every_subcommand_has_help_with_its_default():
     assert not no_default, f"options whose help does not show the default: {no_default}"
 
 
+@pytest.mark.integration
 def test_status_table_shows_rounds_and_clients_of_a_real_coordinator(tmp_path):
     args = ["--state-dir", str(tmp_path / "state"), "--rounds", "2", "--seq-len", "64", "--batch-size", "8"]
     with coordinator_process(tmp_path, args) as (coordinator, address):

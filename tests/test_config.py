@@ -114,6 +114,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_a_coordinator_and_two_clients_start_from_toml_files_alone(tmp_path):
     """Real processes whose command lines are `--config FILE` and nothing else."""
     address = f"127.0.0.1:{_free_port()}"

@@ -38,6 +38,7 @@ def _start(tmp_path, listen: str, n: int) -> tuple[Proc, str]:
     return proc, proc.wait_for_line(READY, 120).group(1)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(420)
 def test_sigkill_and_restart_loses_no_round(tmp_path):
     coord, address = _start(tmp_path, "127.0.0.1:0", 1)

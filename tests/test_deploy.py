@@ -146,6 +146,7 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
 
 
+@pytest.mark.integration
 def test_image_entrypoint_works_in_a_plain_venv():
     """ENTRYPOINT fedswarm with CMD --help, and the probe command, from the installed console script."""
     for argv in (["--help"], ["health", "--help"]):

@@ -40,6 +40,7 @@ def _status_or_none(address):
         return None
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_outer_momentum_survives_sigkill(tmp_path):
     coord, address = _start(tmp_path, "127.0.0.1:0", 1)

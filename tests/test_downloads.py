@@ -140,6 +140,7 @@ def sim_args(out, *argv: str) -> argparse.Namespace:
 LINE = re.compile(r"downloaded model version (\d+) as (a full copy|nothing \(already held\)|\d+ delta step\(s\)), (\d+) bytes")
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_int8_delta_downloads_in_a_real_run(tmp_path):
     from fedswarm.sim.report import allreduce_bytes
@@ -177,6 +178,7 @@ def test_allreduce_bytes_formula():
     assert allreduce_bytes(40_000, 1, 1_000_000, 1_000) == 0
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_fetch_model_over_grpc_full_copy_deltas_or_nothing(tmp_path):
     """A hand-driven client on a real coordinator: no version -> a float32 copy; the initial model it built

@@ -69,6 +69,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_two_clients_train(tmp_path):
     coord_args = ["--state-dir", str(tmp_path / "state"), "--rounds", "3", "--local-steps", "15",
@@ -136,6 +137,7 @@ def check_both_evaluations(rounds: list[dict]) -> None:
         assert nxt["configured_at"] < done["committed_at"], (done, nxt)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_exit_when_done(tmp_path):
     """--exit-when-done: the coordinator exits 0 after its only round. With --evaluate clients and an evaluator:
@@ -199,6 +201,7 @@ def test_client_waits_for_coordinator(tmp_path):
             coordinator.stop()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_bad_cli_input(tmp_path):
     state = tmp_path / "state"
@@ -219,6 +222,7 @@ def test_bad_cli_input(tmp_path):
     assert elapsed < 45, f"took {elapsed:.1f} s to refuse a bad --partition"
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_sim_writes_report_and_evaluates_on_its_datas_split(tmp_path):
     from test_learning import initial_eval_loss, write_corpus

@@ -40,6 +40,7 @@ def prepared_state(state: Path, rounds: int, strategy: str = "fedavg", extra: di
     return sorted((state / "checkpoints").glob("round-*.safetensors"))
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_a_crashed_round_driver_exits_non_zero_with_its_cause(tmp_path):
     """The checkpoint loads and fits the model (so the coordinator starts), but its FedAvgM momentum names a
@@ -66,6 +67,7 @@ def read_only(folder: Path, *argv: str) -> list[str]:
     return ["unshare", "--mount", "sh", "-c", script, str(folder), *argv]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_bad_state_on_disk_falls_back_or_exits_2_naming_the_file(tmp_path):
     """A truncated latest checkpoint: the real coordinator names it and resumes from the round before (status
@@ -102,6 +104,7 @@ def test_bad_state_on_disk_falls_back_or_exits_2_naming_the_file(tmp_path):
     assert len(list((tmp_path / "none-good" / "checkpoints").glob("*.safetensors"))) == 2   # nothing dropped
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_rounds_without_usable_reply_back_off_then_the_run_fails(tmp_path):
     args = ["--state-dir", str(tmp_path / "state"), "--min-clients", "1", "--round-timeout", "1",
@@ -118,6 +121,7 @@ def test_rounds_without_usable_reply_back_off_then_the_run_fails(tmp_path):
     assert "no usable reply 3 times in a row" in out and "error: the run failed (state failed)" in out
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_client_rejoins_on_the_typed_reason(tmp_path):
     """SIGSTOP a client past its lease: the coordinator drops it; on SIGCONT its heartbeat is refused with

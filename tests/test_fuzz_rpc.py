@@ -51,6 +51,7 @@ def _code(call) -> grpc.StatusCode:
         return err.code()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_fuzz_every_rpc(tmp_path):
     rng = random.Random(1234)

@@ -55,6 +55,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_lora_two_sites_gpt2_int8_export(tmp_path, capsys):
     site_a, site_b, both = site_data(tmp_path / "data")
@@ -94,6 +95,7 @@ def test_lora_two_sites_gpt2_int8_export(tmp_path, capsys):
     assert out.strip(), "generate printed nothing"
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_lora_chat_llama_codec_none(tmp_path, capsys):
     """Chat records through the tokenizer's template, loss on responses only; fp32 adapters on the wire."""

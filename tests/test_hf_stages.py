@@ -54,6 +54,7 @@ def test_lora_stages_chain_to_the_coordinators_lora_model(tmp_path, family):
     assert abs(got - expected) < 1e-5, (got, expected)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_qwen2_folder_trains_lora_adapters_in_swarm_mode_across_three_stages(tmp_path):
     """`fedswarm sim --mode swarm --peft lora --format chat` on a Qwen2 folder with its own tokenizer and chat

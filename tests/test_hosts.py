@@ -54,6 +54,7 @@ def _send(net: HostNetwork, src: int, dst: int, mib: int) -> tuple[int, float]:
     return int(received), float(seconds)
 
 
+@pytest.mark.integration
 def test_hosts_have_their_own_addresses_links_caps_and_are_removed(tmp_path):
     with HostNetwork(3, bandwidth="50mbit") as net:
         names = {h.netns for h in net.hosts} | {net.bridge_ns}

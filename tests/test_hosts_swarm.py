@@ -38,6 +38,7 @@ def _coordinator(net: HostNetwork, out: Path, args: list[str], tls_ca: str | Non
     return proc, address, lambda: fetch_status(relayed, tls_ca=tls_ca, key=key)
 
 
+@pytest.mark.integration
 def test_tls_federated_run_across_four_hosts(tmp_path):
     with HostNetwork(4) as net:
         keys = tmp_path / "keys"
@@ -81,6 +82,7 @@ def _recovery(status, fault, deadline_s: float, watch) -> float:
     return time.monotonic() - t_fault
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(420)
 def test_swarm_across_hosts_admits_only_members_and_heals(tmp_path):
     with HostNetwork(8) as net:   # 0 coordinator, 1-5 peers, 6 trainer, 7 intruder
@@ -159,6 +161,7 @@ def test_swarm_across_hosts_admits_only_members_and_heals(tmp_path):
         assert int(re.findall(r"calls (\d+)", fake.output())[-1]) == 0
 
 
+@pytest.mark.integration
 def test_sim_hosts_reports_each_process_on_its_own_host(tmp_path):
     import subprocess
     bad = subprocess.run(fedswarm_cmd("sim", "--hosts", "--host-bandwidth", "fast", "--out", str(tmp_path / "bad")),

@@ -312,3 +312,23 @@ def test_a_stage_peer_whose_weights_turn_non_finite_restores_its_last_sync(stage
     progress, tokens = stage_server.sync(1, snapshot)
     assert all(float(p.abs().max()) == 0 for p in progress.values()) and tokens == 1
     assert stage_server.refusals.snapshot()["weights_restored"] == 2 and stage_server._weights_finite()
+
+
+def test_a_sync_adopts_the_average_plus_the_progress_in_place(stage_server):
+    """progress = weights - snapshot; the weights and the new snapshot become average + progress; the handed
+    average is consumed tensor by tensor (dropped as used)."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 16, 128, generator=g)
+    before = {n: t.clone() for n, t in stage_server.snapshot.items()}
+    _stage_call(stage_server, "m1", hidden)
+    _stage_call(stage_server, "m1", hidden, torch.randn(2, 16, 128, generator=g))
+    trained = _weights(stage_server)
+    average = {n: t + 0.5 for n, t in before.items()}
+    expected = {n: average[n] + (trained[n] - before[n]) for n in before}
+    progress, _ = stage_server.sync(1, average)
+    assert not average   # consumed
+    assert any(float(p.abs().max()) > 0 for p in progress.values())
+    for n in before:
+        assert torch.allclose(progress[n], trained[n] - before[n])
+        assert torch.allclose(stage_server.snapshot[n], expected[n])
+        assert torch.allclose(dict(stage_server.module.named_parameters())[n].detach(), expected[n])

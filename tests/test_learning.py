@@ -99,6 +99,7 @@ def assert_lrs_follow(log_text: str, schedule: LrSchedule, rounds: int, local_st
         assert lr0 == pytest.approx(schedule.lr_at(s0), rel=1e-5) and lr1 == pytest.approx(schedule.lr_at(s1), rel=1e-5)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_clients_follow_the_runs_schedule(tmp_path):
     run_sim(sim_args(tmp_path, "--clients", "2", "--rounds", "3", "--local-steps", "4", "--lr", "2e-3",

@@ -57,6 +57,7 @@ def _rss_anon_kb(pid: int) -> int:
     return int(re.search(r"RssAnon:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_capped_client_trains_on_a_corpus_larger_than_its_memory(tmp_path):
     corpus = tmp_path / "corpus.txt"

@@ -1,6 +1,8 @@
 """Prometheus metrics (`--metrics-port`) scraped from a real coordinator and client during a short run."""
 from __future__ import annotations
 
+import pytest
+
 import re
 import urllib.request
 
@@ -21,6 +23,7 @@ def scrape(address: str) -> dict[str, float]:
     return samples
 
 
+@pytest.mark.integration
 def test_metrics_move_during_a_run(tmp_path):
     args = ["--rounds", "3", "--min-clients", "1", "--metrics-port", "0", *SMALL]
     with coordinator_process(tmp_path, ["--state-dir", str(tmp_path / "state"), *args]) as (coord, address):
@@ -52,6 +55,7 @@ def test_metrics_move_during_a_run(tmp_path):
     assert own["fedswarm_client_upload_bytes_total"] > 0
 
 
+@pytest.mark.integration
 def test_a_metrics_port_in_use_is_a_clear_error(tmp_path):
     import socket
     import subprocess

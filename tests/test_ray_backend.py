@@ -13,6 +13,7 @@ from fedswarm.sim.processes import fedswarm_cmd
 pytest.importorskip("ray", reason="the optional extra fedswarm[ray] is not installed")
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(450)
 def test_ray_backend_runs_sampled_rounds(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

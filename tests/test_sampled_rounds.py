@@ -13,6 +13,7 @@ from fedswarm.sim.processes import client_processes, coordinator_process, fetch_
 ROUNDS, CLIENTS, K = 4, 4, 2
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_each_round_trains_k_of_the_connected(tmp_path):
     args = ["--state-dir", str(tmp_path / "state"), "--rounds", str(ROUNDS), "--min-clients", str(CLIENTS),

@@ -140,6 +140,7 @@ async def _answer(stub, joined, task) -> None:
     assert (await stub.PushUpdate(iter(chunks), timeout=60)).accepted
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_200_sessions_stay_members_while_a_round_commits(tmp_path):
     """Every session long-polls; all get a task (FedAvg samples everyone), one answers; the round commits at

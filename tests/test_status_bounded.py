@@ -75,6 +75,7 @@ def _key_file(tmp_path, name: str) -> tuple[str, Identity]:
     return str(path), Identity(key)
 
 
+@pytest.mark.integration
 def test_a_full_nonce_cache_is_a_counted_retry_and_the_daemon_joins_after(tmp_path):
     from fedswarm.client.daemon import ClientDaemon, ClientTimeouts, add_arguments
 

@@ -247,6 +247,7 @@ def _fetch(stub, cid: int, token: str, task_id: str = "", stage: int = -1) -> di
     return assembler.finish()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_stage_average_equals_flower_aggregate(tmp_path):
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
@@ -360,6 +361,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_dead_peer_long_poll_does_not_renew_its_lease(tmp_path):
     """A SIGKILLed peer must be dropped within lease (3 s) + reaper tick (1 s) of its last heartbeat, not 3 s

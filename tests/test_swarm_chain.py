@@ -33,6 +33,7 @@ def test_only_the_previous_stages_roster_peers_may_chain_into_a_stage():
         server.close()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_chained_traffic_trains_and_replays_a_dead_hop(tmp_path):
     with swarm_run(tmp_path, stages=2, rounds=50, average_every=5, extra=["--swarm-traffic", "chained"]) as swarm:

@@ -10,6 +10,7 @@ import pytest
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_swarm_sim_with_a_kill_writes_report(tmp_path):
     out = tmp_path / "sim"

@@ -59,6 +59,7 @@ def test_a_ban_expiring_under_two_threads_is_not_a_keyerror():
     assert results == [False, False]
 
 
+@pytest.mark.integration
 def test_router_under_workers_and_a_refresher():
     router = Router(RoutingConfig(ban_initial_s=0.001, ban_max_s=0.002), rng=random.Random(1))
     stop, errors = threading.Event(), []
@@ -165,6 +166,7 @@ def test_a_failing_switch_is_reported():
         switcher.close()
 
 
+@pytest.mark.integration
 def test_a_dht_that_stops_answering_keeps_the_last_records():
     """SIGSTOP the DHT process: lookups time out. The trainer must keep the load records it knew (not fall
     back to knowing nothing about the replicas)."""

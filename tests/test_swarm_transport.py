@@ -70,6 +70,7 @@ def test_announce_visible_from_other_node(pair):
     assert a.lookup("fedswarm:t:nothing-here") == {}
 
 
+@pytest.mark.integration
 def test_record_expires_after_ttl(pair):
     a, b = pair
     t0 = time.monotonic()
@@ -154,6 +155,7 @@ def read_line(proc, timeout: float) -> str:
     return buf.decode().strip()
 
 
+@pytest.mark.integration
 def test_killed_peer_fails_within_deadline(pair):
     a, _ = pair
     proc = subprocess.Popen([sys.executable, "-c", PEER_SCRIPT, *a.maddrs()], stdin=subprocess.PIPE,
@@ -193,3 +195,17 @@ def test_shutdown_is_idempotent_and_final():
         node.shutdown()
     with pytest.raises(RuntimeError):
         node.call(node.peer_id, "stage", pb.StageRequest(), pb.StageReply)
+
+
+def test_an_oversized_message_is_refused_before_it_is_read(pair, monkeypatch):
+    """A stage request whose length prefix is over the P2P bound is refused on that prefix (counted, never
+    read into memory); the node serves the next call as before."""
+    import fedswarm.client.swarm.transport as transport
+
+    a, b = pair
+    monkeypatch.setattr(transport, "MAX_P2P_MESSAGE", 1 << 20)
+    before = transport.P2P_REFUSALS.snapshot().get("oversized_message", 0)
+    with pytest.raises(PeerCallError):
+        a.call(b.peer_id, "stage", pb.StageRequest(ids=b"\x01" * (2 << 20)), pb.StageReply, timeout=5.0)
+    assert wait_until(lambda: transport.P2P_REFUSALS.snapshot().get("oversized_message", 0) == before + 1, 5.0)
+    assert a.call(b.peer_id, "stage", pb.StageRequest(ids=b"\x01" * 40), pb.StageReply, timeout=5.0).loss == 40.0

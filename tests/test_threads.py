@@ -1,6 +1,8 @@
 """Thread defaults that share a host: passive OpenMP waits, CPUs split among the fedswarm processes running."""
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -50,6 +52,7 @@ def test_auto_share_and_explicit_count(monkeypatch):
     assert budget.choose() == (5, "--threads")
 
 
+@pytest.mark.integration
 def test_configure_logs_the_choice_and_uses_one_interop_thread():
     code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
             "from fedswarm.threads import BUDGET\n"
@@ -61,6 +64,7 @@ def test_configure_logs_the_choice_and_uses_one_interop_thread():
     assert proc.stderr.count("torch threads:") == 1 and "fedswarm process(es) on this host" in proc.stderr
 
 
+@pytest.mark.integration
 def test_cli_entry_sets_the_passive_policy_before_loading_a_command():
     code = ("import os, sys; from fedswarm import cli\n"
             "try:\n    cli.main(['bench', '--help'])\nexcept SystemExit:\n    pass\n"

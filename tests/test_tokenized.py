@@ -86,6 +86,7 @@ def test_shards_are_cached_and_keyed_by_content(tmp_path, gpt2_dir, monkeypatch)
     assert len(list((tmp_path / "d" / tokenized.CACHE_DIRNAME).iterdir())) == 2
 
 
+@pytest.mark.integration
 def test_stdlib_with_a_tokenizer_caches_outside_the_stdlib(tmp_path, gpt2_dir, monkeypatch):
     monkeypatch.setenv("FEDSWARM_CACHE", str(tmp_path / "cache"))
     tokens = tokenized.eval_tokens(DataSpec("stdlib"), load_tokenizer(str(gpt2_dir)))
@@ -144,6 +145,7 @@ def test_model_folders_without_a_matching_tokenizer_are_refused(tmp_path, gpt2_d
         build_model(str(small))
 
 
+@pytest.mark.integration
 def test_read_only_data_is_cached_in_the_cache_dir(tmp_path, gpt2_dir):
     """Data on a read-only mount (a private mount namespace): the shard goes to --cache-dir instead."""
     import shlex

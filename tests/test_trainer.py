@@ -89,6 +89,7 @@ def test_resolve_device_cuda_without_cuda():
 
 # -- training on the CPU ---------------------------------------------------------------------
 
+@pytest.mark.integration
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_overfits_fixed_batch(tokens, precision):
     sampler = FixedBatch(tokens)
@@ -137,6 +138,7 @@ def test_grad_accum_of_repeated_batch_equals_one_batch(tokens):
         torch.testing.assert_close(states[0][n], states[1][n], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_fedprox_huge_mu_stays_near_start(tokens):
     start = trainable_state(build_model("gpt2-tiny", seed=0))
     dist = {}

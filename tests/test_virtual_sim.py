@@ -76,6 +76,7 @@ def test_forty_virtual_clients_on_two_workers(tmp_path):
     assert (tmp_path / "worker-0.log").exists() and (tmp_path / "worker-1.log").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(450)
 def test_dropouts_leave_and_stragglers_still_count(tmp_path):
     # 6 clients, 4 sampled, and (seed 1) clients 0, 2 and 4 leave when sampled in round 1: any sample

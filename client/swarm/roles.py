@@ -16,7 +16,7 @@ from fedswarm.client.swarm.routing import StageRecord, stage_key
 from fedswarm.client.swarm.stage_server import HANDLER, StageServer
 from fedswarm.client.swarm.tensors import BadStageInput
 from fedswarm.client.swarm.swarm_trainer import MicrobatchLost, SwarmTrainer, run_workers
-from fedswarm.client.swarm.transport import SwarmNode, new_identity
+from fedswarm.client.swarm.transport import P2P_REFUSALS, SwarmNode, new_identity
 from fedswarm import memory
 from fedswarm.models import model_config
 from fedswarm.proto import codec as C
@@ -27,6 +27,11 @@ from fedswarm.stages import HandedOver, stage_shapes
 
 log = logging.getLogger("fedswarm.swarm")
 ANNOUNCE_EVERY_S, RECORD_TTL_S = 1.0, 4.0
+
+
+def _with_p2p(refused: dict[str, int]) -> dict[str, int]:
+    """A member's refusals plus those of its P2P layer (messages refused unread)."""
+    return {**refused, **P2P_REFUSALS.snapshot()}
 
 
 class StageSwitcher:
@@ -205,7 +210,7 @@ class PeerDaemon(SwarmMember):
         throughput, steps, utilization, _ = self.server.stats()
         return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token, stage=self.server.stage_index,
                                    throughput=throughput, optimizer_steps=steps, load=utilization,
-                                   refused=self.server.refusals.snapshot(), switch_s=self.switch_s)
+                                   refused=_with_p2p(self.server.refusals.snapshot()), switch_s=self.switch_s)
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
         self.roster.update(reply.roster)
@@ -289,7 +294,7 @@ class TrainerDaemon(SwarmMember):
                                        microbatches_completed=s.completed, microbatches_retried=s.retried,
                                        microbatches_lost=s.lost, tokens=s.tokens,
                                        train_loss=sum(losses) / len(losses) if losses else 0.0,
-                                       refused=self.swarm.refusals.snapshot())
+                                       refused=_with_p2p(self.swarm.refusals.snapshot()))
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
         if self.ready.is_set() and self.roster.update(reply.roster):

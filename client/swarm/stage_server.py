@@ -122,16 +122,27 @@ class StageServer:
         if stage != self.stage_index:
             raise BadStageInput(f"sync for stage {stage}, but this peer serves stage {self.stage_index}", "wrong_stage")
         self._repair_if_broken()   # never upload (or keep) progress made of NaN
-        current = stage_state(self.module)
-        if not all(torch.isfinite(average[n]).all() for n in current):
+        params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        if set(params) != set(average):
+            raise BadStageInput(f"the stage {stage} average's tensors differ from this peer's", "bad_average")
+        if not all(torch.isfinite(average[n]).all() for n in params):
             self.refusals.add("non_finite_average")   # keep this replica's own weights, as if it were the average
             log.error("stage %d: the served average is not finite; keeping this replica's weights", stage)
-            average = self.snapshot
-        progress = {n: current[n] - self.snapshot[n] for n in current}
-        merged = {n: average[n] + progress[n] for n in current}
-        load_stage_state(self.module, merged)
+            average = None
+        # tensor by tensor: progress = weights - snapshot; the snapshot becomes average + progress in place and
+        # is copied into the weights; each average tensor is dropped once used (the caller handed it over), so
+        # the sync holds one stage's progress more than the stage, not four whole copies
+        progress = {}
+        with torch.no_grad():
+            for name, param in params.items():
+                held = self.snapshot[name]
+                delta = progress[name] = param.detach().to("cpu", torch.float32) - held
+                if average is None:
+                    held.add_(delta)
+                else:
+                    held.copy_(average.pop(name)).add_(delta)
+                param.copy_(held.to(param.device, param.dtype))
         self.weights_version += 1
-        self.snapshot = merged
         tokens, self.tokens_since_sync, self.steps_since_sync = self.tokens_since_sync, 0, 0
         return progress, max(tokens, 1)
 

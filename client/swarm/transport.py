@@ -25,6 +25,9 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
+from fedswarm.client.swarm.roster import Refusals
+from fedswarm.client.swarm.tensors import MAX_ELEMENTS
+
 # hivemind renames the WARNING level to "WARN" for every logger in the process, which breaks
 # Flower's log formatter (KeyError: 'WARN'); give the level its standard name back.
 logging.addLevelName(logging.WARNING, "WARNING")
@@ -40,6 +43,11 @@ STREAM_SUFFIX = ".stream"  # each handler is served twice: unary `name` and stre
 # PersistentConnectionRequest with a nonexistent field), so the caller would hear nothing until its
 # deadline. Our unary wrapper refuses such replies itself, which reaches the caller as a clean error.
 _UNARY_REPLY_LIMIT = DEFAULT_MAX_MSG_SIZE - 4096  # room for the envelope (call id, framing)
+# A stage request carries at most two activations of MAX_ELEMENTS (fp32 at most), plus its envelope. A message
+# whose length prefix says more is refused before a byte of it is read (hivemind would read it whole, and only
+# then would the handler see who sent it); `P2P_REFUSALS` counts it as "oversized_message".
+MAX_P2P_MESSAGE = 2 * 4 * MAX_ELEMENTS + (16 << 20)
+P2P_REFUSALS = Refusals()
 _OUR_FAULT = ("protocol not supported", "protocols not supported", "not registered", "exceeds")
 
 
@@ -61,6 +69,24 @@ class SwarmTimeouts:
     record_ttl_s: float = 4.0  # a stage record expires this long after its last announce
     startup_s: float = 30.0  # DHT + p2pd start and replica connection
     shutdown_s: float = 5.0  # grace for the DHT process before it is killed
+
+
+class OversizedMessage(ValueError):
+    """A P2P message longer than MAX_P2P_MESSAGE: refused unread."""
+
+
+async def _receive_bounded(reader: asyncio.StreamReader) -> bytes:
+    """hivemind's P2P.receive_raw_data with a bound checked on the length prefix, before the payload is read."""
+    header = await reader.readexactly(P2P.HEADER_LEN)
+    length = int.from_bytes(header, P2P.BYTEORDER)
+    if length > MAX_P2P_MESSAGE:
+        P2P_REFUSALS.add("oversized_message")
+        logger.warning("refused a P2P message of %d bytes unread (at most %d)", length, MAX_P2P_MESSAGE)
+        raise OversizedMessage(f"a message of {length} bytes is over the limit of {MAX_P2P_MESSAGE}")
+    return await reader.readexactly(length)
+
+
+P2P.receive_raw_data = staticmethod(_receive_bounded)   # every P2P stream of this process (stage and DHT traffic)
 
 
 def new_identity() -> tuple[bytes, str]:

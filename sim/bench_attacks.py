@@ -1,0 +1,295 @@
+"""The security review's attacks, re-run at their size against one coordinator with its default limits:
+
+    python -m fedswarm.sim.bench_attacks [--seconds 60] [--out bench-attacks]
+
+A real coordinator (gpt2-tiny, plaintext, default serving limits) trains with one honest `fedswarm client`
+daemon. Each attack then runs for --seconds beside an honest probe (Status, Heartbeat, Challenge and a health
+check in turn on its own connection, each required to succeed) and prints, per attack: the probe's Status
+latency (p50 and max), whether any honest call failed, what the attacker saw, the refusals the coordinator
+counted meanwhile, the rounds committed meanwhile (the honest daemon keeps training) and the daemon's re-joins
+and retries. Last, a member uploads a finite 1e36 update: refused and counted, the model stays finite."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import math
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from fedswarm.proto import codec as C
+from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
+from fedswarm.proto import refusals
+from fedswarm.sim import attacks as A
+from fedswarm.sim.processes import READY, Proc, fedswarm_cmd, fetch_status, wait_until
+
+NOFILE = 1024   # the common open-file limit the coordinator runs at (soft and hard: it cannot raise it)
+RUN = ["--model", "gpt2-tiny", "--min-clients", "1", "--rounds", "100000", "--local-steps", "2", "--seq-len", "32",
+       "--batch-size", "2", "--eval-windows", "2", "--round-timeout", "10", "--upload-codec", "int8"]
+
+
+class Bench:
+    """The coordinator, the honest daemon and what each attack window changed."""
+
+    def __init__(self, proc: Proc, address: str, honest_log: Path):
+        self.proc, self.address, self.honest_log = proc, address, honest_log
+
+    def snapshot(self) -> dict:
+        status = fetch_status(self.address)
+        log = self.honest_log.read_text(errors="replace")   # the whole log (a Proc keeps only its tail)
+        return {"rejections": collections.Counter(status["rejections"]), "round": status["round"],
+                "joins": log.count("joined run"), "retries": log.count(" failed (")}
+
+    def window(self, name: str, attack, seconds: float) -> dict:
+        """Run `attack(seconds)` (a coroutine returning (attacker outcomes, probe latencies, extra)) and report it."""
+        before, started = self.snapshot(), time.monotonic()
+        try:
+            seen, latencies, extra = asyncio.run(attack(seconds))
+            failed = ""
+        except grpc.aio.AioRpcError as err:   # an honest call failed: the attack got through
+            seen, latencies, extra, failed = collections.Counter(), {}, None, f"{err.code().name}: {err.details()}"
+        took = time.monotonic() - started
+        after = self.snapshot()
+        status_ms = sorted(1000 * v for v in latencies.get("Status", []))
+        counted = {k: after["rejections"][k] - before["rejections"][k] for k in after["rejections"]
+                   if after["rejections"][k] != before["rejections"][k]}
+        row = {"attack": name, "seconds": round(took, 1), "status_calls": len(status_ms),
+               "status_p50_ms": round(statistics.median(status_ms), 1) if status_ms else None,
+               "status_max_ms": round(status_ms[-1], 1) if status_ms else None,
+               "honest_calls": sum(len(v) for v in latencies.values()), "honest_failed": failed,
+               "attacker_saw": {_outcome(k): n for k, n in seen.items()},
+               "counted": counted, "rounds_committed": after["round"] - before["round"],
+               "honest_rejoins": after["joins"] - before["joins"], "honest_retries": after["retries"] - before["retries"],
+               "extra": extra}
+        print(json.dumps(row), flush=True)
+        return row
+
+
+def _outcome(key) -> str:
+    """An attacker's outcome as text: (code, reason) pairs or plain strings."""
+    if isinstance(key, tuple):
+        return " ".join(str(getattr(k, "name", k)) for k in key if k).strip()
+    return str(key)
+
+
+# ---------------------------------------------------------------- the attacks
+
+def baseline(b: Bench):
+    async def run(seconds):
+        stop = asyncio.Event()
+        prober = asyncio.create_task(A.probe(b.address, None, stop))
+        await asyncio.sleep(seconds)
+        stop.set()
+        return collections.Counter(), await prober, None
+    return run
+
+
+def silent_unary(b: Bench, connections: int, per_connection: int):
+    """Status calls that never send their request (the review: 12,500, past gRPC's 12,000-call limit)."""
+    return lambda seconds: A.flood(b.address, "/fedswarm.Coordinator/Status", connections, per_connection,
+                                   seconds, None)
+
+
+def headerless_uploads(b: Bench, streams: int):
+    """Header-less upload streams, each re-opened as soon as it is cut; an honest session uploads meanwhile."""
+    bystander = A.join(b.address, ("bystander",))[0]
+
+    async def honest_upload():
+        accepted, took = await A.upload(b.address, bystander)
+        return {"honest_upload_accepted": accepted, "honest_upload_s": round(took, 2)}
+    return lambda seconds: A.flood(b.address, "/fedswarm.Coordinator/PushUpdate", max(1, streams // 100),
+                                   min(streams, 100), seconds, None, during=honest_upload, settle_s=12.0)
+
+
+def silent_connections(b: Bench, count: int):
+    """`count` TCP connections that never speak, each re-opened as soon as the coordinator closes it (the
+    coordinator runs at an open-file limit of NOFILE, soft and hard); the probe's connection is made before.
+    A new honest connection is also tried every second (its Status waits at most 15 s): how many got in."""
+    host, port = b.address.rsplit(":", 1)
+    fresh = collections.Counter()
+
+    def hold(stop: threading.Event) -> int:
+        socks, opened = [], 0
+        try:
+            while not stop.is_set():
+                socks = [s for s in socks if not _closed(s)]
+                while len(socks) < count and not stop.is_set():
+                    try:
+                        socks.append(socket.create_connection((host, int(port)), timeout=2))
+                        opened += 1
+                    except OSError:
+                        break
+                stop.wait(0.2)
+        finally:
+            for s in socks:
+                s.close()
+        return opened
+
+    async def new_connections(stop: asyncio.Event):
+        while not stop.is_set():
+            try:
+                async with A.channel(b.address) as ch:   # a new connection each time
+                    await pb_grpc.CoordinatorStub(ch).Status(pb.StatusRequest(), timeout=15)
+                fresh["new connection served"] += 1
+            except grpc.aio.AioRpcError as err:
+                fresh[f"new connection {err.code().name}"] += 1
+            await asyncio.sleep(1.0)
+
+    async def run(seconds):
+        stop, halt = asyncio.Event(), threading.Event()
+        prober = asyncio.create_task(A.probe(b.address, None, stop))
+        await asyncio.sleep(0.5)   # the probe's connection is up before the silent ones come
+        holder = asyncio.create_task(asyncio.to_thread(hold, halt))
+        await asyncio.sleep(2.0)
+        newer = asyncio.create_task(new_connections(stop))
+        await asyncio.sleep(seconds)
+        halt.set()
+        stop.set()
+        opened = await holder
+        await newer
+        return collections.Counter({"connections opened": opened}), await prober, dict(fresh)
+    return run
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the peer closed `sock`; what it sent (its HTTP/2 settings) is read and dropped."""
+    sock.setblocking(False)
+    try:
+        while True:
+            if sock.recv(65536) == b"":
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def drip_uploads(b: Bench, streams: int, every_s: float):
+    """One member's `streams` uploads of its one task, each sending a valid part every `every_s`; an honest
+    session's upload is timed meanwhile."""
+    mallory, bystander = A.join(b.address, ("mallory", "bystander2"))
+
+    async def run(seconds):
+        stop = asyncio.Event()
+        prober = asyncio.create_task(A.probe(b.address, None, stop))
+        async with A.channel(b.address) as ch:
+            stub = pb_grpc.CoordinatorStub(ch)
+            task = await A.open_task(stub, mallory)
+            parts = await A.model_parts(stub, mallory, task, C.codec_by_name("int8"))
+            push, head = A.pusher(ch), A.header(mallory, task, parts)
+            seen, hurry = collections.Counter(), asyncio.Event()
+            drips = [asyncio.create_task(A.drip(push, head, parts, every_s, hurry, seen)) for _ in range(streams)]
+            accepted, took = await A.upload(b.address, bystander)
+            await asyncio.sleep(max(0.0, seconds - took))
+            hurry.set()
+            await asyncio.gather(*drips)
+        stop.set()
+        return seen, await prober, {"honest_upload_accepted": accepted, "honest_upload_s": round(took, 2)}
+    return run
+
+
+def long_poll_flood(b: Bench, polls: int):
+    """One session's `polls` concurrent PullTask long-polls."""
+    mallory = A.join(b.address, ("mallory2",))[0]
+
+    async def run(seconds):
+        stop = asyncio.Event()
+        prober = asyncio.create_task(A.probe(b.address, None, stop))
+        async with A.channel(b.address) as ch:
+            stub = pb_grpc.CoordinatorStub(ch)
+            req = pb.PullTaskRequest(client_id=mallory.client_id, session_token=mallory.token, wait_s=seconds)
+
+            async def poll():
+                try:
+                    task = await stub.PullTask(req, timeout=seconds + 30)
+                    return "task" if task.kind == pb.TASK_TRAIN else "answered"
+                except grpc.aio.AioRpcError as err:
+                    return refusals.reason(err) or err.code().name
+            seen = collections.Counter(await asyncio.gather(*[poll() for _ in range(polls)]))
+        stop.set()
+        return seen, await prober, None
+    return run
+
+
+def poisoned_update(b: Bench):
+    """A member answers its task with a finite 1e36 on every weight."""
+    mallory = A.join(b.address, ("poisoner",))[0]
+
+    async def run(seconds):
+        stop = asyncio.Event()
+        prober = asyncio.create_task(A.probe(b.address, None, stop))
+        outcome = collections.Counter()
+        try:
+            accepted, _ = await A.upload(b.address, mallory, value=1e36)
+            outcome["accepted" if accepted else "refused"] += 1
+        except grpc.aio.AioRpcError as err:
+            outcome[refusals.reason(err) or err.code().name] += 1
+        committed = fetch_status(b.address)["round"]
+        await asyncio.to_thread(wait_until, "a round after the poisoned update",
+                                lambda: fetch_status(b.address)["round"] > committed, 120)
+        stop.set()
+        losses = [r["eval_loss"] for r in fetch_status(b.address)["rounds"] if r.get("eval_loss") is not None]
+        return outcome, await prober, {"eval_losses_finite": all(math.isfinite(v) for v in losses),
+                                       "last_eval_loss": losses[-1] if losses else None}
+    return run
+
+
+# ---------------------------------------------------------------- the run
+
+def bench_attacks(args: argparse.Namespace) -> list[dict]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "honest.log").unlink(missing_ok=True)
+    proc = Proc("coordinator", ["prlimit", f"--nofile={NOFILE}:{NOFILE}", *fedswarm_cmd(
+        "coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(out / "state"), *RUN)], out / "coordinator.log")
+    try:
+        address = proc.wait_for_line(READY, 120).group(1)
+        honest = Proc("honest", fedswarm_cmd("client", "--coordinator", address, "--name", "honest", "--threads", "1"),
+                      out / "honest.log")
+        try:
+            wait_until("the honest client's first round", lambda: fetch_status(address)["round"] >= 1, 300,
+                       watch=(proc, honest))
+            b, s = Bench(proc, address, out / "honest.log"), args.seconds
+            rows = [b.window("none (baseline)", baseline(b), min(s, 10)),
+                    b.window("12,500 unary calls that never send their request", silent_unary(b, 125, 100), s),
+                    b.window("300 header-less uploads re-opened at once", headerless_uploads(b, 300), s),
+                    b.window(f"1,100 silent TCP connections, re-opened, at nofile {NOFILE}", silent_connections(b, 1100), s),
+                    b.window("16 uploads of one task dripping a part every 25 s", drip_uploads(b, 16, 25.0), s),
+                    b.window("12,100 long-polls of one session", long_poll_flood(b, 12100), min(s, 30)),
+                    b.window("a finite 1e36 update from a member", poisoned_update(b), s)]
+        finally:
+            honest.stop()
+    finally:
+        proc.stop()
+    (out / "bench-attacks.json").write_text(json.dumps(rows, indent=2))
+    print(table(rows))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| attack | Status p50 / max ms | honest calls failed | counted | rounds committed | honest re-joins |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        counted = ", ".join(f"{k} {v}" for k, v in sorted(r["counted"].items())) or "none"
+        lines.append(f"| {r['attack']} | {r['status_p50_ms']} / {r['status_max_ms']} | "
+                     f"{r['honest_failed'] or '0 of ' + str(r['honest_calls'])} | {counted} | {r['rounds_committed']} "
+                     f"| {r['honest_rejoins']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m fedswarm.sim.bench_attacks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=60.0, help="how long each attack runs")
+    p.add_argument("--out", default="bench-attacks", help="folder for the logs, state and bench-attacks.json")
+    bench_attacks(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
