@@ -209,3 +209,30 @@ def test_an_oversized_message_is_refused_before_it_is_read(pair, monkeypatch):
         a.call(b.peer_id, "stage", pb.StageRequest(ids=b"\x01" * (2 << 20)), pb.StageReply, timeout=5.0)
     assert wait_until(lambda: transport.P2P_REFUSALS.snapshot().get("oversized_message", 0) == before + 1, 5.0)
     assert a.call(b.peer_id, "stage", pb.StageRequest(ids=b"\x01" * 40), pb.StageReply, timeout=5.0).loss == 40.0
+
+
+def test_a_gated_stream_refuses_before_it_reads_the_request(pair, monkeypatch):
+    """With a gate, a stream call is refused before its request is read: a 2 MiB request over a 1 MiB P2P
+    bound gets the gate's refusal (not `oversized_message`) and the handler never runs; an admitted call
+    is served as usual."""
+    import fedswarm.client.swarm.transport as transport
+
+    a, b = pair
+    seen, admitted = [], set()
+
+    async def gate(context):
+        if context.remote_id.to_base58() not in admitted:
+            raise ValueError("refused: not a member of this run")
+
+    async def handler(request, context):
+        seen.append(len(request.ids))
+        return pb.StageReply(loss=float(len(request.ids)))
+    b.add_handler("gated", handler, pb.StageRequest, gate=gate)
+    monkeypatch.setattr(transport, "MAX_P2P_MESSAGE", 1 << 20)
+    before = transport.P2P_REFUSALS.snapshot().get("oversized_message", 0)
+    with pytest.raises(PeerCallError, match="not a member"):
+        a.call(b.peer_id, "gated", pb.StageRequest(ids=b"\x01" * (2 << 20)), pb.StageReply, timeout=5.0)
+    assert seen == [] and transport.P2P_REFUSALS.snapshot().get("oversized_message", 0) == before
+    admitted.add(a.peer_id)
+    assert a.call(b.peer_id, "gated", pb.StageRequest(ids=b"\x01" * 40), pb.StageReply, timeout=5.0).loss == 40.0
+    assert seen == [40]

@@ -154,7 +154,7 @@ class PeerDaemon(SwarmMember):
             built_s = self.switch_s = time.monotonic() - started
             self.node = starting.result()
         self.server.node = self.node   # chained forwards go out on it
-        self.node.add_handler(HANDLER, self.server.handle, pb.StageRequest)
+        self.node.add_handler(HANDLER, self.server.handle, pb.StageRequest, gate=self.server.gate)
         self._announce()
         log.warning("now serving stage %d (was -1): assigned at join; built in %.2f s while the node started",
                     self.assigned_stage, built_s)

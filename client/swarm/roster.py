@@ -41,6 +41,11 @@ class Roster:
         with self._cv:
             return self._stages[stage] if 0 <= stage < len(self._stages) else frozenset()
 
+    def is_member(self, peer_id: str) -> bool:
+        """A trainer of the run or a peer serving any stage: who may call a stage at all."""
+        with self._cv:
+            return peer_id in self._trainers or any(peer_id in s for s in self._stages)
+
     def is_trainer(self, peer_id: str) -> bool:
         with self._cv:
             return peer_id in self._trainers

@@ -189,6 +189,15 @@ class StageServer:
         finally:
             self._roster_waiters -= 1
 
+    async def gate(self, context) -> None:
+        """Before a request is read: refuse (counted `not_member`) a caller who is no member of the run at all."""
+        caller = context.remote_id.to_base58() if context.remote_id is not None else ""
+        if self.roster is None or await self._on_roster_soon(lambda: self.roster.is_member(caller)):
+            return
+        self.refusals.add("not_member")
+        log.warning("refused a call from %s before reading it: not a member of this run", caller)
+        raise BadStageInput(f"refused: peer {caller} is not a member of this run", "not_member")
+
     async def _admit(self, caller: str, request: pb.StageRequest) -> None:
         """Serve only the run's members (the coordinator's roster); refuse anyone else before any work."""
         if self.roster is None or await self._on_roster_soon(lambda: self._may_call(caller, request)):

@@ -19,7 +19,8 @@ from contextlib import suppress
 from dataclasses import dataclass
 
 from hivemind import DHT
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.proto.p2pd_pb2 import RPCError
 from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, P2PDaemonError, P2PHandlerError
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
@@ -48,6 +49,7 @@ _UNARY_REPLY_LIMIT = DEFAULT_MAX_MSG_SIZE - 4096  # room for the envelope (call 
 # then would the handler see who sent it); `P2P_REFUSALS` counts it as "oversized_message".
 MAX_P2P_MESSAGE = 2 * 4 * MAX_ELEMENTS + (16 << 20)
 P2P_REFUSALS = Refusals()
+REFUSED_DRAIN_S = 10.0   # how long a refused stream's remaining request is read and dropped before it is closed
 _OUR_FAULT = ("protocol not supported", "protocols not supported", "not registered", "exceeds")
 
 
@@ -87,6 +89,47 @@ async def _receive_bounded(reader: asyncio.StreamReader) -> bytes:
 
 
 P2P.receive_raw_data = staticmethod(_receive_bounded)   # every P2P stream of this process (stage and DHT traffic)
+
+
+async def _discard(reader: asyncio.StreamReader, limit: int) -> None:
+    """Read and drop what the caller still sends (at most `limit` bytes, 64 KiB at a time): closing a stream
+    with its data unread resets it, and the caller would hear "stream closed" instead of the refusal."""
+    while limit > 0:
+        chunk = await reader.read(min(1 << 16, limit))
+        if not chunk:
+            return
+        limit -= len(chunk)
+
+
+def _gated_stream(p2p: P2P, name: str, handler, input_type, gate):
+    """A stream handler speaking hivemind's protobuf stream protocol (one request, then end-of-stream; replies,
+    or an RPCError) that awaits ``gate(context)`` before it reads the request; a refused caller's request is
+    never parsed or held (`_discard` drops it)."""
+    async def serve(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
+        with contextlib.closing(writer):
+            try:
+                await gate(context)
+            except Exception as err:  # noqa: BLE001 - refused unread: say why, then let the caller's writes end
+                with suppress(Exception):
+                    await P2P.send_protobuf(RPCError(message=str(err)), writer)
+                    await asyncio.wait_for(_discard(reader, MAX_P2P_MESSAGE + 64), REFUSED_DRAIN_S)
+                return
+            try:
+                request, _ = await P2P.receive_protobuf(input_type, reader)
+                if request is None:
+                    return
+                end = asyncio.create_task(P2P.receive_protobuf(input_type, reader))   # the caller's end-of-stream
+                try:
+                    await P2P.send_protobuf(await handler(request, context), writer)
+                finally:
+                    end.cancel()
+            except asyncio.IncompleteReadError:   # the caller went away
+                return
+            except Exception as err:  # noqa: BLE001 - the caller hears why, as from hivemind's own handler
+                with suppress(Exception):
+                    await P2P.send_protobuf(RPCError(message=str(err)), writer)
+    return serve
 
 
 def new_identity() -> tuple[bytes, str]:
@@ -217,8 +260,10 @@ class SwarmNode:
 
     # ---- stage traffic ----
 
-    def add_handler(self, name: str, handler, input_type) -> None:
-        """Serve ``handler(request, context) -> reply`` as ``name`` (unary) and ``name + STREAM_SUFFIX`` (stream)."""
+    def add_handler(self, name: str, handler, input_type, gate=None) -> None:
+        """Serve ``handler(request, context) -> reply`` as ``name`` (unary) and ``name + STREAM_SUFFIX`` (stream).
+        With ``gate(context)``, the stream is served by `_gated_stream`: the gate runs before the request is
+        read (hivemind's own stream handler reads it first); the unary path, capped at 4 MiB by p2pd, is not."""
         async def unary(request, context):
             reply = await handler(request, context)
             if reply.ByteSize() > _UNARY_REPLY_LIMIT:
@@ -227,7 +272,11 @@ class SwarmNode:
 
         async def _add():
             await self._p2p.add_protobuf_handler(name, unary, input_type)
-            await self._p2p.add_protobuf_handler(name + STREAM_SUFFIX, handler, input_type, stream_output=True)
+            if gate is None:
+                await self._p2p.add_protobuf_handler(name + STREAM_SUFFIX, handler, input_type, stream_output=True)
+            else:
+                await self._p2p.add_binary_stream_handler(name + STREAM_SUFFIX,
+                                                          _gated_stream(self._p2p, name, handler, input_type, gate))
         self._run(_add(), self.timeouts.startup_s)
 
     def call(self, peer_id: str, name: str, request, output_type, timeout: float | None = None,
