@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -278,7 +279,9 @@ async def _serve_until_done(args: argparse.Namespace, service: CoordinatorServic
             log.exception("round driver failed")
             failure.append(err)
         finally:
-            loop.call_soon_threadsafe(driver_ended.set)
+            if not loop.is_closed():   # after a signal the server may already have stopped and closed it
+                with contextlib.suppress(RuntimeError):   # closed between the check and the call
+                    loop.call_soon_threadsafe(driver_ended.set)
 
     threading.Thread(target=drive, name="round-driver", daemon=True).start()
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(driver_ended.wait())]
