@@ -176,7 +176,7 @@ class ClientDaemon:
         self.trainer = LocalTrainer(model, sampler, self.device, self.precision, lr=cfg["lr"],
                                     gradient_checkpointing=getattr(self.args, "gradient_checkpointing", False))
         self.codec = C.codec_by_name(cfg["upload_codec"])
-        self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
+        self.feedback = C.ErrorFeedback.for_run(cfg)
 
     def heartbeat_request(self) -> pb.HeartbeatRequest:
         """Subclasses add their stats."""
@@ -346,7 +346,7 @@ class ClientDaemon:
                                        stage=stage + 1, has_version=held is not None,
                                        held_version=held.version if held else 0, held_digest=held.digest if held else b"")
             chunks = list(self.stub.FetchModel(req, timeout=self.t.transfer_s))
-            got = reconstruct(chunks, held, C.codec_by_name(self.run_cfg.get("download_codec", "none")))
+            got = reconstruct(chunks, held, C.CodecSpec.of({"download_codec": "none", **self.run_cfg}, "download"))
             got.wire_bytes = sum(c.ByteSize() for c in chunks)
             return got
         return self.with_retry("model download", download)
@@ -367,7 +367,7 @@ class DigestMismatch(wire.WireError):
     """The reconstructed weights differ from the coordinator's: the deltas were applied to other weights."""
 
 
-def reconstruct(chunks: list[pb.ModelChunk], held: Held | None, delta_codec: int) -> Held:
+def reconstruct(chunks: list[pb.ModelChunk], held: Held | None, delta_codec: int | C.CodecSpec) -> Held:
     """Apply a FetchModel stream: one full float32 copy, or steps (codec-encoded deltas) onto `held`.
     Each version's result must hash to the digest its first chunk announces."""
     groups: list[tuple[int, bool, bytes, list[pb.TensorPart]]] = []

@@ -41,6 +41,16 @@ class RunConfig:
     strategy: str = opt("fedavg", "Flower strategy that aggregates the updates", choices=_strategies)
     upload_codec: str = opt("int8", "how clients encode their update deltas", choices=_codecs)
     codec_block_size: int = opt(0, "values per scale block of the int codecs (0: the codec's default)")
+    # the sparse codec (--upload-codec/--download-codec topk): chunk-wise top-k with low-bit values
+    topk_chunk: int = opt(4096, "topk: values per chunk, each chunk keeping its largest by magnitude", metavar="N")
+    topk_density: float = opt(1 / 64, "topk: fraction of each chunk's values sent (k = density x chunk, at least 1)",
+                              metavar="D")
+    download_topk_density: float = opt(0.0, "topk downloads: fraction of each chunk of the new model's delta "
+                                            "sent (the mean of K clients' sparse updates has up to K x their "
+                                            "values; 0: --topk-density)", metavar="D")
+    topk_bits: int = opt(2, "topk: bits per sent value, 1, 2, 4 or 8 (a sign and a level of the chunk's scale)")
+    ef_decay: float = opt(1.0, "clients' error feedback: the residual carried into the next upload is scaled by "
+                               "this (SparseLoCo's beta, 0.95; 1: all of it)", metavar="B")
     model: str = opt("gpt2-tiny", "preset (gpt2-tiny, gpt2-small8, llama-tiny), model config JSON or HF folder")
     local_steps: int = opt(40, "optimizer steps each client makes per round")
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
@@ -128,6 +138,7 @@ class RunConfig:
             raise ValueError(f"--strategy {self.strategy!r}: choose one of {sorted(STRATEGIES)}")
         codec_by_name(self.upload_codec)
         codec_by_name(self.download_codec)
+        self._check_topk()
         for name in ("local_steps", "grad_accum", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -173,6 +184,23 @@ class RunConfig:
             raise ValueError("--server-lr must be in (0, 10]")
         if self.server_momentum is not None and not 0 <= self.server_momentum < 1:
             raise ValueError("--server-momentum must be in [0, 1)")
+        if self.strategy == "sparseloco" and self.server_momentum:
+            raise ValueError("--strategy sparseloco has no outer momentum (the clients' error feedback, --ef-decay, "
+                             "takes its place); use diloco for an outer Nesterov step")
+
+    def _check_topk(self) -> None:
+        from fedswarm.proto import topk
+
+        if not topk.MIN_CHUNK <= self.topk_chunk <= topk.MAX_CHUNK:
+            raise ValueError(f"--topk-chunk must be in [{topk.MIN_CHUNK}, {topk.MAX_CHUNK}]")
+        if not 0 < self.topk_density <= 1:
+            raise ValueError("--topk-density must be in (0, 1]")
+        if not 0 <= self.download_topk_density <= 1:
+            raise ValueError("--download-topk-density must be in [0, 1] (0: --topk-density)")
+        if self.topk_bits not in topk.BITS:
+            raise ValueError(f"--topk-bits must be one of {', '.join(map(str, topk.BITS))}")
+        if not 0 <= self.ef_decay <= 1:
+            raise ValueError("--ef-decay must be in [0, 1]")
 
     def _check_evaluate(self) -> None:
         if self.evaluate not in EVALUATE:

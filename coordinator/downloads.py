@@ -55,11 +55,12 @@ class Served:
 class ServedVersions:
     """The newest as-served state, and the digests and encoded steps of the last few versions; thread-safe."""
 
-    def __init__(self, codec: int, block_size: int | None = None, keep: int = DEFAULT_KEEP_VERSIONS,
+    def __init__(self, codec: int | C.CodecSpec, block_size: int | None = None, keep: int = DEFAULT_KEEP_VERSIONS,
                  persist: Path | None = None):
         if keep < 1:
             raise ValueError("keep must be >= 1 version")
-        self.codec, self.block_size, self.keep, self.persist = int(codec), block_size or None, keep, persist
+        self.spec = codec if isinstance(codec, C.CodecSpec) else C.CodecSpec(int(codec), block_size or None)
+        self.codec, self.keep, self.persist = self.spec.codec, keep, persist
         self._lock = threading.Lock()
         self._versions: OrderedDict[int, Served] = OrderedDict()
         if persist is not None and persist.is_file():
@@ -90,8 +91,7 @@ class ServedVersions:
                 step, state, size = {}, {}, 0
                 for name, g in global_state.items():
                     base = held.pop(name)
-                    enc = step[name] = C.encode((g.detach().to("cpu", torch.float32) - base).flatten(),
-                                                self.codec, self.block_size)
+                    enc = step[name] = self.spec.encode((g.detach().to("cpu", torch.float32) - base).flatten())
                     size += len(enc.data) + len(enc.scales)
                     state[name] = base + C.decode(enc).view(base.shape)   # exactly what the client computes
                     del base

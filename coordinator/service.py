@@ -73,8 +73,7 @@ class CoordinatorService:
         self.progress, self.timeouts = progress, timeouts
         self.swarm = swarm  # SwarmContext in --mode swarm: registry, driver, DHT peers
         self.report = StatusReport(cfg, run_id, progress, membership, swarm, status_limits)
-        self.codec = C.codec_by_name(cfg.upload_codec)
-        self.block_size = cfg.codec_block_size or C.DEFAULT_BLOCK_SIZE.get(self.codec, 0)
+        self.upload = C.CodecSpec.of(cfg, "upload")   # what every update's parts must be encoded with
         self.rejections: collections.Counter[str] = collections.Counter()  # under _counter_lock
         self.clipped_updates = 0                                            # under _counter_lock
         self.norm_bound = UpdateNormBound(cfg.max_update_norm_ratio)       # recent accepted norms (integrity.py)
@@ -84,7 +83,7 @@ class CoordinatorService:
         self._base_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._cache_lock = threading.Lock()
         # what clients hold of each global version; deltas from it in the download codec (swarm: full copies)
-        self.downloads = ServedVersions(C.codec_by_name(cfg.download_codec), cfg.codec_block_size or None,
+        self.downloads = ServedVersions(C.CodecSpec.of(cfg, "download"),
                                         persist=Path(state_dir) / "served.safetensors" if state_dir else None)
         # a version served before a crash but never committed will be re-made (from other weights) by the re-run
         self.downloads.forget_newer(progress.committed_round)
@@ -360,13 +359,13 @@ class CoordinatorService:
         spec = {n: tuple(t.shape) for n, t in base.items()}  # what this task's model (or stage) holds
         raw_update_bytes = 4 * sum(math.prod(shape) for shape in spec.values())
         max_update_bytes = int(raw_update_bytes * MAX_UPDATE_BYTES_FACTOR) + (1 << 20)
-        expected_parts = wire.count_parts(spec, self.codec, self.block_size)
+        expected_parts = wire.count_parts(spec, self.upload)
         if h.num_parts != expected_parts:
             raise invalid("bad_part_count", f"num_parts {h.num_parts}, expected {expected_parts} "
                           f"for codec {self.cfg.upload_codec}")
         if not math.isfinite(h.train_loss) or h.num_examples == 0 or h.num_examples > 10**9:
             raise invalid("bad_header", "train_loss must be finite and num_examples in 1..1e9")
-        assembler = wire.PartAssembler(spec, {self.codec}, keep_encoded=True)  # decoded tensor by tensor when folded
+        assembler = wire.PartAssembler(spec, {self.upload}, keep_encoded=True)  # decoded tensor by tensor when folded
         digest = signing.UpdateDigest(h.num_examples, h.train_loss, h.num_parts)
         parts = 0
         for raw in chunks:

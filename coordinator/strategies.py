@@ -119,6 +119,13 @@ def _server_momentum(cfg, default: float) -> float:
     return default if cfg.server_momentum is None else cfg.server_momentum
 
 
+def _sparseloco(cfg) -> S.Strategy:
+    """SparseLoCo's outer step (arXiv 2508.15706): plain outer SGD on the mean of the clients' sparse
+    pseudo-gradients, global = global + lr x mean(delta), no server momentum: the clients' error feedback
+    (--ef-decay, 0.95 in the paper) carries what momentum would. It is FedAvgM's step at momentum 0."""
+    return StreamingFedAvgM(**sampling(cfg), server_learning_rate=_server_lr(cfg, 1.0), server_momentum=0.0)
+
+
 def _fedavg(cfg) -> S.Strategy:
     lr = _server_lr(cfg, 1.0)
     if lr == 1.0 and not cfg.server_momentum:
@@ -136,13 +143,14 @@ STRATEGIES: dict[str, Callable[..., S.Strategy]] = {
                                             beta_1=_server_momentum(cfg, 0.9), beta_2=0.99, tau=1e-4),
     "diloco": lambda cfg: StreamingDiLoCo(**sampling(cfg), server_learning_rate=_server_lr(cfg, DILOCO_SERVER_LR),
                                           server_momentum=_server_momentum(cfg, DILOCO_SERVER_MOMENTUM)),
+    "sparseloco": _sparseloco,
     "fedtrimmedavg": lambda cfg: S.FedTrimmedAvg(**sampling(cfg), beta=0.2),
     "fedmedian": lambda cfg: S.FedMedian(**sampling(cfg)),
     "krum": lambda cfg: SpillKrum(**sampling(cfg), num_malicious_nodes=0),
 }
 
 # Strategies whose aggregate is linear in the replies (a weighted mean of them): updates are folded.
-MEAN_BASED = {"fedavg", "fedprox", "fedavgm", "fedadam", "diloco"}
+MEAN_BASED = {"fedavg", "fedprox", "fedavgm", "fedadam", "diloco", "sparseloco"}
 
 
 def build_strategy(cfg) -> S.Strategy:

@@ -1,8 +1,9 @@
-"""Tensor codecs for model-update deltas: float32, fp16, bf16, blockwise int8 / int4.
+"""Tensor codecs for model-update deltas: float32, fp16, bf16, blockwise int8 / int4, sparse topk.
 
 Modelled on hivemind's compression/serialization.py: one codec object per
 ``pb.Codec`` value in a registry that is checked complete at import. All byte
-layouts are little-endian; int8/int4 carry one float32 absmax scale per block.
+layouts are little-endian; int8/int4 carry one float32 absmax scale per block; topk
+(proto/topk.py) one float32 scale per chunk of its kept values.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import numpy as np
 import torch
 
 from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto import topk as T
 
 __all__ = [
     "CodecError", "Encoded", "CODEC_NAMES", "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "MAX_BLOCK_SIZE",
     "codec_by_name", "codec_name", "expected_sizes", "validate", "encode", "decode", "split",
-    "ErrorFeedback",
+    "ErrorFeedback", "CodecSpec",
 ]
 
 MIN_BLOCK_SIZE = 64
@@ -25,7 +27,7 @@ MAX_BLOCK_SIZE = 256
 DEFAULT_BLOCK_SIZE: dict[int, int] = {pb.CODEC_INT8: 256, pb.CODEC_INT4: 128}
 CODEC_NAMES: dict[str, int] = {
     "none": pb.CODEC_NONE, "fp16": pb.CODEC_FP16, "bf16": pb.CODEC_BF16,
-    "int8": pb.CODEC_INT8, "int4": pb.CODEC_INT4,
+    "int8": pb.CODEC_INT8, "int4": pb.CODEC_INT4, "topk": pb.CODEC_TOPK,
 }
 _NAME_OF = {v: k for k, v in CODEC_NAMES.items()}
 
@@ -39,9 +41,11 @@ class Encoded:
     """One encoded flat tensor, as it travels in the proto."""
     codec: int  # pb.Codec value
     count: int  # number of float elements encoded
-    block_size: int  # 0 for none/fp16/bf16
+    block_size: int  # 0 for none/fp16/bf16; topk: values per chunk
     data: bytes
-    scales: bytes  # float32 LE, one per block; b"" for none/fp16/bf16
+    scales: bytes  # float32 LE, one per block (chunk); b"" for none/fp16/bf16
+    topk: int = 0  # topk only: values kept per chunk
+    bits: int = 0  # topk only: bits per kept value
 
 
 def _f32_bytes(x: torch.Tensor) -> bytes:
@@ -65,13 +69,13 @@ def _blocks(x: torch.Tensor, bs: int) -> torch.Tensor:
 class _Float32Codec:
     blocked = False
 
-    def sizes(self, count: int, bs: int) -> tuple[int, int]:
+    def sizes(self, count: int, bs: int, *_) -> tuple[int, int]:
         return 4 * count, 0
 
-    def encode(self, x: torch.Tensor, bs: int) -> tuple[bytes, bytes]:
+    def encode(self, x: torch.Tensor, bs: int, *_) -> tuple[bytes, bytes]:
         return _f32_bytes(x), b""
 
-    def decode(self, data: bytes, scales: bytes, count: int, bs: int) -> torch.Tensor:
+    def decode(self, data: bytes, scales: bytes, count: int, bs: int, *_) -> torch.Tensor:
         return _f32_tensor(data)
 
 
@@ -81,10 +85,10 @@ class _HalfCodec:
     def __init__(self, dtype: torch.dtype, name: str):
         self.dtype, self.name = dtype, name
 
-    def sizes(self, count: int, bs: int) -> tuple[int, int]:
+    def sizes(self, count: int, bs: int, *_) -> tuple[int, int]:
         return 2 * count, 0
 
-    def encode(self, x: torch.Tensor, bs: int) -> tuple[bytes, bytes]:
+    def encode(self, x: torch.Tensor, bs: int, *_) -> tuple[bytes, bytes]:
         h = x.to(self.dtype)  # (n,) half
         if not bool(torch.isfinite(h).all()):
             big = x.abs().max().item()
@@ -92,7 +96,7 @@ class _HalfCodec:
                              f"(max {torch.finfo(self.dtype).max:.3g}); use another codec")
         return h.view(torch.int16).numpy().astype("<i2", copy=False).tobytes(), b""
 
-    def decode(self, data: bytes, scales: bytes, count: int, bs: int) -> torch.Tensor:
+    def decode(self, data: bytes, scales: bytes, count: int, bs: int, *_) -> torch.Tensor:
         bits = torch.from_numpy(np.frombuffer(data, dtype="<i2").astype(np.int16))  # (n,) int16
         return bits.view(self.dtype).float()
 
@@ -101,7 +105,7 @@ class _Int8Codec:
     blocked = True
     levels = 127
 
-    def sizes(self, count: int, bs: int) -> tuple[int, int]:
+    def sizes(self, count: int, bs: int, *_) -> tuple[int, int]:
         return count, 4 * (-(-count // bs))
 
     def _quantize(self, x: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,11 +121,11 @@ class _Int8Codec:
         xb = _blocks(q.float(), bs) / self.levels * scale  # (nb, bs)
         return xb.flatten()[:count]
 
-    def encode(self, x: torch.Tensor, bs: int) -> tuple[bytes, bytes]:
+    def encode(self, x: torch.Tensor, bs: int, *_) -> tuple[bytes, bytes]:
         q, scale = self._quantize(x, bs)
         return q.numpy().tobytes(), _f32_bytes(scale)
 
-    def decode(self, data: bytes, scales: bytes, count: int, bs: int) -> torch.Tensor:
+    def decode(self, data: bytes, scales: bytes, count: int, bs: int, *_) -> torch.Tensor:
         q = _u8_tensor(data).view(torch.int8)  # (n,)
         return self._dequantize(q, scales, count, bs)
 
@@ -129,20 +133,36 @@ class _Int8Codec:
 class _Int4Codec(_Int8Codec):
     levels = 7
 
-    def sizes(self, count: int, bs: int) -> tuple[int, int]:
+    def sizes(self, count: int, bs: int, *_) -> tuple[int, int]:
         return (count + 1) // 2, 4 * (-(-count // bs))
 
-    def encode(self, x: torch.Tensor, bs: int) -> tuple[bytes, bytes]:
+    def encode(self, x: torch.Tensor, bs: int, *_) -> tuple[bytes, bytes]:
         q, scale = self._quantize(x, bs)
         nib = (q.to(torch.int16) + 8).to(torch.uint8)  # (n,) in 1..15
         nib = torch.cat([nib, nib.new_zeros(nib.numel() % 2)]).view(-1, 2)  # (ceil(n/2), 2)
         packed = nib[:, 0] | (nib[:, 1] << 4)  # even index in the low nibble
         return packed.numpy().tobytes(), _f32_bytes(scale)
 
-    def decode(self, data: bytes, scales: bytes, count: int, bs: int) -> torch.Tensor:
+    def decode(self, data: bytes, scales: bytes, count: int, bs: int, *_) -> torch.Tensor:
         b = _u8_tensor(data)  # (ceil(n/2),)
         nib = torch.stack([b & 0x0F, b >> 4], dim=1).flatten()[:count]  # (n,)
         return self._dequantize(nib.to(torch.int16) - 8, scales, count, bs)
+
+
+class _TopkCodec:
+    blocked = True
+
+    def sizes(self, count: int, bs: int, topk: int, bits: int) -> tuple[int, int]:
+        return T.sizes(count, bs, topk, bits)
+
+    def encode(self, x: torch.Tensor, bs: int, topk: int, bits: int) -> tuple[bytes, bytes]:
+        return T.encode(x, bs, topk, bits)
+
+    def decode(self, data: bytes, scales: bytes, count: int, bs: int, topk: int, bits: int) -> torch.Tensor:
+        out = T.decode(data, scales, count, bs, topk, bits)
+        if isinstance(out, str):
+            raise CodecError(f"topk: {out}")
+        return out
 
 
 _REGISTRY: dict[int, object] = {
@@ -151,6 +171,7 @@ _REGISTRY: dict[int, object] = {
     pb.CODEC_BF16: _HalfCodec(torch.bfloat16, "bf16"),
     pb.CODEC_INT8: _Int8Codec(),
     pb.CODEC_INT4: _Int4Codec(),
+    pb.CODEC_TOPK: _TopkCodec(),
 }
 _ALL = set(pb.Codec.values())
 _missing = sorted((_ALL - set(_REGISTRY)) | (_ALL - set(_NAME_OF)))
@@ -181,8 +202,15 @@ def codec_name(codec: int) -> str:
     return _NAME_OF[int(codec)]
 
 
-def _check_block_size(codec: int, bs: int) -> None:
+def _check_params(codec: int, bs: int, topk: int = 0, bits: int = 0) -> None:
     name = codec_name(codec)
+    if codec == pb.CODEC_TOPK:
+        why = T.check_params(bs, topk, bits)
+        if why:
+            raise CodecError(f"topk: {why}")
+        return
+    if topk or bits:
+        raise CodecError(f"{name}: topk and bits must be 0 (they are the topk codec's), got {topk}, {bits}")
     if not _REGISTRY[codec].blocked:
         if bs != 0:
             raise CodecError(f"{name}: block_size must be 0, got {bs}")
@@ -193,22 +221,22 @@ def _check_block_size(codec: int, bs: int) -> None:
         raise CodecError(f"int4: block_size must be even, got {bs}")
 
 
-def expected_sizes(codec: int, count: int, block_size: int) -> tuple[int, int]:
+def expected_sizes(codec: int, count: int, block_size: int, topk: int = 0, bits: int = 0) -> tuple[int, int]:
     """(len(data), len(scales)) of a valid Encoded with these parameters."""
     c = _codec(codec)
-    _check_block_size(int(codec), block_size)
+    _check_params(int(codec), block_size, topk, bits)
     if not isinstance(count, int) or count < 0:
         raise CodecError(f"count must be an int >= 0, got {count!r}")
-    return c.sizes(count, block_size)
+    return c.sizes(count, block_size, topk, bits)
 
 
 def validate(enc: Encoded) -> None:
-    """Check structure (codec, block size, lengths, scales); does not decode the data."""
-    dlen, slen = expected_sizes(enc.codec, enc.count, enc.block_size)
+    """Check structure (codec, its parameters, lengths, scales); does not decode the data."""
+    dlen, slen = expected_sizes(enc.codec, enc.count, enc.block_size, enc.topk, enc.bits)
     name = codec_name(enc.codec)
     if len(enc.data) != dlen:
         raise CodecError(f"{name}: data is {len(enc.data)} bytes, expected {dlen} for count={enc.count} "
-                         f"block_size={enc.block_size}")
+                         f"block_size={enc.block_size}" + (f" topk={enc.topk} bits={enc.bits}" if enc.topk else ""))
     if len(enc.scales) != slen:
         raise CodecError(f"{name}: scales is {len(enc.scales)} bytes, expected {slen} "
                          f"({slen // 4} float32 scales) for count={enc.count} block_size={enc.block_size}")
@@ -218,65 +246,117 @@ def validate(enc: Encoded) -> None:
             raise CodecError(f"{name}: scales must be finite and >= 0; got NaN/Inf or negative values")
 
 
-def encode(flat: torch.Tensor, codec: int, block_size: int | None = None) -> Encoded:
-    """Encode a 1-D float tensor; block_size defaults per codec and is ignored for none/fp16/bf16."""
+def encode(flat: torch.Tensor, codec: int, block_size: int | None = None, topk: int = 0, bits: int = 0) -> Encoded:
+    """Encode a 1-D float tensor; block_size defaults per codec and is ignored for none/fp16/bf16;
+    topk needs block_size (values per chunk), topk (kept per chunk) and bits."""
     c = _codec(codec)
     codec = int(codec)
     if not isinstance(flat, torch.Tensor) or flat.dim() != 1 or not flat.is_floating_point():
         raise CodecError(f"encode expects a 1-D float tensor, got {getattr(flat, 'shape', type(flat))} "
                          f"{getattr(flat, 'dtype', '')}")
-    bs = (DEFAULT_BLOCK_SIZE[codec] if block_size is None else block_size) if c.blocked else 0
-    _check_block_size(codec, bs)
+    default = T.DEFAULT_CHUNK if codec == pb.CODEC_TOPK else DEFAULT_BLOCK_SIZE.get(codec, 0)
+    bs = (default if block_size is None else block_size) if c.blocked else 0
+    _check_params(codec, bs, topk, bits)
     x = flat.detach().to(device="cpu", dtype=torch.float32).contiguous()  # (n,)
     if not bool(torch.isfinite(x).all()):
         raise CodecError("input contains NaN/Inf, which cannot be encoded")
-    data, scales = c.encode(x, bs)
-    return Encoded(codec=codec, count=x.numel(), block_size=bs, data=data, scales=scales)
+    data, scales = c.encode(x, bs, topk, bits)
+    return Encoded(codec=codec, count=x.numel(), block_size=bs, data=data, scales=scales, topk=topk, bits=bits)
 
 
 def decode(enc: Encoded) -> torch.Tensor:
-    """validate(), then return the (count,) float32 CPU tensor; raises CodecError on non-finite output."""
+    """validate(), then return the (count,) float32 CPU tensor; raises CodecError on malformed data or
+    non-finite output."""
     validate(enc)
-    out = _REGISTRY[enc.codec].decode(bytes(enc.data), bytes(enc.scales), enc.count, enc.block_size)
+    out = _REGISTRY[enc.codec].decode(bytes(enc.data), bytes(enc.scales), enc.count, enc.block_size,
+                                      enc.topk, enc.bits)
     if not bool(torch.isfinite(out).all()):
         raise CodecError(f"{codec_name(enc.codec)}: decoded tensor contains NaN/Inf")
     return out
 
 
 def split(enc: Encoded, max_part_bytes: int) -> list[tuple[int, Encoded]]:
-    """Cut enc at block boundaries into (element_offset, part) pairs of <= ~max_part_bytes each."""
+    """Cut enc at block (chunk) boundaries into (element_offset, part) pairs of <= ~max_part_bytes each."""
     validate(enc)
     if max_part_bytes <= 0:
         raise CodecError(f"max_part_bytes must be > 0, got {max_part_bytes}")
     if len(enc.data) + len(enc.scales) <= max_part_bytes or enc.count == 0:
         return [(0, enc)]
     align = enc.block_size or 1  # elements per indivisible unit (blocks are even for int4)
-    unit_bytes = sum(expected_sizes(enc.codec, align, enc.block_size))
+    params = (enc.block_size, enc.topk, enc.bits)
+    unit_bytes = sum(expected_sizes(enc.codec, align, *params))
     chunk = max(1, max_part_bytes // unit_bytes) * align  # elements per part (at least one unit)
     parts = []
     for off in range(0, enc.count, chunk):  # loop over parts, not elements
         n = min(chunk, enc.count - off)
-        d0, s0 = expected_sizes(enc.codec, off, enc.block_size)  # byte offsets of an aligned start
-        dn, sn = expected_sizes(enc.codec, n, enc.block_size)
-        parts.append((off, Encoded(enc.codec, n, enc.block_size, enc.data[d0:d0 + dn], enc.scales[s0:s0 + sn])))
+        d0, s0 = expected_sizes(enc.codec, off, *params)  # byte offsets of an aligned start
+        dn, sn = expected_sizes(enc.codec, n, *params)
+        parts.append((off, Encoded(enc.codec, n, enc.block_size, enc.data[d0:d0 + dn], enc.scales[s0:s0 + sn],
+                                   enc.topk, enc.bits)))
     return parts
 
 
-class ErrorFeedback:
-    """Per-tensor residual so what quantization drops this round is sent next round."""
+@dataclass(frozen=True)
+class CodecSpec:
+    """One direction's codec and its parameters, as a run's settings name them."""
+    codec: int
+    block_size: int | None = None  # int8/int4 block or topk chunk; None: the codec's default
+    topk: int = 0                  # topk: values kept per chunk
+    bits: int = 0                  # topk: bits per kept value
 
-    def __init__(self, codec: int, block_size: int | None = None):
-        _codec(codec)
-        self.codec, self.block_size = int(codec), block_size
+    @classmethod
+    def of(cls, settings, direction: str) -> "CodecSpec":
+        """The `upload` or `download` codec of a run's settings (a RunConfig or its JSON as a dict)."""
+        get = settings.get if isinstance(settings, dict) else (lambda key, d=None: getattr(settings, key, d))
+        codec = codec_by_name(get(f"{direction}_codec"))
+        if codec != pb.CODEC_TOPK:
+            return cls(codec, get("codec_block_size") or None)
+        chunk = int(get("topk_chunk") or T.DEFAULT_CHUNK)
+        density = (direction == "download" and get("download_topk_density")) or get("topk_density")
+        k = T.k_for(chunk, T.DEFAULT_DENSITY if density is None else float(density))
+        spec = cls(codec, chunk, k, int(get("topk_bits") or T.DEFAULT_BITS))
+        _check_params(codec, chunk, k, spec.bits)
+        return spec
+
+    def encode(self, flat: torch.Tensor) -> Encoded:
+        return encode(flat, self.codec, self.block_size, self.topk, self.bits)
+
+    def expect(self, part_codec: int, block_size: int, topk: int, bits: int) -> str | None:
+        """Why a received part's parameters are not this run's (topk's must match exactly), or None."""
+        if part_codec != self.codec:
+            return f"codec {part_codec} is not this run's ({self.codec}, {codec_name(self.codec)})"
+        if self.codec == pb.CODEC_TOPK and (block_size, topk, bits) != (self.block_size, self.topk, self.bits):
+            return (f"topk parameters (block_size {block_size}, topk {topk}, bits {bits}) are not this run's "
+                    f"({self.block_size}, {self.topk}, {self.bits})")
+        return None
+
+
+class ErrorFeedback:
+    """Per-tensor residual so what a codec drops this round is sent next round; `decay` < 1 (SparseLoCo's
+    beta) shrinks what is carried over: target = delta + decay x residual."""
+
+    def __init__(self, codec: int | CodecSpec, block_size: int | None = None, decay: float = 1.0):
+        self.spec = codec if isinstance(codec, CodecSpec) else CodecSpec(int(codec), block_size)
+        _codec(self.spec.codec)
+        if not 0 <= decay <= 1:
+            raise CodecError(f"error-feedback decay must be in [0, 1], got {decay}")
+        self.codec, self.block_size, self.decay = self.spec.codec, self.spec.block_size, float(decay)
         self.residuals: dict[str, torch.Tensor] = {}  # name -> float32 CPU tensor shaped like the delta
+
+    @classmethod
+    def for_run(cls, settings) -> "ErrorFeedback":
+        """The upload codec and --ef-decay of a run's settings (a RunConfig or its JSON as a dict)."""
+        get = settings.get if isinstance(settings, dict) else (lambda key, d=None: getattr(settings, key, d))
+        decay = get("ef_decay")
+        return cls(CodecSpec.of(settings, "upload"), decay=1.0 if decay is None else float(decay))
 
     def compress(self, name: str, delta: torch.Tensor) -> tuple[Encoded, torch.Tensor]:
         """Encode delta + residual; returns (enc, decoded float32 CPU tensor shaped like delta)."""
         target = delta.detach().to(device="cpu", dtype=torch.float32)
         prev = self.residuals.get(name)
         if prev is not None and prev.shape == target.shape:
-            target = target + prev
-        enc = encode(target.flatten(), self.codec, self.block_size)
+            target = target + (prev if self.decay == 1 else self.decay * prev)
+        enc = self.spec.encode(target.flatten())
         decoded = decode(enc).reshape(delta.shape)
         if self.codec == pb.CODEC_NONE:
             self.residuals[name] = torch.zeros_like(target)

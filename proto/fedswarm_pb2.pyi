@@ -14,6 +14,7 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_BF16: _ClassVar[Codec]
     CODEC_INT8: _ClassVar[Codec]
     CODEC_INT4: _ClassVar[Codec]
+    CODEC_TOPK: _ClassVar[Codec]
 
 class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,13 +27,14 @@ CODEC_FP16: Codec
 CODEC_BF16: Codec
 CODEC_INT8: Codec
 CODEC_INT4: Codec
+CODEC_TOPK: Codec
 TASK_NONE: TaskKind
 TASK_TRAIN: TaskKind
 TASK_DONE: TaskKind
 TASK_EVALUATE: TaskKind
 
 class TensorPart(_message.Message):
-    __slots__ = ("name", "shape", "codec", "block_size", "offset", "count", "data", "scales")
+    __slots__ = ("name", "shape", "codec", "block_size", "offset", "count", "data", "scales", "topk", "bits")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +43,8 @@ class TensorPart(_message.Message):
     COUNT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
+    TOPK_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     codec: Codec
@@ -49,7 +53,9 @@ class TensorPart(_message.Message):
     count: int
     data: bytes
     scales: bytes
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ...) -> None: ...
+    topk: int
+    bits: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., offset: _Optional[int] = ..., count: _Optional[int] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., topk: _Optional[int] = ..., bits: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("name", "device", "precision", "resume_client_id", "public_key", "signature", "resume_token", "nonce", "role", "challenge", "p2p_peer_id")

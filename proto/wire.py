@@ -39,7 +39,7 @@ def tensor_parts(name: str, shape: tuple[int, ...], enc: C.Encoded,
     for offset, part in C.split(enc, max_part_bytes):
         yield pb.TensorPart(
             name=name, shape=list(shape), codec=part.codec, block_size=part.block_size,
-            offset=offset, count=part.count, data=part.data, scales=part.scales,
+            offset=offset, count=part.count, data=part.data, scales=part.scales, topk=part.topk, bits=part.bits,
         )
 
 
@@ -50,16 +50,19 @@ def state_parts(state: dict[str, torch.Tensor], encode: Callable[[str, torch.Ten
         yield from tensor_parts(name, tuple(tensor.shape), encode(name, tensor), max_part_bytes)
 
 
-def count_parts(shapes: dict[str, tuple[int, ...]], codec: int, block_size: int | None,
+def count_parts(shapes: dict[str, tuple[int, ...]], codec: int | C.CodecSpec, block_size: int | None = None,
                 max_part_bytes: int = MAX_PART_BYTES) -> int:
     """How many parts state_parts() yields for tensors of these shapes (without encoding)."""
-    block = block_size or C.DEFAULT_BLOCK_SIZE.get(codec, 0)
+    spec = codec if isinstance(codec, C.CodecSpec) else C.CodecSpec(int(codec), block_size)
+    codec = spec.codec
+    block = spec.block_size or C.DEFAULT_BLOCK_SIZE.get(codec, 0)
+    params = (block, spec.topk, spec.bits)
     total = 0
     align = block or 1  # mirrors C.split: parts are cut at whole blocks, not at max_part_bytes
-    per_part = max(1, max_part_bytes // sum(C.expected_sizes(codec, align, block))) * align
+    per_part = max(1, max_part_bytes // sum(C.expected_sizes(codec, align, *params))) * align
     for shape in shapes.values():
         count = math.prod(shape)
-        data_len, scales_len = C.expected_sizes(codec, count, block)
+        data_len, scales_len = C.expected_sizes(codec, count, *params)
         total += 1 if data_len + scales_len <= max_part_bytes or count == 0 else math.ceil(count / per_part)
     return total
 
@@ -68,12 +71,16 @@ class PartAssembler:
     """Rebuilds tensors from parts, checking every part against the expected spec before decoding.
 
     spec: name -> shape of every tensor expected; each must arrive completely,
-    in order of offsets, with an allowed codec.
+    in order of offsets, with an allowed codec (a pb.Codec value, or a CodecSpec whose parameters a topk
+    part must match exactly: a client cannot send denser parts than the run's).
     """
 
-    def __init__(self, spec: dict[str, tuple[int, ...]], allowed_codecs: Iterable[int], keep_encoded: bool = False):
+    def __init__(self, spec: dict[str, tuple[int, ...]], allowed_codecs: Iterable[int | C.CodecSpec],
+                 keep_encoded: bool = False):
         self.spec = spec
-        self.allowed = set(allowed_codecs)
+        allowed = list(allowed_codecs)
+        self.specs = {a.codec: a for a in allowed if isinstance(a, C.CodecSpec)}
+        self.allowed = {a.codec if isinstance(a, C.CodecSpec) else int(a) for a in allowed}
         self.keep_encoded = keep_encoded   # hold parts as they came (int8: 1/4 of fp32), decode in finish()'s mapping
         self.buffers: dict[str, torch.Tensor] = {}
         self.encoded: dict[str, list[C.Encoded]] = {}
@@ -88,15 +95,23 @@ class PartAssembler:
         if part.codec not in self.allowed:
             raise WireError(f"{part.name}: codec {part.codec} not allowed in this run "
                             f"(allowed: {sorted(self.allowed)})")
+        if part.codec == C.CODEC_NAMES["topk"]:
+            wrong = self.specs[part.codec].expect(part.codec, part.block_size, part.topk, part.bits) \
+                if part.codec in self.specs else "topk parts need the run's topk parameters"
+            if wrong:
+                raise WireError(f"{part.name}: {wrong}")
         numel = math.prod(shape)
         expected_offset = self.filled.get(part.name, 0)
         if part.offset != expected_offset:
             raise WireError(f"{part.name}: part at offset {part.offset}, expected {expected_offset}")
+        if part.block_size and part.offset % part.block_size:
+            raise WireError(f"{part.name}: part at offset {part.offset}, not a multiple of its block_size "
+                            f"{part.block_size}")
         if part.count == 0 or part.offset + part.count > numel:
             raise WireError(f"{part.name}: part [{part.offset}, {part.offset + part.count}) "
                             f"outside the tensor's {numel} elements")
         enc = C.Encoded(codec=part.codec, count=part.count, block_size=part.block_size,
-                        data=part.data, scales=part.scales)
+                        data=part.data, scales=part.scales, topk=part.topk, bits=part.bits)
         try:
             values = C.decode(enc)  # validates sizes and codec params first, then finiteness
         except C.CodecError as err:

@@ -82,13 +82,12 @@ class Session:
         for chunk in self.stub.FetchModel(pb.FetchModelRequest(client_id=self.client_id, session_token=self.token,
                                                                task_id=task.task_id), timeout=RPC_S):
             shapes[chunk.part.name] = tuple(chunk.part.shape)
-        codec = C.codec_by_name(self.cfg["upload_codec"])
-        block = self.cfg.get("codec_block_size") or None
+        upload = C.CodecSpec.of(self.cfg, "upload")
         gen = torch.Generator().manual_seed(self.index)
         parts = [pb.UpdateChunk(part=p).SerializeToString()
                  for name, shape in shapes.items()
-                 for p in wire.tensor_parts(name, shape, C.encode(
-                     1e-3 * torch.randn(math.prod(shape), generator=gen), codec, block))]
+                 for p in wire.tensor_parts(name, shape, upload.encode(
+                     1e-3 * torch.randn(math.prod(shape), generator=gen)))]
         header = pb.UpdateHeader(client_id=self.client_id, session_token=self.token, task_id=task.task_id,
                                  round=task.round, num_examples=1 + self.index, train_loss=1.0,
                                  num_tensors=len(shapes), num_parts=len(parts), train_seconds=0.0)

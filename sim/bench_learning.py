@@ -5,8 +5,10 @@ socket). The yardstick is one client training on all the data (the same code pat
 uncompressed). The federated runs split the data over N clients and, as data-parallel training would,
 the one process's batch too: each client's batch is --batch-size / N, so every run makes the same
 optimizer steps on the same global batch and the same tokens. Each row gives the held-out loss relative
-to one process and how many times fewer bytes the run moved (up + down, at the socket) than fp32
-data-parallel ring all-reduce would for the same steps.
+to one process, the bytes up and down at the socket, and how many times fewer bytes the run moved (up +
+down) than fp32 data-parallel ring all-reduce would for the same steps. The sparse rows (topk both ways,
+--sparse-strategies x --sparse-local-steps) also give the socket's upload bytes over the codec's
+arithmetic (values + positions + scales of every upload).
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ WITHIN, GOAL_WITHIN = 0.03, 0.05     # loss targets vs one process
 # DiLoCo at its paper's outer settings (0.7, Nesterov 0.9) and at momentum 0.8, which tens of rounds from
 # scratch favour (the paper's 0.9 was tuned for 500 inner steps from a pretrained model).
 DEFAULT_STRATEGIES = ("fedavg", "fedavgm", "diloco", "diloco/0.7/0.8")
+# topk both ways (--topk-chunk/--topk-density/--topk-bits, --ef-decay): SparseLoCo's outer SGD next to DiLoCo's
+DEFAULT_SPARSE = ("sparseloco", "diloco/0.7/0.8")
+DEFAULT_SPARSE_STEPS = "25,50"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--codec-list", default="int4", help="comma-separated codecs (upload and download) for the grid")
     g.add_argument("--extra-codecs", default="int8,none",
                    help="codecs also tried for the last strategy at the first local step count")
+    g.add_argument("--sparse-strategies", default=",".join(DEFAULT_SPARSE),
+                   help="strategies (as --strategies) run with the topk codec both ways ('': none)")
+    g.add_argument("--sparse-local-steps", default=DEFAULT_SPARSE_STEPS,
+                   help="comma-separated local step counts of the topk rows")
 
 
 def _names(text: str) -> list[str]:
@@ -73,6 +82,9 @@ def plan_runs(args: argparse.Namespace) -> list[dict]:
     runs = [{**s, "local_steps": k, "codec": c} for s in strategies for k in steps for c in codecs]
     runs += [{**strategies[-1], "local_steps": steps[0], "codec": c}
              for c in _names(args.extra_codecs) if c not in codecs]
+    sparse = [parse_strategy(s) for s in _names(getattr(args, "sparse_strategies", ""))]
+    runs += [{**s, "local_steps": int(k), "codec": "topk"} for s in sparse
+             for k in _names(getattr(args, "sparse_local_steps", DEFAULT_SPARSE_STEPS))]
     return runs
 
 
@@ -109,9 +121,23 @@ def _one_run(args: argparse.Namespace, spec: dict, clients: int, batch_size: int
             "local_steps": spec["local_steps"], "rounds": sim_args.rounds, "codec": spec["codec"],
             "tokens": comm["tokens"], "final_eval_loss": report["rounds"][-1]["eval_loss"],
             "socket_bytes": comm["socket_bytes_up"] + comm["socket_bytes_down"],
+            "socket_bytes_up": comm["socket_bytes_up"], "socket_bytes_down": comm["socket_bytes_down"],
+            "codec_bytes_up": _codec_bytes_up(report, sim_args),
             "allreduce_over_socket": comm["allreduce_over_socket"],
             "curve": [(r.get("socket_up", 0) + r.get("socket_down", 0), r["eval_loss"]) for r in report["rounds"]],
             "wall_seconds": report["wall_seconds"]}
+
+
+def _codec_bytes_up(report: dict, sim_args: argparse.Namespace) -> int:
+    """What the uploads weigh by the codec's arithmetic (data + scales of every tensor of every update)."""
+    from fedswarm.models import build_model, trainable_state
+    from fedswarm.proto import codec as C
+
+    spec = C.CodecSpec.of(vars(sim_args), "upload")
+    block = spec.block_size or C.DEFAULT_BLOCK_SIZE.get(spec.codec, 0)
+    shapes = [t.numel() for t in trainable_state(build_model(sim_args.model, seed=0)).values()]
+    per_update = sum(sum(C.expected_sizes(spec.codec, n, block, spec.topk, spec.bits)) for n in shapes)
+    return per_update * sum(len(r["clients"]) for r in report["rounds"] if r["round"] > 0 and r["clients"])
 
 
 def bench_learning(args: argparse.Namespace) -> dict:
@@ -143,18 +169,22 @@ def bench_learning(args: argparse.Namespace) -> dict:
 
 def _table(single: dict, runs: list[dict], args: argparse.Namespace) -> str:
     rows = [f"| one process | 1 x {single['batch_size']} | {single['local_steps']} x {single['rounds']} | none "
-            f"| {single['tokens']} "
-            f"| {single['final_eval_loss']:.4f} | 1.000 | {single['socket_bytes'] / 1e6:.1f} | - |"]
+            f"| {single['tokens']} | {single['final_eval_loss']:.4f} | 1.000 | {_mb(single['socket_bytes_up'])} "
+            f"| {_mb(single['socket_bytes_down'])} | - | - |"]
     for r in runs:
         ratio = f"{r['allreduce_over_socket']:.0f}x" if r["allreduce_over_socket"] else "-"
+        arithmetic = f"{r['socket_bytes_up'] / r['codec_bytes_up']:.3f}" if r.get("codec_bytes_up") else "-"
         rows.append(f"| {r['strategy']} | {r['clients']} x {r['batch_size']} | {r['local_steps']} x {r['rounds']} "
-                    f"| {r['codec']} "
-                    f"| {r['tokens']} | {r['final_eval_loss']:.4f} | {1 + r['loss_vs_single']:.3f} "
-                    f"| {r['socket_bytes'] / 1e6:.1f} | {ratio} |")
+                    f"| {r['codec']} | {r['tokens']} | {r['final_eval_loss']:.4f} | {1 + r['loss_vs_single']:.3f} "
+                    f"| {_mb(r['socket_bytes_up'])} | {_mb(r['socket_bytes_down'])} | {ratio} | {arithmetic} |")
     return "\n".join([
         "| strategy | clients x batch | local steps x rounds | codec (up, down) | tokens | held-out loss | vs one process "
-        "| MB at socket | fp32 all-reduce / socket |",
-        "|---|---|---|---|---|---|---|---|---|", *rows])
+        "| MB up | MB down | fp32 all-reduce / socket | socket / codec arithmetic (up) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|", *rows])
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f}" if n < 10e6 else f"{n / 1e6:.1f}"
 
 
 def _summary(runs: list[dict]) -> str:

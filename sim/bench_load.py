@@ -102,7 +102,7 @@ class ZeroUpdates:
     @staticmethod
     def _encode(parts: list[pb.TensorPart], cfg: dict) -> tuple[list[bytes], int, bytes]:
         base = assemble(parts)
-        feedback = C.ErrorFeedback(C.codec_by_name(cfg["upload_codec"]), cfg.get("codec_block_size") or None)
+        feedback = C.ErrorFeedback.for_run(cfg)
         return (work.encode_delta(feedback, {n: t.new_zeros(t.shape) for n, t in base.items()}), len(base),
                 wire.state_digest(base))
 

@@ -100,7 +100,7 @@ class Trainer:
         sampler = BatchSampler(tokens, run_cfg["seq_len"], run_cfg["batch_size"], seed)
         trainer = LocalTrainer(self.model, sampler, self.device, self.precision, lr=run_cfg["lr"])
         delta, result = work.train_on_task(trainer, run_cfg, task, base)
-        feedback = C.ErrorFeedback(C.codec_by_name(run_cfg["upload_codec"]), run_cfg.get("codec_block_size") or None)
+        feedback = C.ErrorFeedback.for_run(run_cfg)
         parts = work.encode_delta(feedback, delta)
         return parts, result.num_examples, result.train_loss, result.seconds, wire.state_digest(base)
 

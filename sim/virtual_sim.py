@@ -192,7 +192,10 @@ def run_virtual_sim(args: argparse.Namespace, coord_args: list[str], follow, log
         "config": status["config"],
         "sim": {"clients": args.clients, "virtual": True, "backend": args.backend, "workers": len(specs),
                 "data": args.data, "precision": args.precision, "threads_per_worker": specs[0].threads,
-                "address": address, "dropout_rate": args.dropout_rate, "straggler_rate": args.straggler_rate},
+                "address": address, "dropout_rate": args.dropout_rate, "straggler_rate": args.straggler_rate,
+                # a virtual client keeps no weights between tasks, so it holds no version a delta could build on
+                "downloads": "full float32 copies (virtual clients keep no version between tasks; the "
+                             "--download-codec deltas are for daemons)"},
         "rounds": status["rounds"],
         "clients": status["clients"],
         "rejections": status.get("rejections", {}),

@@ -25,7 +25,10 @@ def bench_args(*argv: str) -> argparse.Namespace:
 
 def test_plan_covers_strategies_steps_and_codecs():
     runs = plan_runs(bench_args("--local-steps-list", "10,50", "--codec-list", "int8", "--extra-codecs", "none,int4"))
-    assert {r["label"] for r in runs} == {"fedavg", "fedavgm", "diloco", "diloco/0.7/0.8"}   # the default grid
+    assert {r["label"] for r in runs if r["codec"] != "topk"} == {"fedavg", "fedavgm", "diloco", "diloco/0.7/0.8"}
+    sparse = {(r["label"], r["local_steps"]) for r in runs if r["codec"] == "topk"}   # topk both ways
+    assert sparse == {(s, k) for s in ("sparseloco", "diloco/0.7/0.8") for k in (25, 50)}
+    assert not [r for r in plan_runs(bench_args("--sparse-strategies", "")) if r["codec"] == "topk"]
     assert {(r["local_steps"], r["codec"]) for r in runs if r["label"] == "fedavgm"} == {(10, "int8"), (50, "int8")}
     last = [r for r in runs if r["label"] == "diloco/0.7/0.8"]
     assert {r["codec"] for r in last if r["local_steps"] == 10} == {"int8", "none", "int4"}
@@ -48,7 +51,7 @@ def test_plan_covers_strategies_steps_and_codecs():
 def test_bench_learning_tiny_budget(tmp_path):
     out = tmp_path / "bench"
     argv = fedswarm_cmd("bench", "learning", "--tokens", "1024", "--clients", "2", "--strategies", "fedavg",
-                        "--local-steps-list", "4", "--codec-list", "int8", "--extra-codecs", "", "--seq-len", "32",
+                        "--local-steps-list", "4", "--codec-list", "int8", "--extra-codecs", "", "--sparse-strategies", "", "--seq-len", "32",
                         "--batch-size", "4",
                         "--precision", "fp32", "--threads", "1", "--out", str(out))
     done = subprocess.run(argv, capture_output=True, text=True, timeout=380, stdin=subprocess.DEVNULL)
@@ -61,6 +64,8 @@ def test_bench_learning_tiny_budget(tmp_path):
     assert single["tokens"] == fed["tokens"] == 1024, "every run trains the same tokens"
     assert fed["loss_vs_single"] == pytest.approx(fed["final_eval_loss"] / single["final_eval_loss"] - 1)
     assert fed["allreduce_over_socket"] > 0 and single["allreduce_over_socket"] is None
+    assert fed["socket_bytes"] == fed["socket_bytes_up"] + fed["socket_bytes_down"] and fed["socket_bytes_down"] > 0
+    assert 1 <= fed["socket_bytes_up"] / fed["codec_bytes_up"] < 2   # int8 payloads + framing, heartbeats, polls
     assert "| one process |" in done.stdout and "| fedavg | 2 x 2 | 4 x 2 | int8 |" in done.stdout, done.stdout
     assert "largest reduction within 5%" in done.stdout or "no run within 5%" in done.stdout
     assert (out / "loss_vs_bytes.png").read_bytes().startswith(PNG_MAGIC)

@@ -133,7 +133,7 @@ class PeerDaemon(SwarmMember):
     def _setup(self, cfg: dict) -> None:
         self.run_cfg = cfg
         self.codec = C.codec_by_name(cfg["upload_codec"])
-        self.feedback = C.ErrorFeedback(self.codec, cfg.get("codec_block_size") or None)
+        self.feedback = C.ErrorFeedback.for_run(cfg)
         local = {**cfg, "model": self.args.model or cfg["model"]}   # this host's copy of the model (LoRA's base)
         self.server = PeerStageServer(self.run_id, local, self.device, self.precision, roster=self.roster,
                                       gradient_checkpointing=getattr(self.args, "gradient_checkpointing", False))
