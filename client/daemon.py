@@ -301,7 +301,7 @@ class ClientDaemon:
         If the coordinator restarted meanwhile (our session is gone), join again and re-send the same
         encoded update under the new session: it carries the digest of the weights it was trained from,
         so the coordinator can accept it for the re-run of the same round instead of losing the work."""
-        saved = {n: r.clone() for n, r in self.feedback.residuals.items()}
+        saved = self.feedback.snapshot()
         raw_parts = work.encode_delta(self.feedback, delta)
         for attempt in range(3):
             chunks = work.update_stream(raw_parts, client_id=self.client_id, token=self.token, run_id=self.run_id,
@@ -316,7 +316,7 @@ class ClientDaemon:
             except grpc.RpcError as err:
                 session_gone = refusals.reason(err) in refusals.REJOIN
                 if not (session_gone and base_digest and attempt < 2):
-                    self.feedback.residuals = saved  # nothing was applied: the residual must not move on
+                    self.feedback.restore(saved)  # nothing was applied: residuals and momenta must not move on
                     raise
                 log.warning("round %d: the coordinator lost our session while uploading; joining again to re-send",
                             task.round)

@@ -49,6 +49,9 @@ class RunConfig:
                                             "sent (the mean of K clients' sparse updates has up to K x their "
                                             "values; 0: --topk-density)", metavar="D")
     topk_bits: int = opt(2, "topk: bits per sent value, 1, 2, 4 or 8 (a sign and a level of the chunk's scale)")
+    client_momentum: float = opt(0.0, "clients take DiLoCo's Nesterov outer momentum on their own delta before "
+                                      "the codec (with --strategy sparseloco: DiLoCo's outer step, its momentum "
+                                      "inside the sparse uploads); 0: off", metavar="M")
     ef_decay: float = opt(1.0, "clients' error feedback: the residual carried into the next upload is scaled by "
                                "this (SparseLoCo's beta, 0.95; 1: all of it)", metavar="B")
     model: str = opt("gpt2-tiny", "preset (gpt2-tiny, gpt2-small8, llama-tiny), model config JSON or HF folder")
@@ -201,6 +204,8 @@ class RunConfig:
             raise ValueError(f"--topk-bits must be one of {', '.join(map(str, topk.BITS))}")
         if not 0 <= self.ef_decay <= 1:
             raise ValueError("--ef-decay must be in [0, 1]")
+        if not 0 <= self.client_momentum < 1:
+            raise ValueError("--client-momentum must be in [0, 1)")
 
     def _check_evaluate(self) -> None:
         if self.evaluate not in EVALUATE:

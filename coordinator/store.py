@@ -221,6 +221,11 @@ def _mismatch(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...
     foreign = sorted(k for k in state if k not in expected and not k.startswith(STRATEGY_PREFIX))
     if foreign:
         return f"unexpected tensor {foreign[0]!r}: it is not this run's model"
+    # a commit is always finite (integrity.py), so NaN/Inf here, in the weights or the strategy's momentum, was
+    # written by something else: resuming from it would poison every later round
+    bad = next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        return f"tensor {bad!r} holds NaN or Inf: it was not written by a commit"
     return None
 
 

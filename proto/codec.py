@@ -333,26 +333,48 @@ class CodecSpec:
 
 class ErrorFeedback:
     """Per-tensor residual so what a codec drops this round is sent next round; `decay` < 1 (SparseLoCo's
-    beta) shrinks what is carried over: target = delta + decay x residual."""
+    beta) shrinks what is carried over: target = delta + decay x residual. With `momentum` mu > 0 the client
+    first takes DiLoCo's Nesterov step on its own delta (m = mu m + delta; sent: delta + mu m), so an outer
+    SGD on the mean of what clients send is DiLoCo's outer step, and the momentum travels inside the
+    (sparse) upload rather than in a dense server-side buffer."""
 
-    def __init__(self, codec: int | CodecSpec, block_size: int | None = None, decay: float = 1.0):
+    def __init__(self, codec: int | CodecSpec, block_size: int | None = None, decay: float = 1.0,
+                 momentum: float = 0.0):
         self.spec = codec if isinstance(codec, CodecSpec) else CodecSpec(int(codec), block_size)
         _codec(self.spec.codec)
         if not 0 <= decay <= 1:
             raise CodecError(f"error-feedback decay must be in [0, 1], got {decay}")
+        if not 0 <= momentum < 1:
+            raise CodecError(f"client momentum must be in [0, 1), got {momentum}")
         self.codec, self.block_size, self.decay = self.spec.codec, self.spec.block_size, float(decay)
+        self.momentum = float(momentum)
         self.residuals: dict[str, torch.Tensor] = {}  # name -> float32 CPU tensor shaped like the delta
+        self.momenta: dict[str, torch.Tensor] = {}    # name -> the client's outer momentum (momentum > 0 only)
 
     @classmethod
     def for_run(cls, settings) -> "ErrorFeedback":
         """The upload codec and --ef-decay of a run's settings (a RunConfig or its JSON as a dict)."""
         get = settings.get if isinstance(settings, dict) else (lambda key, d=None: getattr(settings, key, d))
         decay = get("ef_decay")
-        return cls(CodecSpec.of(settings, "upload"), decay=1.0 if decay is None else float(decay))
+        return cls(CodecSpec.of(settings, "upload"), decay=1.0 if decay is None else float(decay),
+                   momentum=float(get("client_momentum") or 0.0))
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Copies of the residuals and momenta, to restore() when an upload was not applied."""
+        return ({n: r.clone() for n, r in self.residuals.items()}, {n: m.clone() for n, m in self.momenta.items()})
+
+    def restore(self, snapshot: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]) -> None:
+        self.residuals, self.momenta = snapshot
 
     def compress(self, name: str, delta: torch.Tensor) -> tuple[Encoded, torch.Tensor]:
-        """Encode delta + residual; returns (enc, decoded float32 CPU tensor shaped like delta)."""
+        """Encode delta (after the momentum step) + residual; returns (enc, decoded float32 CPU tensor shaped
+        like delta)."""
         target = delta.detach().to(device="cpu", dtype=torch.float32)
+        if self.momentum:
+            m = self.momenta.get(name)
+            m = target.clone() if m is None or m.shape != target.shape else m.mul_(self.momentum).add_(target)
+            self.momenta[name] = m
+            target = target + self.momentum * m
         prev = self.residuals.get(name)
         if prev is not None and prev.shape == target.shape:
             target = target + (prev if self.decay == 1 else self.decay * prev)
@@ -365,5 +387,6 @@ class ErrorFeedback:
         return enc, decoded
 
     def reset(self) -> None:
-        """Drop all residuals."""
+        """Drop all residuals and momenta."""
         self.residuals.clear()
+        self.momenta.clear()

@@ -58,6 +58,21 @@ def test_the_store_falls_back_to_the_newest_checkpoint_that_loads(tmp_path, capl
     reopened.close()
 
 
+def test_a_checkpoint_holding_nan_in_its_strategy_state_is_not_resumed_from(tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    store = Store(tmp_path)
+    commit(store, range(3))
+    latest = store.ckpt_dir / "round-000002.safetensors"
+    tampered = load_file(str(latest))
+    tampered["strategy/m_t/w"][0, 1] = float("nan")   # the outer momentum, not the weights
+    save_file(tampered, str(latest))
+    with caplog.at_level(logging.WARNING, "fedswarm.coordinator.store"):
+        assert store.resume_point(SHAPES) == 1
+    assert "'strategy/m_t/w' holds NaN or Inf" in caplog.text and "dropped round(s) 2" in caplog.text
+    store.close()
+
+
 def test_no_loadable_checkpoint_is_refused_naming_each_and_dropping_nothing(tmp_path):
     store = Store(tmp_path)
     commit(store, range(3))

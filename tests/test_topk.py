@@ -201,3 +201,21 @@ def test_spec_of_the_run_settings():
                       ({"strategy": "sparseloco", "server_momentum": 0.9}, "sparseloco")]:
         with pytest.raises(ValueError, match=says):
             RunConfig(**bad).check()
+
+
+def test_client_momentum_is_diloco_nesterov_and_restores():
+    """Uncompressed, what a client with --client-momentum mu sends is DiLoCo's Nesterov step on its own delta
+    (m = mu m + delta; sent delta + mu m), so outer SGD on the mean of the sends is DiLoCo's outer step."""
+    mu, deltas = 0.8, [_x(100, s) for s in range(4)]
+    ef = C.ErrorFeedback(pb.CODEC_NONE, momentum=mu)
+    m = None
+    for d in deltas:
+        m = d.clone() if m is None else mu * m + d
+        assert torch.allclose(ef.compress("w", d)[1], d + mu * m, atol=1e-6)
+    snap = ef.snapshot()
+    ef.compress("w", deltas[0])
+    ef.restore(snap)   # an upload that was not applied moves neither the momentum nor the residual
+    assert torch.allclose(ef.momenta["w"], m, atol=1e-6)
+    with pytest.raises(C.CodecError, match="momentum"):
+        C.ErrorFeedback(pb.CODEC_NONE, momentum=1.0)
+    assert C.ErrorFeedback.for_run({"upload_codec": "topk", "client_momentum": 0.8, "ef_decay": 0.9}).momentum == 0.8
