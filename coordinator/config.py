@@ -54,7 +54,7 @@ class RunConfig:
                                       "inside the sparse uploads); 0: off", metavar="M")
     ef_decay: float = opt(1.0, "clients' error feedback: the residual carried into the next upload is scaled by "
                                "this (SparseLoCo's beta, 0.95; 1: all of it)", metavar="B")
-    model: str = opt("gpt2-tiny", "preset (gpt2-tiny, gpt2-small8, llama-tiny), model config JSON or HF folder")
+    model: str = opt("gpt2-tiny", "preset (gpt2-tiny, gpt2-small8, llama-tiny, gpt2-124m), model config JSON or HF folder")
     local_steps: int = opt(40, "optimizer steps each client makes per round")
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
     batch_size: int = opt(16, "sequences per micro-batch")

@@ -18,9 +18,9 @@ from fedswarm.errors import BadInput, why
 from fedswarm.tokenizer import is_hf_folder, json_problem, load_tokenizer
 
 
-def _gpt2(n_layer: int, n_embd: int, n_head: int, n_positions: int = 512) -> GPT2Config:
+def _gpt2(n_layer: int, n_embd: int, n_head: int, n_positions: int = 512, vocab_size: int = VOCAB_SIZE) -> GPT2Config:
     return GPT2Config(
-        vocab_size=VOCAB_SIZE, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
         n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
     )
@@ -39,6 +39,8 @@ PRESETS = {
     "gpt2-tiny": lambda: _gpt2(n_layer=4, n_embd=128, n_head=4),      # ~0.8M params, the default
     "gpt2-small8": lambda: _gpt2(n_layer=8, n_embd=256, n_head=8),    # ~6.4M params
     "llama-tiny": lambda: _llama(n_layer=4, hidden=128, n_head=4, intermediate=352),
+    # GPT-2 small's shape and 50,257 embeddings (124.4M params, random weights): real-size traffic and memory
+    "gpt2-124m": lambda: _gpt2(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
 }
 DEFAULT_PRESET = "gpt2-tiny"
 

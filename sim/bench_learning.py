@@ -24,9 +24,11 @@ WITHIN, GOAL_WITHIN = 0.03, 0.05     # loss targets vs one process
 # DiLoCo at its paper's outer settings (0.7, Nesterov 0.9) and at momentum 0.8, which tens of rounds from
 # scratch favour (the paper's 0.9 was tuned for 500 inner steps from a pretrained model).
 DEFAULT_STRATEGIES = ("fedavg", "fedavgm", "diloco", "diloco/0.7/0.8")
-# topk both ways (--topk-chunk/--topk-density/--topk-bits, --ef-decay): SparseLoCo's outer SGD next to DiLoCo's
-DEFAULT_SPARSE = ("sparseloco", "diloco/0.7/0.8")
-DEFAULT_SPARSE_STEPS = "25,50"
+# topk both ways (--topk-chunk/--topk-bits, --ef-decay) at each of --sparse-densities: SparseLoCo's outer SGD
+# (DiLoCo's Nesterov on sparse means ended 53 % above one process at 1/64, so it is not a default row)
+DEFAULT_SPARSE = ("sparseloco",)
+DEFAULT_SPARSE_STEPS = "25"
+DEFAULT_SPARSE_DENSITIES = "1/16,1/64"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="strategies (as --strategies) run with the topk codec both ways ('': none)")
     g.add_argument("--sparse-local-steps", default=DEFAULT_SPARSE_STEPS,
                    help="comma-separated local step counts of the topk rows")
+    g.add_argument("--sparse-densities", default=DEFAULT_SPARSE_DENSITIES,
+                   help="comma-separated fractions kept per chunk by the topk rows: 1/16 (or 0.0625) both ways, "
+                        "or UP:DOWN such as 1/64:1/16")
 
 
 def _names(text: str) -> list[str]:
@@ -83,9 +88,28 @@ def plan_runs(args: argparse.Namespace) -> list[dict]:
     runs += [{**strategies[-1], "local_steps": steps[0], "codec": c}
              for c in _names(args.extra_codecs) if c not in codecs]
     sparse = [parse_strategy(s) for s in _names(getattr(args, "sparse_strategies", ""))]
-    runs += [{**s, "local_steps": int(k), "codec": "topk"} for s in sparse
-             for k in _names(getattr(args, "sparse_local_steps", DEFAULT_SPARSE_STEPS))]
+    densities = [parse_density(d) for d in _names(getattr(args, "sparse_densities", DEFAULT_SPARSE_DENSITIES))]
+    runs += [{**s, "local_steps": int(k), "codec": "topk", "topk_density": up, "download_topk_density": down}
+             for s in sparse for k in _names(getattr(args, "sparse_local_steps", DEFAULT_SPARSE_STEPS))
+             for up, down in densities]
     return runs
+
+
+def parse_density(text: str) -> tuple[float, float]:
+    """``1/16`` -> (0.0625, 0.0625); ``1/64:1/16`` -> up 1/64, down 1/16 (fractions kept per chunk, in (0, 1])."""
+    up, _, down = text.partition(":")
+    return _one_density(up), _one_density(down or up)
+
+
+def _one_density(text: str) -> float:
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / float(den or 1)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"--sparse-densities: {text!r} is not a fraction; write e.g. 0.0625 or 1/16") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"--sparse-densities: {text!r} must lie in (0, 1]")
+    return value
 
 
 def client_batch_size(args: argparse.Namespace) -> int:
@@ -112,13 +136,15 @@ def _one_run(args: argparse.Namespace, spec: dict, clients: int, batch_size: int
             setattr(sim_args, key, spec[key])
     sim_args.rounds = _rounds_for(args.tokens, clients, spec["local_steps"], batch_size, args.seq_len)
     sim_args.upload_codec = sim_args.download_codec = spec["codec"]
+    if spec.get("topk_density"):
+        sim_args.topk_density, sim_args.download_topk_density = spec["topk_density"], spec["download_topk_density"]
     sim_args.out, sim_args.quiet = str(Path(args.out) / spec["name"]), True
     print(f"{spec['name']}: {clients} client(s) of batch {batch_size}, {sim_args.rounds} rounds x "
           f"{spec['local_steps']} local steps, {spec['codec']} ...", flush=True)
     report = run_sim(sim_args, log=lambda *_: None)
     comm = report["communication"]
     return {"name": spec["name"], "strategy": spec["label"], "clients": clients, "batch_size": batch_size,
-            "local_steps": spec["local_steps"], "rounds": sim_args.rounds, "codec": spec["codec"],
+            "local_steps": spec["local_steps"], "rounds": sim_args.rounds, "codec": _codec_label(sim_args),
             "tokens": comm["tokens"], "final_eval_loss": report["rounds"][-1]["eval_loss"],
             "socket_bytes": comm["socket_bytes_up"] + comm["socket_bytes_down"],
             "socket_bytes_up": comm["socket_bytes_up"], "socket_bytes_down": comm["socket_bytes_down"],
@@ -126,6 +152,19 @@ def _one_run(args: argparse.Namespace, spec: dict, clients: int, batch_size: int
             "allreduce_over_socket": comm["allreduce_over_socket"],
             "curve": [(r.get("socket_up", 0) + r.get("socket_down", 0), r["eval_loss"]) for r in report["rounds"]],
             "wall_seconds": report["wall_seconds"]}
+
+
+def _codec_label(sim_args: argparse.Namespace) -> str:
+    """``int4``, or ``topk 1/64 up, 1/16 down, 2 bits`` for the sparse rows."""
+    if sim_args.upload_codec != "topk":
+        return sim_args.upload_codec
+    up = _fraction(sim_args.topk_density)
+    down = _fraction(getattr(sim_args, "download_topk_density", 0) or sim_args.topk_density)
+    return f"topk {up}" + (f" up, {down} down" if down != up else "") + f", {sim_args.topk_bits} bits"
+
+
+def _fraction(d: float) -> str:
+    return f"1/{1 / d:.0f}" if abs(1 / d - round(1 / d)) < 1e-6 else f"{d:g}"
 
 
 def _codec_bytes_up(report: dict, sim_args: argparse.Namespace) -> int:
@@ -149,6 +188,8 @@ def bench_learning(args: argparse.Namespace) -> dict:
     runs = []
     for spec in runs_planned:
         name = f"{spec['label'].replace('/', '-')}-k{spec['local_steps']}-{spec['codec']}"
+        if spec.get("topk_density"):
+            name += f"-up{1 / spec['topk_density']:.0f}-down{1 / spec['download_topk_density']:.0f}"
         runs.append(_one_run(args, {**spec, "name": name}, args.clients, per_client))
     for r in runs:
         r["loss_vs_single"] = r["final_eval_loss"] / single["final_eval_loss"] - 1

@@ -26,8 +26,17 @@ def bench_args(*argv: str) -> argparse.Namespace:
 def test_plan_covers_strategies_steps_and_codecs():
     runs = plan_runs(bench_args("--local-steps-list", "10,50", "--codec-list", "int8", "--extra-codecs", "none,int4"))
     assert {r["label"] for r in runs if r["codec"] != "topk"} == {"fedavg", "fedavgm", "diloco", "diloco/0.7/0.8"}
-    sparse = {(r["label"], r["local_steps"]) for r in runs if r["codec"] == "topk"}   # topk both ways
-    assert sparse == {(s, k) for s in ("sparseloco", "diloco/0.7/0.8") for k in (25, 50)}
+    sparse = {(r["label"], r["local_steps"], r["topk_density"], r["download_topk_density"])
+              for r in runs if r["codec"] == "topk"}  # both ways
+    assert sparse == {("sparseloco", 25, 1 / 16, 1 / 16), ("sparseloco", 25, 1 / 64, 1 / 64)}
+    swept = plan_runs(bench_args("--sparse-strategies", "sparseloco,diloco/0.7/0.8", "--sparse-local-steps", "25,50",
+                                 "--sparse-densities", "1/64:0.0625"))
+    assert {(r["label"], r["local_steps"], r["topk_density"], r["download_topk_density"])
+            for r in swept if r["codec"] == "topk"} == {
+        (s, k, 1 / 64, 1 / 16) for s in ("sparseloco", "diloco/0.7/0.8") for k in (25, 50)}
+    for bad, match in (("1/0", "not a fraction"), ("two", "not a fraction"), ("1.5", r"\(0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            plan_runs(bench_args("--sparse-densities", bad))
     assert not [r for r in plan_runs(bench_args("--sparse-strategies", "")) if r["codec"] == "topk"]
     assert {(r["local_steps"], r["codec"]) for r in runs if r["label"] == "fedavgm"} == {(10, "int8"), (50, "int8")}
     last = [r for r in runs if r["label"] == "diloco/0.7/0.8"]

@@ -44,8 +44,19 @@ def test_split_layers():
         with pytest.raises(ValueError):
             split_layers(5, bad)
     assert num_layers_of("gpt2-tiny") == 4 and num_layers_of("gpt2-small8") == 8
+    assert num_layers_of("gpt2-124m") == 12
     with pytest.raises(ValueError):
         build_stage("gpt2-tiny", 5, 4)
+
+
+def test_the_real_size_preset_is_gpt2_small():
+    from transformers import AutoModelForCausalLM
+
+    config = model_config("gpt2-124m")
+    assert (config.n_layer, config.n_embd, config.n_head, config.vocab_size) == (12, 768, 12, 50257)
+    with torch.device("meta"):   # shapes only: nothing allocated
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
 
 
 def test_untied_model_matches_tied():
