@@ -54,10 +54,6 @@ class JoinRefused(Exception):
     """The coordinator does not accept this client's key or proof: retrying will not help."""
 
 
-class SessionLost(Exception):
-    """The coordinator no longer knows this session (it restarted or dropped us): join again."""
-
-
 class SessionReplaced(Exception):
     """Another daemon joined with this client's key; only one may run per key, so this one stops."""
 
@@ -226,9 +222,6 @@ class ClientDaemon:
                         self.train(task)
                     elif task.kind == pb.TASK_EVALUATE:
                         self.evaluate(task)
-                except SessionLost:
-                    log.warning("session lost; joining again")
-                    self.join()
                 except grpc.RpcError as err:
                     why = refusals.reason(err)
                     if why in refusals.REJOIN:

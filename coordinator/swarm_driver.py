@@ -167,7 +167,7 @@ def start_swarm(cfg, grid, store, progress: RunProgress, windows: torch.Tensor, 
                 p2p_host: str = "127.0.0.1", p2p_announce: str = ""):
     """Build the eval model, stage layout, registry, driver and the coordinator's DHT node (the bootstrap peer
     everyone is handed: it binds `p2p_host` and announces `p2p_announce` if given)."""
-    from fedswarm.client.swarm.transport import SwarmNode
+    from fedswarm.p2p import SwarmNode
     from fedswarm.models import trainable_state
     from fedswarm.stages import build_untied_model, stage_param_names
 

@@ -198,8 +198,9 @@ def _no_data(data: str, index: int, num_partitions: int) -> ValueError:
                       f"use fewer partitions or a larger corpus")
 
 
-def load_train_tokens(data: str, index: int, num_partitions: int) -> np.ndarray:
-    """uint8 tokens of train partition ``index`` (0-based) of ``num_partitions``."""
+def train_span(data: str, index: int, num_partitions: int) -> tuple[tuple[_File, ...], int, int]:
+    """(files, start, end) of train partition ``index`` of ``num_partitions``: the one split that both the
+    byte path and the tokenizer path read."""
     _check_partition(index, num_partitions)
     plan = _plan(data)
     train_files = tuple(f for f in plan.files if not is_eval_group(f.group)) if plan.by_groups else ()
@@ -207,15 +208,19 @@ def load_train_tokens(data: str, index: int, num_partitions: int) -> np.ndarray:
         # More partitions than groups (a thousand-client simulation): cut the train groups, in path
         # order, into equal contiguous pieces, so each piece still comes mostly from one module.
         total = sum(f.size for f in train_files) + len(train_files) - 1
-        buf = _read_span(train_files, index * total // num_partitions, (index + 1) * total // num_partitions)
-    elif plan.by_groups:
+        return train_files, index * total // num_partitions, (index + 1) * total // num_partitions
+    if plan.by_groups:
         mine = set(group_assignment(data, num_partitions)[0][index])
         files = tuple(f for f in plan.files if f.group in mine)
-        buf = _read_span(files, 0, sum(f.size for f in files) + len(files) - 1) if files else bytearray()
-    else:
-        train_len = plan.total * 9 // 10
-        lo, hi = index * train_len // num_partitions, (index + 1) * train_len // num_partitions
-        buf = _read_span(plan.files, lo, hi)
+        return files, 0, sum(f.size for f in files) + len(files) - 1
+    train_len = plan.total * 9 // 10
+    return plan.files, index * train_len // num_partitions, (index + 1) * train_len // num_partitions
+
+
+def load_train_tokens(data: str, index: int, num_partitions: int) -> np.ndarray:
+    """uint8 tokens of train partition ``index`` (0-based) of ``num_partitions``."""
+    files, lo, hi = train_span(data, index, num_partitions)
+    buf = _read_span(files, lo, hi) if files else bytearray()
     if not buf:
         raise _no_data(data, index, num_partitions)
     return _tokens(buf)

@@ -206,15 +206,9 @@ def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def _text_span(data: str, split: tuple) -> tuple[tuple, int, int]:
-    plan = D._plan(data)
     if split[0] == "eval":
-        return D._eval_bytes(plan)
-    if plan.by_groups:
-        mine = set(D.group_assignment(data, split[2])[0][split[1]])
-        files = tuple(f for f in plan.files if f.group in mine)
-        return files, 0, sum(f.size for f in files) + len(files) - 1
-    train_len = plan.total * 9 // 10
-    return plan.files, split[1] * train_len // split[2], (split[1] + 1) * train_len // split[2]
+        return D._eval_bytes(D._plan(data))
+    return D.train_span(data, split[1], split[2])
 
 
 def _text_pieces(data: str, tokenizer, split: tuple) -> Iterator[tuple[list[int], None]]:

@@ -15,7 +15,7 @@ import torch
 from fedswarm.client.swarm.routing import StageRecord, stage_key
 from fedswarm.client.swarm.stage_server import HANDLER
 from fedswarm.client.swarm.tensors import ids_to_bytes, to_wire
-from fedswarm.client.swarm.transport import PeerCallError, SwarmNode
+from fedswarm.p2p import PeerCallError, SwarmNode
 from fedswarm.models import model_config
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb

@@ -12,7 +12,7 @@ from fedswarm.client.swarm.roles import StageSwitcher
 from fedswarm.client.swarm.roster import Roster
 from fedswarm.client.swarm.routing import Router, RoutingConfig, StageRecord, stage_key
 from fedswarm.client.swarm.swarm_trainer import SwarmTrainer, TrainerTimeouts, WorkerFailed, run_workers
-from fedswarm.client.swarm.transport import SwarmNode, SwarmTimeouts
+from fedswarm.p2p import SwarmNode, SwarmTimeouts
 from fedswarm.proto import fedswarm_pb2 as pb
 
 

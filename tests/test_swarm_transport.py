@@ -11,7 +11,7 @@ from contextlib import suppress
 
 import pytest
 
-from fedswarm.client.swarm.transport import PeerCallError, SwarmNode, SwarmTimeouts
+from fedswarm.p2p import PeerCallError, SwarmNode, SwarmTimeouts
 from fedswarm.proto import fedswarm_pb2 as pb
 
 
@@ -127,7 +127,7 @@ def test_handler_error_and_missing_handler(pair):
 
 PEER_SCRIPT = """
 import sys
-from fedswarm.client.swarm.transport import SwarmNode
+from fedswarm.p2p import SwarmNode
 from fedswarm.proto import fedswarm_pb2 as pb
 async def echo(request, context):
     return pb.StageReply(loss=float(len(request.ids)), optimizer_step=request.stage)
@@ -200,7 +200,7 @@ def test_shutdown_is_idempotent_and_final():
 def test_an_oversized_message_is_refused_before_it_is_read(pair, monkeypatch):
     """A stage request whose length prefix is over the P2P bound is refused on that prefix (counted, never
     read into memory); the node serves the next call as before."""
-    import fedswarm.client.swarm.transport as transport
+    import fedswarm.p2p as transport
 
     a, b = pair
     monkeypatch.setattr(transport, "MAX_P2P_MESSAGE", 1 << 20)
@@ -215,7 +215,7 @@ def test_a_gated_stream_refuses_before_it_reads_the_request(pair, monkeypatch):
     """With a gate, a stream call is refused before its request is read: a 2 MiB request over a 1 MiB P2P
     bound gets the gate's refusal (not `oversized_message`) and the handler never runs; an admitted call
     is served as usual."""
-    import fedswarm.client.swarm.transport as transport
+    import fedswarm.p2p as transport
 
     a, b = pair
     seen, admitted = [], set()

@@ -169,3 +169,16 @@ def test_read_only_data_is_cached_in_the_cache_dir(tmp_path, gpt2_dir):
     assert "tokens" in proc.stdout
     assert not (ro / tokenized.CACHE_DIRNAME).exists(), "nothing may be written beside read-only data"
     assert [p for p in cache.iterdir() if (p / "meta.json").is_file()], "the shard is in the cache dir"
+
+
+def test_a_folder_cut_into_more_partitions_than_entries_splits_alike_for_every_tokenizer(tmp_path, gpt2_dir):
+    """Byte path and tokenizer path read one split: with more partitions than top-level entries, every
+    partition still gets its own contiguous piece, and the tokenizer's tokens decode to the bytes' text."""
+    for name in ("g0", "g1", "g4"):   # g4 is held out (data.is_eval_group): two train entries, four partitions
+        (tmp_path / "corpus" / name).mkdir(parents=True)
+        (tmp_path / "corpus" / name / "text.txt").write_text("".join(f"{name} line {i}\n" for i in range(400)))
+    data, tok = str(tmp_path / "corpus"), load_tokenizer(str(gpt2_dir))
+    for i in range(4):
+        raw = D.load_train_tokens(data, i, 4).tobytes().decode()
+        ids = tokenized.train_tokens(DataSpec(data), tok, i, 4, str(tmp_path / "cache")).ids
+        assert len(ids) > 0 and tok.decode(list(map(int, ids))) == raw

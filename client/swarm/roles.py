@@ -16,7 +16,7 @@ from fedswarm.client.swarm.routing import StageRecord, stage_key
 from fedswarm.client.swarm.stage_server import HANDLER, StageServer
 from fedswarm.client.swarm.tensors import BadStageInput
 from fedswarm.client.swarm.swarm_trainer import MicrobatchLost, SwarmTrainer, run_workers
-from fedswarm.client.swarm.transport import P2P_REFUSALS, SwarmNode, new_identity
+from fedswarm.p2p import P2P_REFUSALS, SwarmNode, new_identity
 from fedswarm import memory
 from fedswarm.models import model_config
 from fedswarm.proto import codec as C

@@ -6,11 +6,11 @@ serves only roster trainers; a trainer routes only to roster peers.
 """
 from __future__ import annotations
 
-import collections
 import statistics
 import threading
 
 from fedswarm.client.swarm.routing import StageRecord, parse_records
+from fedswarm.p2p import Refusals
 from fedswarm.proto import fedswarm_pb2 as pb
 
 __all__ = ["Roster", "Refusals", "roster_records"]
@@ -54,22 +54,6 @@ class Roster:
         """Block until predicate() holds after a roster update, or timeout; returns predicate()."""
         with self._cv:
             return self._cv.wait_for(predicate, timeout)
-
-
-class Refusals:
-    """Data-plane input refused, by reason (totals since start; reported in heartbeats)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._counts: collections.Counter[str] = collections.Counter()
-
-    def add(self, reason: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[reason] += n
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
 
 
 def roster_records(stage: int, members: frozenset[str], raw: dict[str, dict],

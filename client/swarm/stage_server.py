@@ -15,9 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from fedswarm.client.swarm.roster import Refusals, Roster
+from fedswarm.client.swarm.roster import Roster
+from fedswarm.p2p import Refusals
 from fedswarm.client.swarm.tensors import BadStageInput, from_wire, ids_from_bytes, to_wire
-from fedswarm.client.swarm.transport import PeerCallError
+from fedswarm.p2p import PeerCallError
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.stage_lora import build_lora_stage

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedswarm.client.swarm.roster import Refusals, Roster, roster_records
+from fedswarm.client.swarm.roster import Roster, roster_records
+from fedswarm.p2p import Refusals
 from fedswarm.client.swarm.routing import Router, stage_key
 from fedswarm.client.swarm.stage_server import HANDLER
 from fedswarm.client.swarm.tensors import WIRE_CODECS, BadStageInput, from_wire, ids_to_bytes
-from fedswarm.client.swarm.transport import PeerCallError, SwarmNode
+from fedswarm.p2p import PeerCallError, SwarmNode
 from fedswarm.proto import fedswarm_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class TrainerTimeouts:
 
     call_s: float = 10.0              # deadline of one stage call (a forward or a backward)
     refresh_s: float = 0.5            # how often the DHT is read for stage records
-    no_replica_wait_s: float = 0.1    # re-check interval while a stage has no live replica
+    no_replica_wait_s: float = 1.0    # longest wait for the next DHT read while a stage has no live replica
     give_up_s: float = 300.0          # a micro-batch still unplaced after this is counted lost
     roster_check_s: float = 0.2       # while a call is in flight, how often to check its peer is still on the roster
 
@@ -190,7 +191,7 @@ class SwarmTrainer:
             with self.stats.lock:
                 self.stats.lost += 1
             raise MicrobatchLost(f"{what} had no live replica for {self.t.give_up_s:.0f} s")
-        self._await_refresh(max(self.t.no_replica_wait_s, 1.0))
+        self._await_refresh(self.t.no_replica_wait_s)
 
     def _await_refresh(self, timeout: float) -> None:
         """Wake the refresher and wait (bounded) for its next read."""

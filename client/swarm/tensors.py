@@ -7,11 +7,11 @@ import math
 import numpy as np
 import torch
 
+from fedswarm.p2p import MAX_ELEMENTS
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 
 MAX_TOKENS = 1 << 16          # B * T of one micro-batch
-MAX_ELEMENTS = 1 << 24        # elements of one activation tensor
 WIRE_CODECS = frozenset(C.CODEC_NAMES[n] for n in ("none", "fp16", "bf16", "int8"))   # activation codecs
 
 

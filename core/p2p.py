@@ -6,6 +6,7 @@ Every network operation carries a deadline of ours (``SwarmTimeouts``): hivemind
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -26,8 +27,6 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from fedswarm.client.swarm.roster import Refusals
-from fedswarm.client.swarm.tensors import MAX_ELEMENTS
 
 # hivemind renames the WARNING level to "WARN" for every logger in the process, which breaks
 # Flower's log formatter (KeyError: 'WARN'); give the level its standard name back.
@@ -44,6 +43,25 @@ STREAM_SUFFIX = ".stream"  # each handler is served twice: unary `name` and stre
 # PersistentConnectionRequest with a nonexistent field), so the caller would hear nothing until its
 # deadline. Our unary wrapper refuses such replies itself, which reaches the caller as a clean error.
 _UNARY_REPLY_LIMIT = DEFAULT_MAX_MSG_SIZE - 4096  # room for the envelope (call id, framing)
+MAX_ELEMENTS = 1 << 24        # elements of one activation tensor (client/swarm/tensors.py refuses more)
+
+
+class Refusals:
+    """Data-plane input refused, by reason (totals since start; reported in heartbeats)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    def add(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[reason] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
 # A stage request carries at most two activations of MAX_ELEMENTS (fp32 at most), plus its envelope. A message
 # whose length prefix says more is refused before a byte of it is read (hivemind would read it whole, and only
 # then would the handler see who sent it); `P2P_REFUSALS` counts it as "oversized_message".
@@ -67,7 +85,6 @@ class SwarmTimeouts:
     """Every deadline of the swarm layer, in seconds."""
     call_s: float = 5.0  # default deadline of one stage call
     dht_op_s: float = 5.0  # deadline of a DHT store/get
-    announce_every_s: float = 1.0  # how often stage servers re-announce (used by their announce loop)
     record_ttl_s: float = 4.0  # a stage record expires this long after its last announce
     startup_s: float = 30.0  # DHT + p2pd start and replica connection
     shutdown_s: float = 5.0  # grace for the DHT process before it is killed

@@ -1,0 +1,32 @@
+"""The layers stay apart: coordinator and client never import each other, at any depth (functions included),
+and proto imports nothing else of fedswarm."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {"coordinator": ("fedswarm.client",), "client": ("fedswarm.coordinator",),
+             "proto": ("fedswarm.",)}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in a file, inside functions too."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found += [(node.lineno, node.module)] + [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_a_layer_imports_nothing_it_must_not(package):
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {module}"
+           for p in sorted((ROOT / package).rglob("*.py")) if "_pb2" not in p.name
+           for line, module in _imports(p)
+           if module.startswith(FORBIDDEN[package]) and not (package == "proto" and module.startswith("fedswarm.proto"))]
+    assert not bad, "\n".join(bad)
