@@ -23,8 +23,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); without it, bf16 autocast is emulated and
+    about 9x slower than fp32 (measured on a 2-core AMD EPYC without AVX-512: 1.2 s against 0.14 s a step)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto = bf16 on CPU and on GPUs that support it, else fp16 (with a gradient scaler)."""
+    """auto = bf16 on GPUs that support it, else fp16 (with a gradient scaler); on CPU bf16 where the CPU
+    computes it natively, else fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: choose one of {PRECISIONS}")
     if precision != "auto":
@@ -33,7 +41,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 @dataclass

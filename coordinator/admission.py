@@ -18,17 +18,9 @@ from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 
 import grpc
 
-from fedswarm.proto.refusals import REASON_KEY
+from fedswarm.proto.refusals import REASON_KEY, Reason, Refused
 
 IPV6_PREFIX = 64   # one IPv6 address is one /64: a host gets a whole one
-
-
-class CallRefused(Exception):
-    """A call broke a serving limit; `reason` is the rejections counter it lands in."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str, detail: str):
-        super().__init__(detail)
-        self.code, self.reason, self.detail = code, reason, detail
 
 
 def peer_address(peer: str) -> str:
@@ -88,14 +80,14 @@ class Admission:
         """'' while the call may wait its full deadline, else the reason it would be refused for."""
         lim = self.limits
         if self._waiting["conn", conn] >= lim.max_waiting_per_connection:
-            return "busy_connection"
+            return Reason.BUSY_CONNECTION
         if self._waiting["addr", addr] >= lim.max_waiting_per_address:
-            return "busy_address"
-        return "busy" if self._waiting.total >= lim.max_waiting else ""
+            return Reason.BUSY_ADDRESS
+        return Reason.BUSY if self._waiting.total >= lim.max_waiting else ""
 
     async def first_message(self, requests: AsyncIterator, context, late_reason: str) -> bytes | None:
         """The call's first message (None if the client sent none) within limits.first_message_s, or within
-        limits.first_message_grace_s when a waiting share is full; CallRefused when it does not come."""
+        limits.first_message_grace_s when a waiting share is full; Refused when it does not come."""
         conn = context.peer()
         addr = peer_address(conn)
         full = self._full_share(conn, addr)
@@ -108,22 +100,22 @@ class Admission:
                 return message
             except asyncio.TimeoutError:
                 if full:
-                    where = {"busy_connection": "on this connection", "busy_address": "from this address",
-                             "busy": "on this server"}[full]
-                    raise CallRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, full,
-                                      f"too many calls {where} are waiting to send their first message: "
-                                      f"send the request with the call, or retry shortly") from None
-                raise CallRefused(grpc.StatusCode.DEADLINE_EXCEEDED, late_reason,
-                                  f"no first message within {wait:g} s") from None
+                    where = {Reason.BUSY_CONNECTION: "on this connection", Reason.BUSY_ADDRESS: "from this address",
+                             Reason.BUSY: "on this server"}[full]
+                    raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, full,
+                                  f"too many calls {where} are waiting to send their first message: "
+                                  f"send the request with the call, or retry shortly") from None
+                raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, late_reason,
+                              f"no first message within {wait:g} s") from None
 
     @contextlib.contextmanager
     def session_call(self, session_id: int) -> Iterator[None]:
         """Hold one of the session's limits.max_calls_per_session slots for a call's duration."""
         cap = self.limits.max_calls_per_session
         if self._in_flight[session_id] >= cap:
-            raise CallRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, "session_busy",
-                              f"this session already has {cap} calls in flight, the most one may hold: "
-                              f"wait for them to finish")
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_BUSY,
+                          f"this session already has {cap} calls in flight, the most one may hold: "
+                          f"wait for them to finish")
         with self._in_flight.held(session_id):
             yield
 
@@ -133,8 +125,8 @@ class Admission:
         key = (session_id, task_id)
         older = self._uploads.get(key)
         if older is not None:
-            older.refuse(CallRefused(grpc.StatusCode.ABORTED, "upload_replaced",
-                                     "a newer upload for the same task replaced this one"))
+            older.refuse(Refused(grpc.StatusCode.ABORTED, Reason.UPLOAD_REPLACED,
+                                 "a newer upload for the same task replaced this one"))
         self._uploads[key] = bridge
         try:
             yield
@@ -148,12 +140,12 @@ class Admission:
         addr = peer_address(context.peer())
         lim = self.limits
         if self._watches.total >= lim.max_health_watches or self._watches[addr] >= lim.max_health_watches_per_address:
-            raise CallRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_watches",
-                              "too many health Watch streams are open: use Check, or retry later")
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_WATCHES,
+                          "too many health Watch streams are open: use Check, or retry later")
         with self._watches.held(addr):
             yield
 
     async def refuse(self, context, err) -> None:
         """Count `err` (anything with code, reason and detail) and end the call with it."""
         self.count(err.reason)
-        await context.abort(err.code, err.detail, trailing_metadata=((REASON_KEY, err.reason),))
+        await context.abort(err.code, err.detail, trailing_metadata=((REASON_KEY, err.reason.value),))

@@ -27,6 +27,7 @@ from flwr.serverapp import strategy as S
 from flwr.serverapp.exception import AggregationError
 
 from fedswarm.coordinator.integrity import Inadmissible, peak
+from fedswarm.proto.refusals import Reason
 
 M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 128 << 10   # glibc mallopt: allocations above go to mmap
 WEIGHT_KEY = "num-examples"   # the MetricRecord key Flower weights by (FedAvg's weighted_by_key)
@@ -106,9 +107,9 @@ class MeanFold:
         for n, d in delta.items():
             top = self._peaks.get(n, 0.0) + weight * peak(d)
             if not math.isfinite(top):
-                raise Inadmissible("non_finite", f"the update's {n!r} is not finite")
+                raise Inadmissible(Reason.NON_FINITE, f"the update's {n!r} is not finite")
             if top > FP32_MAX:
-                raise Inadmissible("update_overflow", f"the update's {n!r} x its weight {weight:g} would overflow "
+                raise Inadmissible(Reason.UPDATE_OVERFLOW, f"the update's {n!r} x its weight {weight:g} would overflow "
                                    f"the round's fp32 sum")
             peaks[n] = top
         return peaks
@@ -154,9 +155,9 @@ class UpdateSink:
         self._refused_lock = threading.Lock()
         self._refused: collections.Counter[str] = collections.Counter()
 
-    def refuse(self, reason: str) -> None:
+    def refuse(self, reason: Reason) -> None:
         with self._refused_lock:
-            self._refused[reason] += 1
+            self._refused[Reason(reason).value] += 1
 
     def refused(self) -> dict[str, int]:
         with self._refused_lock:

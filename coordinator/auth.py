@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedswarm.proto import signing
+from fedswarm.proto.refusals import Reason
 
 JOIN_WINDOW_S = 120.0       # a challenge is valid this long after it was issued
 MAX_NONCES = 200_000        # proofs remembered at once (each is signed by an authorized key, so this caps a flood)
@@ -34,9 +35,9 @@ _clock = time.monotonic   # challenges are checked only by the process that issu
 class AuthError(Exception):
     """A refused join or update; `reason` is the rejection counter it lands in."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: Reason, detail: str):
         super().__init__(detail)
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail = Reason(reason), detail
 
 
 # -- configuration files -----------------------------------------------------------------
@@ -117,11 +118,11 @@ class NonceCache:
         with self._lock:
             self._expire(now)
             if entry in self._live:
-                return "replayed_join"
+                return Reason.REPLAYED_JOIN
             if self._per.get(key, 0) >= self.per_key:
-                return "too_many_proofs"
+                return Reason.TOO_MANY_PROOFS
             if len(self._live) >= self.max_entries:
-                return "nonce_cache_full"
+                return Reason.NONCE_CACHE_FULL
             self._live.add(entry)
             self._per[key] = self._per.get(key, 0) + 1
             heapq.heappush(self._heap, (expires_at, entry, key))
@@ -212,12 +213,12 @@ class Authenticator:
         """The challenge's expiry time, or AuthError(stale_challenge|stale_join)."""
         if len(challenge) != signing.CHALLENGE_BYTES or not hmac.compare_digest(
                 challenge[8:], hmac.new(self._secret, challenge[:8], hashlib.sha256).digest()[:16]):
-            raise AuthError("stale_challenge", "the proof signs a challenge this coordinator did not issue "
+            raise AuthError(Reason.STALE_CHALLENGE, "the proof signs a challenge this coordinator did not issue "
                             "(a replay, or a proof made before a restart): fetch a fresh challenge and sign again")
         issued = struct.unpack("<d", challenge[:8])[0]
         expires = issued + self.window_s
         if not issued <= now <= expires:   # the nonce cache forgets a proof after `expires`: the same test
-            raise AuthError("stale_join", f"the challenge is {now - issued:.0f} s old (limit {self.window_s:.0f} s): "
+            raise AuthError(Reason.STALE_JOIN, f"the challenge is {now - issued:.0f} s old (limit {self.window_s:.0f} s): "
                             "fetch a fresh one")
         return expires
 
@@ -225,23 +226,23 @@ class Authenticator:
                      nonce: bytes, message: bytes, now: float | None) -> str:
         label = keys.get(bytes(public_key))
         if label is None:
-            raise AuthError("unknown_key", "this public key is not in the coordinator's authorized_keys: "
+            raise AuthError(Reason.UNKNOWN_KEY, "this public key is not in the coordinator's authorized_keys: "
                             "add its line there (client-I.pub) or start the client with a listed --key")
         now = _clock() if now is None else now
         expires = self._check_challenge(bytes(challenge), now)
         if len(nonce) != signing.NONCE_BYTES or not verify(public_key, signature, message):
-            raise AuthError("bad_signature", "the proof's signature does not verify for this key, run and role")
+            raise AuthError(Reason.BAD_SIGNATURE, "the proof's signature does not verify for this key, run and role")
         refused = self.nonces.add(bytes(public_key), bytes(nonce), expires, now)
         if refused:
             raise AuthError(refused, self._nonce_refusal(refused))
         return label
 
-    def _nonce_refusal(self, reason: str) -> str:
-        return {"replayed_join": "this proof was already used",
-                "too_many_proofs": f"this key made {self.nonces.per_key} proofs in the last {self.window_s:.0f} s: "
+    def _nonce_refusal(self, reason: Reason) -> str:
+        return {Reason.REPLAYED_JOIN: "this proof was already used",
+                Reason.TOO_MANY_PROOFS: f"this key made {self.nonces.per_key} proofs in the last {self.window_s:.0f} s: "
                                    "retry shortly (the oldest expire first)",
-                "nonce_cache_full": f"the coordinator holds {self.nonces.max_entries} unexpired proofs of many "
-                                    "keys: retry shortly"}[reason]
+                Reason.NONCE_CACHE_FULL: f"the coordinator holds {self.nonces.max_entries} unexpired proofs of many "
+                                         "keys: retry shortly"}[reason]
 
     def check_join(self, name: str, role: str, public_key: bytes, signature: bytes, challenge: bytes, nonce: bytes,
                    now: float | None = None, p2p_peer_id: str = "") -> str:
@@ -258,7 +259,7 @@ class Authenticator:
         if self.authorized is None:
             return ""
         if not public_key:
-            raise AuthError("no_key", "this run is authenticated: `fedswarm status --key FILE` with an authorized "
+            raise AuthError(Reason.NO_KEY, "this run is authenticated: `fedswarm status --key FILE` with an authorized "
                             "or admin key")
         message = signing.status_message(self.run_id, bytes(challenge), bytes(nonce))
         return self._check_proof({**self.authorized, **self.admin}, public_key, signature, challenge, nonce,
@@ -271,5 +272,5 @@ class Authenticator:
             return
         message = signing.update_message(run_id, round_, client_id, task_id, digest)
         if len(signature) != signing.SIGNATURE_BYTES or not verify(public_key, signature, message):
-            raise AuthError("bad_signature", "the update signature does not verify: the update was altered "
+            raise AuthError(Reason.BAD_SIGNATURE, "the update signature does not verify: the update was altered "
                             "or signed for another run, round, client or task")

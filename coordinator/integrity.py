@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from flwr.app import ArrayRecord
 
+from fedswarm.proto.refusals import Reason
+
 log = logging.getLogger(__name__)
 MAX_WEIGHT = 2.0 ** 32       # no trained model holds a weight this large
 NORM_WINDOW = 32             # accepted update norms remembered per model (or stage), across rounds
@@ -29,9 +31,9 @@ NORM_CHUNK = 1 << 20         # values summed in float64 at a time (bounded tempo
 class Inadmissible(ValueError):
     """An update (or aggregate) that must not be folded or committed; `reason` is the counter it lands in."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: Reason, detail: str):
         super().__init__(detail)
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail = Reason(reason), detail
 
 
 def l2_norm(tensors: Iterable[torch.Tensor]) -> float:
@@ -57,9 +59,9 @@ def check_values(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Ten
     for name in delta:
         top = peak(base[name] + delta[name])
         if not math.isfinite(top):
-            raise Inadmissible("non_finite", f"the update makes {name!r} non-finite")
+            raise Inadmissible(Reason.NON_FINITE, f"the update makes {name!r} non-finite")
         if top > MAX_WEIGHT:
-            raise Inadmissible("update_magnitude", f"the update takes {name!r} to {top:.3g}, beyond the "
+            raise Inadmissible(Reason.UPDATE_MAGNITUDE, f"the update takes {name!r} to {top:.3g}, beyond the "
                                f"+-{MAX_WEIGHT:.3g} any model's weights stay within")
 
 
@@ -95,7 +97,7 @@ class UpdateNormBound:
         log.info("%s: update norm %.4g, %.3g x the reference (limit %s)", key, norm,
                   norm * self.ratio / limit if limit else math.nan, f"{limit:.4g}" if limit else "none")
         if limit is not None and norm > limit:
-            raise Inadmissible("update_norm", f"update norm {norm:.4g} exceeds {limit:.4g} (--max-update-norm-ratio "
+            raise Inadmissible(Reason.UPDATE_NORM, f"update norm {norm:.4g} exceeds {limit:.4g} (--max-update-norm-ratio "
                                f"{self.ratio:g} x the reference norm): train with a smaller lr or fewer steps, or "
                                f"raise or turn off (0) the ratio")
         return norm
@@ -136,5 +138,5 @@ def refused_aggregate(rnd: int, aggregate: ArrayRecord, arrays: ArrayRecord, str
               rnd, len(bad), ", ".join(bad[:3]))
     rewind_strategy(strategy, store, arrays)
     if sink is not None:
-        sink.refuse("non_finite_aggregate")
+        sink.refuse(Reason.NON_FINITE_AGGREGATE)
     return True

@@ -26,7 +26,7 @@ from fedswarm.coordinator.driver import RunProgress
 from fedswarm.coordinator.grid import LongPoll, SessionGrid
 from fedswarm.coordinator.integrity import Inadmissible, UpdateNormBound, check_values, l2_norm
 from fedswarm.coordinator.membership import Member, Membership, SessionsFull
-from fedswarm.coordinator.admission import Admission, CallRefused
+from fedswarm.coordinator.admission import Admission
 from fedswarm.coordinator.serving import ServingLimits, StreamBridge
 from fedswarm.coordinator.status import StatusLimits, StatusReport
 from fedswarm.coordinator.swarm_registry import PEER_ID
@@ -34,6 +34,7 @@ from fedswarm.metrics import counted_down
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import refusals, signing, wire
+from fedswarm.proto.refusals import Reason, Refused
 
 log = logging.getLogger(__name__)
 SERVICE = "fedswarm.Coordinator"
@@ -42,22 +43,14 @@ MAX_UPDATE_BYTES_FACTOR = 1.5   # an update stream may not exceed 1.5x the model
 MAX_EVAL_LOSS = 1e4             # nats per token; a real model's loss is far below (a uniform 2^20 vocab: 13.9)
 
 
-class Rejected(Exception):
-    """A request refused with a gRPC status; `reason` is the counter it lands in."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str, detail: str):
-        super().__init__(detail)
-        self.code, self.reason, self.detail = code, reason, detail
+def invalid(reason: Reason, detail: str) -> Refused:
+    return Refused(grpc.StatusCode.INVALID_ARGUMENT, reason, detail)
 
 
-def invalid(reason: str, detail: str) -> Rejected:
-    return Rejected(grpc.StatusCode.INVALID_ARGUMENT, reason, detail)
-
-
-def unauthenticated(err: AuthError) -> Rejected:
+def unauthenticated(err: AuthError) -> Refused:
     """A refused proof; too many unexpired proofs is RESOURCE_EXHAUSTED (retry shortly), not a bad identity."""
     code = grpc.StatusCode.RESOURCE_EXHAUSTED if err.reason in refusals.RETRY_SOON else grpc.StatusCode.UNAUTHENTICATED
-    return Rejected(code, err.reason, err.detail)
+    return Refused(code, err.reason, err.detail)
 
 
 class CoordinatorService:
@@ -107,23 +100,23 @@ class CoordinatorService:
             "PushEval": unary(pb.EvalResult, self.push_eval),
         })
 
-    def count(self, reason: str) -> None:
+    def count(self, reason: Reason) -> None:
         with self._counter_lock:
-            self.rejections[reason] += 1
+            self.rejections[Reason(reason).value] += 1
 
-    async def _refuse(self, context, rej: Rejected | CallRefused) -> None:
+    async def _refuse(self, context, rej: Refused) -> None:
         await self.admission.refuse(context, rej)
 
     def _parse_unary(self, msg_type, raw: bytes | None):
         if raw is None:
-            raise invalid("no_request", "the call carried no request message")
+            raise invalid(Reason.NO_REQUEST, "the call carried no request message")
         if len(raw) > wire.MAX_MESSAGE_BYTES:
-            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "oversized", f"request of {len(raw)} bytes")
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.OVERSIZED, f"request of {len(raw)} bytes")
         return _parse(msg_type, raw)
 
     async def _request(self, msg_type, requests, context):
         """The call's one request, read under the first-message deadline and parsed."""
-        return self._parse_unary(msg_type, await self.admission.first_message(requests, context, "slow_request"))
+        return self._parse_unary(msg_type, await self.admission.first_message(requests, context, Reason.SLOW_REQUEST))
 
     def _session_slot(self, client_id: int, token: str):
         """A slot of the session's calls in flight while a call with a valid session runs (else no limit here:
@@ -139,7 +132,7 @@ class CoordinatorService:
                 with self._session_slot(getattr(req, "client_id", 0), getattr(req, "session_token", "")):
                     result = fn(req, context)
                     return await result if asyncio.iscoroutine(result) else result
-            except (Rejected, CallRefused) as rej:
+            except Refused as rej:
                 await self._refuse(context, rej)
         return read_then_call
 
@@ -154,7 +147,7 @@ class CoordinatorService:
                     items = await loop.run_in_executor(self.limits.cpu_pool, fn, req, context)
                     while (item := await loop.run_in_executor(self.limits.cpu_pool, next, items, done)) is not done:
                         await context.write(item)
-            except (Rejected, CallRefused) as rej:
+            except Refused as rej:
                 await self._refuse(context, rej)
         return read_then_stream
 
@@ -166,7 +159,7 @@ class CoordinatorService:
         async def first_then_consume(requests, context):
             loop = asyncio.get_running_loop()
             try:
-                first = await self.admission.first_message(requests, context, "slow_header")
+                first = await self.admission.first_message(requests, context, Reason.SLOW_HEADER)
                 bridge = StreamBridge(first, requests, loop, self.limits.chunk_idle_s, self.limits.upload_s)
                 owner = self._upload_owner(first)
                 with contextlib.ExitStack() as held:
@@ -174,7 +167,7 @@ class CoordinatorService:
                         held.enter_context(self.admission.session_call(owner[0]))
                         held.enter_context(self.admission.only_upload(*owner, bridge))
                     return await loop.run_in_executor(self.limits.upload_pool, self._consume, fn, bridge, context)
-            except (Rejected, CallRefused) as rej:
+            except Refused as rej:
                 await self._refuse(context, rej)
 
         return first_then_consume
@@ -196,25 +189,25 @@ class CoordinatorService:
     def _consume(fn: Callable, bridge: StreamBridge, context):
         try:
             return fn(bridge, context)
-        except CallRefused as err:
-            raise Rejected(err.code, err.reason, err.detail) from None
+        except Refused as err:
+            raise Refused(err.code, err.reason, err.detail) from None
 
     def _session(self, client_id: int, token: str) -> Member:
         member = self.members.check(client_id, token)
         if member is None:
             if self.members.was_replaced(client_id):
-                raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "session_replaced",
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, Reason.SESSION_REPLACED,
                                "a newer session joined with this client's key: only one daemon per key may run")
-            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "bad_session",
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, Reason.BAD_SESSION,
                            "unknown client or session token: join again")
         return member
 
     # -- RPCs ------------------------------------------------------------------------
     def join(self, req: pb.JoinRequest, context) -> pb.JoinReply:
         if not req.name or len(req.name) > MAX_NAME or not req.name.isprintable():
-            raise invalid("bad_name", f"name must be 1..{MAX_NAME} printable characters")
+            raise invalid(Reason.BAD_NAME, f"name must be 1..{MAX_NAME} printable characters")
         if len(req.device) > MAX_NAME or len(req.precision) > 16:
-            raise invalid("bad_join", "device/precision field too long")
+            raise invalid(Reason.BAD_JOIN, "device/precision field too long")
         role = req.role or "client"
         try:
             key_name = self.auth.check_join(req.name, role[:16], req.public_key, req.signature, req.challenge, req.nonce,
@@ -224,25 +217,25 @@ class CoordinatorService:
             raise unauthenticated(err) from None
         allowed = ("peer", "trainer") if self.swarm else ("client", "evaluator")
         if role not in allowed:
-            raise invalid("bad_role", f"role {role[:16]!r} does not fit this {self.cfg.mode} run (use {' or '.join(allowed)})")
+            raise invalid(Reason.BAD_ROLE, f"role {role[:16]!r} does not fit this {self.cfg.mode} run (use {' or '.join(allowed)})")
         if role == "evaluator" and self.cfg.evaluate == "central":
-            raise invalid("bad_role", "this run evaluates on the coordinator only (--evaluate central): an evaluator "
+            raise invalid(Reason.BAD_ROLE, "this run evaluates on the coordinator only (--evaluate central): an evaluator "
                           "would never be asked; start the run with --evaluate clients or both, or run a client")
         try:
             member, resumed = self.members.join(req.name, req.device, req.precision,
                                                 req.resume_client_id, req.resume_token,
                                                 public_key=bytes(req.public_key) if self.auth.enabled else b"")
         except SessionsFull as err:
-            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_sessions", str(err)) from None
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(err)) from None
         if member.replaced:  # one live session per key: the older one was dropped (its tasks failed)
-            self.count("replaced_session")
+            self.count(Reason.REPLACED_SESSION)
             log.warning("client %s joined with the key of session %d, which it replaces", req.name, member.replaced)
         member.role = role
         member.address = _peer_host(context.peer())
         stage = -1
         if self.swarm:
             if req.p2p_peer_id and not PEER_ID.fullmatch(req.p2p_peer_id):
-                raise invalid("bad_peer_id", "p2p_peer_id must be a base58 libp2p peer id")
+                raise invalid(Reason.BAD_PEER_ID, "p2p_peer_id must be a base58 libp2p peer id")
         if role == "peer":
             stage = self.swarm.registry.stage(member.client_id)
             if stage < 0:
@@ -264,9 +257,9 @@ class CoordinatorService:
         stage = -1
         if self.swarm and member.role == "peer":
             if not (math.isfinite(req.throughput) and req.throughput >= 0):
-                raise invalid("bad_heartbeat", "throughput must be a finite number >= 0")
+                raise invalid(Reason.BAD_HEARTBEAT, "throughput must be a finite number >= 0")
             if not (math.isfinite(req.switch_s) and req.switch_s >= 0):
-                raise invalid("bad_heartbeat", "switch_s must be a finite number of seconds >= 0")
+                raise invalid(Reason.BAD_HEARTBEAT, "switch_s must be a finite number of seconds >= 0")
             self.swarm.registry.report_peer(member.client_id, req.throughput, int(req.optimizer_steps),
                                             req.load if math.isfinite(req.load) else 0.0, serving=req.stage,
                                             refused=dict(req.refused), switch_s=req.switch_s)
@@ -282,14 +275,14 @@ class CoordinatorService:
     async def pull_task(self, req: pb.PullTaskRequest, context) -> pb.Task:
         member = self._session(req.client_id, req.session_token)
         if not math.isfinite(req.wait_s) or req.wait_s < 0:
-            raise invalid("bad_wait", "wait_s must be a finite number >= 0")
+            raise invalid(Reason.BAD_WAIT, "wait_s must be a finite number >= 0")
         if self.progress.done.is_set():
             return pb.Task(kind=pb.TASK_DONE, round=self.progress.committed_round)
         poll = LongPoll()   # a session holds limits.max_polls_per_session: a newer poll answers its oldest
         msg = await self.grid.take_task_async(member.client_id, min(req.wait_s, self.timeouts.max_pull_wait_s),
                                               poll, max_polls=self.limits.max_polls_per_session)
         if poll.superseded:
-            self.count("poll_superseded")
+            self.count(Reason.POLL_SUPERSEDED)
         if not context.cancelled():  # the long-poll renews the lease too, unless the client went away meanwhile
             self.members.check(req.client_id, req.session_token)
         if msg is None:
@@ -304,10 +297,10 @@ class CoordinatorService:
         member = self._session(req.client_id, req.session_token)
         max_bytes = min(req.max_part_bytes or wire.MAX_PART_BYTES, wire.MAX_PART_BYTES)
         if max_bytes < 1024:
-            raise invalid("bad_part_size", "max_part_bytes must be >= 1024")
+            raise invalid(Reason.BAD_PART_SIZE, "max_part_bytes must be >= 1024")
         if not req.task_id and req.stage > 0:  # swarm: a stage's latest committed average
             if not self.swarm or req.stage > len(self.swarm.driver.stage_names):
-                raise invalid("bad_stage", f"no stage {req.stage - 1} in this run")
+                raise invalid(Reason.BAD_STAGE, f"no stage {req.stage - 1} in this run")
             base = self.swarm.driver.stage_state(req.stage - 1)
         elif self.swarm:  # a stage average: the stages of one round differ, so no version chain
             base = self._base_state(req.task_id, self._open_task(req.task_id, member))
@@ -333,57 +326,57 @@ class CoordinatorService:
         received = 0
         first = next(chunks, None)
         if first is None:
-            raise invalid("empty_stream", "PushUpdate stream carried no header")
+            raise invalid(Reason.EMPTY_STREAM, "PushUpdate stream carried no header")
         received += len(first)
         head = _parse(pb.UpdateChunk, first)
         if head.WhichOneof("kind") != "header":
-            raise invalid("no_header", "the first UpdateChunk must be a header")
+            raise invalid(Reason.NO_HEADER, "the first UpdateChunk must be a header")
         h = head.header
         member = self._session(h.client_id, h.session_token)
         if (member.client_id, h.task_id) in self._answered or bytes(h.signature) in self._seen_signatures:
-            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "replayed_update",
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, Reason.REPLAYED_UPDATE,
                            f"an update for task {h.task_id[:64]!r} was already delivered (replay)")
         if self.auth.enabled and len(h.signature) != signing.SIGNATURE_BYTES:
-            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "bad_signature",
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, Reason.BAD_SIGNATURE,
                            "the update is not signed: start the client with --key")
         msg = self.grid.open_instruction(h.task_id, member.client_id) or self._adopt(h, member)
         if msg is None:
             msg = self._open_task(h.task_id, member)   # raises FAILED_PRECONDITION
         task_id = msg.metadata.message_id            # differs from h.task_id when adopted after a restart
         if _is_evaluate(msg):
-            raise invalid("wrong_task_kind", "this task asks for an evaluation: answer it with PushEval, not an update")
+            raise invalid(Reason.WRONG_TASK_KIND, "this task asks for an evaluation: answer it with PushEval, not an update")
         base = self._base_state(task_id, msg)
         if h.base_digest and h.base_digest != self._served_digest(msg):
-            raise invalid("bad_base", "the update was trained from weights other than this task's model: "
+            raise invalid(Reason.BAD_BASE, "the update was trained from weights other than this task's model: "
                           "download the task's model again")
         spec = {n: tuple(t.shape) for n, t in base.items()}  # what this task's model (or stage) holds
         raw_update_bytes = 4 * sum(math.prod(shape) for shape in spec.values())
         max_update_bytes = int(raw_update_bytes * MAX_UPDATE_BYTES_FACTOR) + (1 << 20)
         expected_parts = wire.count_parts(spec, self.upload)
         if h.num_parts != expected_parts:
-            raise invalid("bad_part_count", f"num_parts {h.num_parts}, expected {expected_parts} "
+            raise invalid(Reason.BAD_PART_COUNT, f"num_parts {h.num_parts}, expected {expected_parts} "
                           f"for codec {self.cfg.upload_codec}")
         if not math.isfinite(h.train_loss) or h.num_examples == 0 or h.num_examples > 10**9:
-            raise invalid("bad_header", "train_loss must be finite and num_examples in 1..1e9")
+            raise invalid(Reason.BAD_HEADER, "train_loss must be finite and num_examples in 1..1e9")
         assembler = wire.PartAssembler(spec, {self.upload}, keep_encoded=True)  # decoded tensor by tensor when folded
         digest = signing.UpdateDigest(h.num_examples, h.train_loss, h.num_parts)
         parts = 0
         for raw in chunks:
             received += len(raw)
             if received > max_update_bytes:
-                raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "oversized",
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.OVERSIZED,
                                f"update stream over {max_update_bytes} bytes")
             chunk = _parse(pb.UpdateChunk, raw)
             if chunk.WhichOneof("kind") != "part":
-                raise invalid("bad_chunk", "only TensorPart chunks may follow the header")
+                raise invalid(Reason.BAD_CHUNK, "only TensorPart chunks may follow the header")
             digest.add_chunk(raw)
             parts += 1
             if parts > h.num_parts:
-                raise invalid("bad_part_count", f"more than the announced {h.num_parts} parts")
+                raise invalid(Reason.BAD_PART_COUNT, f"more than the announced {h.num_parts} parts")
             try:
                 assembler.add(chunk.part)
             except wire.WireError as err:
-                raise invalid("bad_tensor", str(err)) from None
+                raise invalid(Reason.BAD_TENSOR, str(err)) from None
         try:  # the task's own round, so a signature for another round cannot verify
             self.auth.check_update(member.public_key, h.signature, self.run_id, _task_round(msg),
                                    member.client_id, h.task_id, digest.digest())
@@ -393,7 +386,7 @@ class CoordinatorService:
         try:
             delta = assembler.finish()
         except wire.WireError as err:
-            raise invalid("incomplete", str(err)) from None
+            raise invalid(Reason.INCOMPLETE, str(err)) from None
         delta = self._clip(delta)
         norm = self._admit(msg, base, delta)   # finite, bounded, within --max-update-norm-ratio (integrity.py)
         update = DecodedUpdate(base, delta, client=ConfigRecord({"name": member.name}), metrics=MetricRecord({
@@ -406,7 +399,7 @@ class CoordinatorService:
         except Inadmissible as err:   # the fold's own overflow check
             raise invalid(err.reason, err.detail) from None
         if not delivered:
-            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "task_closed", "the task closed while uploading")
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, Reason.TASK_CLOSED, "the task closed while uploading")
         self.norm_bound.accept(_norm_key(msg), norm)
         self._answered.add((member.client_id, h.task_id))
         self._answered.add((member.client_id, task_id))
@@ -423,14 +416,14 @@ class CoordinatorService:
         cannot evaluate (a failed reply, so the round does not wait for it)."""
         member = self._session(req.client_id, req.session_token)
         if (member.client_id, req.task_id) in self._answered:
-            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "replayed_update",
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, Reason.REPLAYED_UPDATE,
                            f"an answer for task {req.task_id[:64]!r} was already delivered (replay)")
         if self.auth.enabled and len(req.signature) != signing.SIGNATURE_BYTES:
-            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "bad_signature",
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, Reason.BAD_SIGNATURE,
                            "the evaluation result is not signed: start the client with --key")
         msg = self._open_task(req.task_id, member)
         if not _is_evaluate(msg):
-            raise invalid("wrong_task_kind", "this task asks for training: answer it with PushUpdate")
+            raise invalid(Reason.WRONG_TASK_KIND, "this task asks for training: answer it with PushUpdate")
         self._check_eval(req, msg)
         try:
             self.auth.check_update(member.public_key, req.signature, self.run_id, _task_round(msg), member.client_id,
@@ -445,22 +438,22 @@ class CoordinatorService:
                 "metrics": MetricRecord({"eval_loss": float(req.loss), "num-examples": int(req.tokens)}),
                 "client": ConfigRecord({"name": member.name})}))
         if not delivered:
-            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "task_closed", "the task closed before its answer came")
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, Reason.TASK_CLOSED, "the task closed before its answer came")
         self._answered.add((member.client_id, req.task_id))
         return pb.PushReply(accepted=True, message="ok")
 
     def _check_eval(self, req: pb.EvalResult, msg: Message) -> None:
         if req.error:
             if len(req.error) > MAX_NAME * 4 or not req.error.isprintable():
-                raise invalid("bad_eval", f"error must be at most {MAX_NAME * 4} printable characters")
+                raise invalid(Reason.BAD_EVAL, f"error must be at most {MAX_NAME * 4} printable characters")
             return
         max_tokens = self.cfg.eval_windows * self.cfg.seq_len
         if not (math.isfinite(req.loss) and 0 <= req.loss <= MAX_EVAL_LOSS) or not 1 <= req.tokens <= max_tokens:
-            raise invalid("bad_eval", f"loss must be in [0, {MAX_EVAL_LOSS:g}] and tokens in 1..{max_tokens} "
+            raise invalid(Reason.BAD_EVAL, f"loss must be in [0, {MAX_EVAL_LOSS:g}] and tokens in 1..{max_tokens} "
                           f"(--eval-windows x --seq-len)")
         served = self.downloads.digest(_task_version(msg))
         if req.base_digest and served is not None and bytes(req.base_digest) != served:
-            raise invalid("bad_base", "the loss was measured on weights other than this task's model: "
+            raise invalid(Reason.BAD_BASE, "the loss was measured on weights other than this task's model: "
                           "download the task's model again")
 
     def status(self, req: pb.StatusRequest, context) -> pb.StatusReply:
@@ -522,10 +515,10 @@ class CoordinatorService:
 
     def _open_task(self, task_id: str, member: Member) -> Message:
         if len(task_id) > 64:
-            raise invalid("bad_task_id", "task_id too long")
+            raise invalid(Reason.BAD_TASK_ID, "task_id too long")
         msg = self.grid.open_instruction(task_id, member.client_id)
         if msg is None:
-            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "task_closed",
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, Reason.TASK_CLOSED,
                            f"task {task_id[:64]!r} is not open for this client (finished, timed out or never sent)")
         return msg
 
@@ -541,7 +534,7 @@ class CoordinatorService:
         with self.progress.lock:
             pending = self.progress.current_round == h.round and self.progress.configured_round < h.round
         if pending:  # the re-run of that round has not sent its instructions yet: come back shortly
-            raise Rejected(grpc.StatusCode.ABORTED, "task_pending",
+            raise Refused(grpc.StatusCode.ABORTED, Reason.TASK_PENDING,
                            f"round {h.round} is being configured after a restart; retry shortly")
         return None
 
@@ -583,7 +576,7 @@ def _parse(msg_type, raw: bytes):
     try:
         msg.ParseFromString(raw)
     except (DecodeError, RuntimeError, ValueError) as err:
-        raise invalid("malformed", f"cannot parse {msg_type.DESCRIPTOR.name}: {err}") from None
+        raise invalid(Reason.MALFORMED, f"cannot parse {msg_type.DESCRIPTOR.name}: {err}") from None
     return msg
 
 

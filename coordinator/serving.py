@@ -16,9 +16,10 @@ from dataclasses import dataclass, field, fields
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from fedswarm.coordinator.admission import Admission, CallRefused
+from fedswarm.coordinator.admission import Admission
 from fedswarm.proto import wire
 from fedswarm.settings import opt
+from fedswarm.proto.refusals import Reason, Refused
 
 log = logging.getLogger(__name__)
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -120,10 +121,10 @@ class StreamBridge:
         self._pending, self._requests, self._loop, self._idle_s = first, requests, loop, idle_s
         self._total_s, self._deadline = total_s, time.monotonic() + total_s
         self._ended = first is None
-        self._refusal: CallRefused | None = None
+        self._refusal: Refused | None = None
         self._waiting: futures.Future | None = None
 
-    def refuse(self, err: CallRefused) -> None:
+    def refuse(self, err: Refused) -> None:
         self._refusal = err
         waiting = self._waiting
         if waiting is not None:
@@ -153,12 +154,12 @@ class StreamBridge:
         except (asyncio.TimeoutError, futures.TimeoutError):
             self._waiting.cancel()
             raise (self._over_time() if wait < self._idle_s else
-                   CallRefused(grpc.StatusCode.DEADLINE_EXCEEDED, "slow_upload",
-                               f"no upload chunk for {self._idle_s:g} s")) from None
+                   Refused(grpc.StatusCode.DEADLINE_EXCEEDED, Reason.SLOW_UPLOAD,
+                           f"no upload chunk for {self._idle_s:g} s")) from None
         except (futures.CancelledError, asyncio.CancelledError, grpc.RpcError, grpc.aio.AioRpcError) as err:
             if self._refusal is not None:
                 raise self._refusal from None
-            raise CallRefused(grpc.StatusCode.CANCELLED, "stream_broken", f"the upload stream broke: {err}") from None
+            raise Refused(grpc.StatusCode.CANCELLED, Reason.STREAM_BROKEN, f"the upload stream broke: {err}") from None
         finally:
             self._waiting = None
         if item is self._END:
@@ -166,29 +167,29 @@ class StreamBridge:
             raise StopIteration
         return item
 
-    def _over_time(self) -> CallRefused:
-        return CallRefused(grpc.StatusCode.DEADLINE_EXCEEDED, "upload_deadline",
-                           f"the upload took longer than {self._total_s:g} s: send it over a faster link, or ask "
-                           f"the operator for a longer --upload-timeout")
+    def _over_time(self) -> Refused:
+        return Refused(grpc.StatusCode.DEADLINE_EXCEEDED, Reason.UPLOAD_DEADLINE,
+                       f"the upload took longer than {self._total_s:g} s: send it over a faster link, or ask "
+                       f"the operator for a longer --upload-timeout")
 
 
 def health_handler(servicer: health.aio.HealthServicer, admission: Admission) -> grpc.GenericRpcHandler:
     """grpc.health.v1.Health as streams: the request is read under the first-message deadline (a stock
     unary handler waits for it without one) and Watch streams are capped."""
     async def request(requests, context) -> health_pb2.HealthCheckRequest:
-        raw = await admission.first_message(requests, context, "slow_request")
+        raw = await admission.first_message(requests, context, Reason.SLOW_REQUEST)
         if raw is None:
-            raise CallRefused(grpc.StatusCode.INVALID_ARGUMENT, "no_request", "the call carried no request")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, Reason.NO_REQUEST, "the call carried no request")
         try:
             return health_pb2.HealthCheckRequest.FromString(raw)
         except Exception:  # noqa: BLE001 - DecodeError and friends: the caller's bytes are bad
-            raise CallRefused(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
-                              "cannot parse HealthCheckRequest") from None
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, Reason.MALFORMED,
+                          "cannot parse HealthCheckRequest") from None
 
     async def check(requests, context):
         try:
             return await servicer.Check(await request(requests, context), context)
-        except CallRefused as err:
+        except Refused as err:
             await admission.refuse(context, err)
 
     async def watch(requests, context):
@@ -196,7 +197,7 @@ def health_handler(servicer: health.aio.HealthServicer, admission: Admission) ->
             req = await request(requests, context)
             with admission.watch(context):
                 await servicer.Watch(req, context)
-        except CallRefused as err:
+        except Refused as err:
             await admission.refuse(context, err)
 
     ser = health_pb2.HealthCheckResponse.SerializeToString

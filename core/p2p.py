@@ -26,6 +26,7 @@ from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, P2PDa
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
+from fedswarm.proto.refusals import Reason
 
 
 # hivemind renames the WARNING level to "WARN" for every logger in the process, which breaks
@@ -53,9 +54,9 @@ class Refusals:
         self._lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
 
-    def add(self, reason: str, n: int = 1) -> None:
+    def add(self, reason: Reason, n: int = 1) -> None:
         with self._lock:
-            self._counts[reason] += n
+            self._counts[Reason(reason).value] += n
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -99,7 +100,7 @@ async def _receive_bounded(reader: asyncio.StreamReader) -> bytes:
     header = await reader.readexactly(P2P.HEADER_LEN)
     length = int.from_bytes(header, P2P.BYTEORDER)
     if length > MAX_P2P_MESSAGE:
-        P2P_REFUSALS.add("oversized_message")
+        P2P_REFUSALS.add(Reason.OVERSIZED_MESSAGE)
         logger.warning("refused a P2P message of %d bytes unread (at most %d)", length, MAX_P2P_MESSAGE)
         raise OversizedMessage(f"a message of {length} bytes is over the limit of {MAX_P2P_MESSAGE}")
     return await reader.readexactly(length)

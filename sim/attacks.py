@@ -24,7 +24,8 @@ from fedswarm.proto import refusals, wire
 OWN_CONNECTION = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
                   ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096),
                   ("grpc.use_local_subchannel_pool", 1)]   # each channel its own TCP connection
-WAIT_REASONS = {"slow_request", "slow_header", "busy_connection", "busy_address", "busy"}
+WAIT_REASONS = {refusals.Reason.SLOW_REQUEST, refusals.Reason.SLOW_HEADER, refusals.Reason.BUSY_CONNECTION,
+                refusals.Reason.BUSY_ADDRESS, refusals.Reason.BUSY}
 
 
 @dataclass

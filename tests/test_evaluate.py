@@ -23,7 +23,8 @@ from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.driver import EVALUATOR, RoundDriver, RunProgress
 from fedswarm.coordinator.grid import ERROR_REJECTED, SessionGrid
 from fedswarm.coordinator.membership import Membership
-from fedswarm.coordinator.service import CoordinatorService, Rejected
+from fedswarm.coordinator.service import CoordinatorService
+from fedswarm.proto.refusals import Refused
 from fedswarm.coordinator.store import Store
 from fedswarm.coordinator.strategies import build_strategy, evaluation_strategy
 from fedswarm.proto import fedswarm_pb2 as pb
@@ -213,7 +214,7 @@ def _task(service, grid, member, kind: str) -> tuple[list[str], pb.Task]:
 
 
 def _refused(service, req) -> str:
-    with pytest.raises(Rejected) as err:
+    with pytest.raises(Refused) as err:
         service.push_eval(req, None)
     return err.value.reason
 
@@ -241,7 +242,7 @@ def test_push_eval_is_bounded_checked_and_delivered_once(tmp_path):
         ids, task = _task(service, grid, member, "evaluate")
         header = pb.UpdateHeader(client_id=member.client_id, session_token=member.token, task_id=task.task_id,
                                  round=3, num_examples=1, train_loss=1.0, num_parts=1)
-        with pytest.raises(Rejected) as err:
+        with pytest.raises(Refused) as err:
             service.push_update(iter([pb.UpdateChunk(header=header).SerializeToString()]), None)
         assert err.value.reason == "wrong_task_kind"
         # a client that cannot evaluate says so: an error reply, so the round does not wait for it
@@ -299,7 +300,7 @@ def test_an_evaluator_is_refused_by_a_run_that_evaluates_centrally(tmp_path):
     service = CoordinatorService(cfg, "run", SessionGrid(7, membership.live_ids), membership,
                                  RunProgress(cfg, []), CoordinatorTimeouts(), state_dir=tmp_path)
     try:
-        with pytest.raises(Rejected) as err:
+        with pytest.raises(Refused) as err:
             service.join(pb.JoinRequest(name="judge", device="cpu", precision="fp32", role="evaluator"), None)
         assert err.value.reason == "bad_role" and "--evaluate clients" in err.value.detail
         assert membership.snapshot() == []

@@ -21,7 +21,8 @@ from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.integrity import (MAX_WEIGHT, Inadmissible, UpdateNormBound, check_values, l2_norm,
                                             refused_aggregate)
 from fedswarm.coordinator.membership import Membership
-from fedswarm.coordinator.service import CoordinatorService, Rejected
+from fedswarm.coordinator.service import CoordinatorService
+from fedswarm.proto.refusals import Refused
 from fedswarm.coordinator.store import Store
 from fedswarm.coordinator.strategies import build_strategy
 from fedswarm.coordinator.strategy_state import export_state
@@ -135,7 +136,7 @@ def _push(service, member, delta: dict[str, torch.Tensor]) -> pb.PushReply:
     chunks = [pb.UpdateChunk(header=header)] + [pb.UpdateChunk(part=p) for p in parts]
     try:
         return service.push_update(iter(c.SerializeToString() for c in chunks), None)
-    except Rejected:
+    except Refused:
         service.grid.requeue_for(member.client_id)   # a refused upload leaves the task open: hand it out again
         raise
 
@@ -147,7 +148,7 @@ def test_the_service_refuses_the_attack_on_every_aggregation_path(tmp_path, stra
     try:
         for bad, reason in [(attack(), "update_magnitude"),
                             ({k: v * 100 for k, v in model(0).items()}, "update_norm")]:   # 100x the weights
-            with pytest.raises(Rejected) as err:
+            with pytest.raises(Refused) as err:
                 _push(service, members[0], bad)
             assert (err.value.reason, err.value.code.name) == (reason, "INVALID_ARGUMENT")
         honest = [model(10 + i, 0.01) for i in range(3)]

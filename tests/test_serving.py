@@ -20,7 +20,8 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import refusals, wire
-from fedswarm.coordinator.admission import CallRefused, peer_address
+from fedswarm.coordinator.admission import peer_address
+from fedswarm.proto.refusals import Refused
 from fedswarm.coordinator.serving import ServingLimits, StreamBridge
 from fedswarm.sim.processes import coordinator_process, fetch_status
 
@@ -203,12 +204,12 @@ async def _drip(every_s: float, count: int = 10**6):
     await asyncio.Event().wait()   # then silence
 
 
-def _drain(bridge: StreamBridge) -> tuple[list, CallRefused | None, float]:
+def _drain(bridge: StreamBridge) -> tuple[list, Refused | None, float]:
     got, started = [], time.monotonic()
     try:
         for item in bridge:
             got.append(item)
-    except CallRefused as err:
+    except Refused as err:
         return got, err, time.monotonic() - started
     return got, None, time.monotonic() - started
 
@@ -231,7 +232,7 @@ def test_stream_bridge_cuts_a_silent_upload_at_its_chunk_deadline():
 
 def test_stream_bridge_refused_from_the_loop_frees_its_worker_at_once():
     """What a newer upload of the same task does to the older: the worker waiting for a chunk raises at once."""
-    replaced = CallRefused(grpc.StatusCode.ABORTED, "upload_replaced", "a newer upload replaced this one")
+    replaced = Refused(grpc.StatusCode.ABORTED, "upload_replaced", "a newer upload replaced this one")
     with _loop_thread() as loop:
         bridge = StreamBridge(b"header", _drip(3600), loop, idle_s=30, total_s=60)
         loop.call_later(0.2, bridge.refuse, replaced)

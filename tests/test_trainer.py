@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fedswarm.proto.fedswarm_pb2 as pb
-from fedswarm.client.trainer import LocalTrainer, resolve_device, resolve_precision
+from fedswarm.client.trainer import LocalTrainer, cpu_has_bf16, resolve_device, resolve_precision
 from fedswarm.data import BatchSampler, load_train_tokens
 from fedswarm.models import build_model, lm_loss, load_trainable_state, trainable_state
 from fedswarm.proto import codec as C
@@ -65,7 +65,7 @@ def check_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
 # -- device / precision ----------------------------------------------------------------------
 
 def test_resolve_precision():
-    assert resolve_precision("auto", CPU) == "bf16"
+    assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_bf16() else "fp32")
     assert resolve_precision("fp16", CPU) == "fp16"
     assert resolve_precision("fp32", CPU) == "fp32"
     assert resolve_precision("bf16", CPU) == "bf16"

@@ -24,6 +24,7 @@ from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import wire
 from fedswarm.stage_lora import lora_stage_shapes
 from fedswarm.stages import HandedOver, stage_shapes
+from fedswarm.proto.refusals import Reason
 
 log = logging.getLogger("fedswarm.swarm")
 ANNOUNCE_EVERY_S, RECORD_TTL_S = 1.0, 4.0
@@ -231,7 +232,7 @@ class PeerDaemon(SwarmMember):
         stage = int(json.loads(task.config_json).get("stage", -1))
         if stage != self.server.stage_index:   # checked before the download: its parts are checked against stage's
             raise BadStageInput(f"sync for stage {stage}, but this peer serves stage {self.server.stage_index}",
-                                "wrong_stage")
+                                Reason.WRONG_STAGE)
         average = self.fetch_stage(task.task_id, stage)
         started = time.monotonic()
         with self._switch_lock:

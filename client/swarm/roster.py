@@ -11,6 +11,7 @@ import threading
 
 from fedswarm.client.swarm.routing import StageRecord, parse_records
 from fedswarm.p2p import Refusals
+from fedswarm.proto.refusals import Reason
 from fedswarm.proto import fedswarm_pb2 as pb
 
 __all__ = ["Roster", "Refusals", "roster_records"]
@@ -63,8 +64,8 @@ def roster_records(stage: int, members: frozenset[str], raw: dict[str, dict],
     gets a default one, so overwriting or deleting records cannot hide a stage. Returns the records and
     what was ignored: {"record_not_member": peer ids, "record_malformed": (peer id, value) pairs}."""
     parsed = {r.peer_id: r for r in parse_records(stage, {p: v for p, v in raw.items() if p in members})}
-    ignored = {"record_not_member": {p for p in raw if p not in members},
-               "record_malformed": {(p, repr(raw[p])[:200]) for p in raw if p in members and p not in parsed}}
+    ignored = {Reason.RECORD_NOT_MEMBER: {p for p in raw if p not in members},
+               Reason.RECORD_MALFORMED: {(p, repr(raw[p])[:200]) for p in raw if p in members and p not in parsed}}
     if parsed:
         median = statistics.median(r.throughput for r in parsed.values())
         cap = max(median, default_throughput) * cap_factor

@@ -23,6 +23,7 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.stage_lora import build_lora_stage
 from fedswarm.stages import build_stage, load_stage_state, stage_state
+from fedswarm.proto.refusals import Reason
 
 log = logging.getLogger(__name__)
 HANDLER = "fedswarm.stage"
@@ -57,9 +58,9 @@ def _fault_plan() -> tuple[str, float] | None:
 def check_hop_reply(reply: pb.StageReply, shape: tuple, allowed: set) -> None:
     """BadStageInput unless the next hop answered a chained forward with a finite loss and input gradient."""
     if not math.isfinite(reply.loss):
-        raise BadStageInput(f"loss {reply.loss}", "bad_reply")
+        raise BadStageInput(f"loss {reply.loss}", Reason.BAD_REPLY)
     if not torch.isfinite(from_wire(reply.grad_input, shape, allowed)).all():
-        raise BadStageInput("the input gradient is not finite", "bad_reply")
+        raise BadStageInput("the input gradient is not finite", Reason.BAD_REPLY)
 
 
 class StageServer:
@@ -121,13 +122,13 @@ class StageServer:
 
     def _sync(self, stage: int, average: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
         if stage != self.stage_index:
-            raise BadStageInput(f"sync for stage {stage}, but this peer serves stage {self.stage_index}", "wrong_stage")
+            raise BadStageInput(f"sync for stage {stage}, but this peer serves stage {self.stage_index}", Reason.WRONG_STAGE)
         self._repair_if_broken()   # never upload (or keep) progress made of NaN
         params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
         if set(params) != set(average):
-            raise BadStageInput(f"the stage {stage} average's tensors differ from this peer's", "bad_average")
+            raise BadStageInput(f"the stage {stage} average's tensors differ from this peer's", Reason.BAD_AVERAGE)
         if not all(torch.isfinite(average[n]).all() for n in params):
-            self.refusals.add("non_finite_average")   # keep this replica's own weights, as if it were the average
+            self.refusals.add(Reason.NON_FINITE_AVERAGE)   # keep this replica's own weights, as if it were the average
             log.error("stage %d: the served average is not finite; keeping this replica's weights", stage)
             average = None
         # tensor by tensor: progress = weights - snapshot; the snapshot becomes average + progress in place and
@@ -195,17 +196,17 @@ class StageServer:
         caller = context.remote_id.to_base58() if context.remote_id is not None else ""
         if self.roster is None or await self._on_roster_soon(lambda: self.roster.is_member(caller)):
             return
-        self.refusals.add("not_member")
+        self.refusals.add(Reason.NOT_MEMBER)
         log.warning("refused a call from %s before reading it: not a member of this run", caller)
-        raise BadStageInput(f"refused: peer {caller} is not a member of this run", "not_member")
+        raise BadStageInput(f"refused: peer {caller} is not a member of this run", Reason.NOT_MEMBER)
 
     async def _admit(self, caller: str, request: pb.StageRequest) -> None:
         """Serve only the run's members (the coordinator's roster); refuse anyone else before any work."""
         if self.roster is None or await self._on_roster_soon(lambda: self._may_call(caller, request)):
             return
-        self.refusals.add("not_member")
+        self.refusals.add(Reason.NOT_MEMBER)
         log.warning("refused a call from %s: not a trainer of this run", caller)
-        raise BadStageInput(f"refused: peer {caller} is not a trainer of this run", "not_member")
+        raise BadStageInput(f"refused: peer {caller} is not a trainer of this run", Reason.NOT_MEMBER)
 
     async def _chain(self, request: pb.StageRequest) -> pb.StageReply:
         """A chained forward: run this stage, send the output to the next hop the trainer chose, then run this
@@ -214,9 +215,9 @@ class StageServer:
         loop = asyncio.get_running_loop()
         stage, hops = request.stage, list(request.next_hops)
         if self.module is None or len(hops) != self.cfg["stages"] - 1 - stage:
-            self.refusals.add("bad_route")
+            self.refusals.add(Reason.BAD_ROUTE)
             raise BadStageInput(f"a chain from stage {stage} needs {self.cfg['stages'] - 1 - stage} next hops, "
-                                f"got {len(hops)}", "bad_route")
+                                f"got {len(hops)}", Reason.BAD_ROUTE)
         if self.roster is not None and not await self._on_roster_soon(lambda: hops[0] in self.roster.stage_peers(stage + 1)):
             return pb.StageReply(failed_peer=hops[0], failed_reason=f"not on this peer's roster of stage {stage + 1}")
         forward = await loop.run_in_executor(self.pool, self._timed_compute, request)
@@ -262,22 +263,22 @@ class StageServer:
     def _inputs(self, req: pb.StageRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
         m = self.module
         if req.run_id != self.run_id:
-            raise BadStageInput(f"run {req.run_id[:32]!r} is not this peer's run", "wrong_run")
+            raise BadStageInput(f"run {req.run_id[:32]!r} is not this peer's run", Reason.WRONG_RUN)
         if req.stage != self.stage_index:
-            raise BadStageInput(f"this peer serves stage {self.stage_index}, not {req.stage} (re-assigned)", "wrong_stage")
+            raise BadStageInput(f"this peer serves stage {self.stage_index}, not {req.stage} (re-assigned)", Reason.WRONG_STAGE)
         # the run's micro-batch is batch x seq_len: anything larger is refused before any compute
         max_batch, max_len = self.cfg["batch_size"], self.cfg["seq_len"]
         shape = tuple(req.ids_shape) if m.is_first else tuple(req.hidden.shape)
         if len(shape) != (2 if m.is_first else 3) or not 1 <= shape[0] <= max_batch or not 1 <= shape[1] <= max_len \
                 or (not m.is_first and shape[2] != m.config.hidden_size):
             raise BadStageInput(f"input shape {shape[:8]} invalid: this run takes at most [{max_batch}, {max_len}"
-                                f"{'' if m.is_first else f', {m.config.hidden_size}'}]", "bad_shape")
+                                f"{'' if m.is_first else f', {m.config.hidden_size}'}]", Reason.BAD_SHAPE)
         if m.is_first:
             x = ids_from_bytes(req.ids, req.ids_shape, m.config.vocab_size, max_len)
         else:
             x = from_wire(req.hidden, shape, self.allowed)
             if not torch.isfinite(x).all():
-                raise BadStageInput("input activations are not finite", "non_finite")
+                raise BadStageInput("input activations are not finite", Reason.NON_FINITE)
             x = x.requires_grad_()
         labels = ids_from_bytes(req.labels, shape[:2], m.config.vocab_size, max_len, labels=True) if m.is_last else None
         return x.to(self.device), (labels.to(self.device) if labels is not None else None)
@@ -296,7 +297,7 @@ class StageServer:
 
     def _compute(self, req: pb.StageRequest) -> pb.StageReply:
         if self.module is None:
-            raise BadStageInput("this peer is not serving a stage yet", "not_serving")
+            raise BadStageInput("this peer is not serving a stage yet", Reason.NOT_SERVING)
         self._maybe_die(req)
         m = self.module
         if m.is_last:  # forward and backward at once: logits never leave this peer
@@ -305,7 +306,7 @@ class StageServer:
                 loss = m(x, labels)
             if not torch.isfinite(loss):
                 self._repair_if_broken()
-                raise BadStageInput("the loss is not finite", "non_finite")
+                raise BadStageInput("the loss is not finite", Reason.NON_FINITE)
             loss.backward()
             reply = pb.StageReply(loss=loss.item())
             if not m.is_first:
@@ -318,7 +319,7 @@ class StageServer:
                 out = m(x)
             if not torch.isfinite(out).all():
                 self._repair_if_broken()
-                raise BadStageInput("the stage's output is not finite", "non_finite")
+                raise BadStageInput("the stage's output is not finite", Reason.NON_FINITE)
             self.graphs[req.microbatch_id] = (x, out, self.weights_version)
             while len(self.graphs) > GRAPH_CACHE:
                 self.graphs.popitem(last=False)
@@ -335,7 +336,7 @@ class StageServer:
             x, out, _ = cached
         grad = from_wire(req.grad_output, tuple(out.shape), self.allowed)
         if not torch.isfinite(grad).all():
-            raise BadStageInput("the output gradient is not finite", "non_finite")
+            raise BadStageInput("the output gradient is not finite", Reason.NON_FINITE)
         grad = grad.to(self.device, out.dtype)
         out.backward(grad)
         self.backward_total += 1
@@ -358,7 +359,7 @@ class StageServer:
         if not torch.isfinite(norm) or (x.grad is not None and not torch.isfinite(x.grad).all()):
             self.optimizer.zero_grad(set_to_none=True)
             self._repair_if_broken()   # non-finite weights give non-finite gradients too
-            raise BadStageInput("the gradient is not finite: refused, not stepped", "non_finite_grad")
+            raise BadStageInput("the gradient is not finite: refused, not stepped", Reason.NON_FINITE_GRAD)
         if self.module.is_last:
             self._count(x)
         self.optimizer.step()
@@ -387,7 +388,7 @@ class StageServer:
         self.graphs.clear()
         self.weights_version += 1
         self.tokens_since_sync = 0
-        self.refusals.add("weights_restored")
+        self.refusals.add(Reason.WEIGHTS_RESTORED)
         log.error("stage %d: this replica's weights turned non-finite; restored the state of its last sync",
                   self.stage_index)
         return True

@@ -18,6 +18,7 @@ from fedswarm.client.swarm.stage_server import HANDLER
 from fedswarm.client.swarm.tensors import WIRE_CODECS, BadStageInput, from_wire, ids_to_bytes
 from fedswarm.p2p import PeerCallError, SwarmNode
 from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto.refusals import Reason
 
 log = logging.getLogger(__name__)
 FOREIGN_GRACE_S = 6.0   # > a stage record's TTL (4 s): an honest peer's stale record is gone by then
@@ -123,7 +124,7 @@ class SwarmTrainer:
         self.refusals = Refusals()
         self.lookup_seconds = 0.0          # the last DHT refresh's duration (diagnostics)
         self._raw: dict[int, dict] = {}     # the last DHT answer per stage (kept when the DHT does not answer)
-        self._ignored: dict[str, set] = {"record_not_member": set(), "record_malformed": set()}
+        self._ignored: dict[str, set] = {Reason.RECORD_NOT_MEMBER: set(), Reason.RECORD_MALFORMED: set()}
         self._foreign_since: dict[str, float] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()      # ask the refresher for a read now
@@ -163,9 +164,9 @@ class SwarmTrainer:
             # for up to the record TTL; only one that outlives FOREIGN_GRACE_S counts as foreign
             now, members = time.monotonic(), set().union(*(self.roster.stage_peers(s) for s in range(self.num_stages)))
             with self._lock:
-                for peer in ignored["record_not_member"]:
+                for peer in ignored[Reason.RECORD_NOT_MEMBER]:
                     self._foreign_since.setdefault(peer, now)
-                ignored["record_not_member"] = {p for p in ignored["record_not_member"]
+                ignored[Reason.RECORD_NOT_MEMBER] = {p for p in ignored[Reason.RECORD_NOT_MEMBER]
                                                 if p not in members and now - self._foreign_since[p] >= FOREIGN_GRACE_S}
                 for reason, items in ignored.items():
                     fresh = items - self._ignored[reason]
@@ -268,7 +269,7 @@ class SwarmTrainer:
                     failed, reason = reply.failed_peer, reply.failed_reason
                 elif not math.isfinite(reply.loss):
                     failed, reason = peers[-1], f"loss {reply.loss}"   # the last stage computed it
-                    self.refusals.add("bad_reply")
+                    self.refusals.add(Reason.BAD_REPLY)
             except PeerCallError as err:
                 failed, reason = err.peer_id, f"{err.kind}: {err.reason}"
             for peer in peers:
@@ -311,7 +312,7 @@ class SwarmTrainer:
                 continue
             except BadReply as err:
                 self.router.end(peer, ok=False, seconds=time.monotonic() - t0)
-                self.refusals.add("bad_reply")
+                self.refusals.add(Reason.BAD_REPLY)
                 self.router.ban(peer, f"{what}: malformed reply: {err}")
                 retried = True
                 continue
