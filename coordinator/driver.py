@@ -32,6 +32,7 @@ from fedswarm.coordinator.strategies import evaluation_strategy
 from fedswarm.coordinator.strategy_state import export_state, import_state, split_checkpoint
 from fedswarm.models import evaluate, load_trainable_state
 from fedswarm.threads import BUDGET
+from fedswarm.proto.run_state import RunState
 
 log = logging.getLogger(__name__)
 ROUND_FIELDS = ("round", "eval_loss", "train_loss", "clients", "bytes_up", "bytes_up_raw", "seconds",
@@ -71,7 +72,7 @@ class RunProgress:
 
     def __init__(self, cfg: RunConfig, rounds: list[dict]):
         self.lock = threading.Lock()
-        self.state = "waiting"
+        self.state = RunState.WAITING
         self.rounds_total = cfg.rounds
         self.rounds: list[dict] = list(rounds)
         self.current_round = 0          # round in flight (0 when none)
@@ -156,9 +157,9 @@ class RoundDriver:
         finally:
             self.committer.close()   # what was aggregated lands on disk before the run counts as done
         with self.progress.lock:
-            self.progress.state = "done" if rnd > self.cfg.rounds else self.progress.state
+            self.progress.state = RunState.DONE if rnd > self.cfg.rounds else self.progress.state
             self.progress.current_round = 0
-            finished = self.progress.state == "done"
+            finished = self.progress.state == RunState.DONE
         if finished:
             self.progress.done.set()
             close = getattr(self.grid, "close", None)
@@ -184,7 +185,7 @@ class RoundDriver:
         t = self.timeouts
         if t.max_failed_rounds and failed >= t.max_failed_rounds:
             with self.progress.lock:
-                self.progress.state, self.progress.current_round = "failed", 0
+                self.progress.state, self.progress.current_round = RunState.FAILED, 0
             raise RunFailed(f"round {rnd} brought no usable reply {failed} times in a row (--max-failed-rounds "
                             f"{t.max_failed_rounds}): check the clients' logs, then restart on the same --state-dir")
         delay = min(t.failed_round_backoff_s * 2 ** (failed - 1), t.failed_round_backoff_max_s)
@@ -194,7 +195,7 @@ class RoundDriver:
     def _one_round(self, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord | None, dict]:
         start = time.time()
         with self.progress.lock:
-            self.progress.state = "running" if rnd > 1 else "waiting"
+            self.progress.state = RunState.RUNNING if rnd > 1 else RunState.WAITING
             self.progress.current_round = rnd
         config = ConfigRecord({"local-steps": self.cfg.local_steps, "lr": self.cfg.lr,  # lr: the schedule's peak
                                "global-step": (rnd - 1) * self.cfg.local_steps,
@@ -206,7 +207,7 @@ class RoundDriver:
         with self.progress.lock:
             self.progress.configured_round = rnd
         with self.progress.lock:
-            self.progress.state = "running"
+            self.progress.state = RunState.RUNNING
         configured = time.time()
         log.info("round %d: sent %d train instructions", rnd, len(messages))
         replies: list[Message] = list(self.grid.send_and_receive(messages, timeout=self.round_timeout_s))

@@ -34,6 +34,7 @@ from fedswarm.lora import CentralModel
 from fedswarm.models import check_model
 from fedswarm.tokenizer import load_tokenizer
 from fedswarm.threads import BUDGET
+from fedswarm.proto.run_state import RunState
 
 log = logging.getLogger("fedswarm.coordinator")
 SWARM_LEASE_S, SWARM_HEARTBEAT_S = 3.0, 0.5   # stage peers must be noticed gone within seconds
@@ -300,7 +301,7 @@ async def _serve_until_done(args: argparse.Namespace, service: CoordinatorServic
             print(f"error: the round driver crashed: {type(failure[0]).__name__}: {failure[0]}", file=sys.stderr)
             code = EXIT_DRIVER_CRASHED
             break
-        if args.exit_when_done or state != "done":
+        if args.exit_when_done or state != RunState.DONE:
             break
         waits = [w for w in waits if not w.done()]
     for w in waits:

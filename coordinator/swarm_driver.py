@@ -24,6 +24,7 @@ from fedswarm.coordinator.strategy_state import export_state, import_state, spli
 from fedswarm.coordinator.swarm_registry import SwarmRegistry
 from fedswarm.models import evaluate, load_trainable_state
 from fedswarm.threads import BUDGET
+from fedswarm.proto.run_state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class SwarmDriver:
             start = time.time()
             self._wait_for_progress()
             with self.progress.lock:
-                self.progress.state, self.progress.current_round = "running", epoch
+                self.progress.state, self.progress.current_round = RunState.RUNNING, epoch
             results = [None] * len(self.stage_names)
             threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, self._stage_round(s, epoch)))
                        for s in range(len(self.stage_names))]
@@ -96,7 +97,7 @@ class SwarmDriver:
             epoch += 1
         with self.progress.lock:
             if epoch > self.cfg.rounds:
-                self.progress.state = "done"
+                self.progress.state = RunState.DONE
             self.progress.current_round = 0
         if epoch > self.cfg.rounds:
             self.progress.done.set()

@@ -16,6 +16,7 @@ from pathlib import Path
 from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status, wait_until
 from fedswarm.sim.relay import CountingRelay
 from fedswarm.sim.tiny_hf import fact_records, save_tiny_hf
+from fedswarm.proto.run_state import RunState
 
 SETUPS = (("none", "none"), ("none", "int8"), ("lora", "none"), ("lora", "int8"))   # (--peft, codec)
 
@@ -48,7 +49,7 @@ def _one_run(out: Path, model: Path, sites: list[Path], eval_data: Path, peft: s
                                                    "--name", f"site-{i}", "--threads", "1", "--device", "cpu"),
                         out / f"site-{i}.log") for i, site in enumerate(sites)]
         try:
-            wait_until("the run's end", lambda: fetch_status(address)["state"] == "done", args.timeout,
+            wait_until("the run's end", lambda: fetch_status(address)["state"] == RunState.DONE, args.timeout,
                        watch=[coordinator, *clients])
             status = fetch_status(address, history=True)   # every round (a Status lists the last ones)
             for c in clients:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from fedswarm.sim.peer_memory import proc_memory_mb
 from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status, wait_until
+from fedswarm.proto.run_state import RunState
 
 SETUPS = ("full", "lora", "lora-clients", "swarm")   # lora-clients: --evaluate clients (no central evaluation)
 PEER_BUDGET = 1.3          # a peer's peak: its imports + this times its stage's state
@@ -205,7 +206,7 @@ def _run_settings(args: argparse.Namespace, model: Path, data: Path, state: Path
 
 
 def _wait_done(address: str, timeout: float, watch: list[Proc]) -> dict:
-    return wait_until("the run's end", lambda: (s := fetch_status(address))["state"] == "done" and s, timeout,
+    return wait_until("the run's end", lambda: (s := fetch_status(address))["state"] == RunState.DONE and s, timeout,
                       watch=watch, poll_s=1.0)
 
 

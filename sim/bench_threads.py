@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status, wait_until
+from fedswarm.proto.run_state import RunState
 
 TARGET_RATIO = 1.5            # default round time / --threads 1 round time
 CONFIGS = {"no thread flags": [], "--threads 1": ["--threads", "1"]}
@@ -26,7 +27,7 @@ def hand_started_round_seconds(out: Path, args: argparse.Namespace, client_flags
                         out / f"client-{i}.log", env=env) for i in range(2)]
         try:
             def finished():
-                done = fetch_status(address)["state"] == "done"
+                done = fetch_status(address)["state"] == RunState.DONE
                 return fetch_status(address, history=True) if done else None   # every round, paged in
             status = wait_until("the last round", finished, deadline_s, watch=[coordinator, *clients], poll_s=1.0)
         finally:

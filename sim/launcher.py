@@ -21,6 +21,7 @@ from fedswarm.sim.swarm_sim import add_swarm_arguments, run_swarm_sim
 from fedswarm.sim.virtual_sim import (PROCESS_PER_CLIENT_MAX, add_virtual_arguments, check_virtual_args,
                                       run_virtual_sim, wants_virtual)
 from fedswarm.sim.report import communication, plot_rounds, write_report
+from fedswarm.proto.run_state import RunState
 
 DEFAULT_CLIENTS = 3
 DEFAULT_ROUNDS = 6
@@ -155,7 +156,7 @@ def _follow(address: str, coordinator, failed, rounds: int, log, on_round=None, 
             if on_round:
                 on_round(r["round"])
         shown = fresh[-1]["round"] if fresh else shown
-        if status["state"] == "done":
+        if status["state"] == RunState.DONE:
             final = fetch_status(address, history=True)
             if counts is not None:
                 last = counts()

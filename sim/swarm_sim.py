@@ -18,6 +18,7 @@ from fedswarm.sim.hosts import HostNetwork, start_coordinator
 from fedswarm.sim.peer_memory import proc_memory_mb
 from fedswarm.sim.processes import READY, Proc, fedswarm_cmd, fetch_status, free_port
 from fedswarm.sim.report import write_report
+from fedswarm.proto.run_state import RunState
 
 
 FIRST_TOKENS_TIMEOUT_S = 600.0   # with duration_from_first_tokens: start-up (imports, DHT, joins) may take this long
@@ -200,7 +201,7 @@ def _follow(args, address, coordinator, swarm: Swarm, rng, timeline, faults, sta
             elif now - started > FIRST_TOKENS_TIMEOUT_S:
                 raise RuntimeError(f"no micro-batch completed in {FIRST_TOKENS_TIMEOUT_S:.0f} s; see the logs in {args.out}")
         counting = not clock_from_tokens or clock != started
-        if status["state"] == "done" or (args.duration and counting and now - clock >= args.duration):
+        if status["state"] == RunState.DONE or (args.duration and counting and now - clock >= args.duration):
             rounds = fetch_status(address, history=True)["rounds"]   # every committed round, paged in
             return {**status, "rounds": [r for r in rounds if r["round"] <= status["round"]]}
         tick.wait(0.5)

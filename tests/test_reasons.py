@@ -59,3 +59,15 @@ def test_counts_keep_the_wire_names():
     counts = Refusals()
     counts.add(Reason.NOT_MEMBER, 2)
     assert counts.snapshot() == {"not_member": 2} and type(next(iter(counts.snapshot()))) is str
+
+
+def test_no_run_state_is_spelled_outside_its_enum():
+    """Outside tests (which read the wire's spelling), a run state is a RunState."""
+    from fedswarm.proto.run_state import RunState
+
+    spelled = [f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}"
+               for package in SCANNED for path in sorted((ROOT / package).rglob("*.py"))
+               if path.name != "run_state.py" and "_pb2" not in path.name
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in set(RunState)]
+    assert not spelled, "\n".join(spelled)

@@ -25,6 +25,7 @@ from fedswarm.proto import wire
 from fedswarm.stage_lora import lora_stage_shapes
 from fedswarm.stages import HandedOver, stage_shapes
 from fedswarm.proto.refusals import Reason
+from fedswarm.proto.run_state import RunState
 
 log = logging.getLogger("fedswarm.swarm")
 ANNOUNCE_EVERY_S, RECORD_TTL_S = 1.0, 4.0
@@ -300,7 +301,7 @@ class TrainerDaemon(SwarmMember):
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
         if self.ready.is_set() and self.roster.update(reply.roster):
             self.swarm.apply_roster()   # a peer the coordinator dropped is not routed to from now on
-        if reply.state == "done":
+        if reply.state == RunState.DONE:
             self.done.set()
 
     def _work_once(self) -> None:
