@@ -302,6 +302,9 @@ class CoordinatorService:
             if not self.swarm or req.stage > len(self.swarm.driver.stage_names):
                 raise invalid(Reason.BAD_STAGE, f"no stage {req.stage - 1} in this run")
             base = self.swarm.driver.stage_state(req.stage - 1)
+            if base is None:
+                raise Refused(grpc.StatusCode.UNAVAILABLE, Reason.NOT_READY,
+                              "the coordinator is still loading the swarm's stages: retry shortly")
         elif self.swarm:  # a stage average: the stages of one round differ, so no version chain
             base = self._base_state(req.task_id, self._open_task(req.task_id, member))
         else:

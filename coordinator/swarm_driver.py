@@ -43,8 +43,10 @@ class SwarmDriver:
         self.stop = threading.Event()
 
     # -- read by the service -------------------------------------------------------------
-    def stage_state(self, stage: int) -> dict[str, torch.Tensor]:
-        self.ready.wait()
+    def stage_state(self, stage: int, wait_s: float = 30.0) -> dict[str, torch.Tensor] | None:
+        """The stage's latest committed average; None if the run has not loaded its stages within wait_s."""
+        if not self.ready.wait(wait_s):
+            return None
         with self._lock:
             return arrays_to_state(self.stage_arrays[stage])
 

@@ -86,6 +86,7 @@ class SwarmTimeouts:
     """Every deadline of the swarm layer, in seconds."""
     call_s: float = 5.0  # default deadline of one stage call
     dht_op_s: float = 5.0  # deadline of a DHT store/get
+    announce_every_s: float = 1.0  # how often a stage server re-announces its record
     record_ttl_s: float = 4.0  # a stage record expires this long after its last announce
     startup_s: float = 30.0  # DHT + p2pd start and replica connection
     shutdown_s: float = 5.0  # grace for the DHT process before it is killed

@@ -45,6 +45,7 @@ class Reason(enum.StrEnum):
     BAD_TASK_ID = "bad_task_id"
     TASK_CLOSED = "task_closed"
     TASK_PENDING = "task_pending"
+    NOT_READY = "not_ready"                    # the swarm's stages are not loaded yet: retry shortly
     # identity (coordinator/auth.py)
     STALE_CHALLENGE = "stale_challenge"        # a challenge this coordinator did not issue (or issued before a restart)
     STALE_JOIN = "stale_join"                  # the proof's challenge expired

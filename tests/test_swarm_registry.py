@@ -227,3 +227,18 @@ def test_a_moved_peer_cools_down_before_it_may_move_back():
     back = moves[1]
     assert back["peer"] == f"p{mover}" and back["stage"] == 0 and back["source"] == 1
     assert back["at"] >= move["at"] + pipe.reg.t.peer_cooldown_s
+
+
+def test_a_stage_download_before_the_stages_load_is_refused_not_hung():
+    """The service asks the driver for a stage's average; until the run has loaded its stages the driver
+    answers None within the wait (the service refuses it `not_ready`, a retryable UNAVAILABLE)."""
+    import time
+
+    from fedswarm.coordinator.config import RunConfig
+    from fedswarm.coordinator.driver import RunProgress
+    from fedswarm.coordinator.swarm_driver import SwarmDriver
+
+    cfg = RunConfig(mode="swarm", stages=2)
+    driver = SwarmDriver(cfg, None, SwarmRegistry(2), None, [["a"], ["b"]], None, None, RunProgress(cfg, []))
+    start = time.monotonic()
+    assert driver.stage_state(0, wait_s=0.05) is None and time.monotonic() - start < 5

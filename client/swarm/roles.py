@@ -28,7 +28,6 @@ from fedswarm.proto.refusals import Reason
 from fedswarm.proto.run_state import RunState
 
 log = logging.getLogger("fedswarm.swarm")
-ANNOUNCE_EVERY_S, RECORD_TTL_S = 1.0, 4.0
 
 
 def _with_p2p(refused: dict[str, int]) -> dict[str, int]:
@@ -196,11 +195,10 @@ class PeerDaemon(SwarmMember):
     def _announce(self) -> None:
         throughput, _, _, load = self.server.stats()
         record = StageRecord(self.node.peer_id, self.name, self.server.stage_index, max(throughput, 1.0), load)
-        self.node.announce(stage_key(self.run_id, self.server.stage_index), self.node.peer_id, record.to_value(),
-                           ttl=RECORD_TTL_S)
+        self.node.announce(stage_key(self.run_id, self.server.stage_index), self.node.peer_id, record.to_value())
 
     def _announce_loop(self) -> None:
-        while not self._announcer_stop.wait(ANNOUNCE_EVERY_S):
+        while not self._announcer_stop.wait(self.node.timeouts.announce_every_s):
             try:
                 self._announce()
             except Exception as err:  # noqa: BLE001 - a missed announce only shortens the record's life
