@@ -54,6 +54,20 @@ class JoinRefused(Exception):
     """The coordinator does not accept this client's key or proof: retrying will not help."""
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """The session the coordinator gave this daemon; a re-join swaps the whole object at once, so a request
+    built from one snapshot never pairs one session's id with another's token."""
+
+    client_id: int = 0
+    token: str = ""
+    run_id: str = ""
+
+    def ids(self) -> dict:
+        """The session fields of a request."""
+        return {"client_id": self.client_id, "session_token": self.token}
+
+
 class SessionReplaced(Exception):
     """Another daemon joined with this client's key; only one may run per key, so this one stops."""
 
@@ -83,7 +97,7 @@ class ClientDaemon:
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self._push_raw = self.channel.stream_unary(  # PushUpdate taking pre-serialized UpdateChunks
             "/fedswarm.Coordinator/PushUpdate", request_serializer=None, response_deserializer=pb.PushReply.FromString)
-        self.client_id, self.token, self.run_id = 0, "", ""
+        self.creds = Credentials()
         self.metrics = None   # fedswarm.metrics.ClientMetrics with --metrics-port
         self.console = None   # a rich Console on a terminal: training shows a rounds bar on it
         self._rounds_bar = None
@@ -122,6 +136,14 @@ class ClientDaemon:
                 time.sleep(wait)
                 delay = min(delay * 2, self.t.backoff_max_s)
 
+    @property
+    def client_id(self) -> int:
+        return self.creds.client_id
+
+    @property
+    def run_id(self) -> str:
+        return self.creds.run_id
+
     def join(self) -> None:
         with self._join_lock:
             self._join()
@@ -130,7 +152,7 @@ class ClientDaemon:
         def attempt():  # a fresh challenge and nonce per attempt: a resent proof would count as a replay
             proof = signed_join_fields(self.stub, self.identity, self.name, self.role, self.t.rpc_s, self.p2p_peer_id)
             req = pb.JoinRequest(name=self.name, device=str(self.device), precision=self.precision,
-                                 resume_client_id=self.client_id, resume_token=self.token, role=self.role,
+                                 resume_client_id=self.creds.client_id, resume_token=self.creds.token, role=self.role,
                                  p2p_peer_id=self.p2p_peer_id, **proof)
             return self.stub.Join(req, timeout=self.t.rpc_s)
         for tries in range(1, 4):
@@ -149,7 +171,7 @@ class ClientDaemon:
                                   f"{err.details()}{hint}") from None
         if self.run_id and reply.run_id != self.run_id:
             raise RuntimeError(f"the coordinator now serves run {reply.run_id}, not {self.run_id}; restart the client")
-        self.client_id, self.token, self.run_id = reply.client_id, reply.session_token, reply.run_id
+        self.creds = Credentials(reply.client_id, reply.session_token, reply.run_id)
         self.heartbeat_s = reply.heartbeat_interval_s
         self.assigned_stage, self.dht_peers = reply.stage, list(reply.dht_peers)
         self.joined = reply  # swarm roles read the roster from it
@@ -176,7 +198,7 @@ class ClientDaemon:
 
     def heartbeat_request(self) -> pb.HeartbeatRequest:
         """Subclasses add their stats."""
-        return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token)
+        return pb.HeartbeatRequest(**self.creds.ids())
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
         """Subclasses react (a swarm peer switches stage)."""
@@ -213,7 +235,7 @@ class ClientDaemon:
             while True:
                 try:
                     task = self.with_retry("pull task", lambda: self.stub.PullTask(
-                        pb.PullTaskRequest(client_id=self.client_id, session_token=self.token, wait_s=self.t.pull_wait_s),
+                        pb.PullTaskRequest(**self.creds.ids(), wait_s=self.t.pull_wait_s),
                         timeout=self.t.pull_wait_s + self.t.rpc_s))
                     if task.kind == pb.TASK_DONE:
                         log.info("run finished at round %d; exiting", task.round)
@@ -254,7 +276,8 @@ class ClientDaemon:
             outcome, error = work.EvalOutcome(0.0, 0, 0.0), str(err)[:500]
         else:
             outcome, error = work.evaluate_on_task(self.evaluation_model(), self._held_out, base), ""
-        req = work.eval_result(outcome, client_id=self.client_id, token=self.token, run_id=self.run_id, task=task,
+        c = self.creds
+        req = work.eval_result(outcome, client_id=c.client_id, token=c.token, run_id=c.run_id, task=task,
                                base_digest=self.held.digest, identity=self.identity, error=error)
         self.with_retry("evaluation result", lambda: self.stub.PushEval(req, timeout=self.t.rpc_s))
         if not error:
@@ -297,7 +320,8 @@ class ClientDaemon:
         saved = self.feedback.snapshot()
         raw_parts = work.encode_delta(self.feedback, delta)
         for attempt in range(3):
-            chunks = work.update_stream(raw_parts, client_id=self.client_id, token=self.token, run_id=self.run_id,
+            c = self.creds
+            chunks = work.update_stream(raw_parts, client_id=c.client_id, token=c.token, run_id=c.run_id,
                                         task=task, num_tensors=len(delta), num_examples=num_examples,
                                         train_loss=train_loss, seconds=seconds, base_digest=base_digest,
                                         identity=self.identity)
@@ -335,7 +359,7 @@ class ClientDaemon:
 
     def _download(self, task_id: str, stage: int, held: Held | None) -> Held:
         def download():
-            req = pb.FetchModelRequest(client_id=self.client_id, session_token=self.token, task_id=task_id,
+            req = pb.FetchModelRequest(**self.creds.ids(), task_id=task_id,
                                        stage=stage + 1, has_version=held is not None,
                                        held_version=held.version if held else 0, held_digest=held.digest if held else b"")
             chunks = list(self.stub.FetchModel(req, timeout=self.t.transfer_s))

@@ -184,7 +184,7 @@ class PeerDaemon(SwarmMember):
             stage_shapes(cfg["model"], stage, cfg["stages"])
 
         def download() -> HandedOver:
-            req = pb.FetchModelRequest(client_id=self.client_id, session_token=self.token, task_id=task_id,
+            req = pb.FetchModelRequest(**self.creds.ids(), task_id=task_id,
                                        stage=0 if task_id else stage + 1)
             assembler = wire.PartAssembler(spec, {C.CODEC_NAMES["none"]})   # stages travel as full fp32 copies
             for chunk in self.stub.FetchModel(req, timeout=self.t.transfer_s):
@@ -206,9 +206,9 @@ class PeerDaemon(SwarmMember):
 
     def heartbeat_request(self) -> pb.HeartbeatRequest:
         if not self.ready.is_set():  # still setting up: serving nothing (not on the roster yet)
-            return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token, stage=-1)
+            return pb.HeartbeatRequest(**self.creds.ids(), stage=-1)
         throughput, steps, utilization, _ = self.server.stats()
-        return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token, stage=self.server.stage_index,
+        return pb.HeartbeatRequest(**self.creds.ids(), stage=self.server.stage_index,
                                    throughput=throughput, optimizer_steps=steps, load=utilization,
                                    refused=_with_p2p(self.server.refusals.snapshot()), switch_s=self.switch_s)
 
@@ -290,7 +290,7 @@ class TrainerDaemon(SwarmMember):
         s = self.swarm.stats
         with s.lock:
             losses, s.losses = s.losses, []
-            return pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token,
+            return pb.HeartbeatRequest(**self.creds.ids(),
                                        microbatches_completed=s.completed, microbatches_retried=s.retried,
                                        microbatches_lost=s.lost, tokens=s.tokens,
                                        train_loss=sum(losses) / len(losses) if losses else 0.0,
