@@ -113,7 +113,8 @@ class StageServer:
         self.module = module.train()
         self.optimizer = self._new_optimizer()
         self.snapshot = stage_state(self.module)
-        self.stage_index, self.steps_since_sync, self.tokens_since_sync = stage, 0, 0
+        with self._lock:
+            self.stage_index, self.steps_since_sync, self.tokens_since_sync = stage, 0, 0
         log.info("serving stage %d of %d (%d tensors)", stage, self.cfg["stages"], len(weights))
 
     def sync(self, stage: int, average: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
@@ -145,7 +146,8 @@ class StageServer:
                     held.copy_(average.pop(name)).add_(delta)
                 param.copy_(held.to(param.device, param.dtype))
         self.weights_version += 1
-        tokens, self.tokens_since_sync, self.steps_since_sync = self.tokens_since_sync, 0, 0
+        with self._lock:
+            tokens, self.tokens_since_sync, self.steps_since_sync = self.tokens_since_sync, 0, 0
         return progress, max(tokens, 1)
 
     def stats(self) -> tuple[float, int, float, float]:
@@ -164,13 +166,15 @@ class StageServer:
     # -- the P2P handler -------------------------------------------------------------------
     async def handle(self, request: pb.StageRequest, context) -> pb.StageReply:
         await self._admit(context.remote_id.to_base58() if context.remote_id is not None else "", request)
-        self.load += 1
+        with self._lock:
+            self.load += 1
         try:
             if request.next_hops and not request.backward:
                 return await self._chain(request)
             return await asyncio.get_running_loop().run_in_executor(self.pool, self._timed_compute, request)
         finally:
-            self.load -= 1
+            with self._lock:
+                self.load -= 1
 
     def _may_call(self, caller: str, request: pb.StageRequest) -> bool:
         """The run's trainers, and (for a chained forward) the roster peers of the stage before this one."""
@@ -364,8 +368,9 @@ class StageServer:
             self._count(x)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.steps_since_sync += 1
-        self.tokens_since_sync += x.shape[0] * x.shape[1]
+        with self._lock:   # stats() reads them from the heartbeat thread
+            self.steps_since_sync += 1
+            self.tokens_since_sync += x.shape[0] * x.shape[1]
         self.optimizer_steps += 1
         self.weights_version += 1
 
