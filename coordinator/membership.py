@@ -54,13 +54,13 @@ class Membership:
         self._reaper.start()
 
     def join(self, name: str, device: str, precision: str, resume_id: int = 0, resume_token: str = "",
-             public_key: bytes = b"") -> tuple[Member, bool]:
+             public_key: bytes = b"", role: str = "client", address: str = "") -> tuple[Member, bool]:
         """Register a client; re-join keeps the id when the old session (and key) is still known. Returns (member, resumed)."""
         with self._lock:
             old = self._members.get(resume_id) if resume_id else None
             if (old is not None and resume_token and secrets.compare_digest(old.token, resume_token)
                     and old.public_key == public_key):
-                old.last_seen = time.monotonic()
+                old.last_seen, old.role, old.address = time.monotonic(), role, address
                 return old, True
             same_key = [m for m in self._members.values() if public_key and m.public_key == public_key]
             if self.max_sessions and len(self._members) - len(same_key) >= self.max_sessions:
@@ -74,12 +74,17 @@ class Membership:
             while client_id in self._members:
                 client_id = secrets.randbits(62) + 1
             member = Member(client_id, name, secrets.token_hex(16), device, precision, public_key=public_key,
-                            replaced=same_key[0].client_id if same_key else 0)
+                            replaced=same_key[0].client_id if same_key else 0, role=role, address=address)
             self._members[client_id] = member
         for m in same_key:
             log.warning("session %s (%d) replaced by a new join with the same key", m.name, m.client_id)
             self._on_lost(m.client_id, "replaced by a newer session of the same key")
         return member, False
+
+    def count_round(self, member: Member) -> None:
+        """One more round answered by this session (read by status from other threads)."""
+        with self._lock:
+            member.rounds_done += 1
 
     def was_replaced(self, client_id: int) -> bool:
         with self._lock:

@@ -224,14 +224,13 @@ class CoordinatorService:
         try:
             member, resumed = self.members.join(req.name, req.device, req.precision,
                                                 req.resume_client_id, req.resume_token,
-                                                public_key=bytes(req.public_key) if self.auth.enabled else b"")
+                                                public_key=bytes(req.public_key) if self.auth.enabled else b"",
+                                                role=role, address=_peer_host(context.peer()))
         except SessionsFull as err:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(err)) from None
         if member.replaced:  # one live session per key: the older one was dropped (its tasks failed)
             self.count(Reason.REPLACED_SESSION)
             log.warning("client %s joined with the key of session %d, which it replaces", req.name, member.replaced)
-        member.role = role
-        member.address = _peer_host(context.peer())
         stage = -1
         if self.swarm:
             if req.p2p_peer_id and not PEER_ID.fullmatch(req.p2p_peer_id):
@@ -408,7 +407,7 @@ class CoordinatorService:
         self._answered.add((member.client_id, task_id))
         if h.signature:
             self._seen_signatures.add(bytes(h.signature))
-        member.rounds_done += 1
+        self.members.count_round(member)
         with self._cache_lock:
             self._base_cache.pop(task_id, None)
         return pb.PushReply(accepted=True, message="ok", bytes_received=received)
