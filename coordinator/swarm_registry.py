@@ -3,6 +3,7 @@ pays for its switch (coordinator/rebalance.py)."""
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import re
 import threading
@@ -14,6 +15,18 @@ from fedswarm.proto import fedswarm_pb2 as pb
 
 log = logging.getLogger(__name__)
 MAX_EVENTS = 1000      # stage events kept (oldest forgotten first)
+
+
+class EventKind(enum.StrEnum):
+    """What a stage event records (its "kind" in status); "reason" says why in words."""
+
+    JOINED = "joined"        # a new peer took a stage
+    LEFT = "left"            # a peer left (lease lost, replaced, exited)
+    FILLED = "filled"        # re-assignment: a stage with no peer took one at once
+    REBALANCED = "rebalanced"   # re-assignment: a move to the bottleneck stage that pays for its switch
+
+
+REASSIGNMENTS = frozenset({EventKind.FILLED, EventKind.REBALANCED})
 MAX_LOSSES = 10_000    # trainers' losses kept between two rounds
 PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,128}")   # a base58 libp2p peer id
 MAX_REFUSAL_REASONS = 32                                  # distinct reasons kept per reporter
@@ -61,7 +74,7 @@ class SwarmRegistry:
                 self.peer_ids[cid] = peer_id
             self.throughput[cid], self.steps[cid] = 0.0, 0
             self.policy.reset()
-            self._event(stage, cid, "joined")
+            self._event(stage, cid, EventKind.JOINED, "joined")
             return stage
 
     def stage(self, cid: int) -> int:
@@ -139,7 +152,7 @@ class SwarmRegistry:
             stage = self.stage_of.pop(cid, None)
             if stage is None:
                 return
-            self._event(stage, cid, f"left: {reason}")
+            self._event(stage, cid, EventKind.LEFT, f"left: {reason}")
             for d in (self.throughput, self.steps, self.util, self.reports, self.switch_s):
                 d.pop(cid, None)
             self.policy.forget(cid)
@@ -210,7 +223,7 @@ class SwarmRegistry:
                 "refused": dict(sorted(self._refused_totals().items())),
                 "rebalance": {**{f"windows_{k}": v for k, v in self.policy.windows.items()},
                               "streak": self.policy.streak},
-                "reassignments": [e for e in self.events if e["reason"] != "joined" and not e["reason"].startswith("left")],
+                "reassignments": [e for e in self.events if e["kind"] in REASSIGNMENTS],
                 "events": list(self.events)[-200:],
             }
 
@@ -257,7 +270,7 @@ class SwarmRegistry:
         cooling = self.policy.cooling()
         donors = [c for c, s in self.stage_of.items() if s == donor_stage]
         donor = min(donors, key=lambda c: (c in cooling, self.throughput.get(c, 0.0)))
-        self._reassign(donor, stage, reason)
+        self._reassign(donor, stage, EventKind.FILLED, reason)
         return True
 
     def _apply(self, move: Move) -> None:
@@ -265,17 +278,17 @@ class SwarmRegistry:
         reason = (f"stage {move.dst} is the bottleneck: predicted {move.rate_now:.0f} -> {move.rate_after:.0f} "
                   f"tokens/s, +{move.gain:.0%} over {self.t.horizon_s:.0f} s net of a {move.switch_s:.1f} s switch, "
                   f"held {self.policy.streak} windows")
-        self._reassign(move.peer, move.dst, reason, gain=round(move.gain, 3), switch_s=round(move.switch_s, 2))
+        self._reassign(move.peer, move.dst, EventKind.REBALANCED, reason, gain=round(move.gain, 3), switch_s=round(move.switch_s, 2))
 
-    def _reassign(self, cid: int, stage: int, reason: str, **extra) -> None:
+    def _reassign(self, cid: int, stage: int, kind: EventKind, reason: str, **extra) -> None:
         src = self.stage_of[cid]
         self.stage_of[cid] = stage
         self.steps[cid], self.reports[cid] = 0, 0
         self._warned_empty.discard(stage)
         self.policy.moved(cid)
-        self._event(stage, cid, reason, source=src, **extra)
+        self._event(stage, cid, kind, reason, source=src, **extra)
         log.warning("re-assigned %s from stage %d to stage %d: %s", self.names.get(cid), src, stage, reason)
 
-    def _event(self, stage: int, cid: int, reason: str, **extra) -> None:
-        self.events.append({"stage": stage, "peer": self.names.get(cid, str(cid)), "reason": reason,
+    def _event(self, stage: int, cid: int, kind: EventKind, reason: str, **extra) -> None:
+        self.events.append({"stage": stage, "peer": self.names.get(cid, str(cid)), "kind": kind.value, "reason": reason,
                             "at": round(self.clock(), 3), **extra})

@@ -248,7 +248,7 @@ def plot_occupancy(out: Path, report: dict, plt) -> None:
         "move": (dict(color="green", linestyle="-", alpha=0.8, linewidth=2), "peer re-assigned here"),
     }
     placed = sorted((e["at"] - started, e["peer"], e["stage"]) for e in report["swarm"]["events"]
-                    if e["reason"] == "joined" or e in report["swarm"]["reassignments"])
+                    if e["kind"] == "joined" or e in report["swarm"]["reassignments"])
 
     def stage_at(peer: str, at: float):   # where the registry last put `peer` (the sim's status may lag it)
         return next((st for t, p, st in reversed(placed) if p == peer and t <= at + 0.5), None)
@@ -256,7 +256,7 @@ def plot_occupancy(out: Path, report: dict, plt) -> None:
     events = [("kill", f["at"], f["stage"] if f["stage"] is not None else stage_at(f["peer"], f["at"]), f["peer"])
               for f in report["faults"] if f["kind"] == "SIGKILL"]
     events += [("join", e["at"] - started, e["stage"], e["peer"]) for e in report["swarm"]["events"]
-               if e["reason"] == "joined" and e["at"] - started > (ts[0] if ts else 0)]
+               if e["kind"] == "joined" and e["at"] - started > (ts[0] if ts else 0)]
     events += [("move", e["at"] - started, e["stage"], e["peer"]) for e in report["swarm"]["reassignments"]]
     fig, axes = plt.subplots(stages, 1, figsize=(8, 1.6 + 1.5 * stages), sharex=True, squeeze=False)
     used = set()

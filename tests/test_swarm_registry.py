@@ -35,7 +35,7 @@ def test_emptied_stage_takes_a_peer_from_the_most_provisioned_stage():
     moved = reg.stage_peers(2)[0]
     assert moved in (0, 1, 3, 4)
     events = reg.snapshot()["reassignments"]
-    assert events[-1]["stage"] == 2 and "lost its last peer" in events[-1]["reason"]
+    assert events[-1]["stage"] == 2 and "lost its last peer" in events[-1]["reason"] and events[-1]["kind"] == "filled"
     assert all(reg.stage_peers(s) for s in range(3))
 
 
@@ -186,6 +186,7 @@ def test_slow_stage_gets_a_peer_only_once_the_move_pays_for_its_switch():
     assert len(moves) == 1, moves
     move = moves[0]
     assert move["stage"] == 2 and move["source"] in (0, 1) and "bottleneck" in move["reason"]
+    assert move["kind"] == "rebalanced" and all(e["kind"] in ("filled", "rebalanced") for e in moves)
     assert move["switch_s"] == 10.0 and 0.8 <= move["gain"] <= 1.1, move      # predicted 0.5 -> 1.0 tokens/s
     assert move["at"] >= cheap_at + (cfg.hold_windows - 1) * cfg.window_s    # not on one window's reading
     assert len(pipe.reg.stage_peers(2)) == 2
