@@ -110,6 +110,21 @@ async def _receive_bounded(reader: asyncio.StreamReader) -> bytes:
 P2P.receive_raw_data = staticmethod(_receive_bounded)   # every P2P stream of this process (stage and DHT traffic)
 
 
+async def _receive_request(input_type, reader: asyncio.StreamReader, limit: int):
+    """One protobuf request of at most `limit` bytes (None at the caller's end-of-stream); OversizedMessage,
+    counted, when its length prefix says more, before the payload is read."""
+    if await reader.readexactly(1) != P2P.MESSAGE_MARKER:
+        return None
+    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+    if length > limit:
+        P2P_REFUSALS.add(Reason.OVERSIZED_MESSAGE)
+        logger.warning("refused a request of %d bytes unread (this caller may send at most %d)", length, limit)
+        raise OversizedMessage(f"a request of {length} bytes is over this run's limit of {limit} for its micro-batch")
+    request = input_type()
+    request.ParseFromString(await reader.readexactly(length))
+    return request
+
+
 async def _discard(reader: asyncio.StreamReader, limit: int) -> None:
     """Read and drop what the caller still sends (at most `limit` bytes, 64 KiB at a time): closing a stream
     with its data unread resets it, and the caller would hear "stream closed" instead of the refusal."""
@@ -123,19 +138,22 @@ async def _discard(reader: asyncio.StreamReader, limit: int) -> None:
 def _gated_stream(p2p: P2P, name: str, handler, input_type, gate):
     """A stream handler speaking hivemind's protobuf stream protocol (one request, then end-of-stream; replies,
     or an RPCError) that awaits ``gate(context)`` before it reads the request; a refused caller's request is
-    never parsed or held (`_discard` drops it)."""
+    never parsed or held (`_discard` drops it). The gate may return the most bytes this caller's request may
+    hold (its role's bound); a longer one is refused on its length prefix, unread."""
     async def serve(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
         with contextlib.closing(writer):
             try:
-                await gate(context)
+                limit = await gate(context)
+                request = await _receive_request(input_type, reader, min(limit or MAX_P2P_MESSAGE, MAX_P2P_MESSAGE))
+            except asyncio.IncompleteReadError:   # the caller went away
+                return
             except Exception as err:  # noqa: BLE001 - refused unread: say why, then let the caller's writes end
                 with suppress(Exception):
                     await P2P.send_protobuf(RPCError(message=str(err)), writer)
                     await asyncio.wait_for(_discard(reader, MAX_P2P_MESSAGE + 64), REFUSED_DRAIN_S)
                 return
             try:
-                request, _ = await P2P.receive_protobuf(input_type, reader)
                 if request is None:
                     return
                 end = asyncio.create_task(P2P.receive_protobuf(input_type, reader))   # the caller's end-of-stream

@@ -333,3 +333,18 @@ def test_a_sync_adopts_the_average_plus_the_progress_in_place(stage_server):
         assert torch.allclose(progress[n], trained[n] - before[n])
         assert torch.allclose(stage_server.snapshot[n], expected[n])
         assert torch.allclose(dict(stage_server.module.named_parameters())[n].detach(), expected[n])
+
+
+def test_a_stage_request_of_the_runs_micro_batch_fits_the_members_bound(stage_server):
+    """A member may send what its run's micro-batch needs (fp32 activation and gradient, ids, labels), far
+    below the P2P plane's bound, so a member's 144 MiB request is refused unread."""
+    from fedswarm.client.swarm.tensors import to_wire
+    from fedswarm.p2p import MAX_P2P_MESSAGE
+
+    b, t, hidden = STAGE_CFG["batch_size"], STAGE_CFG["seq_len"], stage_server.module.config.hidden_size
+    fp32 = C.codec_by_name("none")
+    biggest = pb.StageRequest(run_id="run", stage=1, backward=True, microbatch_id="m" * 32,
+                              hidden=to_wire(torch.randn(b, t, hidden), fp32),
+                              grad_output=to_wire(torch.randn(b, t, hidden), fp32),
+                              ids=b"\x00" * (4 * b * t), labels=b"\x00" * (4 * b * t))
+    assert biggest.ByteSize() <= stage_server.request_limit() < MAX_P2P_MESSAGE // 100

@@ -236,3 +236,27 @@ def test_a_gated_stream_refuses_before_it_reads_the_request(pair, monkeypatch):
     admitted.add(a.peer_id)
     assert a.call(b.peer_id, "gated", pb.StageRequest(ids=b"\x01" * 40), pb.StageReply, timeout=5.0).loss == 40.0
     assert seen == [40]
+
+
+def test_a_member_request_over_its_role_bound_is_refused_unread(pair):
+    """The gate admits a member with a byte bound (a stage server's: its run's micro-batch); a request whose
+    length prefix says more is refused and counted `oversized_message` before it is read, and the handler
+    never runs; one within the bound is served."""
+    import fedswarm.p2p as transport
+
+    a, b = pair
+    seen = []
+
+    async def gate(context):
+        return 64 << 10
+
+    async def handler(request, context):
+        seen.append(len(request.ids))
+        return pb.StageReply(loss=float(len(request.ids)))
+    b.add_handler("bounded", handler, pb.StageRequest, gate=gate)
+    before = transport.P2P_REFUSALS.snapshot().get("oversized_message", 0)
+    with pytest.raises(PeerCallError, match="over this run's limit"):
+        a.call(b.peer_id, "bounded", pb.StageRequest(ids=b"\x01" * (1 << 20)), pb.StageReply, timeout=5.0)
+    assert seen == [] and transport.P2P_REFUSALS.snapshot().get("oversized_message", 0) == before + 1
+    assert a.call(b.peer_id, "bounded", pb.StageRequest(ids=b"\x01" * 40), pb.StageReply, timeout=5.0).loss == 40.0
+    assert seen == [40]

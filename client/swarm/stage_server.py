@@ -16,9 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from fedswarm.client.swarm.roster import Roster
-from fedswarm.p2p import Refusals
 from fedswarm.client.swarm.tensors import BadStageInput, from_wire, ids_from_bytes, to_wire
-from fedswarm.p2p import PeerCallError
+from fedswarm.p2p import MAX_P2P_MESSAGE, PeerCallError, Refusals
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.stage_lora import build_lora_stage
@@ -195,14 +194,25 @@ class StageServer:
         finally:
             self._roster_waiters -= 1
 
-    async def gate(self, context) -> None:
-        """Before a request is read: refuse (counted `not_member`) a caller who is no member of the run at all."""
+    async def gate(self, context) -> int:
+        """Before a request is read: refuse (counted `not_member`) a caller who is no member of the run at all;
+        a member may send at most `request_limit()` bytes."""
         caller = context.remote_id.to_base58() if context.remote_id is not None else ""
         if self.roster is None or await self._on_roster_soon(lambda: self.roster.is_member(caller)):
-            return
+            return self.request_limit()
         self.refusals.add(Reason.NOT_MEMBER)
         log.warning("refused a call from %s before reading it: not a member of this run", caller)
         raise BadStageInput(f"refused: peer {caller} is not a member of this run", Reason.NOT_MEMBER)
+
+    def request_limit(self) -> int:
+        """The most bytes a stage request of this run can hold: an fp32 activation and its gradient of the run's
+        micro-batch (batch_size x seq_len x hidden), its ids and labels, and 1 MiB of envelope; before a stage
+        is loaded, the P2P plane's own bound."""
+        module = self.module
+        if module is None:
+            return MAX_P2P_MESSAGE
+        tokens = int(self.cfg["batch_size"]) * int(self.cfg["seq_len"])
+        return 2 * 4 * tokens * int(module.config.hidden_size) + 2 * 4 * tokens + (1 << 20)
 
     async def _admit(self, caller: str, request: pb.StageRequest) -> None:
         """Serve only the run's members (the coordinator's roster); refuse anyone else before any work."""
