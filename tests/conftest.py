@@ -20,5 +20,6 @@ PROCESS_FIXTURES = {"auth_coordinator", "coord", "old_coordinator", "outcome", "
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+        # a `slow` scenario starts real processes too: the unit tier (-m "not integration") never runs one
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.integration)
