@@ -166,7 +166,7 @@ class CoordinatorService:
                     if owner is not None:
                         held.enter_context(self.admission.session_call(owner[0]))
                         held.enter_context(self.admission.only_upload(*owner, bridge))
-                    return await loop.run_in_executor(self.limits.upload_pool, self._consume, fn, bridge, context)
+                    return await loop.run_in_executor(self.limits.upload_pool, fn, bridge, context)
             except Refused as rej:
                 await self._refuse(context, rej)
 
@@ -185,21 +185,14 @@ class CoordinatorService:
             return None
         return h.client_id, h.task_id[:64]
 
-    @staticmethod
-    def _consume(fn: Callable, bridge: StreamBridge, context):
-        try:
-            return fn(bridge, context)
-        except Refused as err:
-            raise Refused(err.code, err.reason, err.detail) from None
-
     def _session(self, client_id: int, token: str) -> Member:
         member = self.members.check(client_id, token)
         if member is None:
             if self.members.was_replaced(client_id):
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, Reason.SESSION_REPLACED,
-                               "a newer session joined with this client's key: only one daemon per key may run")
+                              "a newer session joined with this client's key: only one daemon per key may run")
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, Reason.BAD_SESSION,
-                           "unknown client or session token: join again")
+                          "unknown client or session token: join again")
         return member
 
     # -- RPCs ------------------------------------------------------------------------
@@ -337,10 +330,10 @@ class CoordinatorService:
         member = self._session(h.client_id, h.session_token)
         if (member.client_id, h.task_id) in self._answered or bytes(h.signature) in self._seen_signatures:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, Reason.REPLAYED_UPDATE,
-                           f"an update for task {h.task_id[:64]!r} was already delivered (replay)")
+                          f"an update for task {h.task_id[:64]!r} was already delivered (replay)")
         if self.auth.enabled and len(h.signature) != signing.SIGNATURE_BYTES:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, Reason.BAD_SIGNATURE,
-                           "the update is not signed: start the client with --key")
+                          "the update is not signed: start the client with --key")
         msg = self.grid.open_instruction(h.task_id, member.client_id) or self._adopt(h, member)
         if msg is None:
             msg = self._open_task(h.task_id, member)   # raises FAILED_PRECONDITION
@@ -367,7 +360,7 @@ class CoordinatorService:
             received += len(raw)
             if received > max_update_bytes:
                 raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.OVERSIZED,
-                               f"update stream over {max_update_bytes} bytes")
+                              f"update stream over {max_update_bytes} bytes")
             chunk = _parse(pb.UpdateChunk, raw)
             if chunk.WhichOneof("kind") != "part":
                 raise invalid(Reason.BAD_CHUNK, "only TensorPart chunks may follow the header")
@@ -419,10 +412,10 @@ class CoordinatorService:
         member = self._session(req.client_id, req.session_token)
         if (member.client_id, req.task_id) in self._answered:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, Reason.REPLAYED_UPDATE,
-                           f"an answer for task {req.task_id[:64]!r} was already delivered (replay)")
+                          f"an answer for task {req.task_id[:64]!r} was already delivered (replay)")
         if self.auth.enabled and len(req.signature) != signing.SIGNATURE_BYTES:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, Reason.BAD_SIGNATURE,
-                           "the evaluation result is not signed: start the client with --key")
+                          "the evaluation result is not signed: start the client with --key")
         msg = self._open_task(req.task_id, member)
         if not _is_evaluate(msg):
             raise invalid(Reason.WRONG_TASK_KIND, "this task asks for training: answer it with PushUpdate")
@@ -521,7 +514,7 @@ class CoordinatorService:
         msg = self.grid.open_instruction(task_id, member.client_id)
         if msg is None:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, Reason.TASK_CLOSED,
-                           f"task {task_id[:64]!r} is not open for this client (finished, timed out or never sent)")
+                          f"task {task_id[:64]!r} is not open for this client (finished, timed out or never sent)")
         return msg
 
     def _adopt(self, h: pb.UpdateHeader, member: Member) -> Message | None:
@@ -537,7 +530,7 @@ class CoordinatorService:
             pending = self.progress.current_round == h.round and self.progress.configured_round < h.round
         if pending:  # the re-run of that round has not sent its instructions yet: come back shortly
             raise Refused(grpc.StatusCode.ABORTED, Reason.TASK_PENDING,
-                           f"round {h.round} is being configured after a restart; retry shortly")
+                          f"round {h.round} is being configured after a restart; retry shortly")
         return None
 
     def _served_digest(self, msg: Message) -> bytes:
