@@ -32,12 +32,18 @@ def peer_address(peer: str) -> str:
     if kind != "ipv6":
         return peer
     try:
-        ip = ipaddress.IPv6Address(rest.rpartition("]")[0].lstrip("[").partition("%")[0])
+        return address_key(ipaddress.IPv6Address(rest.rpartition("]")[0].lstrip("[").partition("%")[0]))
     except ValueError:
         return peer
-    if ip.ipv4_mapped:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network(f"{ip}/{IPV6_PREFIX}", strict=False))
+
+
+def address_key(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The share an address counts against: IPv4 as is, IPv6 as its /64 (an IPv4-mapped one as the IPv4)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{ip}/{IPV6_PREFIX}", strict=False))
+    return str(ip)
 
 
 class Tally:

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from fedswarm.coordinator.admission import Admission
+from fedswarm.coordinator.connections import ConnectionWatch
 from fedswarm.proto import wire
 from fedswarm.settings import opt
 from fedswarm.proto.refusals import Reason, Refused
@@ -58,6 +59,9 @@ class ServingLimits:
                                         "oldest at once", metavar="N")
     max_health_watches: int = 64          # grpc.health.v1 Watch streams at once (probes use Check) ...
     max_health_watches_per_address: int = 4   # ... and from one address
+    max_connections_per_address: int = opt(1024, "TCP connections one address (IPv6: one /64) may hold; the "
+                                                 "newest beyond are shut down (at most a quarter of the "
+                                                 "connections the open-file limit allows)", metavar="N")
     handshake_s: float = opt(10.0, "seconds a new connection may take for its TLS and HTTP/2 handshake "
                                    "(a silent one is closed)", flag="--handshake-timeout", metavar="S")
     core_headroom: int = 16384            # calls gRPC core admits beyond the sum of our caps (quick calls, graces)
@@ -85,6 +89,10 @@ class ServingLimits:
         """gRPC core's cap on calls at once: above every call our own limits let in, so ours refuse first."""
         return (self.max_waiting + self.max_sessions * self.max_calls_per_session + self.max_health_watches
                 + self.core_headroom)
+
+    def connection_share(self) -> int:
+        """The connections one address may hold: the flag, at most a quarter of what gRPC may accept."""
+        return max(1, min(self.max_connections_per_address, max_connections() // 4))
 
     def options(self) -> list[tuple[str, int]]:
         ms = lambda s: int(s * 1000)  # noqa: E731
@@ -219,21 +227,27 @@ class Server:
         self.grpc = grpc.aio.server(options=limits.options(), maximum_concurrent_rpcs=limits.core_max_calls())
         self.health = health.aio.HealthServicer()
         self.grpc.add_generic_rpc_handlers((service_handler, health_handler(self.health, admission)))
+        self.watch = ConnectionWatch(set(), limits.connection_share(), admission.count)
 
     def bind(self, address: str, tls: grpc.ServerCredentials | None) -> int:
         """The port bound (0: could not bind)."""
         try:
-            return self.grpc.add_secure_port(address, tls) if tls else self.grpc.add_insecure_port(address)
+            port = self.grpc.add_secure_port(address, tls) if tls else self.grpc.add_insecure_port(address)
         except RuntimeError:
             return 0
+        if port:
+            self.watch.ports.add(port)
+        return port
 
     async def start(self) -> None:
         await self.grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("fedswarm.Coordinator", health_pb2.HealthCheckResponse.SERVING)
+        self.watch.start()
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()
+        await self.watch.stop()
         await self.grpc.stop(grace_s)
         self.limits.shutdown()
 

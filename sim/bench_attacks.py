@@ -7,7 +7,9 @@ daemon. Each attack then runs for --seconds beside an honest probe (Status, Hear
 check in turn on its own connection, each required to succeed) and prints, per attack: the probe's Status
 latency (p50 and max), whether any honest call failed, what the attacker saw, the refusals the coordinator
 counted meanwhile, the rounds committed meanwhile (the honest daemon keeps training) and the daemon's re-joins
-and retries. Last, a member uploads a finite 1e36 update: refused and counted, the model stays finite."""
+and retries. Then a member uploads a finite 1e36 update: refused and counted, the model stays finite. Last, on
+a coordinator of its own with authorized and admin keys, one admin key floods signed Status proofs while
+another key joins afresh and reads Status in turn."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import grpc
 
+from fedswarm import keygen
+from fedswarm.client.identity import Identity
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
@@ -30,6 +34,7 @@ from fedswarm.proto import refusals
 from fedswarm.sim import attacks as A
 from fedswarm.sim.processes import READY, Proc, fedswarm_cmd, fetch_status, wait_until
 
+ATTACKER = "127.0.0.2"   # an address of its own for the connection flood (loopback is all of 127/8)
 NOFILE = 1024   # the common open-file limit the coordinator runs at (soft and hard: it cannot raise it)
 RUN = ["--model", "gpt2-tiny", "--min-clients", "1", "--rounds", "100000", "--local-steps", "2", "--seq-len", "32",
        "--batch-size", "2", "--eval-windows", "2", "--round-timeout", "10", "--upload-codec", "int8"]
@@ -38,11 +43,12 @@ RUN = ["--model", "gpt2-tiny", "--min-clients", "1", "--rounds", "100000", "--lo
 class Bench:
     """The coordinator, the honest daemon and what each attack window changed."""
 
-    def __init__(self, proc: Proc, address: str, honest_log: Path):
-        self.proc, self.address, self.honest_log = proc, address, honest_log
+    def __init__(self, proc: Proc, address: str, honest_log: Path, key: Path | None = None):
+        """`key`: a private key file that may read Status, for an authenticated coordinator."""
+        self.proc, self.address, self.honest_log, self.key = proc, address, honest_log, key
 
     def snapshot(self) -> dict:
-        status = fetch_status(self.address)
+        status = fetch_status(self.address, key=self.key)
         log = self.honest_log.read_text(errors="replace")   # the whole log (a Proc keeps only its tail)
         return {"rejections": collections.Counter(status["rejections"]), "round": status["round"],
                 "joins": log.count("joined run"), "retries": log.count(" failed (")}
@@ -108,10 +114,11 @@ def headerless_uploads(b: Bench, streams: int):
                                    min(streams, 100), seconds, None, during=honest_upload, settle_s=12.0)
 
 
-def silent_connections(b: Bench, count: int):
-    """`count` TCP connections that never speak, each re-opened as soon as the coordinator closes it (the
-    coordinator runs at an open-file limit of NOFILE, soft and hard); the probe's connection is made before.
-    A new honest connection is also tried every second (its Status waits at most 15 s): how many got in."""
+def silent_connections(b: Bench, count: int, source: str = ATTACKER):
+    """`count` TCP connections from `source` that never speak, each re-opened as soon as the coordinator closes
+    it (the coordinator runs at an open-file limit of NOFILE, soft and hard); the probe's connection is made
+    before. A new honest connection (from 127.0.0.1) is also tried every second (its Status waits at most
+    15 s): how many got in."""
     host, port = b.address.rsplit(":", 1)
     fresh = collections.Counter()
 
@@ -122,7 +129,8 @@ def silent_connections(b: Bench, count: int):
                 socks = [s for s in socks if not _closed(s)]
                 while len(socks) < count and not stop.is_set():
                     try:
-                        socks.append(socket.create_connection((host, int(port)), timeout=2))
+                        socks.append(socket.create_connection((host, int(port)), timeout=2,
+                                                              source_address=(source, 0)))
                         opened += 1
                     except OSError:
                         break
@@ -241,6 +249,56 @@ def poisoned_update(b: Bench):
     return run
 
 
+def proof_flood(b: Bench, admin_key: Path, prober_key: Path, callers: int):
+    """`callers` concurrent callers sign Status proofs with one admin key as fast as they can, many fresh
+    nonces per challenge (the review filled the 200,000-entry nonce cache so in-process, and the next honest
+    join read as replayed). Meanwhile another authorized key joins afresh and reads a signed Status in turn,
+    each required to succeed."""
+    admin, prober = Identity.load(admin_key), Identity.load(prober_key)
+
+    async def flood_one(stop: asyncio.Event, seen: collections.Counter):
+        async with A.channel(b.address) as ch:
+            stub = pb_grpc.CoordinatorStub(ch)
+            while not stop.is_set():
+                reply = await stub.Challenge(pb.ChallengeRequest(), timeout=10)
+                for _ in range(100):
+                    try:
+                        await stub.Status(pb.StatusRequest(**admin.status_proof(reply.run_id, reply.challenge)),
+                                          timeout=10)
+                        seen["proof accepted"] += 1
+                    except grpc.aio.AioRpcError as err:
+                        seen[(err.code(), refusals.reason(err))] += 1
+
+    async def honest(stop: asyncio.Event, joins: collections.Counter) -> dict[str, list[float]]:
+        latencies: dict[str, list[float]] = collections.defaultdict(list)
+        async with A.channel(b.address) as ch:
+            stub = pb_grpc.CoordinatorStub(ch)
+            while not stop.is_set():
+                reply = await stub.Challenge(pb.ChallengeRequest(), timeout=10)
+                started = time.monotonic()
+                await stub.Status(pb.StatusRequest(**prober.status_proof(reply.run_id, reply.challenge)), timeout=10)
+                latencies["Status"].append(time.monotonic() - started)
+                reply = await stub.Challenge(pb.ChallengeRequest(), timeout=10)
+                started = time.monotonic()
+                await stub.Join(pb.JoinRequest(name="prober", device="cpu", precision="fp32",
+                                               **prober.join_proof("prober", "client", reply.run_id, reply.challenge)),
+                                timeout=10)
+                latencies["Join"].append(time.monotonic() - started)
+                joins["fresh joins served"] += 1
+                await asyncio.sleep(0.5)
+        return latencies
+
+    async def run(seconds):
+        stop, seen, joins = asyncio.Event(), collections.Counter(), collections.Counter()
+        prober_task = asyncio.create_task(honest(stop, joins))
+        flooders = [asyncio.create_task(flood_one(stop, seen)) for _ in range(callers)]
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.gather(*flooders)
+        return seen, await prober_task, dict(joins)
+    return run
+
+
 # ---------------------------------------------------------------- the run
 
 def bench_attacks(args: argparse.Namespace) -> list[dict]:
@@ -260,7 +318,8 @@ def bench_attacks(args: argparse.Namespace) -> list[dict]:
             rows = [b.window("none (baseline)", baseline(b), min(s, 10)),
                     b.window("12,500 unary calls that never send their request", silent_unary(b, 125, 100), s),
                     b.window("300 header-less uploads re-opened at once", headerless_uploads(b, 300), s),
-                    b.window(f"1,100 silent TCP connections, re-opened, at nofile {NOFILE}", silent_connections(b, 1100), s),
+                    b.window(f"1,100 silent TCP connections from one address, re-opened, at nofile {NOFILE}",
+                             silent_connections(b, 1100), s),
                     b.window("16 uploads of one task dripping a part every 25 s", drip_uploads(b, 16, 25.0), s),
                     b.window("12,100 long-polls of one session", long_poll_flood(b, 12100), min(s, 30)),
                     b.window("a finite 1e36 update from a member", poisoned_update(b), s)]
@@ -268,9 +327,40 @@ def bench_attacks(args: argparse.Namespace) -> list[dict]:
             honest.stop()
     finally:
         proc.stop()
+    rows.append(authenticated_window(out, args.seconds))
     (out / "bench-attacks.json").write_text(json.dumps(rows, indent=2))
     print(table(rows))
     return rows
+
+
+def authenticated_window(out: Path, seconds: float) -> dict:
+    """The nonce-cache flood, on a coordinator of its own with --authorized-keys and --admin-keys (`fedswarm
+    keygen` keys: client-0 trains, client-1 probes, client-2 is the admin key that floods)."""
+    keys = out / "keys"
+    keygen.keygen(keys, 3, ["127.0.0.1"], force=True)
+    lines = (keys / "authorized_keys").read_text().splitlines()
+    (keys / "members").write_text("\n".join(line for line in lines if not line.endswith("client-2")) + "\n")
+    (keys / "admins").write_text("\n".join(line for line in lines if line.endswith("client-2")) + "\n")
+    (out / "honest-auth.log").unlink(missing_ok=True)
+    proc = Proc("coordinator-auth", ["prlimit", f"--nofile={NOFILE}:{NOFILE}", *fedswarm_cmd(
+        "coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(out / "state-auth"), *RUN,
+        "--authorized-keys", str(keys / "members"), "--admin-keys", str(keys / "admins"))], out / "coordinator-auth.log")
+    try:
+        address = proc.wait_for_line(READY, 120).group(1)
+        honest = Proc("honest-auth", fedswarm_cmd("client", "--coordinator", address, "--name", "honest",
+                                                  "--threads", "1", "--key", str(keys / "client-0.key")),
+                      out / "honest-auth.log")
+        try:
+            key = keys / "client-1.key"
+            wait_until("the honest client's first round", lambda: fetch_status(address, key=key)["round"] >= 1, 300,
+                       watch=(proc, honest))
+            b = Bench(proc, address, out / "honest-auth.log", key=key)
+            return b.window("Status proofs of one admin key, 16 callers, fresh nonces",
+                            proof_flood(b, keys / "client-2.key", key, 16), seconds)
+        finally:
+            honest.stop()
+    finally:
+        proc.stop()
 
 
 def table(rows: list[dict]) -> str:

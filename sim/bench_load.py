@@ -185,7 +185,8 @@ def measure(n: int, args: argparse.Namespace, log_line=print) -> dict:
     ramp_s = args.ramp or 30.0 + n / 20
     coord_args = ["--state-dir", str(out / "state"), "--rounds", "100000", "--min-clients", str(per_round),
                   "--clients-per-round", str(per_round), "--model", args.model, "--local-steps", "1",
-                  "--batch-size", "2", "--seq-len", "32", "--round-timeout", "60"]
+                  "--batch-size", "2", "--seq-len", "32", "--round-timeout", "60",
+                  "--max-connections-per-address", str(max(1024, n + 64))]   # every session dials from here
     workers = args.workers or math.ceil(n / SESSIONS_PER_WORKER)
     bounds = [n * w // workers for w in range(workers + 1)]
     with coordinator_process(out, coord_args) as (coordinator, address):

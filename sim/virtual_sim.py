@@ -172,7 +172,8 @@ def run_virtual_sim(args: argparse.Namespace, coord_args: list[str], follow, log
     # Clients that drop out never come back: let rounds go on without them.
     left_at_most = args.rounds * (per_round or args.clients) if args.dropout_rate > 0 else 0
     min_clients = max(per_round or 1, args.clients - left_at_most)
-    coord_args = [*coord_args, "--min-clients", str(min_clients)]
+    coord_args = ["--max-connections-per-address", str(max(1024, args.clients + 64)),   # each session dials
+                  *coord_args, "--min-clients", str(min_clients)]
     remote = args.backend == "ray" and bool(args.ray_address)
     if remote:  # workers on other hosts dial this one
         coord_args = [*coord_args, "--listen", "0.0.0.0:0"]

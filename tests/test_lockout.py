@@ -27,11 +27,13 @@ from fedswarm.sim.attacks import Session
 from fedswarm.sim.processes import coordinator_process, fetch_status
 
 WAITING, PER_ADDRESS, PER_CONNECTION = 40, 16, 8
+SHARE = 200   # connections one address may hold
 FIRST_MESSAGE_S, GRACE_S, CHUNK_S, UPLOAD_S = 1.5, 0.3, 1.5, 30.0
 LIMITS = ["--max-waiting-calls", str(WAITING), "--max-waiting-per-address", str(PER_ADDRESS),
           "--max-waiting-per-connection", str(PER_CONNECTION), "--first-message-timeout", str(FIRST_MESSAGE_S),
           "--first-message-grace", str(GRACE_S), "--chunk-timeout", str(CHUNK_S), "--upload-timeout", str(UPLOAD_S),
-          "--max-calls-per-session", "6", "--max-polls-per-session", "2", "--handshake-timeout", "1"]
+          "--max-calls-per-session", "6", "--max-polls-per-session", "2", "--handshake-timeout", "1",
+          "--max-connections-per-address", str(SHARE)]
 RUN = ["--min-clients", "3", "--rounds", "3", "--local-steps", "1", "--seq-len", "32", "--batch-size", "2",
        "--upload-codec", "int8", "--eval-windows", "2", "--round-timeout", "120", "--lease", "300"]
 NAMES = ("honest", "bystander", "mallory")   # round 1 trains all three (FedAvg samples every client)
@@ -194,6 +196,53 @@ def test_silent_connections_at_the_open_file_limit_are_closed(coord):
             sock.close()
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
     assert json.loads(reply.json)["run_id"] and took < 10, took
+
+
+HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])   # preface, SETTINGS
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_one_address_holds_at_most_its_share_of_connections(coord):
+    """SHARE + 100 connections from 127.0.0.2 (loopback is all of 127/8) that finish their HTTP/2 handshake
+    and then say nothing (so the handshake timeout never cuts them): the coordinator shuts 100 of the newest
+    down and counts each `too_many_connections`; SHARE stay, and a new honest connection from
+    127.0.0.1 is served meanwhile."""
+    host, port = coord.address.rsplit(":", 1)
+    before = coord.rejections()["too_many_connections"]
+    held = []
+    try:
+        for _ in range(SHARE + 100):
+            sock = socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0))
+            sock.sendall(HTTP2_HELLO)
+            held.append(sock)
+        deadline = time.monotonic() + 30
+        while coord.rejections()["too_many_connections"] - before < 100 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with grpc.insecure_channel(coord.address, options=A.OWN_CONNECTION) as channel:   # a new connection
+            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=15)
+        counted = json.loads(reply.json)["rejections"].get("too_many_connections", 0) - before
+        time.sleep(1.0)   # the shut-down ones' ends reach us
+        closed = [i for i, sock in enumerate(held) if _closed(sock)]
+    finally:
+        for sock in held:
+            sock.close()
+    assert counted == 100, counted
+    # newest at each sweep (a sweep may come while the backlog is still being accepted): never the first ones
+    assert len(closed) == 100 and min(closed) >= SHARE // 2, closed
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the coordinator ended `sock` (what it sent first, its HTTP/2 settings, is read and dropped)."""
+    sock.setblocking(False)
+    try:
+        while True:
+            if sock.recv(65536) == b"":
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def test_raise_open_file_limit_lifts_the_soft_limit_to_the_hard_one():

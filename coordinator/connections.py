@@ -1,0 +1,136 @@
+"""Open connections per address, bounded: a watch over this process's TCP sockets on the listening port.
+
+gRPC core accepts connections without asking us, so one address could hold every connection the server may
+accept (silent ones are cut only at the handshake timeout, and re-opened at once). Every `every_s` the watch
+reads the kernel's TCP tables (/proc/self/net/tcp, tcp6), keeps the sockets on our port that this process
+holds, groups them by peer address (IPv6 by its /64, as admission.py does) and, where one address holds more
+than its share, shuts the newest down: gRPC sees them end and closes them; each is counted
+`too_many_connections`. An address's share is --max-connections-per-address, and never more than a quarter
+of the connections gRPC may accept. Linux only: elsewhere the watch logs once and does nothing."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from fedswarm.coordinator.admission import address_key
+from fedswarm.proto.refusals import Reason
+
+log = logging.getLogger(__name__)
+TCP_TABLES = (Path("/proc/self/net/tcp"), Path("/proc/self/net/tcp6"))
+LISTEN = "0A"   # the kernel's TCP state number of a listening socket
+
+
+def _ipv4(word: str) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(bytes.fromhex(word)[::-1])   # one little-endian 32-bit word
+
+
+def _ipv6(words: str) -> ipaddress.IPv6Address:
+    raw = b"".join(bytes.fromhex(words[i:i + 8])[::-1] for i in range(0, 32, 8))
+    return ipaddress.IPv6Address(raw)
+
+
+def connections(ports: set[int], tables=TCP_TABLES) -> Iterator[tuple[str, int]]:
+    """(peer address key, socket inode) of every TCP connection to one of `ports` (not the listeners)."""
+    for table in tables:
+        try:
+            lines = table.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        parse = _ipv6 if table.name == "tcp6" else _ipv4
+        for line in lines:
+            cols = line.split()
+            if len(cols) < 10 or cols[3] == LISTEN or cols[9] == "0":
+                continue
+            local, remote = cols[1].split(":"), cols[2].split(":")
+            if int(local[1], 16) in ports:
+                yield address_key(parse(remote[0])), int(cols[9])
+
+
+def over_share(conns, share: int) -> list[tuple[str, int]]:
+    """The connections beyond `share` of each address: its newest (the kernel numbers sockets in order)."""
+    by_address: dict[str, list[int]] = collections.defaultdict(list)
+    for addr, inode in conns:
+        by_address[addr].append(inode)
+    return [(addr, inode) for addr, inodes in by_address.items() if len(inodes) > share
+            for inode in sorted(inodes)[share:]]
+
+
+def socket_fds(inodes: set[int], fd_dir: Path = Path("/proc/self/fd")) -> dict[int, int]:
+    """inode -> this process's file descriptor, for those of `inodes` it holds."""
+    found = {}
+    for entry in os.scandir(fd_dir):
+        try:
+            target = os.readlink(entry.path)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inode = int(target[8:-1])
+            if inode in inodes:
+                found[inode] = int(entry.name)
+    return found
+
+
+def shut_down(fd: int, inode: int) -> bool:
+    """Shut the connection on `fd` down for both directions, if `fd` still holds socket `inode`; gRPC owns the
+    descriptor and closes it when it sees the end."""
+    try:
+        if os.fstat(fd).st_ino != inode:
+            return False
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.detach()   # the descriptor stays gRPC's
+
+
+class ConnectionWatch:
+    """Every `every_s`, shut down each address's connections beyond `share` on `ports`; `count(reason)` each."""
+
+    def __init__(self, ports: set[int], share: int, count: Callable[[str], None], every_s: float = 0.5):
+        self.ports, self.share, self.count, self.every_s = ports, share, count, every_s
+        self._task: asyncio.Task | None = None
+
+    def sweep(self) -> int:
+        """One pass (blocking: run it off the loop); how many connections it shut down."""
+        extra = over_share(connections(self.ports), self.share)
+        if not extra:
+            return 0
+        fds = socket_fds({inode for _, inode in extra})
+        shut = sum(shut_down(fds[inode], inode) for _, inode in extra if inode in fds)
+        if shut:
+            log.warning("shut down %d connections beyond %d per address (from %s)", shut, self.share,
+                        ", ".join(sorted({addr for addr, _ in extra})[:4]))
+        return shut
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                shut = await asyncio.to_thread(self.sweep)
+            except OSError as err:   # e.g. no file to spare for /proc: the next pass tries again
+                log.warning("cannot read this process's connections: %s", err)
+                shut = 0
+            for _ in range(shut):
+                self.count(Reason.TOO_MANY_CONNECTIONS)
+            await asyncio.sleep(self.every_s)
+
+    def start(self) -> None:
+        if not TCP_TABLES[0].exists():
+            log.info("no /proc TCP table here: connections per address are not bounded")
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="connection-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
