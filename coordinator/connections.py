@@ -23,7 +23,7 @@ from fedswarm.proto.refusals import Reason
 
 log = logging.getLogger(__name__)
 TCP_TABLES = (Path("/proc/self/net/tcp"), Path("/proc/self/net/tcp6"))
-LISTEN = "0A"   # the kernel's TCP state number of a listening socket
+ESTABLISHED = "01"   # the kernel's TCP state of a live connection (one shut down here leaves it at once)
 
 
 def _ipv4(word: str) -> ipaddress.IPv4Address:
@@ -36,7 +36,7 @@ def _ipv6(words: str) -> ipaddress.IPv6Address:
 
 
 def connections(ports: set[int], tables=TCP_TABLES) -> Iterator[tuple[str, int]]:
-    """(peer address key, socket inode) of every TCP connection to one of `ports` (not the listeners)."""
+    """(peer address key, socket inode) of every established TCP connection to one of `ports`."""
     for table in tables:
         try:
             lines = table.read_text().splitlines()[1:]
@@ -45,20 +45,22 @@ def connections(ports: set[int], tables=TCP_TABLES) -> Iterator[tuple[str, int]]
         parse = _ipv6 if table.name == "tcp6" else _ipv4
         for line in lines:
             cols = line.split()
-            if len(cols) < 10 or cols[3] == LISTEN or cols[9] == "0":
+            if len(cols) < 10 or cols[3] != ESTABLISHED or cols[9] == "0":
                 continue
             local, remote = cols[1].split(":"), cols[2].split(":")
             if int(local[1], 16) in ports:
                 yield address_key(parse(remote[0])), int(cols[9])
 
 
-def over_share(conns, share: int) -> list[tuple[str, int]]:
-    """The connections beyond `share` of each address: its newest (the kernel numbers sockets in order)."""
+def over_share(conns, share: int, seen: dict[int, int] | None = None) -> list[tuple[str, int]]:
+    """The connections beyond `share` of each address: its newest, by `seen` (inode -> the pass that first
+    saw it; inode numbers alone are not in order: the kernel hands them out in per-CPU batches)."""
+    seen = seen or {}
     by_address: dict[str, list[int]] = collections.defaultdict(list)
     for addr, inode in conns:
         by_address[addr].append(inode)
     return [(addr, inode) for addr, inodes in by_address.items() if len(inodes) > share
-            for inode in sorted(inodes)[share:]]
+            for inode in sorted(inodes, key=lambda i: (seen.get(i, 0), i))[share:]]
 
 
 def socket_fds(inodes: set[int], fd_dir: Path = Path("/proc/self/fd")) -> dict[int, int]:
@@ -95,22 +97,32 @@ def shut_down(fd: int, inode: int) -> bool:
 
 
 class ConnectionWatch:
-    """Every `every_s`, shut down each address's connections beyond `share` on `ports`; `count(reason)` each."""
+    """Every `every_s` (`busy_every_s` while an address is over its share: a flood re-opens what was shut,
+    and must not refill the server between two passes), shut down each address's connections beyond `share`
+    on `ports`; `count(reason)` each."""
 
-    def __init__(self, ports: set[int], share: int, count: Callable[[str], None], every_s: float = 0.5):
-        self.ports, self.share, self.count, self.every_s = ports, share, count, every_s
+    def __init__(self, ports: set[int], share: int, count: Callable[[str], None], every_s: float = 0.5,
+                 busy_every_s: float = 0.05):
+        self.ports, self.share, self.count = ports, share, count
+        self.every_s, self.busy_every_s = every_s, busy_every_s
         self._task: asyncio.Task | None = None
+        self._warned = False   # a flood is logged when it starts, not at every pass
+        self._pass, self._seen = 0, {}   # inode -> the pass that first saw it (the newest go first)
 
     def sweep(self) -> int:
         """One pass (blocking: run it off the loop); how many connections it shut down."""
-        extra = over_share(connections(self.ports), self.share)
+        conns = list(connections(self.ports))
+        self._pass += 1
+        self._seen = {inode: self._seen.get(inode, self._pass) for _, inode in conns}
+        extra = over_share(conns, self.share, self._seen)
         if not extra:
             return 0
         fds = socket_fds({inode for _, inode in extra})
         shut = sum(shut_down(fds[inode], inode) for _, inode in extra if inode in fds)
-        if shut:
-            log.warning("shut down %d connections beyond %d per address (from %s)", shut, self.share,
-                        ", ".join(sorted({addr for addr, _ in extra})[:4]))
+        if shut and not self._warned:
+            log.warning("shut down %d connections beyond %d per address (from %s); counted as "
+                        "too_many_connections from now on", shut, self.share, ", ".join(sorted({a for a, _ in extra})[:4]))
+        self._warned = bool(shut)
         return shut
 
     async def _run(self) -> None:
@@ -122,7 +134,7 @@ class ConnectionWatch:
                 shut = 0
             for _ in range(shut):
                 self.count(Reason.TOO_MANY_CONNECTIONS)
-            await asyncio.sleep(self.every_s)
+            await asyncio.sleep(self.busy_every_s if shut else self.every_s)
 
     def start(self) -> None:
         if not TCP_TABLES[0].exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import threading
 import time
 from dataclasses import dataclass
 
@@ -51,7 +52,18 @@ def join(address: str, names: tuple[str, ...]) -> list[Session]:
 
 async def probe(address: str, who: Session | None, stop: asyncio.Event, pause_s: float = 0.05) -> dict[str, list[float]]:
     """Status, Heartbeat (with `who`'s session), Challenge and Health in turn until `stop`, on one connection;
-    each must succeed (an error propagates). Seconds per call, by method."""
+    each must succeed (an error propagates). Seconds per call, by method. The calls run on a thread with an
+    event loop of their own, so the attacker's calls on the caller's loop do not delay them client-side."""
+    halt = threading.Event()
+    worker = asyncio.ensure_future(asyncio.to_thread(lambda: asyncio.run(_probe(address, who, halt, pause_s))))
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({worker, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    halt.set()
+    return await worker
+
+
+async def _probe(address: str, who: Session | None, halt: threading.Event, pause_s: float) -> dict[str, list[float]]:
     latencies: dict[str, list[float]] = collections.defaultdict(list)
     async with channel(address) as ch:
         stub, health = pb_grpc.CoordinatorStub(ch), health_pb2_grpc.HealthStub(ch)
@@ -62,7 +74,7 @@ async def probe(address: str, who: Session | None, stop: asyncio.Event, pause_s:
         if who is not None:
             beat = pb.HeartbeatRequest(client_id=who.client_id, session_token=who.token)
             calls["Heartbeat"] = lambda: stub.Heartbeat(beat, timeout=10)
-        while not stop.is_set():
+        while not halt.is_set():
             for name, call in calls.items():
                 started = time.monotonic()
                 await call()
