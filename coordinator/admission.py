@@ -14,19 +14,26 @@ import asyncio
 import collections
 import contextlib
 import ipaddress
+import logging
+import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 
 import grpc
 
 from fedswarm.proto.refusals import REASON_KEY, Reason, Refused
 
+log = logging.getLogger(__name__)
 IPV6_PREFIX = 64   # one IPv6 address is one /64: a host gets a whole one
+MAX_STRIKE_ENTRIES = 4096   # addresses whose strikes are counted at once (older windows are forgotten first)
 
 
 def peer_address(peer: str) -> str:
-    """The address a call comes from, from grpc's context.peer() ("ipv4:10.0.0.3:5123", "ipv6:[::1]:5123"):
-    IPv4 as is, IPv6 as its /64 (an IPv4-mapped one as the IPv4), anything else whole."""
+    """The address a call comes from, from grpc's context.peer() ("ipv4:10.0.0.3:5123", "ipv6:[::1]:5123", with
+    the brackets URL-encoded as grpc writes them: "ipv6:%5B::1%5D:5123"): IPv4 as is, IPv6 as its /64 (an
+    IPv4-mapped one as the IPv4), anything else whole."""
     kind, _, rest = peer.partition(":")
+    rest = urllib.parse.unquote(rest)
     if kind == "ipv4":
         return rest.rpartition(":")[0]
     if kind != "ipv6":
@@ -81,6 +88,8 @@ class Admission:
         self._in_flight = Tally()                   # keys: session ids
         self._watches = Tally()                     # keys: addresses
         self._uploads: dict[tuple[int, str], object] = {}   # (session, task) -> that upload's StreamBridge
+        self._strikes: dict[str, list[float]] = {}  # address -> [its window's start, calls refused in it]
+        self.banned: dict[str, float] = {}          # address -> when its ban ends (time.monotonic)
 
     def _full_share(self, conn: str, addr: str) -> str:
         """'' while the call may wait its full deadline, else the reason it would be refused for."""
@@ -96,6 +105,10 @@ class Admission:
         limits.first_message_grace_s when a waiting share is full; Refused when it does not come."""
         conn = context.peer()
         addr = peer_address(conn)
+        if self.is_banned(addr):
+            raise Refused(grpc.StatusCode.UNAVAILABLE, Reason.BANNED,
+                          f"this address opened too many calls that never sent their first message; it is "
+                          f"refused for {self.limits.ban_s:g} s")
         full = self._full_share(conn, addr)
         wait = self.limits.first_message_grace_s if full else self.limits.first_message_s
         with self._waiting.held(("conn", conn), ("addr", addr)) if not full else contextlib.nullcontext():
@@ -105,6 +118,7 @@ class Admission:
                     await asyncio.sleep(0)
                 return message
             except asyncio.TimeoutError:
+                self.strike(addr)
                 if full:
                     where = {Reason.BUSY_CONNECTION: "on this connection", Reason.BUSY_ADDRESS: "from this address",
                              Reason.BUSY: "on this server"}[full]
@@ -113,6 +127,37 @@ class Admission:
                                   f"send the request with the call, or retry shortly") from None
                 raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, late_reason,
                               f"no first message within {wait:g} s") from None
+
+    def is_banned(self, addr: str) -> bool:
+        until = self.banned.get(addr)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self.banned[addr]
+        return False
+
+    def strike(self, addr: str) -> None:
+        """One more call from `addr` that did not send its first message in time (or one more connection of it
+        beyond its share, connections.py); limits.ban_after of them within limits.ban_window_s ban the address
+        for limits.ban_s (its calls refused at once, its connections shut down by the connection watch), so its
+        flood costs this server almost nothing."""
+        lim, now = self.limits, time.monotonic()
+        window = self._strikes.get(addr)
+        if window is None or now - window[0] > lim.ban_window_s:
+            if len(self._strikes) >= MAX_STRIKE_ENTRIES:
+                self._strikes = {a: w for a, w in self._strikes.items() if now - w[0] <= lim.ban_window_s}
+            window = self._strikes[addr] = [now, 0]
+        window[1] += 1
+        if window[1] >= lim.ban_after:
+            del self._strikes[addr]
+            self.banned[addr] = now + lim.ban_s
+            log.warning("banned %s for %g s: %d calls within %g s never sent their first message", addr, lim.ban_s,
+                        window[1], lim.ban_window_s)
+
+    def banned_now(self) -> set[str]:
+        """The addresses banned at this moment (read by the connection watch)."""
+        return {addr for addr in list(self.banned) if self.is_banned(addr)}
 
     @contextlib.contextmanager
     def session_call(self, session_id: int) -> Iterator[None]:

@@ -101,39 +101,47 @@ class ConnectionWatch:
     and must not refill the server between two passes), shut down each address's connections beyond `share`
     on `ports`; `count(reason)` each."""
 
-    def __init__(self, ports: set[int], share: int, count: Callable[[str], None], every_s: float = 0.5,
-                 busy_every_s: float = 0.05):
-        self.ports, self.share, self.count = ports, share, count
+    def __init__(self, ports: set[int], share: int, count: Callable[[str], None],
+                 banned: Callable[[], set[str]] = set, strike: Callable[[str], None] = lambda addr: None,
+                 every_s: float = 0.5, busy_every_s: float = 0.05):
+        """`banned()` (called on the loop): addresses all of whose connections are shut down; `strike(addr)`
+        (on the loop) for each connection of `addr` shut down beyond its share (enough of them ban it)."""
+        self.ports, self.share, self.count, self.banned, self.strike = ports, share, count, banned, strike
         self.every_s, self.busy_every_s = every_s, busy_every_s
         self._task: asyncio.Task | None = None
         self._warned = False   # a flood is logged when it starts, not at every pass
         self._pass, self._seen = 0, {}   # inode -> the pass that first saw it (the newest go first)
 
-    def sweep(self) -> int:
-        """One pass (blocking: run it off the loop); how many connections it shut down."""
+    def sweep(self, banned: set[str] = frozenset()) -> list[tuple[Reason, str]]:
+        """One pass (blocking: run it off the loop): shut down the connections of `banned` addresses and those
+        beyond each other address's share; (reason, address) for each one shut down."""
         conns = list(connections(self.ports))
         self._pass += 1
         self._seen = {inode: self._seen.get(inode, self._pass) for _, inode in conns}
-        extra = over_share(conns, self.share, self._seen)
-        if not extra:
-            return 0
-        fds = socket_fds({inode for _, inode in extra})
-        shut = sum(shut_down(fds[inode], inode) for _, inode in extra if inode in fds)
-        if shut and not self._warned:
-            log.warning("shut down %d connections beyond %d per address (from %s); counted as "
-                        "too_many_connections from now on", shut, self.share, ", ".join(sorted({a for a, _ in extra})[:4]))
-        self._warned = bool(shut)
-        return shut
+        ban = [(addr, inode) for addr, inode in conns if addr in banned]
+        extra = over_share([c for c in conns if c[0] not in banned], self.share, self._seen)
+        if not extra and not ban:
+            return []
+        fds = socket_fds({inode for _, inode in extra + ban})
+        shut = [(Reason.BANNED, a) for a, i in ban if i in fds and shut_down(fds[i], i)]
+        over = [(Reason.TOO_MANY_CONNECTIONS, a) for a, i in extra if i in fds and shut_down(fds[i], i)]
+        if over and not self._warned:
+            log.warning("shut down %d connections beyond %d per address (from %s); counted as too_many_connections "
+                        "from now on", len(over), self.share, ", ".join(sorted({a for _, a in over})[:4]))
+        self._warned = bool(over)
+        return shut + over
 
     async def _run(self) -> None:
         while True:
             try:
-                shut = await asyncio.to_thread(self.sweep)
+                shut = await asyncio.to_thread(self.sweep, self.banned())
             except OSError as err:   # e.g. no file to spare for /proc: the next pass tries again
                 log.warning("cannot read this process's connections: %s", err)
-                shut = 0
-            for _ in range(shut):
-                self.count(Reason.TOO_MANY_CONNECTIONS)
+                shut = []
+            for reason, addr in shut:
+                self.count(reason)
+                if reason == Reason.TOO_MANY_CONNECTIONS:
+                    self.strike(addr)
             await asyncio.sleep(self.busy_every_s if shut else self.every_s)
 
     def start(self) -> None:

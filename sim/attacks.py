@@ -96,15 +96,16 @@ async def silent(ch: grpc.aio.Channel, method: str, stop: asyncio.Event, seen: c
 
 
 async def flood(address: str, method: str, connections: int, per_connection: int, seconds: float,
-                honest: Session | None, during=None, settle_s: float = 1.0):
+                honest: Session | None, during=None, settle_s: float = 1.0, probe_address: str | None = None):
     """`connections` x `per_connection` silent calls on `method`, each re-opened as soon as it is cut, for
-    `seconds`, with `probe` running beside them and `during()` awaited `settle_s` in. Waits for every attack
-    call to end. (seen, probe latencies, during's result)."""
+    `seconds`, with `probe` running beside them (on `probe_address`, default `address`: the attacker's) and
+    `during()` awaited `settle_s` in. Waits for every attack call to end. (seen, probe latencies, during's
+    result)."""
     stop, seen = asyncio.Event(), collections.Counter()
     channels = [channel(address) for _ in range(connections)]
     attackers = [asyncio.create_task(silent(ch, method, stop, seen)) for ch in channels for _ in range(per_connection)]
     honest_stop = asyncio.Event()
-    prober = asyncio.create_task(probe(address, honest, honest_stop))
+    prober = asyncio.create_task(probe(probe_address or address, honest, honest_stop))
     started = time.monotonic()
     await asyncio.sleep(settle_s)   # the shares are full now
     result = await during() if during else None

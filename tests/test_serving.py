@@ -241,7 +241,8 @@ def test_stream_bridge_refused_from_the_loop_frees_its_worker_at_once():
 
 
 @pytest.mark.parametrize("peer, address", [
-    ("ipv4:10.0.0.3:5123", "10.0.0.3"), ("ipv6:[::1]:5123", "::/64"),
+    ("ipv4:10.0.0.3:5123", "10.0.0.3"), ("ipv6:[::1]:5123", "::/64"), ("ipv6:%5B::1%5D:5123", "::/64"),
+    ("ipv6:%5B2001:db8::5%5D:80", "2001:db8::/64"),   # as grpc writes them, brackets URL-encoded
     ("ipv6:[2001:db8:1:2:aaaa::7]:443", "2001:db8:1:2::/64"), ("ipv6:[::ffff:192.0.2.9]:80", "192.0.2.9"),
     ("unix:/tmp/sock", "unix:/tmp/sock")])
 def test_peer_address_groups_ipv6_by_its_64(peer, address):

@@ -92,3 +92,27 @@ def test_a_genuinely_slow_stage_gets_a_peer_moved_to_it(tmp_path):
         assert not [e for e in sw["reassignments"] if "no peer" in e["reason"] or "last peer" in e["reason"]], sw
         assert sw["microbatches_lost"] == 0, sw
         assert "micro-batch lost" not in trainer.output()
+
+
+def test_a_step_drops_the_forward_graphs_it_made_stale():
+    """Each backward steps the optimizer, so every other cached forward saved weights that are gone (its
+    backward would re-run the forward): they are dropped, activations and all, at once."""
+    from fedswarm.client.swarm.tensors import to_wire
+
+    states = _states()
+    server = StageServer("run", CFG, torch.device("cpu"), "fp32")
+    try:
+        server.serve(1, states[1])
+        outs = {}
+        for mb in ("a", "b"):
+            req = pb.StageRequest(run_id="run", stage=1, microbatch_id=mb)
+            req.hidden.CopyFrom(to_wire(torch.randn(2, 16, 128), server.codec))
+            outs[mb] = server._timed_compute(req)
+        stale = weakref.ref(server.graphs["b"][1])
+        back = pb.StageRequest(run_id="run", stage=1, microbatch_id="a", backward=True)
+        back.grad_output.CopyFrom(to_wire(torch.randn(2, 16, 128), server.codec))
+        reply = server._timed_compute(back)
+        assert not reply.recomputed and server.optimizer_steps == 1
+        assert not server.graphs and stale() is None   # freed without a collection: no cycle keeps it
+    finally:
+        server.close()

@@ -144,7 +144,7 @@ class StageServer:
                 else:
                     held.copy_(average.pop(name)).add_(delta)
                 param.copy_(held.to(param.device, param.dtype))
-        self.weights_version += 1
+        self._weights_changed()
         with self._lock:
             tokens, self.tokens_since_sync, self.steps_since_sync = self.tokens_since_sync, 0, 0
         return progress, max(tokens, 1)
@@ -382,7 +382,14 @@ class StageServer:
             self.steps_since_sync += 1
             self.tokens_since_sync += x.shape[0] * x.shape[1]
         self.optimizer_steps += 1
+        self._weights_changed()
+
+    def _weights_changed(self) -> None:
+        """The weights changed in place (a step, a sync, a repair): every cached forward graph saved the old
+        ones, so no backward can use it (it would re-run its forward anyway). Drop them now: each holds a
+        micro-batch's activations, and 32 stale ones held more than the stage's whole state."""
         self.weights_version += 1
+        self.graphs.clear()
 
     # -- weight health ----------------------------------------------------------------------
     def _new_optimizer(self) -> torch.optim.Optimizer:
@@ -400,8 +407,7 @@ class StageServer:
             return False
         load_stage_state(self.module, self.snapshot)
         self.optimizer = self._new_optimizer()
-        self.graphs.clear()
-        self.weights_version += 1
+        self._weights_changed()
         self.tokens_since_sync = 0
         self.refusals.add(Reason.WEIGHTS_RESTORED)
         log.error("stage %d: this replica's weights turned non-finite; restored the state of its last sync",
