@@ -106,6 +106,10 @@ class Admission:
         conn = context.peer()
         addr = peer_address(conn)
         if self.is_banned(addr):
+            # held (reading nothing, holding no share) before the refusal: refused at once, a flood's calls
+            # would be re-opened at once, and cost this server more than they did before the ban
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(self.limits.first_message_s)
             raise Refused(grpc.StatusCode.UNAVAILABLE, Reason.BANNED,
                           f"this address opened too many calls that never sent their first message; it is "
                           f"refused for {self.limits.ban_s:g} s")
@@ -140,8 +144,8 @@ class Admission:
     def strike(self, addr: str) -> None:
         """One more call from `addr` that did not send its first message in time (or one more connection of it
         beyond its share, connections.py); limits.ban_after of them within limits.ban_window_s ban the address
-        for limits.ban_s (its calls refused at once, its connections shut down by the connection watch), so its
-        flood costs this server almost nothing."""
+        for limits.ban_s: each of its calls is then held limits.first_message_s, reading nothing and holding no
+        share, and refused `banned`, so its flood costs this server little."""
         lim, now = self.limits, time.monotonic()
         window = self._strikes.get(addr)
         if window is None or now - window[0] > lim.ban_window_s:
@@ -152,12 +156,8 @@ class Admission:
         if window[1] >= lim.ban_after:
             del self._strikes[addr]
             self.banned[addr] = now + lim.ban_s
-            log.warning("banned %s for %g s: %d calls within %g s never sent their first message", addr, lim.ban_s,
-                        window[1], lim.ban_window_s)
-
-    def banned_now(self) -> set[str]:
-        """The addresses banned at this moment (read by the connection watch)."""
-        return {addr for addr in list(self.banned) if self.is_banned(addr)}
+            log.warning("banned %s for %g s: %d calls that never sent their first message, or connections beyond "
+                        "its share, within %g s", addr, lim.ban_s, window[1], lim.ban_window_s)
 
     @contextlib.contextmanager
     def session_call(self, session_id: int) -> Iterator[None]:

@@ -102,46 +102,43 @@ class ConnectionWatch:
     on `ports`; `count(reason)` each."""
 
     def __init__(self, ports: set[int], share: int, count: Callable[[str], None],
-                 banned: Callable[[], set[str]] = set, strike: Callable[[str], None] = lambda addr: None,
-                 every_s: float = 0.5, busy_every_s: float = 0.05):
-        """`banned()` (called on the loop): addresses all of whose connections are shut down; `strike(addr)`
-        (on the loop) for each connection of `addr` shut down beyond its share (enough of them ban it)."""
-        self.ports, self.share, self.count, self.banned, self.strike = ports, share, count, banned, strike
+                 strike: Callable[[str], None] = lambda addr: None, every_s: float = 0.5, busy_every_s: float = 0.05):
+        """`strike(addr)` (called on the loop) for each connection of `addr` shut down beyond its share: enough
+        of them ban the address (admission.py). A banned address keeps its share of connections: shut down,
+        a flood re-opens them at once, and its calls on them cost more than when they are held."""
+        self.ports, self.share, self.count, self.strike = ports, share, count, strike
         self.every_s, self.busy_every_s = every_s, busy_every_s
         self._task: asyncio.Task | None = None
         self._warned = False   # a flood is logged when it starts, not at every pass
         self._pass, self._seen = 0, {}   # inode -> the pass that first saw it (the newest go first)
 
-    def sweep(self, banned: set[str] = frozenset()) -> list[tuple[Reason, str]]:
-        """One pass (blocking: run it off the loop): shut down the connections of `banned` addresses and those
-        beyond each other address's share; (reason, address) for each one shut down."""
+    def sweep(self) -> list[str]:
+        """One pass (blocking: run it off the loop): shut down the connections beyond each address's share;
+        the address of each one shut down."""
         conns = list(connections(self.ports))
         self._pass += 1
         self._seen = {inode: self._seen.get(inode, self._pass) for _, inode in conns}
-        ban = [(addr, inode) for addr, inode in conns if addr in banned]
-        extra = over_share([c for c in conns if c[0] not in banned], self.share, self._seen)
-        if not extra and not ban:
+        extra = over_share(conns, self.share, self._seen)
+        if not extra:
             return []
-        fds = socket_fds({inode for _, inode in extra + ban})
-        shut = [(Reason.BANNED, a) for a, i in ban if i in fds and shut_down(fds[i], i)]
-        over = [(Reason.TOO_MANY_CONNECTIONS, a) for a, i in extra if i in fds and shut_down(fds[i], i)]
-        if over and not self._warned:
+        fds = socket_fds({inode for _, inode in extra})
+        shut = [addr for addr, inode in extra if inode in fds and shut_down(fds[inode], inode)]
+        if shut and not self._warned:
             log.warning("shut down %d connections beyond %d per address (from %s); counted as too_many_connections "
-                        "from now on", len(over), self.share, ", ".join(sorted({a for _, a in over})[:4]))
-        self._warned = bool(over)
-        return shut + over
+                        "from now on", len(shut), self.share, ", ".join(sorted(set(shut))[:4]))
+        self._warned = bool(shut)
+        return shut
 
     async def _run(self) -> None:
         while True:
             try:
-                shut = await asyncio.to_thread(self.sweep, self.banned())
+                shut = await asyncio.to_thread(self.sweep)
             except OSError as err:   # e.g. no file to spare for /proc: the next pass tries again
                 log.warning("cannot read this process's connections: %s", err)
                 shut = []
-            for reason, addr in shut:
-                self.count(reason)
-                if reason == Reason.TOO_MANY_CONNECTIONS:
-                    self.strike(addr)
+            for addr in shut:
+                self.count(Reason.TOO_MANY_CONNECTIONS)
+                self.strike(addr)
             await asyncio.sleep(self.busy_every_s if shut else self.every_s)
 
     def start(self) -> None:

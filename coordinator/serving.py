@@ -50,8 +50,8 @@ class ServingLimits:
                                        flag="--first-message-grace", metavar="S")
     ban_after: int = opt(2000, "calls from one address that do not send their first message in time, and its "
                                "connections shut down beyond its share, within --ban-window, after which the "
-                               "address is banned for --ban-seconds (its calls refused at once, its connections "
-                               "shut down)", metavar="N")
+                               "address is banned for --ban-seconds (each of its calls is held for "
+                               "--first-message-timeout, then refused)", metavar="N")
     ban_window_s: float = opt(10.0, "seconds over which --ban-after counts", flag="--ban-window", metavar="S")
     ban_s: float = opt(60.0, "seconds a banned address stays banned", flag="--ban-seconds", metavar="S")
     chunk_idle_s: float = opt(30.0, "seconds an upload may take between two chunks", flag="--chunk-timeout",
@@ -233,8 +233,7 @@ class Server:
         self.grpc = grpc.aio.server(options=limits.options(), maximum_concurrent_rpcs=limits.core_max_calls())
         self.health = health.aio.HealthServicer()
         self.grpc.add_generic_rpc_handlers((service_handler, health_handler(self.health, admission)))
-        self.watch = ConnectionWatch(set(), limits.connection_share(), admission.count, admission.banned_now,
-                                     admission.strike)
+        self.watch = ConnectionWatch(set(), limits.connection_share(), admission.count, admission.strike)
 
     def bind(self, address: str, tls: grpc.ServerCredentials | None) -> int:
         """The port bound (0: could not bind)."""

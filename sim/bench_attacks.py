@@ -52,7 +52,7 @@ class Bench:
         self.proc, self.honest_log, self.key = proc, honest_log, key
 
     def snapshot(self) -> dict:
-        status = fetch_status(self.address, key=self.key)
+        status = fetch_status(self.address, timeout=60, key=self.key)   # a flood may still be draining
         log = self.honest_log.read_text(errors="replace")   # the whole log (a Proc keeps only its tail)
         return {"rejections": collections.Counter(status["rejections"]), "round": status["round"],
                 "joins": log.count("joined run"), "retries": log.count(" failed (")}

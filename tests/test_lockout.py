@@ -202,9 +202,9 @@ def test_silent_connections_at_the_open_file_limit_are_closed(coord):
 @pytest.mark.timeout(120)
 def test_an_address_that_floods_is_banned_and_another_is_served(tmp_path):
     """On a coordinator listening on both IPv4 and IPv6 loopback, calls from [::1] that never send their request
-    are cut; after --ban-after 100 of them the address is banned: its calls are refused `banned` at once and
-    its connections shut down (counted `banned`), while an honest prober on 127.0.0.1 gets every Status,
-    Challenge and health check through, during the flood and after it."""
+    are cut; after --ban-after 100 of them the address is banned: its calls are held, then refused `banned`
+    (counted), while an honest prober on 127.0.0.1 gets every Status, Challenge and health check through,
+    during the flood and after it."""
     flags = ["--listen", "[::]:0", "--state-dir", str(tmp_path / "state"), *RUN, *LIMITS[:-2],
              "--ban-after", "100", "--ban-seconds", "60"]
     with coordinator_process(tmp_path, flags) as (proc, address):
