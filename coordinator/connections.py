@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -79,8 +81,9 @@ def socket_fds(inodes: set[int], fd_dir: Path = Path("/proc/self/fd")) -> dict[i
 
 
 def shut_down(fd: int, inode: int) -> bool:
-    """Shut the connection on `fd` down for both directions, if `fd` still holds socket `inode`; gRPC owns the
-    descriptor and closes it when it sees the end."""
+    """End the connection on `fd`, if `fd` still holds socket `inode`: its reads end (gRPC, which owns the
+    descriptor, sees the end and closes it) and, lingering 0 s, its close resets the connection rather than
+    leaving it in TIME_WAIT (a flood of re-opened connections would fill the kernel's table with those)."""
     try:
         if os.fstat(fd).st_ino != inode:
             return False
@@ -88,7 +91,9 @@ def shut_down(fd: int, inode: int) -> bool:
     except OSError:
         return False
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RD)
         return True
     except OSError:
         return False
@@ -111,6 +116,7 @@ class ConnectionWatch:
         self._task: asyncio.Task | None = None
         self._warned = False   # a flood is logged when it starts, not at every pass
         self._pass, self._seen = 0, {}   # inode -> the pass that first saw it (the newest go first)
+        self._shut: set[int] = set()     # inodes ended by an earlier pass
 
     def sweep(self) -> list[str]:
         """One pass (blocking: run it off the loop): shut down the connections beyond each address's share;
@@ -118,11 +124,13 @@ class ConnectionWatch:
         conns = list(connections(self.ports))
         self._pass += 1
         self._seen = {inode: self._seen.get(inode, self._pass) for _, inode in conns}
-        extra = over_share(conns, self.share, self._seen)
+        self._shut &= set(self._seen)   # ended here, not yet closed by gRPC: neither counted nor ended again
+        extra = over_share([c for c in conns if c[1] not in self._shut], self.share, self._seen)
         if not extra:
             return []
         fds = socket_fds({inode for _, inode in extra})
         shut = [addr for addr, inode in extra if inode in fds and shut_down(fds[inode], inode)]
+        self._shut.update(inode for _, inode in extra)
         if shut and not self._warned:
             log.warning("shut down %d connections beyond %d per address (from %s); counted as too_many_connections "
                         "from now on", len(shut), self.share, ", ".join(sorted(set(shut))[:4]))

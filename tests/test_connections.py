@@ -6,6 +6,8 @@ import ipaddress
 import os
 import socket
 
+import pytest
+
 from fedswarm.coordinator.connections import connections, over_share, shut_down, socket_fds
 from fedswarm.coordinator.serving import ServingLimits, max_connections
 
@@ -40,19 +42,24 @@ def test_each_address_keeps_its_oldest_connections():
     assert over_share(conns, 2, {5: 1, 9: 1, 2: 2}) == [("a", 2)]
 
 
-def test_a_connection_is_shut_down_and_its_descriptor_left_open():
-    a, b = socket.socketpair()
+def test_a_connection_is_ended_under_its_owner_and_reset_on_close():
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    owned, _ = listener.accept()
     try:
-        inode = socket_fds({os.fstat(a.fileno()).st_ino})
-        assert list(inode.values()) == [a.fileno()]
-        assert not shut_down(a.fileno(), 1)               # not the socket it names: untouched
-        assert shut_down(a.fileno(), next(iter(inode)))
-        b.settimeout(2)
-        assert b.recv(1) == b""                           # the peer sees the end ...
-        assert a.fileno() >= 0 and a.recv(1) == b""       # ... and the owner still holds its descriptor
+        inode = os.fstat(owned.fileno()).st_ino
+        assert socket_fds({inode}) == {inode: owned.fileno()}
+        assert not shut_down(owned.fileno(), inode + 1)   # not the socket it names: untouched
+        assert shut_down(owned.fileno(), inode)
+        owned.settimeout(2)
+        assert owned.recv(1) == b""                        # the owner's reads end (gRPC then closes it) ...
+        owned.close()
+        peer.settimeout(2)
+        with pytest.raises(ConnectionResetError):          # ... and its close resets: no TIME_WAIT left behind
+            peer.recv(1)
     finally:
-        a.close()
-        b.close()
+        for sock in (owned, peer, listener):
+            sock.close()
 
 
 def test_an_address_share_is_at_most_a_quarter_of_the_connections():
