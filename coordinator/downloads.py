@@ -102,9 +102,23 @@ class ServedVersions:
             self._versions.move_to_end(version)
             while len(self._versions) > self.keep:
                 self._versions.popitem(last=False)
+            self._drop_unservable_steps()
             if self.persist is not None:
                 write_checkpoint(self.persist, entry.state, {"version": str(version), "codec": C.codec_name(self.codec)})
             return entry
+
+    def _drop_unservable_steps(self) -> None:
+        """Keep a version's step only while the steps from it to the newest are smaller than a full copy: a
+        client further behind gets a full copy anyway (chain), so older steps would only hold memory (eight
+        int8 steps held twice the model's fp32 size)."""
+        newest = next(reversed(self._versions.values()))
+        full, behind = 4 * sum(math.prod(shape) for shape in newest.shapes.values()), 0
+        for entry in reversed(self._versions.values()):
+            if entry.step is None:
+                continue
+            behind += entry.step_bytes
+            if behind >= full:
+                entry.step = None
 
     def forget_newer(self, version: int) -> int:
         """Drop the versions after `version` (served before a crash, never committed: the re-run makes them

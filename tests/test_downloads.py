@@ -93,6 +93,20 @@ def test_chain_over_skipped_versions_eviction_and_wrong_digest():
         versions.served(4, walk[4])                                 # only the newest state is kept
 
 
+def test_only_steps_a_chain_can_serve_are_kept():
+    """A chain is served only while it is smaller than a full copy, so a step older than that is dropped at
+    once (eight int8 steps of a 124M model held twice its fp32 size): int8 keeps 3, int4 about 7."""
+    walk = random_walk(9)
+    for codec, kept in (("int8", 3), ("int4", 7)):
+        versions = ServedVersions(C.codec_by_name(codec), keep=8)
+        for v in range(9):
+            versions.served(v, walk[v])
+        with_steps = [v for v in range(1, 9) if versions._versions.get(v) and versions._versions[v].step]
+        assert with_steps == list(range(9 - kept, 9)), (codec, with_steps)
+        assert versions.chain(8, 8 - kept, versions.digest(8 - kept)) is not None
+        assert versions.chain(8, 7 - kept, versions.digest(7 - kept)) is None   # a full copy, as before
+
+
 def test_tampered_delta_is_caught_by_the_digest():
     cid = C.codec_by_name("int8")
     versions = ServedVersions(cid)
