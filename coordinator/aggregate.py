@@ -14,8 +14,10 @@ from __future__ import annotations
 import collections
 import ctypes
 import ctypes.util
+import io
 import math
 import threading
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -53,6 +55,21 @@ class DecodedUpdate:
             yield name, self.base[name] + self.delta[name]
 
 
+def read_only_view(array: Array) -> torch.Tensor:
+    """A tensor over an Array's .npy bytes (Flower's numpy serialization), or a decoded copy of any other:
+    to evaluate, check, checkpoint or serve, never to write into."""
+    head = io.BytesIO(array.data)
+    version = np.lib.format.read_magic(head) if array.stype == SType.NUMPY else None
+    if version not in ((1, 0), (2, 0)):
+        return torch.from_numpy(array.numpy().copy())
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(head)
+    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=head.tell())
+    with warnings.catch_warnings():   # torch warns that the array is read-only: so is every use of it here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(flat.reshape(shape, order="F" if fortran else "C"))
+
+
 class ArraysView(Mapping):
     """An ArrayRecord read as name -> float tensor, decoding one tensor per read and keeping none:
     a task's base weights cost no memory beyond the instruction's own ArrayRecord."""
@@ -61,7 +78,7 @@ class ArraysView(Mapping):
         self.arrays = arrays
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return torch.from_numpy(self.arrays[name].numpy())   # np.load: a fresh, writable array
+        return read_only_view(self.arrays[name])   # over the record's own bytes: no copy, never written
 
     def __iter__(self):
         return iter(self.arrays.keys())

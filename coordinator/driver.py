@@ -6,23 +6,18 @@ coordinator killed meanwhile resumes at its last committed round and re-runs the
 from __future__ import annotations
 
 import functools
-import io
 import logging
-import math
 import random
 import threading
 import time
-import warnings
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
-from flwr.common.constant import SType
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedswarm.coordinator.aggregate import rss_bytes
+from fedswarm.coordinator.aggregate import read_only_view, rss_bytes
 from fedswarm.coordinator.committer import Committer
 from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
 from fedswarm.coordinator.integrity import refused_aggregate
@@ -46,21 +41,7 @@ EVAL_SEED_OFFSET = 1 << 40          # evaluation samples from its own seeded str
 def arrays_to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     """The record's tensors as read-only views of its own bytes (no copy): to evaluate, checkpoint or serve,
     never to write into."""
-    return {k: _read_only_view(v) for k, v in arrays.items()}
-
-
-def _read_only_view(array: Array) -> torch.Tensor:
-    """A tensor over an Array's .npy bytes (Flower's numpy serialization), or a decoded copy of any other."""
-    head = io.BytesIO(array.data)
-    version = np.lib.format.read_magic(head) if array.stype == SType.NUMPY else None
-    if version not in ((1, 0), (2, 0)):
-        return torch.from_numpy(array.numpy().copy())
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(head)
-    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=head.tell())
-    with warnings.catch_warnings():   # torch warns that the array is read-only: so is every use of it here
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(flat.reshape(shape, order="F" if fortran else "C"))
+    return {k: read_only_view(v) for k, v in arrays.items()}
 
 
 def state_to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:

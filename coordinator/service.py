@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 SERVICE = "fedswarm.Coordinator"
 MAX_NAME = 128
 MAX_UPDATE_BYTES_FACTOR = 1.5   # an update stream may not exceed 1.5x the model's fp32 size (+1 MiB)
+DECODE_BUDGET_BYTES = 512 << 20  # uploads checked and folded at once: this over the model's fp32 size (at least 1)
 MAX_EVAL_LOSS = 1e4             # nats per token; a real model's loss is far below (a uniform 2^20 vocab: 13.9)
 
 
@@ -75,6 +77,7 @@ class CoordinatorService:
         self.admission = Admission(self.limits, self.count)   # waiting shares, per-session caps (admission.py)
         self._base_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._cache_lock = threading.Lock()
+        self._fold_slots: threading.BoundedSemaphore | None = None   # sized by the model at the first upload
         # what clients hold of each global version; deltas from it in the download codec (swarm: full copies)
         self.downloads = ServedVersions(C.CodecSpec.of(cfg, "download"),
                                         persist=Path(state_dir) / "served.safetensors" if state_dir else None)
@@ -382,17 +385,18 @@ class CoordinatorService:
             delta = assembler.finish()
         except wire.WireError as err:
             raise invalid(Reason.INCOMPLETE, str(err)) from None
-        delta = self._clip(delta)
-        norm = self._admit(msg, base, delta)   # finite, bounded, within --max-update-norm-ratio (integrity.py)
-        update = DecodedUpdate(base, delta, client=ConfigRecord({"name": member.name}), metrics=MetricRecord({
-            "num-examples": self._weight(msg, h), "train_loss": float(h.train_loss),
-            "bytes-up": int(received), "bytes-up-raw": int(raw_update_bytes),
-            "bytes-down": self._bytes_down_of(task_id, h.task_id), "bytes-down-raw": int(raw_update_bytes),
-            "train-seconds": float(h.train_seconds)}))
-        try:
-            delivered = self.grid.deliver_update(task_id, member.client_id, update)  # folded or spilled (aggregate.py)
-        except Inadmissible as err:   # the fold's own overflow check
-            raise invalid(err.reason, err.detail) from None
+        with self._fold_slot(raw_update_bytes):   # each decodes tensor by tensor: their transients add up
+            delta = self._clip(delta)
+            norm = self._admit(msg, base, delta)   # finite, bounded, within --max-update-norm-ratio (integrity.py)
+            update = DecodedUpdate(base, delta, client=ConfigRecord({"name": member.name}), metrics=MetricRecord({
+                "num-examples": self._weight(msg, h), "train_loss": float(h.train_loss),
+                "bytes-up": int(received), "bytes-up-raw": int(raw_update_bytes),
+                "bytes-down": self._bytes_down_of(task_id, h.task_id), "bytes-down-raw": int(raw_update_bytes),
+                "train-seconds": float(h.train_seconds)}))
+            try:
+                delivered = self.grid.deliver_update(task_id, member.client_id, update)  # folded or spilled
+            except Inadmissible as err:   # the fold's own overflow check
+                raise invalid(err.reason, err.detail) from None
         if not delivered:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, Reason.TASK_CLOSED, "the task closed while uploading")
         self.norm_bound.accept(_norm_key(msg), norm)
@@ -544,6 +548,15 @@ class CoordinatorService:
                 del self._bytes_down[stale]
             return sum(self._bytes_down.pop(t, 0) for t in set(task_ids))
 
+    def _fold_slot(self, model_bytes: int) -> threading.BoundedSemaphore:
+        """Uploads checked and folded at once: as many as DECODE_BUDGET_BYTES holds of the model's fp32 size.
+        Two 124M-model uploads checked together stacked their embeddings' transients (0.6x the model each)."""
+        with self._cache_lock:
+            if self._fold_slots is None:
+                slots = max(1, min(self.limits.upload_workers, DECODE_BUDGET_BYTES // max(model_bytes, 1)))
+                self._fold_slots = threading.BoundedSemaphore(slots)
+            return self._fold_slots
+
     def _base_state(self, task_id: str, msg: Message) -> dict[str, torch.Tensor]:
         """The weights the task was configured with (decoded once per task)."""
         with self._cache_lock:
@@ -557,8 +570,10 @@ class CoordinatorService:
 
 
 def _peer_host(peer: str) -> str:
-    """The caller's host from grpc's context.peer() ("ipv4:10.0.0.3:5123", "ipv6:[::1]:5123", "unix:...")."""
+    """The caller's host from grpc's context.peer() ("ipv4:10.0.0.3:5123", "ipv6:%5B::1%5D:5123" as grpc writes
+    it, brackets URL-encoded, "unix:...")."""
     kind, _, rest = peer.partition(":")
+    rest = urllib.parse.unquote(rest)
     if kind == "ipv6":
         return rest.rpartition("]")[0].lstrip("[") or rest
     if kind == "ipv4":

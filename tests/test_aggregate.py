@@ -352,13 +352,15 @@ def test_assembler_keeping_encoded_parts_decodes_the_same_tensors():
         assert torch.equal(a[n], b[n]) and b[n].shape == state[n].shape
 
 
-def test_arrays_view_decodes_on_read():
+def test_arrays_view_reads_the_records_own_bytes():
+    """A task's base weights cost nothing beyond the record: each read is a read-only view of its bytes (a
+    copy per read of a 124M model's 154 MB embedding, in each of two concurrent uploads' checks, was most of
+    the coordinator's transient peak)."""
     from fedswarm.coordinator.aggregate import ArraysView
 
     state = model(3)
-    view = ArraysView(ArrayRecord(torch_state_dict=state))
+    record = ArrayRecord(torch_state_dict=state)
+    view = ArraysView(record)
     assert list(view) == list(state) and len(view) == len(state)
     first, again = view["wte"], view["wte"]
-    assert torch.equal(first, state["wte"]) and first.data_ptr() != again.data_ptr(), "a fresh tensor per read"
-    first += 1   # writable, and the record is untouched
-    assert torch.equal(view["wte"], state["wte"])
+    assert torch.equal(first, state["wte"]) and first.data_ptr() == again.data_ptr()   # no copy, ever
