@@ -16,8 +16,10 @@ Only the newest version's state is held, with the digests and encoded steps
 of the last `keep` versions (a step is the codec's fraction of the model); a
 client whose version was evicted, or whose digest does not match, gets a
 full copy.
-The newest state is also written to `persist` so a restarted coordinator
-serves the same S (and accepts uploads trained from it).
+With `persist`, the newest state lives in that file alone (served_file.py):
+written as it is computed, read back a tensor at a time, so the coordinator
+holds no second copy of the model for it, and a restarted coordinator serves
+the same S (and accepts uploads trained from it).
 """
 from __future__ import annotations
 
@@ -25,14 +27,13 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from fedswarm.coordinator.store import write_checkpoint
+from fedswarm.coordinator.served_file import ServedFile
 from fedswarm.errors import why
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
@@ -45,7 +46,7 @@ DEFAULT_KEEP_VERSIONS = 8
 @dataclass
 class Served:
     version: int
-    state: dict[str, torch.Tensor] | None    # S_version, float32 CPU (None once a newer version exists)
+    state: Mapping[str, torch.Tensor] | None  # S_version, float32 CPU: a dict or its file (None once a newer exists)
     shapes: dict[str, tuple[int, ...]]
     digest: bytes                            # wire.state_digest(state)
     step: dict[str, C.Encoded] | None        # encode(G_version - S_{version-1}); None at a chain start
@@ -81,21 +82,9 @@ class ServedVersions:
                 return have
             prev = self._versions.get(version - 1)
             if not self.deltas or prev is None or prev.state is None or prev.shapes != _shapes(global_state):
-                state = {n: t.detach().to("cpu", torch.float32).clone() for n, t in global_state.items()}
-                entry = Served(version, state, _shapes(state), wire.state_digest(state), None, 0)
+                entry = self._chain_start(version, global_state)
             else:
-                # S_version replaces S_prev tensor by tensor: once this is the only reference to S_prev's tensors
-                # (a full copy streaming it holds its own, model_chunks), each is freed as soon as it has been
-                # built on, so at most one tensor more than one state is alive, not two states
-                held, prev.state = dict(prev.state), None
-                step, state, size = {}, {}, 0
-                for name, g in global_state.items():
-                    base = held.pop(name)
-                    enc = step[name] = self.spec.encode((g.detach().to("cpu", torch.float32) - base).flatten())
-                    size += len(enc.data) + len(enc.scales)
-                    state[name] = base + C.decode(enc).view(base.shape)   # exactly what the client computes
-                    del base
-                entry = Served(version, state, _shapes(state), wire.state_digest(state), step, size)
+                entry = self._next(version, global_state, prev)
             for older in self._versions.values():
                 older.state = None   # only the newest is served in full or built on
             self._versions[version] = entry
@@ -103,9 +92,42 @@ class ServedVersions:
             while len(self._versions) > self.keep:
                 self._versions.popitem(last=False)
             self._drop_unservable_steps()
-            if self.persist is not None:
-                write_checkpoint(self.persist, entry.state, {"version": str(version), "codec": C.codec_name(self.codec)})
             return entry
+
+    def _chain_start(self, version: int, global_state: dict[str, torch.Tensor]) -> Served:
+        """S = G, as float32 (a copy: G's tensors are the strategy's)."""
+        state, digest = self._store(version, global_state, lambda n: global_state[n].detach().to("cpu", torch.float32))
+        return Served(version, state, _shapes(global_state), digest, None, 0)
+
+    def _next(self, version: int, global_state: dict[str, torch.Tensor], prev: Served) -> Served:
+        """S_version = S_prev + decode(encode(G_version - S_prev)), tensor by tensor: S_prev's tensors (in memory)
+        are freed as soon as each has been built on, once this is the only reference to them (a full copy
+        streaming it holds its own, model_chunks), so at most one tensor more than one state is alive."""
+        held, prev.state = prev.state, None
+        if isinstance(held, dict):
+            held = dict(held)
+        step, size = {}, 0
+
+        def built(name: str) -> torch.Tensor:
+            nonlocal size
+            base = held.pop(name) if isinstance(held, dict) else held[name]
+            enc = step[name] = self.spec.encode((global_state[name].detach().to("cpu", torch.float32) - base).flatten())
+            size += len(enc.data) + len(enc.scales)
+            return base + C.decode(enc).view(base.shape)   # exactly what the client computes
+
+        state, digest = self._store(version, global_state, built)
+        return Served(version, state, _shapes(global_state), digest, {n: step[n] for n in global_state}, size)
+
+    def _store(self, version: int, global_state: dict[str, torch.Tensor], tensor_of) -> tuple[Mapping, bytes]:
+        """The state made of `tensor_of(name)` for each of the model's names, and its digest. Persisted, it
+        lives in the file alone (written as each tensor is made, read back one tensor per read): the coordinator
+        then holds no second copy of the model for it. In memory otherwise."""
+        if self.persist is None:
+            state = {n: tensor_of(n).clone() for n in global_state}
+            return state, wire.state_digest(state)
+        digest = ServedFile.write(self.persist, _shapes(global_state), tensor_of,
+                                  {"version": str(version), "codec": C.codec_name(self.codec)})
+        return ServedFile(self.persist), digest
 
     def _drop_unservable_steps(self) -> None:
         """Keep a version's step only while the steps from it to the newest are smaller than a full copy: a
@@ -155,20 +177,17 @@ class ServedVersions:
     def _load(self, path: Path) -> None:
         """The newest served state a previous coordinator persisted; a cache that does not load is dropped
         (logged): the next download is then served as a full copy and the cache is written again."""
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(path), "pt") as fh:
-                meta = fh.metadata() or {}
+            state = ServedFile(path)
+            meta = state.metadata
             if meta.get("codec") != C.codec_name(self.codec) or "version" not in meta:
                 return  # another codec's chain: start a new one
-            version = int(meta["version"])
-            state = load_file(str(path))
-        except Exception as err:  # noqa: BLE001 - truncated or garbled: safetensors raises its own type
+            version, digest = int(meta["version"]), state.digest()
+        except (OSError, ValueError, KeyError, TypeError) as err:   # truncated or garbled
             log.warning("dropping the download cache %s, which does not load (%s); it is rebuilt", path, why(err))
             path.unlink(missing_ok=True)
             return
-        self._versions[version] = Served(version, state, _shapes(state), wire.state_digest(state), None, 0)
+        self._versions[version] = Served(version, state, state.shapes, digest, None, 0)
 
 
 def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -187,7 +206,10 @@ def model_chunks(served: Served, steps: list[Served] | None, max_part_bytes: int
         state = served.state
         if state is None:
             raise RuntimeError(f"model version {served.version} is older than the newest served one")
-        return _versioned(wire.state_parts(dict(state), full_copy, max_part_bytes), served, delta=False)
+        # a file-backed state is read a tensor at a time from the version it opened; a dict is copied (its
+        # tensors, not their data) so the next version may replace it while this streams
+        own = state if isinstance(state, ServedFile) else dict(state)
+        return _versioned(wire.state_parts(own, full_copy, max_part_bytes), served, delta=False)
     return _steps(steps, max_part_bytes)
 
 

@@ -61,7 +61,7 @@ def check_state_dir(state_dir: str | Path) -> None:
                              f"folder this user can write on a writable disk") from None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -76,7 +76,7 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor], metadata: dict[
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class Store:
