@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fedswarm.coordinator.store import fsync_dir
+from fedswarm.proto import wire
 
 HEADER_LIMIT = 100 << 20   # a header larger than this is not one this module wrote
 
@@ -60,7 +61,7 @@ class ServedFile(Mapping):
         """wire.state_digest of the state, one tensor read at a time."""
         h = hashlib.sha256()
         for name in sorted(self._index):
-            _digest_update(h, name, self[name])
+            wire.digest_update(h, name, self[name])
         return h.digest()
 
     def close(self) -> None:
@@ -91,7 +92,7 @@ class ServedFile(Mapping):
                 t = tensor_of(name).detach().to("cpu", torch.float32).contiguous()
                 if tuple(t.shape) != tuple(shapes[name]):
                     raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shapes[name])}")
-                _digest_update(h, name, t)
+                wire.digest_update(h, name, t)
                 fh.write(_bytes_of(t))
                 del t
             fh.flush()
@@ -104,11 +105,6 @@ class ServedFile(Mapping):
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """The float32 bytes of `t`, without a copy (the numpy view of a contiguous tensor, flattened)."""
     return memoryview(t.contiguous().numpy().reshape(-1)).cast("B")
-
-
-def _digest_update(h, name: str, t: torch.Tensor) -> None:
-    h.update(name.encode() + b"\0" + repr(tuple(t.shape)).encode() + b"\0")
-    h.update(_bytes_of(t))
 
 
 def _read_header(fd: int, size: int) -> tuple[dict, dict[str, tuple[int, int]], dict[str, tuple[int, ...]]]:

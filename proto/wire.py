@@ -20,10 +20,15 @@ def state_digest(state: dict[str, torch.Tensor]) -> bytes:
 
     h = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(name.encode() + b"\0" + repr(tuple(t.shape)).encode() + b"\0")
-        h.update(t.numpy().tobytes())
+        digest_update(h, name, state[name])
     return h.digest()
+
+
+def digest_update(h, name: str, tensor: torch.Tensor) -> None:
+    """Add one tensor to a state_digest hash (callers go in name order)."""
+    t = tensor.detach().to("cpu", torch.float32).contiguous()
+    h.update(name.encode() + b"\0" + repr(tuple(t.shape)).encode() + b"\0")
+    h.update(memoryview(t.numpy().reshape(-1)).cast("B"))
 
 
 class WireError(ValueError):
