@@ -42,6 +42,7 @@ def test_each_address_keeps_its_oldest_connections():
     assert over_share(conns, 2, {5: 1, 9: 1, 2: 2}) == [("a", 2)]
 
 
+@pytest.mark.integration   # a real TCP connection on loopback
 def test_a_connection_is_ended_under_its_owner_and_reset_on_close():
     listener = socket.create_server(("127.0.0.1", 0))
     peer = socket.create_connection(listener.getsockname())
