@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 SERVICE = "fedswarm.Coordinator"
 MAX_NAME = 128
 MAX_UPDATE_BYTES_FACTOR = 1.5   # an update stream may not exceed 1.5x the model's fp32 size (+1 MiB)
-DECODE_BUDGET_BYTES = 512 << 20  # uploads checked and folded at once: this over the model's fp32 size (at least 1)
+DECODE_BUDGET_BYTES = 2 << 30    # uploads checked and folded at once: this over the model's fp32 size (at least 1)
 MAX_EVAL_LOSS = 1e4             # nats per token; a real model's loss is far below (a uniform 2^20 vocab: 13.9)
 
 
