@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +36,20 @@ class Session:
     client_id: int
     token: str
     task: pb.Task | None = None   # its open train task, once pulled
+
+
+def closed(sock: socket.socket) -> bool:
+    """Whether the coordinator ended raw TCP connection `sock`; what it sent (its HTTP/2 settings) is read and
+    dropped."""
+    sock.setblocking(False)
+    try:
+        while True:
+            if sock.recv(65536) == b"":
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def channel(address: str) -> grpc.aio.Channel:

@@ -140,7 +140,7 @@ def silent_connections(b: Bench, count: int, source: str = ATTACKER):
         socks, opened = [], 0
         try:
             while not stop.is_set():
-                socks = [s for s in socks if not _closed(s)]
+                socks = [s for s in socks if not A.closed(s)]
                 while len(socks) < count and not stop.is_set():
                     try:
                         socks.append(socket.create_connection((host, int(port)), timeout=2,
@@ -178,19 +178,6 @@ def silent_connections(b: Bench, count: int, source: str = ATTACKER):
         await newer
         return collections.Counter({"connections opened": opened}), await prober, dict(fresh)
     return run
-
-
-def _closed(sock: socket.socket) -> bool:
-    """Whether the peer closed `sock`; what it sent (its HTTP/2 settings) is read and dropped."""
-    sock.setblocking(False)
-    try:
-        while True:
-            if sock.recv(65536) == b"":
-                return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 def drip_uploads(b: Bench, streams: int, every_s: float):

@@ -248,26 +248,13 @@ def test_one_address_holds_at_most_its_share_of_connections(coord):
             reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=15)
         counted = json.loads(reply.json)["rejections"].get("too_many_connections", 0) - before
         time.sleep(1.0)   # the shut-down ones' ends reach us
-        closed = [i for i, sock in enumerate(held) if _closed(sock)]
+        closed = [i for i, sock in enumerate(held) if A.closed(sock)]
     finally:
         for sock in held:
             sock.close()
     # at most SHARE stay open; the watch shut down the rest (a few may instead miss the 1 s handshake timeout
     # on a loaded host, so they are closed, not counted)
     assert len(held) - len(closed) <= SHARE and 90 <= counted <= 100, (len(closed), counted)
-
-
-def _closed(sock: socket.socket) -> bool:
-    """Whether the coordinator ended `sock` (what it sent first, its HTTP/2 settings, is read and dropped)."""
-    sock.setblocking(False)
-    try:
-        while True:
-            if sock.recv(65536) == b"":
-                return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 def test_raise_open_file_limit_lifts_the_soft_limit_to_the_hard_one():
