@@ -28,18 +28,26 @@ IPV6_PREFIX = 64   # one IPv6 address is one /64: a host gets a whole one
 MAX_STRIKE_ENTRIES = 4096   # addresses whose strikes are counted at once (older windows are forgotten first)
 
 
-def peer_address(peer: str) -> str:
-    """The address a call comes from, from grpc's context.peer() ("ipv4:10.0.0.3:5123", "ipv6:[::1]:5123", with
-    the brackets URL-encoded as grpc writes them: "ipv6:%5B::1%5D:5123"): IPv4 as is, IPv6 as its /64 (an
-    IPv4-mapped one as the IPv4), anything else whole."""
+def peer_host(peer: str) -> str:
+    """The caller's host from grpc's context.peer() ("ipv4:10.0.0.3:5123", "ipv6:[::1]:5123", with the brackets
+    URL-encoded as grpc writes them: "ipv6:%5B::1%5D:5123"): the IP without port or brackets, anything else
+    whole."""
     kind, _, rest = peer.partition(":")
     rest = urllib.parse.unquote(rest)
+    if kind == "ipv6":
+        return rest.rpartition("]")[0].lstrip("[") or rest
     if kind == "ipv4":
         return rest.rpartition(":")[0]
-    if kind != "ipv6":
-        return peer
+    return peer
+
+
+def peer_address(peer: str) -> str:
+    """The address a call counts against (context.peer(), as peer_host reads it): IPv4 as is, IPv6 as its /64
+    (an IPv4-mapped one as the IPv4), anything else whole."""
+    if not peer.startswith("ipv6:"):
+        return peer_host(peer)
     try:
-        return address_key(ipaddress.IPv6Address(rest.rpartition("]")[0].lstrip("[").partition("%")[0]))
+        return address_key(ipaddress.IPv6Address(peer_host(peer).partition("%")[0]))
     except ValueError:
         return peer
 

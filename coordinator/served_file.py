@@ -3,7 +3,7 @@
 A served state is a float32 copy of the model that clients reconstruct (downloads.py). Held in memory it is
 another whole model on the coordinator; it is persisted every version anyway, so the file is the only copy:
 
-    ServedFile.write(path, names, shapes, tensor_of, metadata) -> digest   (atomic: temp, fsync, rename)
+    ServedFile.write(path, shapes, tensor_of, metadata) -> digest          (atomic: temp, fsync, rename)
     ServedFile(path)[name] -> a fresh float32 tensor                         (pread of that tensor only)
 
 The file is safetensors (F32 tensors, contiguous, in name order), so `safetensors` reads it too. An open

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import threading
-import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from fedswarm.coordinator.driver import RunProgress
 from fedswarm.coordinator.grid import LongPoll, SessionGrid
 from fedswarm.coordinator.integrity import Inadmissible, UpdateNormBound, check_values, l2_norm
 from fedswarm.coordinator.membership import Member, Membership, SessionsFull
-from fedswarm.coordinator.admission import Admission
+from fedswarm.coordinator.admission import Admission, peer_host
 from fedswarm.coordinator.serving import ServingLimits, StreamBridge
 from fedswarm.coordinator.status import StatusLimits, StatusReport
 from fedswarm.coordinator.swarm_registry import PEER_ID
@@ -221,7 +220,7 @@ class CoordinatorService:
             member, resumed = self.members.join(req.name, req.device, req.precision,
                                                 req.resume_client_id, req.resume_token,
                                                 public_key=bytes(req.public_key) if self.auth.enabled else b"",
-                                                role=role, address=_peer_host(context.peer()))
+                                                role=role, address=peer_host(context.peer()))
         except SessionsFull as err:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(err)) from None
         if member.replaced:  # one live session per key: the older one was dropped (its tasks failed)
@@ -567,18 +566,6 @@ class CoordinatorService:
                 arrays: ArrayRecord = msg.content["arrays"]
                 state = self._base_cache[task_id] = ArraysView(arrays)   # decodes a tensor per read, holds none
             return state
-
-
-def _peer_host(peer: str) -> str:
-    """The caller's host from grpc's context.peer() ("ipv4:10.0.0.3:5123", "ipv6:%5B::1%5D:5123" as grpc writes
-    it, brackets URL-encoded, "unix:...")."""
-    kind, _, rest = peer.partition(":")
-    rest = urllib.parse.unquote(rest)
-    if kind == "ipv6":
-        return rest.rpartition("]")[0].lstrip("[") or rest
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    return peer
 
 
 def _parse(msg_type, raw: bytes):

@@ -26,7 +26,7 @@ class Reason(enum.StrEnum):
     BUSY_CONNECTION = "busy_connection"        # this connection's waiting slots are taken
     BUSY_ADDRESS = "busy_address"              # this address's waiting slots are taken
     TOO_MANY_CONNECTIONS = "too_many_connections"  # a connection beyond its address's share, shut down
-    BANNED = "banned"                          # a call or connection from an address banned for a flood
+    BANNED = "banned"                          # a call from an address banned for a flood (held, then refused)
     SESSION_BUSY = "session_busy"              # this session has too many calls in flight
     UPLOAD_REPLACED = "upload_replaced"        # a newer upload stream for the same task replaced this one
     TOO_MANY_WATCHES = "too_many_watches"      # too many status watchers
