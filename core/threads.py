@@ -22,6 +22,7 @@ from pathlib import Path
 log = logging.getLogger("fedswarm.threads")
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 COMPUTE_COMMANDS = {b"client", b"coordinator"}
+FORKED_NAME_PREFIX = "fsw-"   # a process forked from sim/forkstart.py's server names itself fsw-COMMAND (its comm)
 
 
 def set_wait_policy(environ=os.environ) -> None:
@@ -49,6 +50,16 @@ def _is_compute_process(argv: list[bytes]) -> bool:
     return False
 
 
+def _is_python(argv: list[bytes]) -> bool:
+    return bool(argv) and os.path.basename(argv[0]).startswith(b"python")
+
+
+def _is_forked_compute(entry: Path) -> bool:
+    """A client or coordinator forked from the fork server (its cmdline is the server's; its name says)."""
+    name = (entry / "comm").read_bytes().strip()
+    return name.startswith(FORKED_NAME_PREFIX.encode()) and name[len(FORKED_NAME_PREFIX):] in COMPUTE_COMMANDS
+
+
 def fedswarm_processes(proc: Path = Path("/proc")) -> int:
     """Running fedswarm clients and coordinators on this host (this process included); 1 where /proc is absent."""
     if not proc.is_dir():
@@ -63,9 +74,9 @@ def fedswarm_processes(proc: Path = Path("/proc")) -> int:
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
+            count += _is_compute_process(argv) or (_is_python(argv) and _is_forked_compute(entry))
         except OSError:  # the process ended while we looked, or is not ours to read
             continue
-        count += _is_compute_process(argv)
     return max(count, 1)
 
 

@@ -67,7 +67,7 @@ def probe() -> str | None:
     return None
 
 
-def _enter_netns(name: str) -> None:
+def enter_netns(name: str) -> None:
     """Move the calling thread (only) into namespace `name`."""
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(NETNS_DIR / name, os.O_RDONLY)
@@ -190,7 +190,7 @@ class HostNetwork:
     # -- use ----------------------------------------------------------------------------------------------
     def start(self, host: int, name: str, argv: list[str], log_path: Path, env: dict | None = None) -> Proc:
         """Start `argv` inside host `host`; it is killed when the network closes."""
-        proc = Proc(name, self.hosts[host].cmd(argv), log_path, env=env)
+        proc = Proc(name, argv, log_path, env=env, netns=self.hosts[host].netns)
         self.procs.append(proc)
         return proc
 
@@ -222,7 +222,7 @@ class _Relay:
     def __init__(self, host: Host, port: int):
         self.host, self.port = host, port
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"netns-{host.index}",
-                                                           initializer=_enter_netns, initargs=(host.netns,))
+                                                           initializer=enter_netns, initargs=(host.netns,))
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self.address = ""

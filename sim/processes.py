@@ -15,6 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 READY = re.compile(r"listening on (\S+:\d+)")
+# FEDSWARM_FORK_START=1: a Proc running `fedswarm ...` is forked from the pre-imported fork server
+# (sim/forkstart.py) when its caller does not say. The test suite sets it (tests/conftest.py), so its hundreds of
+# processes, and those of the sims and benches it runs, import torch and transformers once per fork server
+# instead of each; unset, a process is a fresh interpreter unless its sim forks it (the swarm sim does).
+FORK_ENV = "FEDSWARM_FORK_START"
+
+
+def fork_by_default() -> bool:
+    return os.environ.get(FORK_ENV) == "1"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -28,18 +37,52 @@ def fedswarm_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedswarm", *args]
 
 
+def run_fedswarm(*args: str, timeout: float = 60.0, env: dict | None = None,
+                 fork: bool | None = None) -> subprocess.CompletedProcess:
+    """`fedswarm ARGS` run to its end (environment plus `env`): its exit code, stdout and stderr (text, apart).
+    `fork` as for Proc."""
+    if not (fork_by_default() if fork is None else fork):
+        return subprocess.run(fedswarm_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    from fedswarm.sim.forkstart import ForkedPopen
+
+    popen = ForkedPopen(list(args), env, stderr_apart=True)
+    streams: dict[str, bytes] = {}
+    readers = [threading.Thread(target=lambda key=key, f=f: streams.__setitem__(key, f.read()), daemon=True)
+               for key, f in (("out", popen.stdout), ("err", popen.stderr))]
+    for reader in readers:
+        reader.start()
+    try:
+        code = popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
+        raise
+    for reader in readers:
+        reader.join(10)
+    text = {k: v.decode(errors="replace") for k, v in streams.items()}
+    return subprocess.CompletedProcess(fedswarm_cmd(*args), code, text.get("out", ""), text.get("err", ""))
+
+
 class Proc:
     """A child process; a reader thread tees its output into a log file and wakes `wait_for_line`."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict | None = None, fork: bool = False):
-        """`fork`: a `fedswarm ...` argv forked from the pre-imported fork server (sim/forkstart.py)."""
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict | None = None, fork: bool | None = None,
+                 netns: str | None = None):
+        """`fork`: a `fedswarm ...` argv forked from the pre-imported fork server (sim/forkstart.py); None: forked
+        when FEDSWARM_FORK_START=1 and argv is `fedswarm ...`. `netns`: run inside that network namespace host."""
         self.name, self.argv, self.log_path = name, argv, log_path
+        if fork is None:
+            fork = fork_by_default() and argv[:3] == fedswarm_cmd()
         if fork:
             from fedswarm.sim.forkstart import ForkedPopen
 
             assert argv[:3] == fedswarm_cmd(), argv
-            self.popen = ForkedPopen(argv[3:], env or {})
+            self.popen = ForkedPopen(argv[3:], env, netns=netns)
         else:
+            if netns is not None:
+                argv = ["ip", "netns", "exec", netns, *argv]
             child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
             self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env,
                                           stdin=subprocess.DEVNULL, start_new_session=True)
@@ -94,8 +137,10 @@ class Proc:
                 self._cv.wait(remaining)
 
     def signal(self, sig: int) -> None:
+        # a forked process is reaped by its fork server at once: its group can be gone before its exit code is here
         if self.popen.poll() is None:
-            os.killpg(self.popen.pid, sig)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
 
     def stop(self, grace: float = 5.0) -> int | None:
         """SIGTERM, then SIGKILL after `grace` seconds; returns the exit code."""

@@ -1,4 +1,6 @@
 """Fixtures shared by the test modules."""
+import os
+
 import pytest
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
@@ -23,3 +25,12 @@ def pytest_collection_modifyitems(items):
         # a `slow` scenario starts real processes too: the unit tier (-m "not integration") never runs one
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.integration)
+
+
+def pytest_configure(config):
+    # `fedswarm` processes the tests (and the sims they run) start are forked from a fork server that imported
+    # torch and transformers once (sim/forkstart.py): real, separate processes, without each paying those imports.
+    # Tests of the interpreter's own start (the entry point, the thread policy, a plain venv) run fresh ones.
+    from fedswarm.sim.processes import FORK_ENV
+
+    os.environ[FORK_ENV] = "1"

@@ -4,7 +4,6 @@ after a coordinator restart. Each is refused (or neutralized) and counted."""
 from __future__ import annotations
 
 import math
-import subprocess
 
 import grpc
 import pytest
@@ -16,7 +15,7 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import refusals, wire
-from fedswarm.sim.processes import coordinator_process, fedswarm_cmd, fetch_status, wait_until
+from fedswarm.sim.processes import coordinator_process, fetch_status, run_fedswarm, wait_until
 
 SMALL = ["--rounds", "1", "--local-steps", "1", "--seq-len", "32", "--batch-size", "2"]
 OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
@@ -32,7 +31,7 @@ def _refusal(call) -> tuple[grpc.StatusCode, str]:
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_one_session_per_key_and_no_join_replay_after_restart(tmp_path):
-    subprocess.run(fedswarm_cmd("keygen", str(tmp_path / "keys"), "--clients", "1"), check=True, capture_output=True)
+    assert run_fedswarm("keygen", str(tmp_path / "keys"), "--clients", "1").returncode == 0
     key = tmp_path / "keys" / "client-0.key"
     ident = Identity.load(key)
     args = ["--authorized-keys", str(tmp_path / "keys" / "authorized_keys"), "--state-dir", str(tmp_path / "state"),

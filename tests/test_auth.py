@@ -19,7 +19,7 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import signing, wire
-from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status
+from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status, run_fedswarm
 from fedswarm.sim.processes import wait_until
 
 SMALL = ["--rounds", "1", "--min-clients", "1", "--local-steps", "5", "--seq-len", "64", "--batch-size", "8"]
@@ -27,9 +27,7 @@ OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]
 
 
-def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run(fedswarm_cmd(*args), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+run_cli = run_fedswarm   # `fedswarm ARGS` to its end (forked from the suite's fork server)
 
 
 @pytest.fixture(scope="module")
@@ -259,13 +257,11 @@ def test_bad_security_files_exit_2(tmp_path, keys):
         ["client", "--coordinator", "127.0.0.1:1", "--tls-ca", str(keys / "client-0.pub")],
         ["status", "--coordinator", "127.0.0.1:1", "--tls-ca", str(tmp_path / "missing.pem")],
     ]
-    procs = [subprocess.Popen(fedswarm_cmd(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              stdin=subprocess.DEVNULL) for argv in cases]   # all at once: each is a start-up
-    for argv, proc in zip(cases, procs):
-        stdout, stderr = proc.communicate(timeout=120)
-        out = stdout + stderr
+    for argv in cases:
+        proc = run_cli(*argv, timeout=60)
+        out = proc.stdout + proc.stderr
         assert proc.returncode == 2, (argv, out)
-        assert "error:" in stderr and "Traceback" not in out, (argv, out)
+        assert "error:" in proc.stderr and "Traceback" not in out, (argv, out)
     assert not state.exists()
 
 

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 
 import pytest
 
 from fedswarm.sim import bench
 from fedswarm.sim.bench_learning import client_batch_size, parse_strategy, plan_runs
-from fedswarm.sim.processes import fedswarm_cmd
+from fedswarm.sim.processes import run_fedswarm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -59,11 +58,10 @@ def test_plan_covers_strategies_steps_and_codecs():
 @pytest.mark.timeout(400)
 def test_bench_learning_tiny_budget(tmp_path):
     out = tmp_path / "bench"
-    argv = fedswarm_cmd("bench", "learning", "--tokens", "1024", "--clients", "2", "--strategies", "fedavg",
-                        "--local-steps-list", "4", "--codec-list", "int8", "--extra-codecs", "", "--sparse-strategies", "", "--seq-len", "32",
-                        "--batch-size", "4",
-                        "--precision", "fp32", "--threads", "1", "--out", str(out))
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=380, stdin=subprocess.DEVNULL)
+    done = run_fedswarm("bench", "learning", "--tokens", "1024", "--clients", "2", "--strategies", "fedavg",
+                        "--local-steps-list", "4", "--codec-list", "int8", "--extra-codecs", "", "--sparse-strategies", "",
+                        "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--threads", "1",
+                        "--out", str(out), timeout=380)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "bench-learning.json").read_text())
     single, (fed,) = result["single"], result["runs"]

@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from fedswarm.sim.processes import fedswarm_cmd
+from fedswarm.sim.processes import run_fedswarm
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(450)
 def test_bench_load_holds_twenty_sessions(tmp_path):
-    proc = subprocess.run(fedswarm_cmd("bench", "load", "--clients", "20", "--seconds", "10", "--clients-per-round", "4",
-                                       "--out", str(tmp_path)),
-                          capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL)
+    proc = run_fedswarm("bench", "load", "--clients", "20", "--seconds", "10", "--clients-per-round", "4",
+                        "--out", str(tmp_path), timeout=400)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "| sessions | held (min / end)" in proc.stdout
     (row,) = json.loads((tmp_path / "load.json").read_text())
@@ -28,6 +26,5 @@ def test_bench_load_holds_twenty_sessions(tmp_path):
 
 @pytest.mark.integration
 def test_bench_load_refuses_bad_counts(tmp_path):
-    proc = subprocess.run(fedswarm_cmd("bench", "load", "--clients", "ten", "--out", str(tmp_path)),
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    proc = run_fedswarm("bench", "load", "--clients", "ten", "--out", str(tmp_path), timeout=60)
     assert proc.returncode == 2 and "--clients 'ten'" in proc.stderr

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from fedswarm.cli import build_parser
-from fedswarm.sim.processes import coordinator_process, fedswarm_cmd, fetch_status, wait_until
+from fedswarm.sim.processes import coordinator_process, fetch_status, run_fedswarm, wait_until
 
 HEAVY = ("torch", "transformers", "flwr", "hivemind")
 PROBE = ("import sys, runpy\n"
@@ -67,10 +67,8 @@ def test_status_table_shows_rounds_and_clients_of_a_real_coordinator(tmp_path):
     args = ["--state-dir", str(tmp_path / "state"), "--rounds", "2", "--seq-len", "64", "--batch-size", "8"]
     with coordinator_process(tmp_path, args) as (coordinator, address):
         wait_until("round 0 evaluated", lambda: fetch_status(address)["rounds"], 120, watch=[coordinator])
-        table = subprocess.run(fedswarm_cmd("status", "--coordinator", address), capture_output=True, text=True,
-                               timeout=60)
-        as_json = subprocess.run(fedswarm_cmd("status", "--coordinator", address, "--json"), capture_output=True,
-                                 text=True, timeout=60)
+        table = run_fedswarm("status", "--coordinator", address)
+        as_json = run_fedswarm("status", "--coordinator", address, "--json")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].startswith(f"coordinator {address}") and "state waiting" in lines[0] and "round 0/2" in lines[0]

@@ -14,7 +14,7 @@ from fedswarm.schedule import LrSchedule
 from fedswarm.sim.processes import READY, Proc, client_processes, fedswarm_cmd, fetch_status
 from test_learning import assert_lrs_follow
 
-ROUNDS = 6
+ROUNDS, STEPS = 5, 15
 
 
 def _wait(predicate, timeout: float, what: str):
@@ -32,7 +32,7 @@ def _wait(predicate, timeout: float, what: str):
 
 def _start(tmp_path, listen: str, n: int) -> tuple[Proc, str]:
     args = ["--listen", listen, "--state-dir", str(tmp_path / "state"), "--rounds", str(ROUNDS),
-            "--min-clients", "2", "--local-steps", "30", "--seq-len", "64", "--batch-size", "8",
+            "--min-clients", "2", "--local-steps", str(STEPS), "--seq-len", "64", "--batch-size", "8",
             "--strategy", "fedavgm", "--lease", "8", "--lr-schedule", "cosine", "--warmup-steps", "20"]
     proc = Proc(f"coordinator-{n}", fedswarm_cmd("coordinator", *args), tmp_path / f"coordinator-{n}.log")
     return proc, proc.wait_for_line(READY, 120).group(1)
@@ -69,21 +69,19 @@ def test_sigkill_and_restart_loses_no_round(tmp_path):
             assert final["round"] == ROUNDS
             assert final["rounds"][-1]["eval_loss"] < final["rounds"][0]["eval_loss"]
             assert mid["current_round"] <= ROUNDS
-            schedule = LrSchedule(RunConfig.lr, ROUNDS * 30, "cosine", warmup_steps=20)
+            schedule = LrSchedule(RunConfig.lr, ROUNDS * STEPS, "cosine", warmup_steps=20)
             for client in clients:  # the same daemons did all the work and exit cleanly
                 assert client.popen.wait(timeout=60) == 0
                 log = client.log_path.read_text()
-                assert_lrs_follow(log, schedule, ROUNDS, 30)   # the schedule went on across both restarts
+                assert_lrs_follow(log, schedule, ROUNDS, STEPS)   # the schedule went on across both restarts
                 assert re.search(r"joining again|join", log)
             coordinator_log = (tmp_path / "coordinator-3.log").read_text()
             assert "resuming after committed round" in coordinator_log
-            # The uploads in flight at kill 2 were re-sent and accepted for the re-run of round k, not redone.
-            assert "adopted" in coordinator_log
-            resent = 0
+            # The work in flight at kill 2 was accepted for the re-run of round k, not redone: each upload was sent
+            # under the session joined again (before it, or re-sent after it was refused: as the restart's timing has it).
             for client in clients:
                 log = client.log_path.read_text()
                 assert log.count(f"round {k}: training on task") == 1, f"{client.name} trained round {k} twice"
-                resent += "re-sent after the coordinator restarted" in log
-            assert resent == 2
+                assert f"adopted {client.name}'s upload for round {k}" in coordinator_log, client.name
     finally:
         coord.stop()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedswarm.coordinator.store import Store
-from fedswarm.sim.processes import Proc, coordinator_process, fetch_status, fedswarm_cmd
+from fedswarm.sim.processes import Proc, coordinator_process, fetch_status, fedswarm_cmd, run_fedswarm
 
 ROUND_KEYS = {"round", "eval_loss", "train_loss", "clients", "bytes_up", "bytes_up_raw", "seconds"}
 SMALL = ["--seq-len", "64", "--batch-size", "8"]
@@ -58,9 +58,7 @@ def wait_for_state(address: str, state: str, deadline_s: float, watch: list[Proc
         tick.wait(0.5)
 
 
-def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run(fedswarm_cmd(*args), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+run_cli = run_fedswarm   # `fedswarm ARGS` to its end (forked from the suite's fork server)
 
 
 def free_port() -> int:

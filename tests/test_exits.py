@@ -20,7 +20,7 @@ from fedswarm.lora import build_run_model
 from fedswarm.models import trainable_state
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
-from fedswarm.sim.processes import READY, Proc, coordinator_process, fedswarm_cmd, fetch_status, wait_until
+from fedswarm.sim.processes import READY, Proc, coordinator_process, fedswarm_cmd, fetch_status, run_fedswarm, wait_until
 
 SMALL = ["--rounds", "1", "--local-steps", "1", "--seq-len", "32", "--batch-size", "2"]
 
@@ -72,20 +72,15 @@ def read_only(folder: Path, *argv: str) -> list[str]:
 def test_bad_state_on_disk_falls_back_or_exits_2_naming_the_file(tmp_path):
     """A truncated latest checkpoint: the real coordinator names it and resumes from the round before (status
     says so). No kept checkpoint that loads, or a read-only --state-dir: exit 2 with one line (the client's bad
-    flags and files: tests/test_bad_state.py, in-process). The three processes start together (a start is
-    mostly imports)."""
+    flags and files: tests/test_bad_state.py, in-process). The read-only one starts beside the
+    coordinator (a fresh interpreter's start is mostly imports)."""
     truncated = prepared_state(tmp_path / "fallback", 3)[-1]
     truncated.write_bytes(truncated.read_bytes()[:4096])
     for ckpt in prepared_state(tmp_path / "none-good", 2):
         ckpt.write_bytes(ckpt.read_bytes()[:-8])
     prepared_state(tmp_path / "read-only", 1)
-    refused = {
-        "none-good": (started(fedswarm_cmd("coordinator", "--state-dir", str(tmp_path / "none-good"))),
-                      ["no kept checkpoint of", "round-000001.safetensors (SafetensorError", "round-000000"]),
-        "read-only": (started(read_only(tmp_path / "read-only", *fedswarm_cmd(
-                          "coordinator", "--state-dir", str(tmp_path / "read-only")))),
-                      ["cannot write to", "Read-only file system"]),
-    }
+    read_only_run = started(read_only(tmp_path / "read-only", *fedswarm_cmd(   # a fresh interpreter: its own mounts
+        "coordinator", "--state-dir", str(tmp_path / "read-only"))))
     with coordinator_process(tmp_path, ["--state-dir", str(tmp_path / "fallback")]) as (coord, address):
         status = fetch_status(address)
         assert status["round"] == 1 and [r["round"] for r in status["rounds"]] == [0, 1]
@@ -94,10 +89,16 @@ def test_bad_state_on_disk_falls_back_or_exits_2_naming_the_file(tmp_path):
     log = coord.output()
     assert f"checkpoint {truncated} of round 2 cannot be used (SafetensorError" in log
     assert "falling back to the checkpoint of round 1: dropped round(s) 2" in log and "Traceback" not in log
-    for name, (proc, says) in refused.items():
-        out, err = proc.communicate(timeout=120)
+    none_good = run_fedswarm("coordinator", "--state-dir", str(tmp_path / "none-good"), timeout=120)
+    out, err = read_only_run.communicate(timeout=120)
+    refused = {
+        "none-good": ((none_good.returncode, none_good.stdout, none_good.stderr),
+                      ["no kept checkpoint of", "round-000001.safetensors (SafetensorError", "round-000000"]),
+        "read-only": ((read_only_run.returncode, out, err), ["cannot write to", "Read-only file system"]),
+    }
+    for name, ((code, out, err), says) in refused.items():
         lines = err.strip().splitlines()
-        assert proc.returncode == 2, (name, out + err)
+        assert code == 2, (name, out + err)
         assert "Traceback" not in out + err and lines[-1].startswith("error: "), (name, err)
         assert [line for line in lines if line.startswith("error")] == lines[-1:], (name, err)
         assert all(s in lines[-1] for s in says), (name, lines[-1])

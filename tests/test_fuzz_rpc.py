@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 
 import grpc
 import pytest
@@ -15,7 +14,7 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import wire
-from fedswarm.sim.processes import coordinator_process, fedswarm_cmd, fetch_status
+from fedswarm.sim.processes import coordinator_process, fetch_status, run_fedswarm
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION}
@@ -56,7 +55,7 @@ def _code(call) -> grpc.StatusCode:
 def test_fuzz_every_rpc(tmp_path):
     rng = random.Random(1234)
     # Authenticated run: a mutated copy of a signed update is refused whatever byte it touches.
-    subprocess.run(fedswarm_cmd("keygen", str(tmp_path / "keys"), "--clients", "1"), check=True, capture_output=True)
+    assert run_fedswarm("keygen", str(tmp_path / "keys"), "--clients", "1").returncode == 0
     key = tmp_path / "keys" / "client-0.key"
     ident = Identity.load(key)
     args = ["--authorized-keys", str(tmp_path / "keys" / "authorized_keys"), "--state-dir", str(tmp_path / "state"), "--rounds", "1", "--min-clients", "1", "--local-steps", "1",

@@ -233,8 +233,12 @@ def test_one_address_holds_at_most_its_share_of_connections(coord):
     and then say nothing (so the handshake timeout never cuts them): the coordinator shuts 100 of the newest
     down and counts each `too_many_connections`; SHARE stay, and a new honest connection from
     127.0.0.1 is served meanwhile."""
+    from fedswarm.coordinator.connections import connections
+
     host, port = coord.address.rsplit(":", 1)
     before = coord.rejections()["too_many_connections"]
+    # connections from 127.0.0.2 an earlier test of this module left open count against the same share
+    leftover = sum(1 for key, _ in connections({int(port)}) if key == "127.0.0.2")
     held = []
     try:
         for _ in range(SHARE + 100):
@@ -254,7 +258,7 @@ def test_one_address_holds_at_most_its_share_of_connections(coord):
             sock.close()
     # at most SHARE stay open; the watch shut down the rest (a few may instead miss the 1 s handshake timeout
     # on a loaded host, so they are closed, not counted)
-    assert len(held) - len(closed) <= SHARE and 90 <= counted <= 100, (len(closed), counted)
+    assert len(held) - len(closed) <= SHARE and 90 <= counted <= 100 + leftover, (len(closed), counted, leftover)
 
 
 def test_raise_open_file_limit_lifts_the_soft_limit_to_the_hard_one():

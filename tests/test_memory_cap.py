@@ -67,8 +67,8 @@ def test_capped_client_trains_on_a_corpus_larger_than_its_memory(tmp_path):
         eval_file.write_bytes(fh.read(1 << 20))
     client = fedswarm_cmd("client", "--data", str(corpus), "--name", "capped", "--threads", "1", "--device", "cpu")
     cgroup = _memory_cgroup()
-    rounds = 4
-    args = ["--state-dir", str(tmp_path / "state"), "--rounds", str(rounds), "--min-clients", "1", "--local-steps", "30",
+    rounds = 3
+    args = ["--state-dir", str(tmp_path / "state"), "--rounds", str(rounds), "--min-clients", "1", "--local-steps", "15",
             "--seq-len", "64", "--batch-size", "8", "--eval-data", str(eval_file)]
     try:
         with coordinator_process(tmp_path, args) as (coordinator, address):

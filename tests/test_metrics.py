@@ -6,7 +6,7 @@ import pytest
 import re
 import urllib.request
 
-from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status, wait_until
+from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status, run_fedswarm, wait_until
 
 METRICS_AT = re.compile(r"metrics on http://(\S+:\d+)/metrics")
 SMALL = ["--seq-len", "64", "--batch-size", "8", "--local-steps", "3"]
@@ -58,14 +58,12 @@ def test_metrics_move_during_a_run(tmp_path):
 @pytest.mark.integration
 def test_a_metrics_port_in_use_is_a_clear_error(tmp_path):
     import socket
-    import subprocess
-
+    
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run(fedswarm_cmd("client", "--coordinator", "127.0.0.1:1", "--metrics-port", str(port)),
-                              capture_output=True, text=True, timeout=120)
+        proc = run_fedswarm("client", "--coordinator", "127.0.0.1:1", "--metrics-port", str(port), timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.stderr and "--metrics-port" in proc.stderr
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
 
-from fedswarm.sim.processes import fedswarm_cmd
+from fedswarm.sim.processes import run_fedswarm
 
 pytest.importorskip("ray", reason="the optional extra fedswarm[ray] is not installed")
 
@@ -17,10 +16,9 @@ pytest.importorskip("ray", reason="the optional extra fedswarm[ray] is not insta
 @pytest.mark.timeout(450)
 def test_ray_backend_runs_sampled_rounds(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run(fedswarm_cmd("sim", "--backend", "ray", "--clients", "20", "--clients-per-round", "4",
-                                       "--rounds", "2", "--workers", "2", "--local-steps", "5", "--seq-len", "64",
-                                       "--batch-size", "8", "--out", str(tmp_path), "--quiet"),
-                          capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL, env=env)
+    proc = run_fedswarm("sim", "--backend", "ray", "--clients", "20", "--clients-per-round", "4",
+                        "--rounds", "2", "--workers", "2", "--local-steps", "5", "--seq-len", "64",
+                        "--batch-size", "8", "--out", str(tmp_path), "--quiet", timeout=400, env=env)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["sim"]["backend"] == "ray" and report["sim"]["workers"] == 2

@@ -33,6 +33,20 @@ def test_routing_is_the_roster_whatever_the_dht_says():
     assert dict((r.peer_id, r.throughput) for r in records)[B] == 400.0
 
 
+def test_a_replica_that_served_nothing_yet_is_routed_as_the_stages_median():
+    """A fresh replica announces the floor (it has served no token): routed by it, the measured replicas would
+    keep all the traffic and it would never measure anything else."""
+    C3 = "Qm" + "c" * 44
+    raw = {A: {"name": "a", "stage": 0, "throughput": 300.0, "load": 0.0},
+           B: {"name": "b", "stage": 0, "throughput": 500.0, "load": 0.0},
+           C3: {"name": "c", "stage": 0, "throughput": 1.0, "load": 0.0}}
+    records, _ = roster_records(0, frozenset(raw), raw, cap_factor=4.0, default_throughput=1.0)
+    assert dict((r.peer_id, r.throughput) for r in records) == {A: 300.0, B: 500.0, C3: 400.0}
+    only_fresh = {C3: raw[C3]}
+    records, _ = roster_records(0, frozenset(only_fresh), only_fresh, cap_factor=4.0, default_throughput=1.0)
+    assert [r.throughput for r in records] == [1.0]
+
+
 def test_registry_roster_lists_peers_serving_their_assigned_stage_and_trainers():
     reg = SwarmRegistry(2)
     assert reg.assign(1, "p0", A) == 0

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+
+from fedswarm.sim.processes import run_fedswarm
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -14,12 +14,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.mark.timeout(300)
 def test_swarm_sim_with_a_kill_writes_report(tmp_path):
     out = tmp_path / "sim"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedswarm", "sim", "--mode", "swarm", "--stages", "2", "--peers", "3",
-         "--trainers", "1", "--rounds", "2", "--average-every", "5", "--kill-every", "8", "--rejoin-after", "4",
-         "--swarm-traffic", "relayed",   # the chained default runs in test_swarm_chain.py and across hosts
-         "--seq-len", "64", "--batch-size", "8", "--out", str(out)],
-        capture_output=True, text=True, timeout=280)
+    proc = run_fedswarm(
+        "sim", "--mode", "swarm", "--stages", "2", "--peers", "3",
+        "--trainers", "1", "--rounds", "2", "--average-every", "5", "--kill-every", "8", "--rejoin-after", "4",
+        "--swarm-traffic", "relayed",   # the chained default runs in test_swarm_chain.py and across hosts
+        "--seq-len", "64", "--batch-size", "8", "--out", str(out), timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [0, 1, 2]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 
 import numpy as np
 import pytest
@@ -16,15 +15,14 @@ from fedswarm.coordinator.config import RunConfig
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.strategies import build_strategy
 from fedswarm.data import load_train_tokens
-from fedswarm.sim.processes import fedswarm_cmd
+from fedswarm.sim.processes import run_fedswarm
 from fedswarm.sim.virtual import _roll
 
 SMALL = ["--local-steps", "5", "--seq-len", "64", "--batch-size", "8"]
 
 
 def run_sim(out, *args: str, timeout: float = 400) -> dict:
-    proc = subprocess.run(fedswarm_cmd("sim", "--out", str(out), "--quiet", *SMALL, *args), capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = run_fedswarm("sim", "--out", str(out), "--quiet", *SMALL, *args, timeout=timeout)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads((out / "report.json").read_text())
 

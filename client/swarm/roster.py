@@ -66,8 +66,11 @@ def roster_records(stage: int, members: frozenset[str], raw: dict[str, dict],
     parsed = {r.peer_id: r for r in parse_records(stage, {p: v for p, v in raw.items() if p in members})}
     ignored = {Reason.RECORD_NOT_MEMBER: {p for p in raw if p not in members},
                Reason.RECORD_MALFORMED: {(p, repr(raw[p])[:200]) for p in raw if p in members and p not in parsed}}
-    if parsed:
-        median = statistics.median(r.throughput for r in parsed.values())
+    # a replica that has served nothing yet announces the floor: it is routed as the stage's median replica, or
+    # the measured ones (whose served rate its share would never let it reach) would starve it of traffic
+    measured = [r.throughput for r in parsed.values() if r.throughput > default_throughput]
+    if measured:
+        median = statistics.median(measured)
         cap = max(median, default_throughput) * cap_factor
     else:
         median, cap = default_throughput, float("inf")
@@ -77,5 +80,6 @@ def roster_records(stage: int, members: frozenset[str], raw: dict[str, dict],
         if r is None:
             records.append(StageRecord(peer, "", stage, median, 0.0))
         else:
-            records.append(StageRecord(peer, r.name, stage, min(r.throughput, cap), r.load))
+            throughput = r.throughput if r.throughput > default_throughput else median
+            records.append(StageRecord(peer, r.name, stage, min(throughput, cap), r.load))
     return records, ignored
