@@ -24,7 +24,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedswarm.sim.processes import Proc
+from fedswarm.sim.processes import Proc, in_netns
 
 __all__ = ["Host", "HostNetwork", "HostsUnavailable", "probe"]
 
@@ -87,7 +87,7 @@ class Host:
 
     def cmd(self, argv: list[str]) -> list[str]:
         """`argv` run inside this host."""
-        return ["ip", "netns", "exec", self.netns, *argv]
+        return in_netns(self.netns, argv)
 
 
 def burst_bytes(rate: str) -> int:

@@ -26,6 +26,11 @@ def fork_by_default() -> bool:
     return os.environ.get(FORK_ENV) == "1"
 
 
+def in_netns(netns: str, argv: list[str]) -> list[str]:
+    """`argv` run inside network namespace `netns` (a fresh process; a forked one enters it itself)."""
+    return ["ip", "netns", "exec", netns, *argv]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free on `host` now (for a process that must be dialled before it says where it listens)."""
     with socket.socket() as sock:
@@ -82,7 +87,7 @@ class Proc:
             self.popen = ForkedPopen(argv[3:], env, netns=netns)
         else:
             if netns is not None:
-                argv = ["ip", "netns", "exec", netns, *argv]
+                argv = in_netns(netns, argv)
             child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
             self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env,
                                           stdin=subprocess.DEVNULL, start_new_session=True)
