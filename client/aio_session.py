@@ -144,12 +144,19 @@ class AsyncSession:
             await self.rejoin(err.details() or "")
             return pb.Task(kind=pb.TASK_NONE)
 
-    async def fetch_parts(self, task_id: str) -> list[pb.TensorPart]:
-        """The task's weights as they travel (float32 parts), not yet decoded."""
+    async def fetch_chunks(self, task_id: str, held_version: int | None = None,
+                           held_digest: bytes = b"") -> list[pb.ModelChunk]:
+        """The task's weights as they travel: a full float32 copy, or (holding `held_version`) delta steps."""
         async def download():
-            req = pb.FetchModelRequest(client_id=self.client_id, session_token=self.token, task_id=task_id)
-            return [chunk.part async for chunk in self.stub.FetchModel(req, timeout=self.t.transfer_s)]
+            req = pb.FetchModelRequest(client_id=self.client_id, session_token=self.token, task_id=task_id,
+                                       has_version=held_version is not None, held_version=held_version or 0,
+                                       held_digest=held_digest)
+            return [chunk async for chunk in self.stub.FetchModel(req, timeout=self.t.transfer_s)]
         return await self.with_retry("model download", download)
+
+    async def fetch_parts(self, task_id: str) -> list[pb.TensorPart]:
+        """The task's weights as they travel (a full copy's float32 parts), not yet decoded."""
+        return [chunk.part for chunk in await self.fetch_chunks(task_id)]
 
     async def fetch_model(self, task_id: str) -> dict[str, torch.Tensor]:
         """The task's weights, checked and decoded by wire.PartAssembler off the event loop."""

@@ -24,13 +24,14 @@ import torch
 
 from fedswarm.client import work
 from fedswarm.client.aio_session import AsyncSession, open_aio_channel
-from fedswarm.client.daemon import ClientTimeouts
+from fedswarm.client.daemon import ClientTimeouts, DigestMismatch, reconstruct
 from fedswarm.client.trainer import LocalTrainer, resolve_device, resolve_precision
 from fedswarm.data import BatchSampler, load_train_tokens
 from fedswarm.models import build_model
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import wire
+from fedswarm.sim.version_cache import VersionCache
 
 log = logging.getLogger("fedswarm.virtual")
 RESULT_PREFIX = "worker-result "
@@ -53,6 +54,7 @@ class WorkerSpec:
     straggler_rate: float = 0.0       # chance a sampled client delays its upload
     straggler_delay_s: float = 5.0    # how long a straggler waits before uploading
     join_concurrency: int = 32        # Joins in flight at once (a thousand at once is a storm)
+    version_cache_mb: float = 512.0   # model versions the worker keeps for its clients' delta downloads
     timeouts: dict = field(default_factory=lambda: {"give_up_s": 120.0})
 
     def to_json(self) -> str:
@@ -68,6 +70,9 @@ class WorkerStats:
     lost_leases: int = 0              # sessions the coordinator forgot (re-joined)
     finished: int = 0                 # clients that saw TASK_DONE
     train_seconds: float = 0.0
+    downloads_delta: int = 0          # downloads that were delta steps from the version the client held
+    downloads_full: int = 0           # full float32 copies (the client held no version the worker still keeps)
+    versions_evicted: int = 0         # versions the worker dropped to stay within --virtual-version-cache
 
 
 def client_name(index: int) -> str:
@@ -113,6 +118,7 @@ class Worker:
         self.trainer = Trainer(spec)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")  # one model, one at a time
         self.join_gate = asyncio.Semaphore(spec.join_concurrency)
+        self.versions = VersionCache(int(spec.version_cache_mb * (1 << 20)))
 
     async def run(self) -> WorkerStats:
         clients = [asyncio.create_task(self.client(self.spec.first + i), name=client_name(self.spec.first + i))
@@ -126,6 +132,9 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*clients, return_exceptions=True)
             self.pool.shutdown(wait=True)
+        cache = self.versions.stats
+        self.stats.downloads_delta, self.stats.downloads_full = cache.deltas, cache.full
+        self.stats.versions_evicted = cache.evicted
         return self.stats
 
     async def client(self, index: int) -> None:
@@ -156,8 +165,27 @@ class Worker:
             self.stats.lost_leases += session.lost_leases
             await channel.close()
 
+    async def download(self, index: int, session: AsyncSession, task: pb.Task) -> dict[str, torch.Tensor]:
+        """The task's weights: delta steps from the version this client holds (if the worker still keeps it),
+        as a daemon downloads them, else a full copy; what it now holds is kept for its next task."""
+        held = self.versions.held(index)
+        codec = C.CodecSpec.of({"download_codec": "none", **session.run_cfg}, "download")
+
+        async def fetch(held):
+            chunks = await session.fetch_chunks(task.task_id, held.version if held else None,
+                                                held.digest if held else b"")
+            got = await asyncio.to_thread(reconstruct, chunks, held, codec)
+            got.wire_bytes = sum(c.ByteSize() for c in chunks)
+            return got
+        try:
+            got = await fetch(held)
+        except DigestMismatch as err:
+            log.warning("%s; downloading a full copy", err)
+            got = await fetch(None)
+        return self.versions.downloaded(index, got).state
+
     async def train(self, index: int, session: AsyncSession, task: pb.Task) -> None:
-        base = await session.fetch_model(task.task_id)
+        base = await self.download(index, session, task)
         loop = asyncio.get_running_loop()
         parts, examples, loss, seconds, digest = await loop.run_in_executor(
             self.pool, self.trainer.train, index, session.run_cfg, task, base)

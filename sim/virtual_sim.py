@@ -31,6 +31,9 @@ def add_virtual_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--straggler-rate", type=float, default=0.0,
                    help="virtual: chance that a sampled client delays its upload by --straggler-delay")
     p.add_argument("--straggler-delay", type=float, default=5.0, help="virtual: seconds a straggler waits")
+    p.add_argument("--virtual-version-cache", type=float, default=WorkerSpec.version_cache_mb, metavar="MIB",
+                   help="virtual: MiB of model versions each worker keeps, so its clients download deltas from the "
+                        "version they hold as daemons do (a client whose version was evicted gets a full copy)")
 
 
 def wants_virtual(args: argparse.Namespace) -> bool:
@@ -50,6 +53,8 @@ def check_virtual_args(args: argparse.Namespace) -> str | None:
         return "--dropout-rate must be in [0, 1) and --straggler-rate in [0, 1]"
     if args.straggler_delay < 0:
         return "--straggler-delay must be >= 0"
+    if args.virtual_version_cache < 0:
+        return "--virtual-version-cache must be >= 0 MiB (0: every download a full copy)"
     per_round = getattr(args, "clients_per_round", 0)
     if per_round > args.clients:
         return f"--clients-per-round {per_round} is more than --clients {args.clients}"
@@ -63,7 +68,8 @@ def worker_specs(args: argparse.Namespace, address: str) -> list[WorkerSpec]:
     bounds = [args.clients * w // workers for w in range(workers + 1)]
     return [WorkerSpec(coordinator=address, first=lo, count=hi - lo, total=args.clients, data=args.data,
                        precision=args.precision, threads=threads, seed=args.seed, dropout_rate=args.dropout_rate,
-                       straggler_rate=args.straggler_rate, straggler_delay_s=args.straggler_delay)
+                       straggler_rate=args.straggler_rate, straggler_delay_s=args.straggler_delay,
+                       version_cache_mb=args.virtual_version_cache)
             for lo, hi in zip(bounds, bounds[1:])]
 
 
@@ -194,14 +200,15 @@ def run_virtual_sim(args: argparse.Namespace, coord_args: list[str], follow, log
         "sim": {"clients": args.clients, "virtual": True, "backend": args.backend, "workers": len(specs),
                 "data": args.data, "precision": args.precision, "threads_per_worker": specs[0].threads,
                 "address": address, "dropout_rate": args.dropout_rate, "straggler_rate": args.straggler_rate,
-                # a virtual client keeps no weights between tasks, so it holds no version a delta could build on
-                "downloads": "full float32 copies (virtual clients keep no version between tasks; the "
-                             "--download-codec deltas are for daemons)"},
+                "version_cache_mb": args.virtual_version_cache,
+                "downloads": "deltas from the version a client holds while its worker keeps that version "
+                             "(--virtual-version-cache), else full float32 copies"},
         "rounds": status["rounds"],
         "clients": status["clients"],
         "rejections": status.get("rejections", {}),
         "virtual": {key: sum(r[key] for r in results) for key in
-                    ("trained", "refused", "stragglers", "lost_leases", "finished", "train_seconds")}
+                    ("trained", "refused", "stragglers", "lost_leases", "finished", "train_seconds",
+                     "downloads_delta", "downloads_full", "versions_evicted")}
                    | {"dropped": sorted(n for r in results for n in r["dropped"])},
         "wall_seconds": round(time.time() - started, 2),
     }

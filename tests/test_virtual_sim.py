@@ -93,3 +93,38 @@ def test_dropouts_leave_and_stragglers_still_count(tmp_path):
     assert v["stragglers"] == v["trained"]                    # late uploads were still accepted
     assert v["finished"] == clients - len(v["dropped"])
     assert {c["name"] for c in report["clients"]} == {f"v{i:04d}" for i in range(clients)} - set(v["dropped"])
+
+
+def _held(version: int, mib: float, steps: int = 0):
+    from fedswarm.client.daemon import Held
+
+    state = {"w": torch.zeros(int(mib * (1 << 20)) // 4)}
+    return Held(version, state, bytes([version]) * 32, steps=steps, wire_bytes=1)
+
+
+def test_a_worker_keeps_versions_for_its_clients_within_its_budget():
+    from fedswarm.sim.version_cache import VersionCache
+
+    cache = VersionCache(budget_bytes=2 << 20)      # two 1 MiB versions
+    first = cache.downloaded(0, _held(1, 1))
+    assert cache.downloaded(1, _held(1, 1)).state is not first.state   # the caller keeps what it downloaded ...
+    assert cache.held(1).state is first.state                          # ... the cache one copy per version
+    cache.downloaded(0, _held(2, 1, steps=1))
+    assert cache.held(0).version == 2           # (1 is now the least recently used)
+    cache.downloaded(2, _held(3, 1, steps=1))       # a third version: the least recently used (1) goes
+    assert cache.held(1) is None and cache.held(0).version == 2 and cache.held(2).version == 3
+    assert (cache.stats.full, cache.stats.deltas, cache.stats.evicted) == (2, 2, 1)
+    none = VersionCache(budget_bytes=0)             # no budget: every client holds nothing, every download full
+    none.downloaded(0, _held(1, 1))
+    assert none.held(0) is None
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_virtual_clients_download_deltas_from_the_version_they_hold(tmp_path):
+    report = run_sim(tmp_path, "--clients", "3", "--workers", "1", "--rounds", "2", "--download-codec", "int8")
+    v = report["virtual"]
+    assert (v["downloads_full"], v["downloads_delta"]) == (3, 3), v   # round 1 full copies, round 2 deltas
+    r1, r2 = [r for r in report["rounds"] if r["round"] in (1, 2)]
+    assert 0 < r2["bytes_down"] < 0.3 * r1["bytes_down"], (r1["bytes_down"], r2["bytes_down"])
+    assert r2["eval_loss"] < r1["eval_loss"]
