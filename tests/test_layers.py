@@ -30,3 +30,10 @@ def test_a_layer_imports_nothing_it_must_not(package):
            for line, module in _imports(p)
            if module.startswith(FORBIDDEN[package]) and not (package == "proto" and module.startswith("fedswarm.proto"))]
     assert not bad, "\n".join(bad)
+
+
+def test_test_modules_import_no_other_test_module():
+    """Shared test helpers live in fedswarm.testing (or a helper module here), never in another test_*.py."""
+    bad = [f"{p.name}:{line} imports {module}" for p in sorted((ROOT / "tests").glob("*.py"))
+           for line, module in _imports(p) if module.split(".")[0].startswith("test_")]
+    assert not bad, "\n".join(bad)

@@ -8,15 +8,12 @@ each peer is started only once the previous one shows up in status, so p0, p1, .
 """
 from __future__ import annotations
 
-import functools
 import json
 import re
 import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import grpc
 import pytest
@@ -26,69 +23,15 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import wire
-from fedswarm.sim.processes import wait_until, Proc, coordinator_process, fedswarm_cmd, fetch_status
+from fedswarm.sim.processes import Proc, fetch_status
+from fedswarm.testing import Swarm, completed, stage_of, swarm_run, swarm_status, until
 
-SMALL = ["--seq-len", "64", "--batch-size", "8"]
 OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]
 
 
-# -- helpers -----------------------------------------------------------------------------------------------
-_until = functools.partial(wait_until, clean_exit_ok=False)  # any exit is a failure here
-
-
-def _swarm_status(address: str) -> dict:
-    return fetch_status(address)["swarm"]
-
-
-def _stage_of(swarm: dict, name: str) -> int | None:
-    return next((s["stage"] for s in swarm["stages"] if name in s["peers"]), None)
-
-
-class Swarm:
-    """The peers and trainers of one test; `close()` stops every one of them."""
-
-    def __init__(self, out: Path, address: str, coordinator: Proc):
-        self.out, self.address, self.coordinator = out, address, coordinator
-        self.procs: dict[str, Proc] = {}
-
-    def start_peer(self, name: str, expected_stage: int, env: dict | None = None) -> Proc:
-        """Start a peer and wait until status shows it joined on `expected_stage`."""
-        argv = fedswarm_cmd("client", "--role", "peer", "--coordinator", self.address, "--name", name,
-                            "--threads", "1")
-        proc = self.procs[name] = Proc(name, argv, self.out / f"{name}.log", env=env)
-        def joined():
-            stage = _stage_of(_swarm_status(self.address), name)
-            return stage is not None and [stage]
-        stage = _until(f"{name} joined", joined, 90, [proc, self.coordinator])[0]
-        assert stage == expected_stage, f"{name} landed on stage {stage}, expected {expected_stage}"
-        return proc
-
-    def start_trainer(self, name: str = "t0") -> Proc:
-        argv = fedswarm_cmd("client", "--role", "trainer", "--coordinator", self.address, "--name", name,
-                            "--threads", "1", "--inflight", "1")
-        proc = self.procs[name] = Proc(name, argv, self.out / f"{name}.log")
-        return proc
-
-    def close(self) -> None:
-        for proc in reversed(list(self.procs.values())):   # the trainer first: no bans logged at teardown
-            proc.stop()
-
-
-@contextmanager
-def swarm_run(out: Path, stages: int, rounds: int, average_every: int, extra: list[str] = ()):
-    args = ["--state-dir", str(out / "state"), "--mode", "swarm", "--stages", str(stages), "--rounds", str(rounds),
-            "--average-every", str(average_every), *SMALL, *extra]
-    with coordinator_process(out, args) as (coordinator, address):
-        swarm = Swarm(out, address, coordinator)
-        try:
-            yield swarm
-        finally:
-            swarm.close()
-
-
-def _completed(address: str) -> int:
-    return _swarm_status(address)["microbatches_completed"]
+# -- helpers (fedswarm.testing: shared with the other swarm tests) ------------------------------------------
+_until, _swarm_status, _stage_of, _completed = until, swarm_status, stage_of, completed
 
 
 def _recovery_time(swarm: Swarm, victim: str, deadline_s: float, watch, trainer: str = "t0") -> float:
