@@ -27,6 +27,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 from fedswarm.proto.refusals import Reason
+from fedswarm.signed_records import by_owner, validator
 
 
 # hivemind renames the WARNING level to "WARN" for every logger in the process, which breaks
@@ -45,6 +46,7 @@ STREAM_SUFFIX = ".stream"  # each handler is served twice: unary `name` and stre
 # deadline. Our unary wrapper refuses such replies itself, which reaches the caller as a clean error.
 _UNARY_REPLY_LIMIT = DEFAULT_MAX_MSG_SIZE - 4096  # room for the envelope (call id, framing)
 MAX_ELEMENTS = 1 << 24        # elements of one activation tensor (client/swarm/tensors.py refuses more)
+UNSIGNED_SEEN_MAX = 10_000    # unsigned record subkeys remembered, so each is counted once
 
 
 class Refusals:
@@ -240,13 +242,15 @@ class SwarmNode:
         self._thread: threading.Thread | None = None
         self._p2p: P2P | None = None
         host_maddrs, announce_maddrs = listen_maddrs(host, announce)
-        extra = {}
-        identity_file = None
-        if identity is not None:  # p2pd reads the key at start; the file lives only until then
-            fd, identity_file = tempfile.mkstemp(prefix="fedswarm-p2p-", suffix=".key")
-            with os.fdopen(fd, "wb") as f:
-                f.write(identity)
-            extra = {"identity_path": identity_file, "check_if_identity_free": False}
+        self._unsigned_seen: set[bytes] = set()  # subkeys of records that named no owner (anyone could write them)
+        self._unsigned_new = 0
+        # every node has a key of its own, known here: its records are signed with the key its peer id names
+        identity = identity if identity is not None else new_identity()[0]
+        self._validator = validator(identity)   # signs this node's records, checks everyone's (signed_records.py)
+        fd, identity_file = tempfile.mkstemp(prefix="fedswarm-p2p-", suffix=".key")
+        with os.fdopen(fd, "wb") as f:   # p2pd reads the key at start; the file lives only until then
+            f.write(identity)
+        extra = {"identity_path": identity_file, "check_if_identity_free": False}
         if announce_maddrs:
             extra["announce_maddrs"] = announce_maddrs
         started = time.monotonic()
@@ -254,15 +258,14 @@ class SwarmNode:
             with fork_lock or contextlib.nullcontext():
                 self._dht = DHT(initial_peers=list(initial_peers or []) or None, start=True, await_ready=False,
                                 host_maddrs=host_maddrs, startup_timeout=self.timeouts.startup_s,
-                                client_mode=client_mode, **extra)
+                                client_mode=client_mode, record_validators=[self._validator], **extra)
             self._dht.wait_until_ready(self.timeouts.startup_s)
         except BaseException:
             if getattr(self, "_dht", None) is not None:
                 self.shutdown()
             raise
         finally:
-            if identity_file is not None:
-                os.unlink(identity_file)
+            os.unlink(identity_file)
         try:
             self._p2pd_pids = [p for p in _child_pids(self._dht.pid) if _is_p2pd(p)]
             self._loop = asyncio.new_event_loop()
@@ -379,23 +382,38 @@ class SwarmNode:
             logger.warning(f"DHT {what} failed: {e!r}")
         return False, None
 
-    def announce(self, key: str, subkey: str, value: dict, ttl: float | None = None) -> bool:
-        """Store ``value`` under ``key``/``subkey`` until now + ttl (default record_ttl_s); True if stored."""
+    def announce(self, key: str, value: dict, ttl: float | None = None) -> bool:
+        """Store ``value`` under ``key`` until now + ttl (default record_ttl_s), signed: under this node's own
+        owner subkey, which no other key can write (signed_records.py); True if stored."""
         expiration = get_dht_time() + (self.timeouts.record_ttl_s if ttl is None else ttl)
-        _, stored = self._dht_op(f"store {key}/{subkey}", lambda: self._dht.store(
-            key, value, expiration, subkey=subkey, return_future=True))
+        _, stored = self._dht_op(f"store {key}", lambda: self._dht.store(
+            key, value, expiration, subkey=self._validator.local_public_key, return_future=True))
         return bool(stored)
 
     def lookup(self, key: str) -> dict[str, dict] | None:
-        """subkey -> value for unexpired entries under ``key`` ({} if none); None if the DHT did not answer
-        within dht_op_s (the caller keeps what it knew: no answer is not "no replicas")."""
+        """peer id -> value of the unexpired records under ``key`` that their peer signed ({} if none); None
+        if the DHT did not answer within dht_op_s (the caller keeps what it knew: no answer is not "no
+        replicas"). Entries under any other subkey are dropped and counted (take_unsigned_records)."""
         answered, found = self._dht_op(f"get {key}", lambda: self._dht.get(key, latest=True, return_future=True))
         if not answered:
             return None
         if found is None or not isinstance(found.value, dict):
             return {}
         now = get_dht_time()
-        return {str(sub): item.value for sub, item in found.value.items() if item.expiration_time > now}
+        owned, unsigned = by_owner({sub: item.value for sub, item in found.value.items()
+                                    if item.expiration_time > now})
+        with self._dht_lock:
+            fresh = {repr(sub)[:200].encode() for sub in unsigned} - self._unsigned_seen
+            if len(self._unsigned_seen) < UNSIGNED_SEEN_MAX:
+                self._unsigned_seen |= fresh
+            self._unsigned_new += len(fresh)
+        return owned
+
+    def take_unsigned_records(self) -> int:
+        """Records under a subkey no peer signed that lookups met since the last call (each counted once)."""
+        with self._dht_lock:
+            new, self._unsigned_new = self._unsigned_new, 0
+        return new
 
     # ---- teardown ----
 

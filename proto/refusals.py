@@ -92,6 +92,7 @@ class Reason(enum.StrEnum):
     NON_FINITE_AVERAGE = "non_finite_average"
     RECORD_NOT_MEMBER = "record_not_member"    # a DHT stage record of a peer on no part of the roster: ignored
     RECORD_MALFORMED = "record_malformed"      # a roster peer's DHT record that does not parse: ignored
+    RECORD_UNSIGNED = "record_unsigned"        # a DHT stage record under no peer's own signed subkey: ignored
     WEIGHTS_RESTORED = "weights_restored"      # not a refusal of input: a replica's weights turned non-finite
 
 

@@ -3,7 +3,8 @@ tests/test_hosts_swarm.py).
 
   calls RUN_ID IP STAGES MADDR...    one forward and one backward to a peer of each stage; prints the outcomes
   records RUN_ID IP STAGES MADDR...  announces a fake replica (throughput 1e300) of every stage, serves it,
-                                      and overwrites the last stage's records with junk of one-year expiry;
+                                      and tries to overwrite the last stage's records with junk of one-year
+                                      expiry (under their signed subkeys and under their bare peer ids);
                                       prints "calls N" (calls its fake replica received) every second
 """
 import json
@@ -11,6 +12,8 @@ import sys
 import threading
 
 import torch
+
+from hivemind.utils.timed_storage import get_dht_time
 
 from fedswarm.client.swarm.routing import StageRecord, stage_key
 from fedswarm.client.swarm.stage_server import HANDLER
@@ -68,12 +71,16 @@ def main() -> None:
         node.add_handler(HANDLER, fake_stage, pb.StageRequest)
         hide = stages - 1
         honest = sorted(records(hide))
+        found = node._dht.get(stage_key(run_id, hide), latest=True)   # the honest records' own (signed) subkeys
+        signed = list(found.value) if found is not None else []
         while True:
             for stage in range(stages):
                 fake = StageRecord(node.peer_id, "fake", stage, 1e300, 0.0)
-                node.announce(stage_key(run_id, stage), node.peer_id, fake.to_value(), ttl=60)
-            for peer in honest:  # replace the honest replicas' records with junk that outlives their announces
-                node.announce(stage_key(run_id, hide), peer, {"junk": True}, ttl=YEAR_S)
+                node.announce(stage_key(run_id, stage), fake.to_value(), ttl=60)
+            # bury the honest replicas' records under junk that outlives their announces: under their own
+            # subkeys (unsigned: refused by every DHT node) and under their bare peer ids (ignored by readers)
+            for subkey in [*signed, *honest]:
+                node._dht.store(stage_key(run_id, hide), {"junk": True}, get_dht_time() + YEAR_S, subkey=subkey)
             print(f"calls {calls[0]}", flush=True)
             tick.wait(1.0)
     else:

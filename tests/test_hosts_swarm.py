@@ -119,7 +119,8 @@ def test_swarm_across_hosts_admits_only_members_and_heals(tmp_path):
         assert all(s["optimizer_steps"] == 0 for s in sw["stages"]), sw["stages"]
 
         # 2. A member trainer trains while the intruder announces a 1e300-throughput replica of every stage and
-        #    buries stage 2's records under junk of one-year expiry: it draws no call, stage 2 stays served.
+        #    tries to bury stage 2's records under junk of one-year expiry (the honest peers' signed subkeys
+        #    refuse it; under bare peer ids it is ignored): it draws no call, stage 2 stays served.
         trainer = client(6, "t0", "--role", "trainer", "--inflight", "1")
         watch.append(trainer)
         _until("10 micro-batches", lambda: status()["swarm"]["microbatches_completed"] >= 10, 180, watch)
@@ -131,7 +132,7 @@ def test_swarm_across_hosts_admits_only_members_and_heals(tmp_path):
         reports = re.findall(r"calls (\d+)", fake.output())
         assert reports and int(reports[-1]) == 0, fake.output()[-500:]
         refused = _until("the ignored records reported", lambda: (r := status()["swarm"]["refused"]).get(
-            "record_not_member", 0) >= 1 and r.get("record_malformed", 0) >= 1 and r, 30, watch)
+            "record_not_member", 0) >= 1 and r.get("record_unsigned", 0) >= 1 and r, 30, watch)
         print("\nrefused:", refused)
 
         # 3. SIGKILL a replica of stage 0: the trainer replays on the other one.

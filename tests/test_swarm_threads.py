@@ -171,16 +171,17 @@ def test_a_dht_that_stops_answering_keeps_the_last_records():
     """SIGSTOP the DHT process: lookups time out. The trainer must keep the load records it knew (not fall
     back to knowing nothing about the replicas)."""
     node = SwarmNode(timeouts=SwarmTimeouts(dht_op_s=0.5))
+    other = SwarmNode(initial_peers=node.maddrs())
     trainer = None
     roster = Roster()
-    roster.update(pb.SwarmRoster(stages=[pb.StageRoster(peer_ids=["peer-a", "peer-b"])], version=1))
-    try:
-        assert node.announce(stage_key("run", 0), "peer-a", rec("peer-a", 1000.0).to_value(), ttl=60)
-        assert node.announce(stage_key("run", 0), "peer-b", rec("peer-b", 10.0).to_value(), ttl=60)
+    roster.update(pb.SwarmRoster(stages=[pb.StageRoster(peer_ids=[node.peer_id, other.peer_id])], version=1))
+    try:   # each node announces its own record (only its own key can sign it)
+        assert node.announce(stage_key("run", 0), rec(node.peer_id, 1000.0).to_value(), ttl=60)
+        assert other.announce(stage_key("run", 0), rec(other.peer_id, 10.0).to_value(), ttl=60)
         trainer = SwarmTrainer(node, "run", 1, roster, hidden_size=8, timeouts=TrainerTimeouts(refresh_s=0.1))
         trainer.refresh()
         known = trainer.router.weights(0)
-        assert known == pytest.approx({"peer-a": 1000 / 1010, "peer-b": 10 / 1010})
+        assert known == pytest.approx({node.peer_id: 1000 / 1010, other.peer_id: 10 / 1010})
         os.kill(node._dht.pid, signal.SIGSTOP)
         try:
             assert node.lookup(stage_key("run", 0)) is None   # no answer, not "no replicas"
@@ -191,4 +192,5 @@ def test_a_dht_that_stops_answering_keeps_the_last_records():
     finally:
         if trainer is not None:
             trainer.close()
+        other.shutdown()
         node.shutdown()

@@ -62,8 +62,8 @@ def wait_until(predicate, timeout: float, step: float = 0.05):
 
 def test_announce_visible_from_other_node(pair):
     a, b = pair
-    assert a.announce("fedswarm:t:stage:0", a.peer_id, {"name": "a", "throughput": 10.0, "load": 0.0})
-    assert b.announce("fedswarm:t:stage:0", b.peer_id, {"name": "b", "throughput": 20.0, "load": 1.0})
+    assert a.announce("fedswarm:t:stage:0", {"name": "a", "throughput": 10.0, "load": 0.0})
+    assert b.announce("fedswarm:t:stage:0", {"name": "b", "throughput": 20.0, "load": 1.0})
     seen = wait_until(lambda: len(b.lookup("fedswarm:t:stage:0")) == 2 and b.lookup("fedswarm:t:stage:0"), 5.0)
     assert seen == {a.peer_id: {"name": "a", "throughput": 10.0, "load": 0.0},
                     b.peer_id: {"name": "b", "throughput": 20.0, "load": 1.0}}
@@ -71,10 +71,47 @@ def test_announce_visible_from_other_node(pair):
 
 
 @pytest.mark.integration
+def test_a_record_only_its_own_peer_can_write(pair):
+    """A node that is not `a` writes over a's record (its own subkey, a year-long expiry, load 1e12) and beside
+    it (the bare peer id as subkey): readers see only what a signed, and a's next announce wins."""
+    from hivemind.utils.timed_storage import get_dht_time
+
+    a, b = pair
+    key, year = "fedswarm:t:stage:forged", get_dht_time() + 365 * 86400
+    honest = {"name": "a", "throughput": 10.0, "load": 0.0}
+    assert a.announce(key, honest, ttl=30)
+    forger = SwarmNode(initial_peers=a.maddrs())
+    try:
+        forged = {"name": "a", "throughput": 10.0, "load": 1e12}
+        for subkey in (a._validator.local_public_key, a.peer_id):   # a's signed subkey; a plain one
+            forger._dht.store(key, forged, year, subkey=subkey, return_future=True).result(10)
+        assert forger.announce(key, {"name": "forger", "throughput": 1e300, "load": 0.0})   # its own: fine
+        seen = wait_until(lambda: (r := b.lookup(key)) and len(r) == 2 and r, 5.0)
+        assert seen == {a.peer_id: honest, forger.peer_id: {"name": "forger", "throughput": 1e300, "load": 0.0}}
+        assert b.take_unsigned_records() == 1 and b.lookup(key) and b.take_unsigned_records() == 0   # once each
+        assert a.announce(key, {**honest, "load": 2.0}, ttl=30)
+        assert wait_until(lambda: b.lookup(key)[a.peer_id]["load"] == 2.0, 5.0)
+    finally:
+        forger.shutdown()
+
+
+def test_a_signed_subkey_names_its_peer():
+    from fedswarm.p2p import new_identity
+    from fedswarm.signed_records import by_owner, owner_peer_id, validator
+
+    identity, peer_id = new_identity()
+    subkey = validator(identity).local_public_key
+    assert owner_peer_id(subkey) == peer_id
+    assert owner_peer_id(peer_id) is None and owner_peer_id(b"[owner:not a key]") is None
+    assert owner_peer_id(subkey + b"x") is None and owner_peer_id(b"x" + subkey) is None
+    assert by_owner({subkey: 1, "plain": 2, b"[owner:junk]": 3}) == ({peer_id: 1}, ["plain", b"[owner:junk]"])
+
+
+@pytest.mark.integration
 def test_record_expires_after_ttl(pair):
     a, b = pair
     t0 = time.monotonic()
-    assert a.announce("fedswarm:t:stage:9", a.peer_id, {"x": 1}, ttl=1.0)
+    assert a.announce("fedswarm:t:stage:9", {"x": 1}, ttl=1.0)
     assert b.lookup("fedswarm:t:stage:9") == {a.peer_id: {"x": 1}}
     gone = wait_until(lambda: b.lookup("fedswarm:t:stage:9") == {}, 5.0)
     assert gone and 0.8 < time.monotonic() - t0 < 3.0

@@ -195,7 +195,7 @@ class PeerDaemon(SwarmMember):
     def _announce(self) -> None:
         throughput, _, _, load = self.server.stats()
         record = StageRecord(self.node.peer_id, self.name, self.server.stage_index, max(throughput, 1.0), load)
-        self.node.announce(stage_key(self.run_id, self.server.stage_index), self.node.peer_id, record.to_value())
+        self.node.announce(stage_key(self.run_id, self.server.stage_index), record.to_value())   # signed
 
     def _announce_loop(self) -> None:
         while not self._announcer_stop.wait(self.node.timeouts.announce_every_s):

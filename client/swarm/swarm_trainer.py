@@ -146,6 +146,10 @@ class SwarmTrainer:
             if raw is not None:  # None: the DHT did not answer; keep the last records rather than forget them
                 with self._lock:
                     self._raw[stage] = raw
+        unsigned = self.node.take_unsigned_records()   # written under no peer's own subkey: anyone's
+        if unsigned:
+            self.refusals.add(Reason.RECORD_UNSIGNED, unsigned)
+            log.warning("ignored %d DHT record(s) that no peer signed", unsigned)
         self.apply_roster()
         self.lookup_seconds = time.monotonic() - started
         with self._refreshed:
