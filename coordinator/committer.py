@@ -1,8 +1,8 @@
-"""The round driver's background worker: a round's evaluation and commit run here while the next round trains.
+"""The round engine's background worker: a round's evaluation and commit run here while the next round trains.
 
 At most one job is in flight: `submit` first waits for the previous one, so a commit never falls more than one
-round behind the round being trained, and a failed job (its exception) reaches the driver at the next
-`submit` or at `close`, never lost in a thread."""
+round behind the round being trained, and a failed job (its exception) reaches the engine at the next
+`submit`, `wait` or `close`, never lost in a thread."""
 from __future__ import annotations
 
 import threading
@@ -14,21 +14,29 @@ class Committer:
 
     def __init__(self, name: str = "round-committer"):
         self._name = name
+        self._lock = threading.Lock()   # `idle` may be called from several cohort threads at once
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def submit(self, job: Callable[[], None]) -> None:
         """Run `job` in the background once the job in flight (if any) has finished; re-raises its error."""
         self.wait()
-        self._thread = threading.Thread(target=self._run, args=(job,), name=self._name, daemon=True)
-        self._thread.start()
+        with self._lock:
+            self._thread = threading.Thread(target=self._run, args=(job,), name=self._name, daemon=True)
+            self._thread.start()
+
+    def idle(self) -> None:
+        """Until the job in flight has finished; any thread may call it. Its error is kept for `wait`."""
+        with self._lock:
+            if self._thread is not None:
+                self._thread.join()
 
     def wait(self) -> None:
         """Until the job in flight has finished; re-raises its error (once)."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
-        error, self._error = self._error, None
+        self.idle()
+        with self._lock:
+            self._thread = None
+            error, self._error = self._error, None
         if error is not None:
             raise error
 
@@ -36,10 +44,11 @@ class Committer:
 
     @property
     def in_flight(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     def _run(self, job: Callable[[], None]) -> None:
         try:
             job()
-        except BaseException as err:  # noqa: BLE001 - handed to the driver at its next submit or close
+        except BaseException as err:  # noqa: BLE001 - handed to the engine at its next submit, wait or close
             self._error = err

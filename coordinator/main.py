@@ -210,7 +210,7 @@ def serve(args: argparse.Namespace) -> int:
         if swarm_mode:
             from fedswarm.coordinator.swarm_driver import start_swarm
 
-            swarm, initial = start_swarm(cfg, grid, store, progress, windows, timeouts.round_timeout_s,
+            swarm, initial = start_swarm(cfg, grid, store, progress, windows, timeouts,
                                          p2p_host=args.p2p_host, p2p_announce=args.p2p_announce)
             lost_hooks.append(swarm.registry.remove)
             driver, run_driver = swarm.driver, swarm.driver.run

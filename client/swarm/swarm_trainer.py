@@ -19,20 +19,11 @@ from fedswarm.client.swarm.tensors import WIRE_CODECS, BadStageInput, from_wire,
 from fedswarm.p2p import PeerCallError, SwarmNode
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto.refusals import Reason
+from fedswarm.swarm_settings import TrainerTimeouts
+from fedswarm.workers import WorkerFailed, run_workers  # noqa: F401 - the trainer's worker discipline (roles.py)
 
 log = logging.getLogger(__name__)
 FOREIGN_GRACE_S = 6.0   # > a stage record's TTL (4 s): an honest peer's stale record is gone by then
-
-
-@dataclass
-class TrainerTimeouts:
-    """Every wait of the trainer, named."""
-
-    call_s: float = 10.0              # deadline of one stage call (a forward or a backward)
-    refresh_s: float = 0.5            # how often the DHT is read for stage records
-    no_replica_wait_s: float = 1.0    # longest wait for the next DHT read while a stage has no live replica
-    give_up_s: float = 300.0          # a micro-batch still unplaced after this is counted lost
-    roster_check_s: float = 0.2       # while a call is in flight, how often to check its peer is still on the roster
 
 
 @dataclass
@@ -47,40 +38,6 @@ class TrainerStats:
 
 class MicrobatchLost(RuntimeError):
     pass
-
-
-class WorkerFailed(RuntimeError):
-    """A micro-batch worker thread raised: the trainer stops instead of running on with fewer workers."""
-
-
-def run_workers(count: int, work_once, done: threading.Event, join_s: float) -> None:
-    """Call ``work_once()`` on ``count`` threads until ``done`` is set. The first exception any worker raises
-    stops them all (``done`` is set) and is re-raised here as WorkerFailed, so a bug cannot silently kill
-    a thread and leave the trainer running at reduced width (or not at all)."""
-    failures: list[BaseException] = []
-    lock = threading.Lock()
-
-    def loop(i: int) -> None:
-        try:
-            while not done.is_set():
-                work_once()
-        except BaseException as err:  # noqa: BLE001 - recorded and re-raised by run_workers
-            log.exception("micro-batch worker %d failed; stopping the trainer", i)
-            with lock:
-                failures.append(err)
-            done.set()
-
-    threads = [threading.Thread(target=loop, args=(i,), name=f"microbatch-{i}", daemon=True)
-               for i in range(max(1, count))]
-    for t in threads:
-        t.start()
-    done.wait()
-    for t in threads:
-        t.join(join_s)
-    with lock:
-        first = failures[0] if failures else None
-    if first is not None:
-        raise WorkerFailed(f"a micro-batch worker failed: {type(first).__name__}: {first}") from first
 
 
 class BadReply(Exception):
