@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from fedswarm.client.trainer import LocalTrainer, RoundResult
+from fedswarm.dp import privatize
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import wire
@@ -28,14 +29,15 @@ def task_schedule(run_cfg: dict, config: dict) -> tuple[int, LrSchedule]:
 def train_on_task(trainer: LocalTrainer, run_cfg: dict, task: pb.Task,
                   base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], RoundResult]:
     """Run the task's local steps from `base`, each at the run's scheduled lr for its global step;
-    returns (delta = new weights - base, the round's result)."""
+    returns (delta = new weights - base, the round's result). With --dp-mode distributed the delta comes clipped
+    and noised (fedswarm.dp.privatize)."""
     config = json.loads(task.config_json)
     mu = float(config.get("proximal-mu", 0.0))
     steps = int(config.get("local-steps", run_cfg["local_steps"]))
     first, schedule = task_schedule(run_cfg, config)
     result = trainer.train_round(base, steps, run_cfg.get("grad_accum", 1), proximal_mu=mu,
                                  lr_at=lambda i: schedule.lr_at(first + i))
-    return {n: result.state[n] - base[n] for n in base}, result
+    return privatize({n: result.state[n] - base[n] for n in base}, run_cfg), result
 
 
 def encode_delta(feedback: C.ErrorFeedback, delta: dict[str, torch.Tensor]) -> list[bytes]:

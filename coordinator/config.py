@@ -9,6 +9,7 @@ from fedswarm.settings import opt
 
 SWARM_TRAFFIC = ("relayed", "chained")
 EVALUATE = ("central", "clients", "both")
+DP_MODES = ("central", "distributed")
 
 
 def _strategies():
@@ -119,6 +120,19 @@ class RunConfig:
     server_momentum: float | None = opt(None, "outer momentum (fedavgm: heavy ball, default 0.5; diloco: Nesterov, "
                                               "default 0.9; fedadam: beta_1, default 0.9)")
 
+    # client-level differential privacy (DP-FedAvg; coordinator/privacy.py): clip, noise, account
+    dp_clip: float = opt(0.0, "client-level DP: clip each client's update (its delta) to this L2 norm; 0: DP off",
+                         metavar="C")
+    dp_noise_multiplier: float = opt(0.0, "DP: Gaussian noise of std z x C on the sum of the clipped updates (the "
+                                          "mean gets z x C / K); 0: clipping only, no guarantee", metavar="Z")
+    dp_delta: float = opt(0.0, "DP: the delta epsilon is reported at; 0: 1/N^2, N = max(--min-clients, "
+                               "--clients-per-round), the clients a round waits for", metavar="D")
+    dp_mode: str = opt("central", "DP: central (the coordinator clips each upload and noises the mean) or "
+                                  "distributed (each client clips its delta and adds noise of std z x C / sqrt(K) "
+                                  "before the codec; the sum carries z x C)", choices=DP_MODES)
+    dp_max_epsilon: float = opt(0.0, "DP: end the run (state done, end_reason privacy_budget) before a round that "
+                                     "would push epsilon past E; 0: no limit", metavar="E")
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -187,6 +201,7 @@ class RunConfig:
             raise ValueError("--server-lr must be in (0, 10]")
         if self.server_momentum is not None and not 0 <= self.server_momentum < 1:
             raise ValueError("--server-momentum must be in [0, 1)")
+        self._check_privacy()
         if self.strategy == "sparseloco" and self.server_momentum:
             raise ValueError("--strategy sparseloco has no outer momentum (the clients' error feedback, --ef-decay, "
                              "takes its place); use diloco for an outer Nesterov step")
@@ -206,6 +221,40 @@ class RunConfig:
             raise ValueError("--ef-decay must be in [0, 1]")
         if not 0 <= self.client_momentum < 1:
             raise ValueError("--client-momentum must be in [0, 1)")
+
+    def _check_privacy(self) -> None:
+        from fedswarm.coordinator.strategies import MEAN_BASED
+
+        numbers = {"--dp-clip": self.dp_clip, "--dp-noise-multiplier": self.dp_noise_multiplier,
+                   "--dp-max-epsilon": self.dp_max_epsilon}
+        for flag, value in numbers.items():
+            if not 0 <= value < float("inf"):
+                raise ValueError(f"{flag} must be a finite number >= 0")
+        if not 0 <= self.dp_delta < 1:
+            raise ValueError("--dp-delta must be in [0, 1) (0: 1/N^2)")
+        if self.dp_mode not in DP_MODES:
+            raise ValueError(f"--dp-mode must be one of {', '.join(DP_MODES)}")
+        if not self.dp_clip:
+            if self.dp_noise_multiplier or self.dp_max_epsilon or self.dp_delta or self.dp_mode != "central":
+                raise ValueError("--dp-noise-multiplier, --dp-delta, --dp-mode and --dp-max-epsilon need --dp-clip C "
+                                 "(the L2 norm each client's update is clipped to)")
+            return
+        if self.dp_max_epsilon and not self.dp_noise_multiplier:
+            raise ValueError("--dp-max-epsilon needs --dp-noise-multiplier > 0 (without noise epsilon is infinite)")
+        if self.mode == "swarm":
+            raise ValueError("--dp-clip applies to federated rounds (client-level DP); a swarm averages stage replicas")
+        if self.strategy not in MEAN_BASED:
+            raise ValueError(f"--dp-clip: --strategy {self.strategy} does not average, and DP's noise is sized for a "
+                             f"mean (one client moves it by at most C/K): use one of {', '.join(sorted(MEAN_BASED))}")
+        if self.fraction:
+            raise ValueError("--dp-clip with --fraction: the sampling rate would change with who is connected; "
+                             "use --clients-per-round K (sampling rate K/N)")
+        if max(self.min_clients, self.clients_per_round) < 2:
+            raise ValueError("client-level DP needs --min-clients (or --clients-per-round) >= 2")
+        if self.dp_mode == "distributed" and (self.clip_update_norm or self.max_update_norm_ratio):
+            raise ValueError("--dp-mode distributed: every update carries noise of norm about z C sqrt(parameters "
+                             "/ K), which --clip-update-norm and --max-update-norm-ratio would cut or refuse: set both "
+                             "to 0, or use --dp-mode central")
 
     def _check_evaluate(self) -> None:
         if self.evaluate not in EVALUATE:

@@ -26,6 +26,7 @@ from fedswarm.coordinator.driver import RunProgress
 from fedswarm.coordinator.grid import LongPoll, SessionGrid
 from fedswarm.coordinator.integrity import Inadmissible, UpdateNormBound, check_values, l2_norm
 from fedswarm.coordinator.membership import Member, Membership, SessionsFull
+from fedswarm.coordinator.privacy import clip_limit
 from fedswarm.coordinator.admission import Admission, peer_host
 from fedswarm.coordinator.serving import ServingLimits, StreamBridge
 from fedswarm.coordinator.status import StatusLimits, StatusReport
@@ -489,8 +490,8 @@ class CoordinatorService:
         return steps * self.cfg.batch_size * self.cfg.grad_accum
 
     def _clip(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """--clip-update-norm C: scale an update whose L2 norm exceeds C down to C (counted)."""
-        limit = self.cfg.clip_update_norm
+        """Scale an update whose L2 norm exceeds C (--clip-update-norm; central DP: --dp-clip) down to C (counted)."""
+        limit = clip_limit(self.cfg)
         if not limit:
             return delta
         norm = l2_norm(delta.values())

@@ -8,6 +8,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from fedswarm.coordinator.privacy import status_entry
+
 TOTAL_FIELDS = ("bytes_up", "bytes_up_raw", "bytes_down", "bytes_down_raw", "tokens", "failures", "seconds")
 
 
@@ -96,6 +98,7 @@ class StatusReport:
             first, last = (p.rounds[0]["round"], p.rounds[-1]["round"]) if p.rounds else (0, 0)
             listed = len(p.rounds)
             state, current = p.state, p.current_round
+            privacy, end_reason = status_entry(self.cfg, p.rounds), getattr(p, "end_reason", None)
         return {
             "state": state, "run_id": self.run_id, "round": last, "current_round": current,
             "rounds_total": self.cfg.rounds, **self._clients(),
@@ -103,6 +106,7 @@ class StatusReport:
             "history": {"rounds": listed, "first_round": first, "last_round": last, "rounds_shown": len(rounds),
                         "page_rounds": lim.page_rounds},
             "config": json.loads(self.cfg.to_json()), **counters,
+            **({"privacy": privacy} if privacy else {}), **({"end_reason": end_reason} if end_reason else {}),
             **({"swarm": self._swarm()} if self.swarm else {}),
         }
 

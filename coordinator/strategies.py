@@ -4,18 +4,21 @@ Mean-based strategies are built as streaming variants (coordinator/aggregate.py)
 Flower's own configure_train / aggregate_train run, but the weighted mean of the
 replies comes from the running sum the grid folded each update into as it
 arrived. Robust strategies see every update, read from memory-mapped spill files.
+Every mean-based one derives from privacy.DPFedAvg: with --dp-clip its mean is noised and accounted
+before the strategy's own server step.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as S
 from flwr.serverapp.exception import AggregationError
 
-from fedswarm.coordinator.aggregate import StreamingFedAvg
+from fedswarm.coordinator import server_steps
+from fedswarm.coordinator.privacy import DPFedAvg, PrivacyLedger, enabled
 from fedswarm.coordinator.spill import SpillKrum
 
 # A fraction so small that int(connected * f) is 0 for any real population: with it,
@@ -76,38 +79,37 @@ class DiLoCo(S.FedAvg):
             return None, metrics
         if self.current_arrays is None:
             raise AggregationError("DiLoCo aggregated before configure_train set the global model")
-        lr, mu = self.server_learning_rate, self.server_momentum
-        keys = list(self.current_arrays.keys())
-        if set(mean.keys()) != set(keys):
-            raise AggregationError("the replies' tensors do not match the global model's")
-        momentum = self.momentum_vector or [None] * len(keys)
-        new_momentum, out = [], {}
-        for i, key in enumerate(keys):   # tensor by tensor: one model's worth of temporaries at most
-            old = self.current_arrays[key].numpy()
-            grad = old - mean[key].numpy()
-            m = grad if momentum[i] is None else mu * momentum[i] + grad
-            new_momentum.append(m)
-            out[key] = Array(np.asarray(old - lr * (grad + mu * m), dtype=old.dtype))
-        self.momentum_vector = new_momentum
-        self.current_arrays = ArrayRecord(out)
+        # tensor by tensor, in the mean's and the momentum's own buffers (server_steps.py)
+        self.current_arrays, self.momentum_vector = server_steps.nesterov(
+            self.current_arrays, mean, self.server_learning_rate, self.server_momentum, self.momentum_vector)
         return self.current_arrays, metrics
 
 
-# Streaming variants: the MRO puts StreamingFedAvg between each Flower class and FedAvg,
+# Streaming variants: the MRO puts DPFedAvg (a StreamingFedAvg) between each Flower class and FedAvg,
 # so their own server-side step (momentum, moments, Nesterov) runs on the folded mean.
-class StreamingFedProx(S.FedProx, StreamingFedAvg):
+class StreamingFedProx(S.FedProx, DPFedAvg):
     pass
 
 
-class StreamingFedAvgM(S.FedAvgM, StreamingFedAvg):
+class StreamingFedAvgM(S.FedAvgM, DPFedAvg):
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's FedAvgM step, computed in the mean's own buffers (server_steps.py)."""
+        mean, metrics = super(S.FedAvgM, self).aggregate_train(server_round, replies)
+        if not self.server_opt or mean is None:
+            return mean, metrics
+        if self.current_arrays is None:
+            raise AggregationError("FedAvgM aggregated before configure_train set the global model")
+        self.current_arrays, self.momentum_vector = server_steps.momentum_sgd(
+            self.current_arrays, mean, self.server_learning_rate, self.server_momentum, self.momentum_vector)
+        return self.current_arrays, metrics
+
+
+class StreamingFedAdam(S.FedAdam, DPFedAvg):
     pass
 
 
-class StreamingFedAdam(S.FedAdam, StreamingFedAvg):
-    pass
-
-
-class StreamingDiLoCo(DiLoCo, StreamingFedAvg):
+class StreamingDiLoCo(DiLoCo, DPFedAvg):
     pass
 
 
@@ -129,7 +131,7 @@ def _sparseloco(cfg) -> S.Strategy:
 def _fedavg(cfg) -> S.Strategy:
     lr = _server_lr(cfg, 1.0)
     if lr == 1.0 and not cfg.server_momentum:
-        return StreamingFedAvg(**sampling(cfg))
+        return DPFedAvg(**sampling(cfg))
     # FedAvg with a server learning rate (or momentum) is exactly FedAvgM's server step.
     return StreamingFedAvgM(**sampling(cfg), server_learning_rate=lr, server_momentum=_server_momentum(cfg, 0.0))
 
@@ -154,9 +156,13 @@ MEAN_BASED = {"fedavg", "fedprox", "fedavgm", "fedadam", "diloco", "sparseloco"}
 
 
 def build_strategy(cfg) -> S.Strategy:
-    """The strategy named by cfg.strategy, sampling as cfg's --clients-per-round / --fraction say."""
+    """The strategy named by cfg.strategy, sampling as cfg's --clients-per-round / --fraction say, with the run's
+    privacy ledger when --dp-clip is set."""
     try:
         factory = STRATEGIES[cfg.strategy]
     except KeyError:
         raise ValueError(f"unknown strategy {cfg.strategy!r}: choose one of {sorted(STRATEGIES)}") from None
-    return factory(cfg)
+    strategy = factory(cfg)
+    if enabled(cfg):   # --dp-clip: the run's privacy account (config.check refused the non-mean strategies)
+        strategy.privacy = PrivacyLedger(cfg)
+    return strategy

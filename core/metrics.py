@@ -98,6 +98,8 @@ class CoordinatorCollector:
         for role in sorted(set(roles) | {"client"}):
             clients.add_metric([role], roles.get(role, 0))
         yield clients
+        if (s.get("privacy") or {}).get("epsilon") is not None:
+            yield from _privacy_metrics(s["privacy"])
         rejections = CounterMetricFamily("fedswarm_rejections", "refused requests by reason", labels=["reason"])
         for reason, n in sorted((s.get("rejections") or {}).items()):
             rejections.add_metric([reason], n)
@@ -116,6 +118,13 @@ def _eval_metrics(evals: list[dict]):
         tokens.add_metric([e["source"]], e["tokens"])
     yield loss
     yield tokens
+
+
+def _privacy_metrics(privacy: dict):
+    """Client-level DP: epsilon spent so far at the run's delta (--dp-clip / --dp-noise-multiplier)."""
+    yield _gauge("fedswarm_privacy_epsilon", "client-level DP: epsilon spent through the last committed round, at "
+                 "fedswarm_privacy_delta", privacy["epsilon"])
+    yield _gauge("fedswarm_privacy_delta", "client-level DP: the delta epsilon is reported at", privacy["delta"])
 
 
 def _swarm_metrics(sw: dict):

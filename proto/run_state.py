@@ -10,3 +10,9 @@ class RunState(enum.StrEnum):
     RUNNING = "running"   # a round is in progress
     DONE = "done"         # every round committed: clients exit
     FAILED = "failed"     # --max-failed-rounds rounds in a row failed: the coordinator stops
+
+
+class EndReason(enum.StrEnum):
+    """Why a run ended before its last round (status's "end_reason"; absent when every round ran)."""
+
+    PRIVACY_BUDGET = "privacy_budget"   # the next round would have pushed epsilon past --dp-max-epsilon

@@ -18,6 +18,9 @@ from fedswarm.sim.bench_aggregate import add_aggregate_arguments, bench_aggregat
 from fedswarm.sim.bench_memory import add_arguments as add_memory_arguments
 from fedswarm.sim.bench_scale import SCALE_DEFAULTS, bench_scale
 from fedswarm.sim.bench_scale import add_arguments as add_scale_arguments
+from fedswarm.sim.bench_privacy import DEFAULTS as PRIVACY_DEFAULTS
+from fedswarm.sim.bench_privacy import add_arguments as add_privacy_arguments
+from fedswarm.sim.bench_privacy import bench_privacy
 from fedswarm.sim.launcher import add_arguments as add_sim_arguments
 from fedswarm.sim.launcher import run_sim
 
@@ -34,6 +37,7 @@ KINDS = {  # `fedswarm bench KIND` (sim/bench_load.py adds "load")
     "aggregate": "coordinator peak RSS over idle while aggregating --uploads, streaming vs holding",
     "memory": "peak RSS and seconds per step of a 124M client and stage peer, with and without gradient checkpointing",
     "scale": "time per round and every process's peak RSS at 124M / 135M: full fine-tuning, LoRA, swarm",
+    "privacy": "held-out loss against epsilon: no DP, then DP-FedAvg at each --noise-multipliers",
 }
 # settings whose default depends on the benchmark (None on the command line: _fill_defaults picks)
 PER_BENCH = ("precision", "clients", "batch_size", "seq_len", "rounds", "local_steps", "eval_windows", "stages", "peers",
@@ -50,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_lora_arguments(p)
     add_memory_arguments(p)
     add_scale_arguments(p)
+    add_privacy_arguments(p)
     p.set_defaults(out="bench-out", **dict.fromkeys(PER_BENCH))  # None: per benchmark
 
 
@@ -63,6 +68,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         defaults.update(batch_size=2, seq_len=512)
     if args.which == "scale":
         defaults.update(SCALE_DEFAULTS)
+    if args.which == "privacy":
+        defaults.update(PRIVACY_DEFAULTS)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -299,3 +306,5 @@ def _run_bench(args: argparse.Namespace) -> None:
         bench_memory(args)
     elif args.which == "scale":
         bench_scale(args)
+    elif args.which == "privacy":
+        bench_privacy(args)

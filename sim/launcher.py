@@ -20,7 +20,7 @@ from fedswarm.sim.relay import CountingRelay
 from fedswarm.sim.swarm_sim import add_swarm_arguments, run_swarm_sim
 from fedswarm.sim.virtual_sim import (PROCESS_PER_CLIENT_MAX, add_virtual_arguments, check_virtual_args,
                                       run_virtual_sim, wants_virtual)
-from fedswarm.sim.report import communication, plot_rounds, write_report
+from fedswarm.sim.report import communication, plot_rounds, privacy_line, privacy_report, write_report
 from fedswarm.proto.run_state import RunState
 
 DEFAULT_CLIENTS = 3
@@ -102,6 +102,7 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
         "socket_bytes": {"up": socket_up, "down": socket_down, "measured_at": "coordinator host link" if hosts else "socket"},
         "communication": communication(status["rounds"], status["config"], args.clients, socket_up, socket_down),
         "wall_seconds": round(time.time() - started, 2),
+        **privacy_report(status),
     }
     write_report(out, report)
     plot_rounds(out, report["rounds"], f"{args.clients} clients, {args.strategy}, {args.upload_codec} upload")
@@ -222,6 +223,6 @@ def main(args: argparse.Namespace) -> int:
         vs = f", {comm['allreduce_over_socket']}x less than fp32 all-reduce" if comm["allreduce_over_socket"] else ""
         traffic = (f"; {(comm['socket_bytes_up'] + comm['socket_bytes_down']) / 1e6:.1f} MB at the socket for "
                    f"{comm['tokens']} tokens{vs}")
-    print(f"done in {report['wall_seconds']:.0f} s: eval loss {first:.4f} -> {last:.4f} "
-          f"({last / first:.2f}x){traffic}; report in {Path(args.out) / 'report.json'}")
+    print(f"done in {report['wall_seconds']:.0f} s: eval loss {first:.4f} -> {last:.4f} ({last / first:.2f}x)"
+          f"{traffic}{privacy_line(report)}; report in {Path(args.out) / 'report.json'}")
     return 0

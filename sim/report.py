@@ -11,6 +11,21 @@ def write_report(out_dir: Path, report: dict) -> Path:
     return path
 
 
+def privacy_report(status: dict) -> dict:
+    """report.json's "privacy" (epsilon at delta after the last round, the DP settings) and "end_reason" (why
+    the run ended before its last round), when the run has them."""
+    return {k: status[k] for k in ("privacy", "end_reason") if status.get(k)}
+
+
+def privacy_line(report: dict) -> str:
+    """'; epsilon 3.2 at delta 0.0625 (ended: privacy_budget)' for the sim's last line ('' without DP)."""
+    from fedswarm.coordinator.privacy import epsilon_text
+
+    text = epsilon_text(report.get("privacy"))
+    ended = f" (ended early: {report['end_reason']})" if report.get("end_reason") else ""
+    return f"; {text}{ended}" if text else ended
+
+
 def allreduce_bytes(tokens: int, workers: int, parameters: int, tokens_per_step: int) -> int:
     """fp32 data-parallel ring all-reduce for `tokens`: 2 (N-1)/N x 4 bytes x parameters per step per worker,
     `tokens_per_step` being one worker's batch x sequence length x grad accumulation."""
