@@ -28,7 +28,7 @@ from flwr.common.constant import SType
 from flwr.serverapp import strategy as S
 from flwr.serverapp.exception import AggregationError
 
-from fedswarm.coordinator.integrity import Inadmissible, peak
+from fedswarm.coordinator.integrity import Inadmissible, peak_of, pieces
 from fedswarm.proto.refusals import Reason
 
 M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 128 << 10   # glibc mallopt: allocations above go to mmap
@@ -55,9 +55,31 @@ class DecodedUpdate:
             yield name, self.base[name] + self.delta[name]
 
 
+class TensorArray(Array):
+    """An Array over a float32 tensor the coordinator made (a round's mean, finished in its running sum's own
+    buffers): `numpy()` is a read-only view of it, and Flower's serialized form (`data`) is built only if
+    something asks for it, so a new global model costs no copy."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.dtype != torch.float32 or not tensor.is_contiguous():
+            raise ValueError(f"a TensorArray holds a contiguous float32 tensor, got {tensor.dtype}")
+        self.__dict__.update(dtype="float32", shape=tuple(tensor.shape), stype=SType.NUMPY, tensor=tensor)
+
+    def numpy(self) -> np.ndarray:
+        values = self.tensor.numpy().view()
+        values.flags.writeable = False
+        return values
+
+    @property
+    def data(self) -> bytes:  # Flower's serialized form, only built if something asks for it
+        return Array(np.ascontiguousarray(self.numpy())).data
+
+
 def read_only_view(array: Array) -> torch.Tensor:
-    """A tensor over an Array's .npy bytes (Flower's numpy serialization), or a decoded copy of any other:
-    to evaluate, check, checkpoint or serve, never to write into."""
+    """A tensor over an Array's .npy bytes (Flower's numpy serialization) or a TensorArray's tensor, or a decoded
+    copy of any other: to evaluate, check, checkpoint or serve, never to write into."""
+    if isinstance(array, TensorArray):
+        return array.tensor
     head = io.BytesIO(array.data)
     version = np.lib.format.read_magic(head) if array.stype == SType.NUMPY else None
     if version not in ((1, 0), (2, 0)):
@@ -110,19 +132,33 @@ class MeanFold:
                 raise ValueError("the update's tensors differ from the ones already folded in")
             peaks = self._room_for(delta, weight)   # checked before anything is added: all or nothing
             if self._sums is None:
-                self._sums = {n: torch.mul(d.float(), weight) for n, d in delta.items()}
+                self._sums = self._first_sums(delta, weight)
             else:
-                for n, d in delta.items():
-                    self._sums[n].add_(d, alpha=weight)
+                for n in delta:   # a piece at a time: the delta is never decoded whole
+                    flat, at = self._sums[n].view(-1), 0
+                    for piece in pieces(delta, n):
+                        flat[at:at + piece.numel()].add_(piece, alpha=weight)
+                        at += piece.numel()
             self._peaks = peaks
             self._weights[message_id] = weight
+
+    def _first_sums(self, delta: Mapping[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
+        """weight x delta, filled a piece at a time into new float32 buffers of the base's shapes."""
+        sums = {}
+        for n in delta:
+            sums[n] = torch.empty(tuple(self.base[n].shape), dtype=torch.float32)
+            flat, at = sums[n].view(-1), 0
+            for piece in pieces(delta, n):
+                torch.mul(piece.float(), weight, out=flat[at:at + piece.numel()])
+                at += piece.numel()
+        return sums
 
     def _room_for(self, delta: Mapping[str, torch.Tensor], weight: float) -> dict[str, float]:
         """The sums' bounds (max |sum| per tensor) after adding weight x delta; Inadmissible if a sum could leave
         fp32's range (or the delta is not finite), so the fp32 sums can never overflow."""
         peaks = {}
-        for n, d in delta.items():
-            top = self._peaks.get(n, 0.0) + weight * peak(d)
+        for n in delta:
+            top = self._peaks.get(n, 0.0) + weight * peak_of(delta, n)
             if not math.isfinite(top):
                 raise Inadmissible(Reason.NON_FINITE, f"the update's {n!r} is not finite")
             if top > FP32_MAX:
@@ -134,7 +170,7 @@ class MeanFold:
     def mean(self, weights: Mapping[str, float]) -> ArrayRecord:
         """base + sum / total weight, for exactly the replies in `weights` (instruction id -> weight).
 
-        Converts the sums tensor by tensor into the result and frees them: call once."""
+        Finished in the sums' own buffers, which become the result's arrays (TensorArray): call once."""
         with self._lock:
             if self._consumed:
                 raise AggregationError("the mean of this fold was already taken")
@@ -148,8 +184,11 @@ class MeanFold:
             sums, self._sums = self._sums, None
         out = ArrayRecord()
         for name, base in self.base.items():
-            s = sums.pop(name).div_(total).numpy()
-            out[name] = Array(np.asarray(base.numpy() + s.reshape(base.shape)))
+            s, view = sums.pop(name).div_(total), read_only_view(base)
+            if view.dtype == torch.float32:
+                out[name] = TensorArray(s.add_(view.view(s.shape)))
+            else:   # a base of another dtype: numpy's promotion, in a new array
+                out[name] = Array(np.asarray(base.numpy() + s.numpy().reshape(base.shape)))
         return out
 
 

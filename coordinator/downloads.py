@@ -19,7 +19,9 @@ full copy.
 With `persist`, the newest state lives in that file alone (served_file.py):
 written as it is computed, read back a tensor at a time, so the coordinator
 holds no second copy of the model for it, and a restarted coordinator serves
-the same S (and accepts uploads trained from it).
+the same S (and accepts uploads trained from it); the encoded steps live in
+temporary files beside it. A step is encoded and applied a piece (whole codec
+blocks) at a time, in place: the same bytes as encoding the tensor whole.
 """
 from __future__ import annotations
 
@@ -28,12 +30,12 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from fedswarm.coordinator.served_file import ServedFile
+from fedswarm.coordinator.served_file import ServedFile, StepFile
 from fedswarm.errors import why
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
@@ -41,6 +43,7 @@ from fedswarm.proto import wire
 
 log = logging.getLogger(__name__)
 DEFAULT_KEEP_VERSIONS = 8
+PIECE = 1 << 20   # values of a tensor encoded (and applied) at a time, rounded down to whole codec blocks
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Served:
     state: Mapping[str, torch.Tensor] | None  # S_version, float32 CPU: a dict or its file (None once a newer exists)
     shapes: dict[str, tuple[int, ...]]
     digest: bytes                            # wire.state_digest(state)
-    step: dict[str, C.Encoded] | None        # encode(G_version - S_{version-1}); None at a chain start
+    step: Mapping[str, C.Encoded] | None     # encode(G_version - S_{version-1}); None at a chain start
     step_bytes: int                          # encoded size of `step` (data + scales)
 
 
@@ -62,6 +65,8 @@ class ServedVersions:
             raise ValueError("keep must be >= 1 version")
         self.spec = codec if isinstance(codec, C.CodecSpec) else C.CodecSpec(int(codec), block_size or None)
         self.codec, self.keep, self.persist = self.spec.codec, keep, persist
+        block = self.spec.encode(torch.zeros(0)).block_size
+        self.piece = max(1, PIECE // block) * block if block else PIECE   # whole blocks: encoding is blockwise
         self._lock = threading.Lock()
         self._versions: OrderedDict[int, Served] = OrderedDict()
         if persist is not None and persist.is_file():
@@ -100,23 +105,36 @@ class ServedVersions:
         return Served(version, state, _shapes(global_state), digest, None, 0)
 
     def _next(self, version: int, global_state: dict[str, torch.Tensor], prev: Served) -> Served:
-        """S_version = S_prev + decode(encode(G_version - S_prev)), tensor by tensor: S_prev's tensors (in memory)
-        are freed as soon as each has been built on, once this is the only reference to them (a full copy
-        streaming it holds its own, model_chunks), so at most one tensor more than one state is alive."""
+        """S_version = S_prev + decode(encode(G_version - S_prev)), tensor by tensor and a piece at a time: a
+        tensor read from the file is built on in place; S_prev's tensors in memory are freed as soon as each has
+        been built on (a full copy streaming it holds its own, model_chunks). The steps go to a StepFile when
+        the state is persisted."""
         held, prev.state = prev.state, None
         if isinstance(held, dict):
             held = dict(held)
-        step, size = {}, 0
+        names = list(global_state)
+        step = StepFile(self.persist.parent, names) if self.persist is not None else MemorySteps()
+        size = 0
 
         def built(name: str) -> torch.Tensor:
             nonlocal size
-            base = held.pop(name) if isinstance(held, dict) else held[name]
-            enc = step[name] = self.spec.encode((global_state[name].detach().to("cpu", torch.float32) - base).flatten())
-            size += len(enc.data) + len(enc.scales)
-            return base + C.decode(enc).view(base.shape)   # exactly what the client computes
+            if isinstance(held, dict):   # its tensors may be streaming: build a copy
+                out = held.pop(name).clone(memory_format=torch.contiguous_format)
+            else:
+                out = held[name]          # a fresh tensor, read from the file
+            flat, target = out.view(-1), global_state[name].detach().to("cpu", torch.float32).reshape(-1)
+            pieces = []
+            for start in range(0, max(flat.numel(), 1), self.piece):
+                part = flat[start:start + self.piece]
+                enc = self.spec.encode(target[start:start + self.piece] - part)
+                part.add_(C.decode(enc))   # exactly what the client computes
+                pieces.append(enc)
+            step.add(name, pieces)
+            size += sum(len(e.data) + len(e.scales) for e in pieces)
+            return out
 
         state, digest = self._store(version, global_state, built)
-        return Served(version, state, _shapes(global_state), digest, {n: step[n] for n in global_state}, size)
+        return Served(version, state, _shapes(global_state), digest, step, size)
 
     def _store(self, version: int, global_state: dict[str, torch.Tensor], tensor_of) -> tuple[Mapping, bytes]:
         """The state made of `tensor_of(name)` for each of the model's names, and its digest. Persisted, it
@@ -188,6 +206,14 @@ class ServedVersions:
             path.unlink(missing_ok=True)
             return
         self._versions[version] = Served(version, state, state.shapes, digest, None, 0)
+
+
+class MemorySteps(dict):
+    """name -> C.Encoded of a step held in memory (no persisted state): each tensor's pieces joined."""
+
+    def add(self, name: str, pieces: list[C.Encoded]) -> None:
+        self[name] = replace(pieces[0], count=sum(e.count for e in pieces), data=b"".join(e.data for e in pieces),
+                             scales=b"".join(e.scales for e in pieces))
 
 
 def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

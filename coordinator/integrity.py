@@ -14,18 +14,20 @@ import logging
 import math
 import statistics
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from flwr.app import ArrayRecord
 
+from fedswarm.proto import codec as C
 from fedswarm.proto.refusals import Reason
+from fedswarm.proto.wire import DecodeOnRead
 
 log = logging.getLogger(__name__)
 MAX_WEIGHT = 2.0 ** 32       # no trained model holds a weight this large
 NORM_WINDOW = 32             # accepted update norms remembered per model (or stage), across rounds
 MIN_HISTORY = 3              # fewer than this: bound by the norm of the task's weights instead
-NORM_CHUNK = 1 << 20         # values summed in float64 at a time (bounded temporaries)
+NORM_CHUNK = 1 << 20         # values summed in float64 (or checked) at a time: bounded temporaries
 
 
 class Inadmissible(ValueError):
@@ -46,6 +48,34 @@ def l2_norm(tensors: Iterable[torch.Tensor]) -> float:
     return math.sqrt(total)
 
 
+def flat_pieces(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """`t` flattened, NORM_CHUNK values at a time (views, no copies)."""
+    flat = t.detach().reshape(-1)
+    for start in range(0, flat.numel(), NORM_CHUNK):
+        yield flat[start:start + NORM_CHUNK]
+
+
+def pieces(tensors: Mapping[str, torch.Tensor], name: str) -> Iterator[torch.Tensor]:
+    """Tensor `name` flattened, a bounded piece at a time, in order: an upload still held as its validated
+    encoded parts (wire.DecodeOnRead) is decoded one part at a time, never whole."""
+    if isinstance(tensors, DecodeOnRead):
+        for part in tensors.encoded[name]:
+            yield C.decode(part)
+    else:
+        yield from flat_pieces(tensors[name])
+
+
+def peak_of(tensors: Mapping[str, torch.Tensor], name: str) -> float:
+    """peak() of tensor `name`, read a piece at a time (nan if any value is nan)."""
+    top = 0.0
+    for piece in pieces(tensors, name):
+        value = peak(piece)
+        if math.isnan(value):
+            return math.nan
+        top = max(top, value)
+    return top
+
+
 def peak(t: torch.Tensor) -> float:
     """max |t| (nan if any value is nan; 0 for an empty tensor), without a temporary of t's size."""
     if t.numel() == 0:
@@ -55,19 +85,26 @@ def peak(t: torch.Tensor) -> float:
 
 
 def check_values(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> None:
-    """Inadmissible unless base + delta is finite and within +-MAX_WEIGHT (one tensor's sum alive at a time)."""
+    """Inadmissible unless base + delta is finite and within +-MAX_WEIGHT (one piece's sum alive at a time)."""
     for name in delta:
-        top = peak(base[name] + delta[name])
-        if not math.isfinite(top):
-            raise Inadmissible(Reason.NON_FINITE, f"the update makes {name!r} non-finite")
+        flat, at, top = base[name].reshape(-1), 0, 0.0
+        for piece in pieces(delta, name):
+            value = peak(flat[at:at + piece.numel()] + piece)
+            at += piece.numel()
+            if not math.isfinite(value):
+                raise Inadmissible(Reason.NON_FINITE, f"the update makes {name!r} non-finite")
+            top = max(top, value)
         if top > MAX_WEIGHT:
             raise Inadmissible(Reason.UPDATE_MAGNITUDE, f"the update takes {name!r} to {top:.3g}, beyond the "
                                f"+-{MAX_WEIGHT:.3g} any model's weights stay within")
 
 
 def non_finite_tensors(arrays: ArrayRecord) -> list[str]:
-    """The names of the record's tensors holding a NaN or Inf (read one at a time)."""
-    return [name for name in arrays.keys() if not torch.isfinite(torch.from_numpy(arrays[name].numpy())).all()]
+    """The names of the record's tensors holding a NaN or Inf (read in place, a piece at a time)."""
+    from fedswarm.coordinator.aggregate import read_only_view   # aggregate imports this module
+
+    return [name for name in arrays.keys()
+            if not all(bool(torch.isfinite(p).all()) for p in flat_pieces(read_only_view(arrays[name])))]
 
 
 class UpdateNormBound:
@@ -92,7 +129,7 @@ class UpdateNormBound:
 
     def check(self, key: str, delta: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> float:
         """The update's norm; Inadmissible("update_norm") if it exceeds the limit."""
-        norm = l2_norm(delta.values())
+        norm = l2_norm(piece for name in delta for piece in pieces(delta, name))
         limit = self.limit(key, base)
         log.info("%s: update norm %.4g, %.3g x the reference (limit %s)", key, norm,
                   norm * self.ratio / limit if limit else math.nan, f"{limit:.4g}" if limit else "none")

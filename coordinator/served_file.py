@@ -8,7 +8,10 @@ another whole model on the coordinator; it is persisted every version anyway, so
 
 The file is safetensors (F32 tensors, contiguous, in name order), so `safetensors` reads it too. An open
 ServedFile keeps reading the version it opened after a newer one replaced the path (it holds the descriptor),
-so a full copy streaming an older version stays consistent."""
+so a full copy streaming an older version stays consistent.
+
+A version's encoded step (what a client one version behind downloads) lives on disk too, in a StepFile: an
+unnamed temporary file beside the served state, gone once the step is dropped (or the coordinator exits)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,12 +19,15 @@ import json
 import math
 import os
 import struct
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from fedswarm.coordinator.store import fsync_dir
+from fedswarm.proto import codec as C
 from fedswarm.proto import wire
 
 HEADER_LIMIT = 100 << 20   # a header larger than this is not one this module wrote
@@ -100,6 +106,41 @@ class ServedFile(Mapping):
         os.replace(tmp, path)
         fsync_dir(path.parent)
         return h.digest()
+
+
+class StepFile(Mapping):
+    """name -> C.Encoded of one version's step, held in an unnamed temporary file in `folder`: `add` writes a
+    tensor's encoded pieces as they are made, a read joins them back (one tensor at a time). Iterates in the
+    order of `names` (the model's)."""
+
+    def __init__(self, folder: Path, names: list[str]):
+        self._file = tempfile.TemporaryFile(dir=folder)   # unlinked at once: removed when closed
+        self._names = names
+        self._index: dict[str, tuple[C.Encoded, list[tuple[int, int, int]]]] = {}   # fields, (offset, data, scales)
+        self._end = 0
+
+    def add(self, name: str, pieces: list[C.Encoded]) -> None:
+        spans = []
+        for enc in pieces:
+            self._file.write(enc.data)
+            self._file.write(enc.scales)
+            spans.append((self._end, len(enc.data), len(enc.scales)))
+            self._end += len(enc.data) + len(enc.scales)
+        self._file.flush()
+        self._index[name] = (replace(pieces[0], count=sum(e.count for e in pieces), data=b"", scales=b""), spans)
+
+    def __getitem__(self, name: str) -> C.Encoded:
+        fields, spans = self._index[name]
+        fd = self._file.fileno()
+        data = b"".join(os.pread(fd, n, at) for at, n, _ in spans)
+        scales = b"".join(os.pread(fd, n, at + d) for at, d, n in spans)
+        return replace(fields, data=data, scales=scales)
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n in self._names if n in self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

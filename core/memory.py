@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from pathlib import Path
 
 M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 128 << 10   # glibc mallopt: allocations above go to mmap
 
@@ -32,3 +33,26 @@ def trim() -> bool:
         return False
     malloc_trim(0)   # 1 if it released memory, 0 if there was none to release
     return True
+
+
+def proc_memory_mb(pid: int | str = "self") -> dict[str, float] | None:
+    """VmRSS (now) and VmHWM (peak) of a process, in MiB, from /proc; None once it has exited (a zombie
+    has no memory lines, a reaped process no /proc entry, and one that exits mid-read fails the read with ESRCH)."""
+    fields = {}
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    if "VmRSS" not in fields:
+        return None
+    return {"rss_mb": round(fields["VmRSS"], 1), "peak_mb": round(fields["VmHWM"], 1)}
+
+
+def rss_summary() -> str:
+    """This process's resident memory now and at its peak (VmRSS, VmHWM), for logs; '?' off Linux."""
+    mb = proc_memory_mb()
+    return f"{mb['rss_mb']:.0f} MiB (peak {mb['peak_mb']:.0f} MiB)" if mb else "?"

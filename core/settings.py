@@ -56,19 +56,20 @@ def settings_of(cls: type) -> list[Setting]:
 
 
 def add_arguments(p: argparse.ArgumentParser, cls: type, *, exclude: Iterable[str] = (),
-                  defaults: dict[str, Any] | None = None) -> None:
-    """Add `cls`'s options to `p` (dest: the field name); `defaults` replaces some of their defaults."""
+                  defaults: dict[str, Any] | None = None, prefix: str = "") -> None:
+    """Add `cls`'s options to `p` (dest: `prefix` + the field name, so two classes' fields of one name stay
+    apart); `defaults` replaces some of their defaults."""
     defaults, skip = defaults or {}, set(exclude)
     for s in settings_of(cls):
         if s.name in skip:
             continue
-        p.add_argument(s.flag, dest=s.name, type=s.type, default=defaults.get(s.name, s.default), help=s.help,
-                       choices=list(s.choices) if s.choices else None, metavar=s.metavar)
+        p.add_argument(s.flag, dest=prefix + s.name, type=s.type, default=defaults.get(s.name, s.default),
+                       help=s.help, choices=list(s.choices) if s.choices else None, metavar=s.metavar)
 
 
-def from_args(cls: type, args: argparse.Namespace, **overrides: Any):
+def from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", **overrides: Any):
     """An instance of `cls` from the options `add_arguments` added (fields it did not add keep their default)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(args, prefix + f.name)}
     return cls(**{**values, **overrides})
 
 

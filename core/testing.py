@@ -132,3 +132,29 @@ def initial_eval_loss(data: str, seq_len: int = 32, windows: int = 64) -> float:
     torch.set_num_threads(1)
     model = build_model("gpt2-tiny", seed=0)
     return evaluate(model, eval_windows(load_eval_tokens(data), seq_len, windows))
+
+
+STAGE_CFG = {"model": "gpt2-tiny", "stages": 3, "seed": 0, "lr": 1e-3, "seq_len": 16, "batch_size": 2,
+             "activation_codec": "bf16"}   # a stage peer's run config in tests: the middle stage, hidden in and out
+
+
+@functools.cache
+def _middle_stage() -> dict:
+    from fedswarm.stages import Stage, build_untied_model, stage_state
+
+    return stage_state(Stage(build_untied_model("gpt2-tiny", 0), 1, 3))
+
+
+@contextmanager
+def middle_stage_server():
+    """A StageServer serving the middle stage of gpt2-tiny (STAGE_CFG), as a peer would."""
+    import torch
+
+    from fedswarm.client.swarm.stage_server import StageServer
+
+    server = StageServer("run", STAGE_CFG, torch.device("cpu"), "fp32")
+    server.serve(1, {n: t.clone() for n, t in _middle_stage().items()})
+    try:
+        yield server
+    finally:
+        server.close()

@@ -59,17 +59,19 @@ def count_parts(shapes: dict[str, tuple[int, ...]], codec: int | C.CodecSpec, bl
                 max_part_bytes: int = MAX_PART_BYTES) -> int:
     """How many parts state_parts() yields for tensors of these shapes (without encoding)."""
     spec = codec if isinstance(codec, C.CodecSpec) else C.CodecSpec(int(codec), block_size)
-    codec = spec.codec
-    block = spec.block_size or C.DEFAULT_BLOCK_SIZE.get(codec, 0)
+    return sum(len(part_ranges(math.prod(shape), spec, max_part_bytes)) for shape in shapes.values())
+
+
+def part_ranges(count: int, spec: C.CodecSpec, max_part_bytes: int = MAX_PART_BYTES) -> list[tuple[int, int]]:
+    """(offset, count) of each part C.split cuts a tensor of `count` elements encoded with `spec` into, so a
+    tensor may be encoded part by part (blocks never straddle a cut)."""
+    block = spec.block_size or C.DEFAULT_BLOCK_SIZE.get(spec.codec, 0)
     params = (block, spec.topk, spec.bits)
-    total = 0
+    if count == 0 or sum(C.expected_sizes(spec.codec, count, *params)) <= max_part_bytes:
+        return [(0, count)]
     align = block or 1  # mirrors C.split: parts are cut at whole blocks, not at max_part_bytes
-    per_part = max(1, max_part_bytes // sum(C.expected_sizes(codec, align, *params))) * align
-    for shape in shapes.values():
-        count = math.prod(shape)
-        data_len, scales_len = C.expected_sizes(codec, count, *params)
-        total += 1 if data_len + scales_len <= max_part_bytes or count == 0 else math.ceil(count / per_part)
-    return total
+    per_part = max(1, max_part_bytes // sum(C.expected_sizes(spec.codec, align, *params))) * align
+    return [(offset, min(per_part, count - offset)) for offset in range(0, count, per_part)]
 
 
 class PartAssembler:

@@ -6,7 +6,8 @@ shape, each saved as a Hugging Face folder with a BPE tokenizer trained on the s
 went (download, train, upload from the clients' logs; aggregate, evaluate, checkpoint from the
 coordinator's log and its store), and every process's peak RSS (VmHWM, sampled from /proc), against the
 budgets: a full fine-tune's coordinator within 3x the model's fp32 size above its imports, a LoRA
-coordinator that does not grow with the base, a peer within its imports + 1.3x its stage's state.
+coordinator that does not grow with the base, a peer within its imports + 1.3x its stage's state. The
+chat-lora setup (asked for by name) runs the README's chat LoRA workflow round by round (bench_chat.py).
 """
 from __future__ import annotations
 
@@ -22,11 +23,15 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from fedswarm.sim.bench_chat import chat_table, run_chat
 from fedswarm.sim.peer_memory import proc_memory_mb
 from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status, wait_until
 from fedswarm.proto.run_state import RunState
 
-SETUPS = ("full", "lora", "lora-clients", "swarm")   # lora-clients: --evaluate clients (no central evaluation)
+# lora-clients: --evaluate clients (no central evaluation); chat-lora: the README's chat LoRA workflow (bench_chat.py)
+SETUPS = ("full", "lora", "lora-clients", "swarm", "chat-lora")
+DEFAULT_SETUPS = ("full", "lora", "lora-clients", "swarm")
+SWARM_ROUNDS = 10_000      # --scale-swarm-seconds: the swarm's round limit (it is stopped long before)
 PEER_BUDGET = 1.3          # a peer's peak: its imports + this times its stage's state
 COORDINATOR_BUDGET = 3.0   # a full fine-tune's coordinator: its imports + this times the model's fp32 size
 IMPORTS = {"coordinator": "fedswarm.coordinator.main", "client": "fedswarm.client.daemon",
@@ -96,10 +101,12 @@ def prepare_model(folder: Path, shape: str, corpus: Path, vocab: int, seed: int 
 # ---------------------------------------------------------------- memory
 
 class PeakSampler:
-    """Every process's peak RSS (VmHWM, MiB), sampled from /proc until it exits or the sampler stops."""
+    """Every process's peak RSS (VmHWM, MiB), sampled from /proc until it exits or the sampler stops; with
+    `trace`, each sample's VmRSS too (tab-separated: time, process, MiB), to line up with the logs."""
 
-    def __init__(self, interval_s: float = 0.1):
+    def __init__(self, interval_s: float = 0.1, trace: Path | None = None):
         self.interval_s, self.peaks, self._pids = interval_s, {}, {}
+        self._trace = open(trace, "w", encoding="utf-8") if trace else None
         self._stop, self._lock = threading.Event(), threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="peak-sampler", daemon=True)
 
@@ -114,6 +121,8 @@ class PeakSampler:
             memory = proc_memory_mb(pid)
             if memory is not None:
                 self.peaks[name] = max(self.peaks.get(name, 0.0), memory["peak_mb"])
+                if self._trace:
+                    self._trace.write(f"{time.time():.2f}\t{name}\t{memory['rss_mb']}\n")
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -126,6 +135,8 @@ class PeakSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        if self._trace:
+            self._trace.close()
 
 
 def imports_mb(kind: str) -> float:
@@ -210,6 +221,22 @@ def _wait_done(address: str, timeout: float, watch: list[Proc]) -> dict:
                       watch=watch, poll_s=1.0)
 
 
+def run_to_end(coordinator: Proc, address: str, clients: list[Proc], peaks: PeakSampler, timeout: float) -> dict:
+    """Watch the clients' memory, wait for the run's end and their exits: the status, with every round."""
+    try:
+        for c in clients:
+            peaks.watch(c.name, c.pid)
+        _wait_done(address, timeout, [coordinator, *clients])
+        status = fetch_status(address, history=True)
+        for c in clients:
+            c.popen.wait(timeout=120)
+        peaks.sample()
+    finally:
+        for c in clients:
+            c.stop()
+    return status
+
+
 def run_federated(out: Path, model: Path, data: Path, setup: str, args: argparse.Namespace) -> dict:
     """A coordinator and --clients client processes: `setup` full (fine-tuning), lora, or lora-clients (the
     clients evaluate, the coordinator never does)."""
@@ -221,36 +248,33 @@ def run_federated(out: Path, model: Path, data: Path, setup: str, args: argparse
     if setup == "lora-clients":
         coord += ["--evaluate", "clients"]
     started = time.time()
-    with PeakSampler() as peaks, coordinator_process(out, coord, ready_timeout=args.scale_timeout) as (coordinator, address):
+    with PeakSampler(trace=out / "rss-trace.tsv") as peaks, \
+            coordinator_process(out, coord, ready_timeout=args.scale_timeout) as (coordinator, address):
         peaks.watch("coordinator", coordinator.pid)
         clients = [Proc(f"client-{i}", fedswarm_cmd(
             "client", "--coordinator", address, "--data", str(data), "--partition", f"{i}/{args.clients}",
             "--name", f"client-{i}", "--threads", "1", "--device", "cpu", "--precision", args.precision,
             "--cache-dir", str(out / "cache")), out / f"client-{i}.log") for i in range(args.clients)]
-        try:
-            for c in clients:
-                peaks.watch(c.name, c.pid)
-            status = _wait_done(address, args.scale_timeout, [coordinator, *clients])
-            for c in clients:
-                c.popen.wait(timeout=120)
-            peaks.sample()
-        finally:
-            for c in clients:
-                c.stop()
+        status = run_to_end(coordinator, address, clients, peaks, args.scale_timeout)
     return {"setup": setup, "rounds": status["rounds"],
             "split": round_split(status["rounds"], [c.log_path for c in clients]),
             "peak_mb": dict(peaks.peaks), "wall_s": round(time.time() - started, 1)}
 
 
 def run_swarm(out: Path, model: Path, data: Path, args: argparse.Namespace) -> dict:
-    """A swarm coordinator, --peers peer processes on --stages stages and one trainer (full fine-tuning)."""
+    """A swarm coordinator, --peers peer processes on --stages stages and one trainer (full fine-tuning). With
+    --scale-swarm-seconds S the run has no round limit: it is read and stopped once the trainer has trained
+    for S seconds (from its first micro-batch) and --rounds averages were made."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    coord = [*_run_settings(args, model, data, out / "state"), "--mode", "swarm", "--stages", str(args.stages),
+    seconds = args.scale_swarm_seconds
+    run = argparse.Namespace(**{**vars(args), "rounds": SWARM_ROUNDS if seconds else args.rounds})
+    coord = [*_run_settings(run, model, data, out / "state"), "--mode", "swarm", "--stages", str(args.stages),
              "--average-every", str(args.average_every), "--lease", "30", "--threads", "1"]
     started = time.time()
-    with PeakSampler() as peaks, coordinator_process(out, coord, ready_timeout=args.scale_timeout) as (coordinator, address):
+    with PeakSampler(trace=out / "rss-trace.tsv") as peaks, \
+            coordinator_process(out, coord, ready_timeout=args.scale_timeout) as (coordinator, address):
         peaks.watch("coordinator", coordinator.pid)
         common = ["--coordinator", address, "--threads", "1", "--device", "cpu", "--precision", args.precision]
         procs = [Proc(f"peer{i}", fedswarm_cmd("client", "--role", "peer", "--name", f"peer{i}", *common),
@@ -261,16 +285,33 @@ def run_swarm(out: Path, model: Path, data: Path, args: argparse.Namespace) -> d
         try:
             for p in procs:
                 peaks.watch(p.name, p.pid)
-            status = _wait_done(address, args.scale_timeout, [coordinator, *procs])
+            watch = [coordinator, *procs]
+            first = None
+            if seconds:
+                wait_until("the first micro-batch", lambda: _swarm(address).get("microbatches_completed"),
+                           args.scale_timeout, watch=watch, poll_s=1.0)
+                first = time.time()
+                wait_until(f"{seconds:.0f} s of training and {args.rounds} averages", lambda: time.time() - first >=
+                           seconds and max((r["round"] for r in fetch_status(address)["rounds"]), default=0) >=
+                           args.rounds, seconds + args.scale_timeout, watch=watch, poll_s=1.0)
+                status = fetch_status(address, history=True)
+            else:
+                status = _wait_done(address, args.scale_timeout, watch)
+            trained_s = time.time() - first if first else None
             peaks.sample()
             stages = {p["name"]: p.get("stage") for p in status.get("clients", []) if p.get("role") == "peer"}
         finally:
             for p in procs:
                 p.stop()
+    swarm = status.get("swarm", {})
     return {"setup": "swarm", "rounds": status["rounds"], "peer_stages": stages, "peak_mb": dict(peaks.peaks),
-            "microbatches": status.get("swarm", {}).get("microbatches_completed"),
-            "reassignments": [r for r in status.get("swarm", {}).get("reassignments", [])],
-            "wall_s": round(time.time() - started, 1)}
+            "microbatches": swarm.get("microbatches_completed"), "replayed": swarm.get("microbatches_retried"),
+            "lost": swarm.get("microbatches_lost"), "reassignments": list(swarm.get("reassignments", [])),
+            "trained_s": round(trained_s, 1) if trained_s else None, "wall_s": round(time.time() - started, 1)}
+
+
+def _swarm(address: str) -> dict:
+    return fetch_status(address).get("swarm") or {}
 
 
 # ---------------------------------------------------------------- what a peer holds
@@ -284,9 +325,11 @@ def peer_budgets(model: Path, args: argparse.Namespace) -> list[dict]:
     precision = "bf16" if args.precision == "auto" else args.precision   # what a CPU peer's auto picks
     rows = measure_peer_memory(str(model), args.stages, args.seed, args.batch_size, args.seq_len, builds=("stage",),
                                precision=precision)
+    lossy = args.upload_codec != "none"   # a lossless upload carries no residual (stage_sync.encode_progress)
     for r in rows:   # a peer of a run also holds its upload's error-feedback residual from its first sync on
         r["budget_mb"] = round(r["imports_mb"] + PEER_BUDGET * r["state_bytes"] / 2**20, 1)
-        r["sync_budget_mb"] = round(r["imports_mb"] + PEER_BUDGET * r["sync_state_bytes"] / 2**20, 1)
+        state = r["sync_state_bytes"] if lossy else r["state_bytes"]
+        r["sync_budget_mb"] = round(r["imports_mb"] + PEER_BUDGET * state / 2**20, 1)
     return rows
 
 
@@ -312,8 +355,10 @@ def time_table(runs: list[dict]) -> str:
         if r["setup"] == "swarm":
             rounds = [x for x in r["rounds"] if x["round"] > 0]
             moves = ", ".join(f"{m.get('peer')} {m.get('reason')}" for m in r["reassignments"]) or "none"
+            trained = f" ({r['trained_s']:.0f} s training)" if r.get("trained_s") else ""
             rows.append(f"| {r['model']} | swarm | | | | | | | {_fmt(_mean(rounds, 'seconds'))} | "
-                        f"{r['wall_s']:.0f} s, re-assignments: {moves} |")
+                        f"{r['wall_s']:.0f} s{trained}, re-assignments: {moves}; {r['microbatches']} micro-batches, "
+                        f"{r.get('replayed')} replayed, {r.get('lost')} lost |")
             continue
         split = r["split"]
         means = [_mean(split, k) for k in keys]
@@ -334,11 +379,13 @@ def memory_table(runs: list[dict], models: dict, imports: dict) -> str:
         verdict = ""
         if r["setup"] == "full" and above is not None:
             verdict = f"{'meets' if above <= COORDINATOR_BUDGET else 'MISSES'} (<= {COORDINATOR_BUDGET:.0f}x above imports)"
-        elif r["setup"] == "lora-clients" and coord:
+        elif r["setup"] in ("lora-clients", "chat-lora") and coord:
             verdict = f"{'meets' if coord < 1024 else 'MISSES'} (< 1 GiB, no base)"
         elif r["setup"] == "swarm":
-            fits = [r["peak_mb"][n] <= r["peer_budget_mb"][n] for n in r.get("peer_budget_mb", {})]
-            verdict = f"peers within imports + {PEER_BUDGET}x stage state: {sum(fits)} of {len(fits)}"
+            budgets = r.get("peer_budget_mb", {})
+            fits = [r["peak_mb"][n] <= b for n, b in budgets.items()]
+            verdict = (f"peers within imports + {PEER_BUDGET}x stage state: {sum(fits)} of {len(fits)} (peak / budget: "
+                       + ", ".join(f"{n} {r['peak_mb'][n]:.0f} / {b:.0f}" for n, b in sorted(budgets.items())) + ")")
         rows.append(f"| {r['model']} | {r['setup']} | {fp32:.0f} | {_fmt(coord, '.0f')} | {_fmt(above, '.2f')} "
                     f"| {', '.join(f'{n} {v:.0f}' for n, v in sorted(others.items()))} | {verdict} |")
     return "\n".join(["| model | setup | fp32 MiB | coordinator peak MiB | (peak - imports) / fp32 "
@@ -375,17 +422,24 @@ def bench_scale(args: argparse.Namespace) -> dict:
             print(f"{name}: one peer per stage, measured alone ...", flush=True)
             budgets[name] = peer_budgets(folder, args)
         for setup in setups:
-            print(f"{name}: {setup} ({args.rounds} rounds) ...", flush=True)
+            length = f"{args.scale_swarm_seconds:.0f}+ s" if setup == "swarm" and args.scale_swarm_seconds else \
+                f"{args.rounds} rounds"
+            print(f"{name}: {setup} ({length}) ...", flush=True)
             where = out / "runs" / f"{name}-{setup}"
-            run = (run_swarm(where, folder, corpus, args) if setup == "swarm" else
-                   run_federated(where, folder, corpus, setup, args))
+            if setup == "swarm":
+                run = run_swarm(where, folder, corpus, args)
+            elif setup == "chat-lora":
+                run = run_chat(where, folder, args)
+            else:
+                run = run_federated(where, folder, corpus, setup, args)
             run["model"] = name
             if setup == "swarm":
                 by_stage = {b["stage"]: b for b in budgets[name]}
                 run["peer_budget_mb"] = {p: max(by_stage[s]["sync_budget_mb"] for s in _served_stages(where / f"{p}.log"))
                                          for p in run["peak_mb"] if p.startswith("peer") and _served_stages(where / f"{p}.log")}
             runs.append(run)
-    tables = {"time": time_table(runs), "memory": memory_table(runs, models, imports), "peers": peer_table(budgets)}
+    tables = {"time": time_table(runs), "memory": memory_table(runs, models, imports), "peers": peer_table(budgets),
+              **{f"chat {r['model']}": chat_table(r) for r in runs if r["setup"] == "chat-lora"}}
     print(f"\n{args.rounds} rounds x {args.local_steps} local steps, batch {args.batch_size}x{args.seq_len}, "
           f"{args.clients} clients (swarm: {args.peers} peers on {args.stages} stages, 1 trainer), imports "
           + ", ".join(f"{k} {v:.0f} MiB" for k, v in imports.items()) + ":\n")
@@ -412,10 +466,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `fedswarm bench scale` (the shared bench parser supplies --rounds, --local-steps, --out ...)."""
     g = p.add_argument_group("bench scale")
     g.add_argument("--scale-models", default="gpt2-124m,llama-135m", help=f"scale: model shapes ({', '.join(SHAPES)})")
-    g.add_argument("--scale-setups", default=",".join(SETUPS), help="scale: federated full / lora, and swarm")
+    g.add_argument("--scale-setups", default=",".join(DEFAULT_SETUPS),
+                   help=f"scale: federated full / lora, and swarm (of {', '.join(SETUPS)})")
     g.add_argument("--scale-vocab", type=int, default=4096, help="scale: most tokens of the BPE tokenizer built here")
     g.add_argument("--scale-corpus-mb", type=int, default=2, help="scale: MiB of text the clients train on")
     g.add_argument("--scale-timeout", type=float, default=900.0, help="scale: seconds one run may take")
+    g.add_argument("--scale-swarm-seconds", type=float, default=0.0,
+                   help="scale: train the swarm for at least this many seconds (e.g. 300: re-assignments in 5 "
+                        "minutes), then stop it; 0: until its --rounds averages are done")
 
 
 SCALE_DEFAULTS = {"precision": "fp32",   # bf16 autocast (auto's choice on a CPU) is emulated, far slower, without bf16 units

@@ -16,25 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedswarm.memory import proc_memory_mb  # noqa: F401 - the sims and benches read it from here
+
 BUILDS = ("stage", "full")
 MEASURE_TIMEOUT_S = 900.0   # one peer process at 135M, on a loaded 2-core machine
-
-
-def proc_memory_mb(pid: int | str = "self") -> dict[str, float] | None:
-    """VmRSS (now) and VmHWM (peak) of a process, in MiB, from /proc; None once it has exited (a zombie
-    has no memory lines, a reaped process no /proc entry, and one that exits mid-read fails the read with ESRCH)."""
-    fields = {}
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    if "VmRSS" not in fields:
-        return None
-    return {"rss_mb": round(fields["VmRSS"], 1), "peak_mb": round(fields["VmHWM"], 1)}
 
 
 def _full_model_build(preset, index, num_stages, seed=0, *, state, device="cpu"):

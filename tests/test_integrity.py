@@ -6,7 +6,6 @@ In-process, with the real service, grid, sinks and Flower strategies (no sockets
 runs the same attack over real processes)."""
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -28,6 +27,7 @@ from fedswarm.coordinator.strategies import build_strategy
 from fedswarm.coordinator.strategy_state import export_state
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.testing import STAGE_CFG, middle_stage_server
 from fedswarm.proto import wire
 
 SHAPES = {"wte": (64, 16), "h.0.w": (16, 16), "h.0.b": (16,), "ln.g": (16,)}
@@ -222,26 +222,11 @@ def test_a_non_finite_aggregate_is_refused_counted_and_leaves_the_strategy_as_co
 
 
 # -- stage peers ---------------------------------------------------------------------------------------
-STAGE_CFG = {"model": "gpt2-tiny", "stages": 3, "seed": 0, "lr": 1e-3, "seq_len": 16, "batch_size": 2,
-             "activation_codec": "bf16"}
-
-
-@functools.cache
-def _middle_stage() -> dict[str, torch.Tensor]:
-    from fedswarm.stages import Stage, build_untied_model, stage_state
-
-    return stage_state(Stage(build_untied_model("gpt2-tiny", 0), 1, 3))
-
-
 @pytest.fixture
 def stage_server():
     """A peer serving the middle stage of gpt2-tiny (hidden in, hidden out)."""
-    from fedswarm.client.swarm.stage_server import StageServer
-
-    server = StageServer("run", STAGE_CFG, torch.device("cpu"), "fp32")
-    server.serve(1, {n: t.clone() for n, t in _middle_stage().items()})
-    yield server
-    server.close()
+    with middle_stage_server() as server:
+        yield server
 
 
 def _stage_call(server, mb: str, hidden: torch.Tensor, grad: torch.Tensor | None = None) -> pb.StageReply:
@@ -253,6 +238,13 @@ def _stage_call(server, mb: str, hidden: torch.Tensor, grad: torch.Tensor | None
     if grad is not None:
         req.grad_output.CopyFrom(to_wire(grad, codec))
     return server._timed_compute(req)
+
+
+def _sync(server, stage: int, average: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """A peer's sync (client/swarm/stage_sync.py) of a whole average, handed over tensor by tensor."""
+    server.begin_sync(stage, average)
+    progress = {name: server.adopt(name, average.pop(name)).result() for name in list(average)}
+    return progress, server.end_sync()
 
 
 def _weights(server) -> dict[str, torch.Tensor]:
@@ -310,7 +302,7 @@ def test_a_stage_peer_whose_weights_turn_non_finite_restores_its_last_sync(stage
     _stage_call(stage_server, "m3", hidden, torch.randn(2, 16, 128, generator=g))
     with torch.no_grad():
         next(stage_server.module.parameters()).view(-1)[1] = math.inf
-    progress, tokens = stage_server.sync(1, snapshot)
+    progress, tokens = _sync(stage_server, 1, snapshot)
     assert all(float(p.abs().max()) == 0 for p in progress.values()) and tokens == 1
     assert stage_server.refusals.snapshot()["weights_restored"] == 2 and stage_server._weights_finite()
 
@@ -326,7 +318,7 @@ def test_a_sync_adopts_the_average_plus_the_progress_in_place(stage_server):
     trained = _weights(stage_server)
     average = {n: t + 0.5 for n, t in before.items()}
     expected = {n: average[n] + (trained[n] - before[n]) for n in before}
-    progress, _ = stage_server.sync(1, average)
+    progress, _ = _sync(stage_server, 1, average)
     assert not average   # consumed
     assert any(float(p.abs().max()) > 0 for p in progress.values())
     for n in before:

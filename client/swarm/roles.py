@@ -13,7 +13,9 @@ from fedswarm import tokenized
 from fedswarm.client.daemon import ClientDaemon
 from fedswarm.client.swarm.roster import Roster
 from fedswarm.client.swarm.routing import StageRecord, stage_key
+from fedswarm.client import work
 from fedswarm.client.swarm.stage_server import HANDLER, StageServer
+from fedswarm.client.swarm.stage_sync import Adopter, average_tensors, carry_unsent
 from fedswarm.client.swarm.tensors import BadStageInput
 from fedswarm.client.swarm.swarm_trainer import MicrobatchLost, SwarmTrainer, run_workers
 from fedswarm.p2p import P2P_REFUSALS, SwarmNode, new_identity
@@ -21,11 +23,12 @@ from fedswarm import memory
 from fedswarm.models import model_config
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
-from fedswarm.proto import wire
 from fedswarm.stage_lora import lora_stage_shapes
 from fedswarm.stages import HandedOver, stage_shapes
 from fedswarm.proto.refusals import Reason
 from fedswarm.proto.run_state import RunState
+from fedswarm.settings import from_args
+from fedswarm.swarm_settings import SWARM_PREFIX, TRAINER_PREFIX, SwarmTimeouts, TrainerTimeouts
 
 log = logging.getLogger("fedswarm.swarm")
 
@@ -114,7 +117,8 @@ class SwarmMember(ClientDaemon):
         # fork_guard: no gRPC call in flight while hivemind forks its DHT process (only the fork: heartbeats
         # go on while the DHT starts, so the 3 s lease cannot lapse during a slow start)
         return SwarmNode(initial_peers=self.dht_peers, host=self.args.p2p_host, announce=self.args.p2p_announce,
-                         client_mode=client_mode, identity=self.p2p_key, fork_lock=gate or self.fork_guard)
+                         client_mode=client_mode, identity=self.p2p_key, fork_lock=gate or self.fork_guard,
+                         timeouts=from_args(SwarmTimeouts, self.args, prefix=SWARM_PREFIX))
 
 
 class PeerDaemon(SwarmMember):
@@ -133,6 +137,7 @@ class PeerDaemon(SwarmMember):
 
     def _setup(self, cfg: dict) -> None:
         self.run_cfg = cfg
+        memory.return_freed_memory_to_os()   # freed activations, gradients and sync buffers leave the process
         self.codec = C.codec_by_name(cfg["upload_codec"])
         self.feedback = C.ErrorFeedback.for_run(cfg)
         local = {**cfg, "model": self.args.model or cfg["model"]}   # this host's copy of the model (LoRA's base)
@@ -150,15 +155,15 @@ class PeerDaemon(SwarmMember):
                     break
             started = time.monotonic()
             with self._switch_lock:
-                self.server.serve(self.assigned_stage, self.fetch_stage("", self.assigned_stage))
+                self.server.serve(self.assigned_stage, self.fetch_stage(self.assigned_stage))
             memory.trim()   # what the download's buffers left free in malloc's arenas goes back to the OS
             built_s = self.switch_s = time.monotonic() - started
             self.node = starting.result()
         self.server.node = self.node   # chained forwards go out on it
         self.node.add_handler(HANDLER, self.server.handle, pb.StageRequest, gate=self.server.gate)
         self._announce()
-        log.warning("now serving stage %d (was -1): assigned at join; built in %.2f s while the node started",
-                    self.assigned_stage, built_s)
+        log.warning("now serving stage %d (was -1): assigned at join; built in %.2f s while the node started; "
+                    "RSS %s", self.assigned_stage, built_s, memory.rss_summary())
         self.switcher = StageSwitcher(self._switch, self._abort)
         threading.Thread(target=self._announce_loop, name="announce", daemon=True).start()
         self.ready.set()
@@ -169,27 +174,29 @@ class PeerDaemon(SwarmMember):
                 return
             old = self.server.stage_index
             started = time.monotonic()
-            self.server.serve(stage, self.fetch_stage("", stage))
+            self.feedback.reset()   # the old stage's residuals: never sent now, and a stage's size of memory
+            self.server.serve(stage, self.fetch_stage(stage))
             memory.trim()   # the old stage was freed: its pages go back to the OS, not into malloc's arenas
             self.switch_s = time.monotonic() - started
             self._announce()
-            log.warning("now serving stage %d (was %d): %s; ready in %.2f s", stage, old, why, self.switch_s)
+            log.warning("now serving stage %d (was %d): %s; ready in %.2f s; RSS %s", stage, old, why,
+                        self.switch_s, memory.rss_summary())
 
-    def fetch_stage(self, task_id: str, stage: int) -> HandedOver:
-        """Stage `stage`'s tensors: its latest committed average (no task), or a sync task's average. Each part
-        is checked against the stage's names and shapes and decoded into place as it arrives, so the stream is
-        never held whole next to the tensors; the result is handed over (the stage built from it copies nothing)."""
-        cfg = self.server.cfg   # this host's copy of the run's model
-        spec = lora_stage_shapes(cfg, stage) if cfg.get("peft", "none") == "lora" else \
+    def _stage_spec(self, stage: int) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of the tensors stage `stage` trains (LoRA: its adapters), on this host's copy of the model."""
+        cfg = self.server.cfg
+        return lora_stage_shapes(cfg, stage) if cfg.get("peft", "none") == "lora" else \
             stage_shapes(cfg["model"], stage, cfg["stages"])
 
+    def fetch_stage(self, stage: int) -> HandedOver:
+        """Stage `stage`'s latest committed average. Each part is checked against the stage's names and shapes
+        and decoded into place as it arrives, so the stream is never held whole next to the tensors; the result
+        is handed over (the stage built from it copies nothing)."""
+        spec = self._stage_spec(stage)
+
         def download() -> HandedOver:
-            req = pb.FetchModelRequest(**self.creds.ids(), task_id=task_id,
-                                       stage=0 if task_id else stage + 1)
-            assembler = wire.PartAssembler(spec, {C.CODEC_NAMES["none"]})   # stages travel as full fp32 copies
-            for chunk in self.stub.FetchModel(req, timeout=self.t.transfer_s):
-                assembler.add(chunk.part)
-            return HandedOver(assembler.finish())
+            req = pb.FetchModelRequest(**self.creds.ids(), stage=stage + 1)
+            return HandedOver(average_tensors(self.stub.FetchModel(req, timeout=self.t.transfer_s), spec))
         return self.with_retry("stage download", download)
 
     def _announce(self) -> None:
@@ -225,24 +232,45 @@ class PeerDaemon(SwarmMember):
         self.channel.close()
 
     def train(self, task: pb.Task) -> None:
-        """A stage sync: adopt the new average, upload the progress made since the last sync."""
+        """A stage sync, a tensor at a time (stage_sync.py): adopt each tensor of the new average as it arrives,
+        encode the progress it replaces into the upload; then upload it. Not applied: carried to the next one."""
         import json
 
         stage = int(json.loads(task.config_json).get("stage", -1))
         if stage != self.server.stage_index:   # checked before the download: its parts are checked against stage's
             raise BadStageInput(f"sync for stage {stage}, but this peer serves stage {self.server.stage_index}",
                                 Reason.WRONG_STAGE)
-        average = self.fetch_stage(task.task_id, stage)
+        spec, adopter = self._stage_spec(stage), Adopter(self.server, self.feedback)
         started = time.monotonic()
-        with self._switch_lock:
-            progress, tokens = self.server.sync(stage, average)
-        reply = self.upload(task, progress, tokens, 0.0, time.monotonic() - started)
-        del average, progress
-        memory.trim()   # the average, the progress and the encoded upload were freed
+
+        def download() -> None:
+            req = pb.FetchModelRequest(**self.creds.ids(), task_id=task.task_id)
+            try:
+                for name, average in average_tensors(self.stub.FetchModel(req, timeout=self.t.transfer_s), spec,
+                                                     adopter.adopted):
+                    adopter.add(name, average)
+            finally:
+                adopter.flush()
+        try:
+            with self._switch_lock:
+                self.server.begin_sync(stage, spec)
+                self.with_retry("stage sync download", download)
+                tokens = self.server.end_sync()
+            c = self.creds
+            chunks = work.update_stream(adopter.parts, client_id=c.client_id, token=c.token, run_id=c.run_id,
+                                        task=task, num_tensors=len(spec), num_examples=tokens, train_loss=0.0,
+                                        seconds=time.monotonic() - started, identity=self.identity)
+            reply = self.with_retry("upload", lambda: self._push_raw(iter(chunks), timeout=self.t.transfer_s))
+        except BaseException:
+            carry_unsent(self.feedback, adopter.parts)
+            raise
+        finally:
+            del adopter.parts[:]
+            memory.trim()   # the encoded upload was freed
         log.info("stage %d sync %d: uploaded %d bytes of progress over %d tokens; %d of %d backward passes "
-                 "re-ran their forward; %d forwards chained to the next stage", stage, task.round,
+                 "re-ran their forward; %d forwards chained to the next stage; RSS %s", stage, task.round,
                  reply.bytes_received, tokens, self.server.recomputed_total, self.server.backward_total,
-                 self.server.chained_total)
+                 self.server.chained_total, memory.rss_summary())
 
     def run(self) -> int:
         try:
@@ -281,6 +309,7 @@ class TrainerDaemon(SwarmMember):
         self.node = self._start_node(client_mode=True)   # a trainer only dials out
         self.swarm = SwarmTrainer(self.node, self.run_id, cfg["stages"], self.roster,
                                   model_config(cfg["model"]).hidden_size,
+                                  timeouts=from_args(TrainerTimeouts, self.args, prefix=TRAINER_PREFIX),
                                   chained=cfg["swarm_traffic"] == "chained")
         self.ready.set()
 

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from fedswarm.client.swarm.roster import Roster
+from fedswarm.client.swarm.stage_sync import SyncingStage
 from fedswarm.client.swarm.tensors import BadStageInput, from_wire, ids_from_bytes, to_wire
 from fedswarm.p2p import MAX_P2P_MESSAGE, PeerCallError, Refusals
 from fedswarm.proto import codec as C
@@ -62,7 +63,7 @@ def check_hop_reply(reply: pb.StageReply, shape: tuple, allowed: set) -> None:
         raise BadStageInput("the input gradient is not finite", Reason.BAD_REPLY)
 
 
-class StageServer:
+class StageServer(SyncingStage):
     """All model work runs on one worker thread, so requests never race on the weights."""
 
     def __init__(self, run_id: str, cfg: dict, device: torch.device, precision: str, roster: Roster | None = None,
@@ -79,6 +80,8 @@ class StageServer:
         self.module = None
         self.optimizer = None
         self.snapshot: dict[str, torch.Tensor] = {}   # weights right after the last sync
+        self._trainable: dict[str, torch.nn.Parameter] = {}   # the parameters a sync adopts, by name
+        self._adopting: collections.deque = collections.deque()   # (name, average tensor, Future) to adopt
         self.graphs: collections.OrderedDict = collections.OrderedDict()
         self.load = 0
         self.steps_since_sync = 0
@@ -103,7 +106,7 @@ class StageServer:
         self.stage_index = -1   # heartbeats report serving nothing while the new stage loads: not routed to
         self.module = self.optimizer = None
         self.graphs.clear()
-        self.snapshot = {}
+        self.snapshot, self._trainable = {}, {}
         gc.collect()            # cached graphs hold reference cycles through autograd nodes
         if self.cfg.get("peft", "none") == "lora":   # the frozen base from the model on this host, adapters given
             module = build_lora_stage(self.cfg, stage, weights, device=self.device)
@@ -112,42 +115,10 @@ class StageServer:
         self.module = module.train()
         self.optimizer = self._new_optimizer()
         self.snapshot = stage_state(self.module)
+        self._trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
         with self._lock:
             self.stage_index, self.steps_since_sync, self.tokens_since_sync = stage, 0, 0
         log.info("serving stage %d of %d (%d tensors)", stage, self.cfg["stages"], len(weights))
-
-    def sync(self, stage: int, average: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-        """Adopt the stage's new average, keep the progress made since the last sync; return that progress."""
-        return self.pool.submit(self._sync, stage, average).result()
-
-    def _sync(self, stage: int, average: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-        if stage != self.stage_index:
-            raise BadStageInput(f"sync for stage {stage}, but this peer serves stage {self.stage_index}", Reason.WRONG_STAGE)
-        self._repair_if_broken()   # never upload (or keep) progress made of NaN
-        params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
-        if set(params) != set(average):
-            raise BadStageInput(f"the stage {stage} average's tensors differ from this peer's", Reason.BAD_AVERAGE)
-        if not all(torch.isfinite(average[n]).all() for n in params):
-            self.refusals.add(Reason.NON_FINITE_AVERAGE)   # keep this replica's own weights, as if it were the average
-            log.error("stage %d: the served average is not finite; keeping this replica's weights", stage)
-            average = None
-        # tensor by tensor: progress = weights - snapshot; the snapshot becomes average + progress in place and
-        # is copied into the weights; each average tensor is dropped once used (the caller handed it over), so
-        # the sync holds one stage's progress more than the stage, not four whole copies
-        progress = {}
-        with torch.no_grad():
-            for name, param in params.items():
-                held = self.snapshot[name]
-                delta = progress[name] = param.detach().to("cpu", torch.float32) - held
-                if average is None:
-                    held.add_(delta)
-                else:
-                    held.copy_(average.pop(name)).add_(delta)
-                param.copy_(held.to(param.device, param.dtype))
-        self._weights_changed()
-        with self._lock:
-            tokens, self.tokens_since_sync, self.steps_since_sync = self.tokens_since_sync, 0, 0
-        return progress, max(tokens, 1)
 
     def stats(self) -> tuple[float, int, float, float]:
         """(tokens/s and busy fraction over the last window, optimizer steps since sync, requests in flight)."""
@@ -258,6 +229,7 @@ class StageServer:
         return reply
 
     def _timed_compute(self, request: pb.StageRequest) -> pb.StageReply:
+        self._adopt_pending()   # a sync's tensors go first: its coordinator round is waiting on them
         started = time.monotonic()
         try:
             return self._compute(request)
@@ -393,8 +365,10 @@ class StageServer:
 
     # -- weight health ----------------------------------------------------------------------
     def _new_optimizer(self) -> torch.optim.Optimizer:
+        # fused: one kernel per tensor, without the single-tensor path's temporaries (two of the largest
+        # tensor's size per step: 216 MiB for a 135M Llama's embedding)
         return torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad],
-                                 lr=self.cfg["lr"], weight_decay=0.01)
+                                 lr=self.cfg["lr"], weight_decay=0.01, fused=self.device.type in ("cpu", "cuda"))
 
     def _weights_finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.module.parameters() if p.requires_grad)
