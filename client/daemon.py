@@ -29,6 +29,9 @@ from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import refusals, wire
 from fedswarm.progress import Progress, setup_logging
+from fedswarm.settings import add_arguments as add_setting_arguments
+from fedswarm.settings import from_args, opt
+from fedswarm.swarm_settings import SWARM_PREFIX, TRAINER_PREFIX, SwarmTimeouts, TrainerTimeouts
 from fedswarm.threads import BUDGET
 
 log = logging.getLogger("fedswarm.client")
@@ -38,16 +41,23 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 
 @dataclass
 class ClientTimeouts:
-    """Every wait the daemon does, named."""
+    """Every wait the daemon does, named; each is a flag of `fedswarm client` and a key of [client]."""
 
-    rpc_s: float = 30.0               # deadline of a unary call
-    pull_wait_s: float = 10.0         # long-poll length asked of PullTask
-    transfer_s: float = 300.0         # deadline of a model download or update upload
-    backoff_initial_s: float = 0.5    # first retry delay while the coordinator is unreachable
-    backoff_max_s: float = 10.0       # cap on the retry delay
-    give_up_s: float = 0.0            # stop retrying after this long unreachable (0: never)
-    pending_s: float = 120.0          # how long to keep re-sending an update the coordinator says is early
-    unknown_retries: int = 3          # UNKNOWN (the coordinator hit an unexpected error) retried this often
+    rpc_s: float = opt(30.0, "seconds a unary call to the coordinator may take", flag="--rpc-timeout", metavar="S")
+    pull_wait_s: float = opt(10.0, "seconds a task long-poll asks the coordinator to wait",
+                             flag="--pull-wait", metavar="S")
+    transfer_s: float = opt(300.0, "seconds a model download or an update upload may take",
+                            flag="--transfer-timeout", metavar="S")
+    backoff_initial_s: float = opt(0.5, "first retry delay while the coordinator is unreachable (doubles)",
+                                   flag="--backoff-initial", metavar="S")
+    backoff_max_s: float = opt(10.0, "longest retry delay while the coordinator is unreachable",
+                               flag="--backoff-max", metavar="S")
+    give_up_s: float = opt(0.0, "stop retrying after this many seconds unreachable (0: never)",
+                           flag="--give-up-after", metavar="S")
+    pending_s: float = opt(120.0, "seconds to keep re-sending an update the coordinator calls early",
+                           flag="--pending-timeout", metavar="S")
+    unknown_retries: int = opt(3, "times a call that hit an unexpected coordinator error (UNKNOWN) is retried",
+                               flag="--unknown-retries", metavar="N")
 
 
 class JoinRefused(Exception):
@@ -77,7 +87,7 @@ class ClientDaemon:
     p2p_peer_id = ""  # swarm roles: the libp2p peer id their signed join binds
     def __init__(self, args: argparse.Namespace, timeouts: ClientTimeouts | None = None):
         self.args = args
-        self.t = timeouts or ClientTimeouts()
+        self.t = timeouts or from_args(ClientTimeouts, args)
         self.name = args.name or f"{socket.gethostname()}-{random.randrange(1 << 16):04x}"
         self.device = resolve_device(args.device)
         self.precision = resolve_precision(args.precision, self.device)
@@ -457,6 +467,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics at http://--metrics-host:PORT/metrics (0: a free port; default: off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
+    add_setting_arguments(p, ClientTimeouts)
+    add_setting_arguments(p, SwarmTimeouts, prefix=SWARM_PREFIX)       # peers and trainers
+    add_setting_arguments(p, TrainerTimeouts, prefix=TRAINER_PREFIX)   # trainers
 
 
 def main(args: argparse.Namespace) -> int:

@@ -17,7 +17,6 @@ import tempfile
 import threading
 import time
 from contextlib import suppress
-from dataclasses import dataclass
 
 from hivemind import DHT
 from hivemind.p2p import P2P, P2PContext, PeerID
@@ -28,6 +27,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 from fedswarm.proto.refusals import Reason
 from fedswarm.signed_records import by_owner, validator
+from fedswarm.swarm_settings import SwarmTimeouts
 
 
 # hivemind renames the WARNING level to "WARN" for every logger in the process, which breaks
@@ -81,17 +81,6 @@ class PeerCallError(Exception):
         assert kind in ("timeout", "error", "unreachable"), kind
         self.peer_id, self.kind, self.reason = peer_id, kind, reason
         super().__init__(f"call to peer {peer_id} failed ({kind}): {reason}")
-
-
-@dataclass
-class SwarmTimeouts:
-    """Every deadline of the swarm layer, in seconds."""
-    call_s: float = 5.0  # default deadline of one stage call
-    dht_op_s: float = 5.0  # deadline of a DHT store/get
-    announce_every_s: float = 1.0  # how often a stage server re-announces its record
-    record_ttl_s: float = 4.0  # a stage record expires this long after its last announce
-    startup_s: float = 30.0  # DHT + p2pd start and replica connection
-    shutdown_s: float = 5.0  # grace for the DHT process before it is killed
 
 
 class OversizedMessage(ValueError):
