@@ -11,9 +11,9 @@ import shutil
 import pytest
 import torch
 
-from fedswarm.cli import main
+from fedswarm.app.cli import main
 from fedswarm.client import daemon, preflight
-from fedswarm.config_file import ConfigError, read
+from fedswarm.app.config_file import ConfigError, read
 from fedswarm.coordinator.downloads import ServedVersions
 from fedswarm.coordinator.store import CheckpointError, StateError, Store, check_state_dir
 from fedswarm.errors import BadInput

@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-from fedswarm.cli import build_parser
+from fedswarm.app.cli import build_parser
 from fedswarm.sim.processes import coordinator_process, fetch_status, run_fedswarm, wait_until
 
 HEAVY = ("torch", "transformers", "flwr", "hivemind")

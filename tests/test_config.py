@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fedswarm import config_file, settings
-from fedswarm.cli import build_parser, main
+from fedswarm import settings
+
+from fedswarm.app import config_file
+from fedswarm.app.cli import build_parser, main
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.sim.launcher import coordinator_argv
 from fedswarm.sim.processes import READY, Proc, fedswarm_cmd, fetch_status, wait_until

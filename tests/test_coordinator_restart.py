@@ -12,7 +12,7 @@ import pytest
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.schedule import LrSchedule
 from fedswarm.sim.processes import READY, Proc, client_processes, fedswarm_cmd, fetch_status
-from fedswarm.testing import assert_lrs_follow
+from fedswarm.app.testing import assert_lrs_follow
 
 ROUNDS, STEPS = 5, 15
 

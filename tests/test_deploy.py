@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedswarm import config_file
-from fedswarm.cli import build_parser
+from fedswarm.app import config_file
+from fedswarm.app.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -158,7 +158,7 @@ LINE = re.compile(r"downloaded model version (\d+) as (a full copy|nothing \(alr
 @pytest.mark.timeout(300)
 def test_int8_delta_downloads_in_a_real_run(tmp_path):
     from fedswarm.sim.report import allreduce_bytes
-    from fedswarm.testing import sim_args
+    from fedswarm.app.testing import sim_args
 
 
     report = run_sim(sim_args(tmp_path, "--clients", "2", "--rounds", "3", "--local-steps", "3",

@@ -223,7 +223,7 @@ def test_bad_cli_input(tmp_path):
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_sim_writes_report_and_evaluates_on_its_datas_split(tmp_path):
-    from fedswarm.testing import initial_eval_loss, write_corpus
+    from fedswarm.app.testing import initial_eval_loss, write_corpus
 
     out, corpus = tmp_path / "sim", write_corpus(tmp_path / "plays.txt")
     argv = fedswarm_cmd("sim", "--clients", "2", "--rounds", "2", "--local-steps", "10", *SMALL, "--data", corpus,

@@ -13,8 +13,8 @@ import json
 import pytest
 import torch
 
-from fedswarm.cli import main
-from fedswarm.generate import choose_mode, generate
+from fedswarm.app.cli import main
+from fedswarm.app.generate import choose_mode, generate
 from fedswarm.sim.tiny_hf import train_tokenizer
 from fedswarm.tokenizer import byte_hf_tokenizer
 
@@ -98,7 +98,7 @@ def test_prompt_dash_reads_stdin(chat_folder, monkeypatch, capsys):
 def _export(tmp_path, folder, fmt: str):
     from fedswarm.coordinator.config import RunConfig
     from fedswarm.coordinator.store import Store
-    from fedswarm.export import export
+    from fedswarm.app.export import export
     from fedswarm.models import build_model, trainable_state
 
     store = Store(tmp_path / f"state-{fmt}")

@@ -13,8 +13,8 @@ import torch
 from hf_fixtures import records, site_data, tiny_model
 
 from fedswarm import tokenized
-from fedswarm.cli import main
-from fedswarm.export import load_exported
+from fedswarm.app.cli import main
+from fedswarm.app.export import load_exported
 from fedswarm.formats import DataSpec
 from fedswarm.models import evaluate, num_parameters
 from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status, wait_until

@@ -91,7 +91,7 @@ def test_qwen2_folder_trains_lora_adapters_in_swarm_mode_across_three_stages(tmp
 
     # the run exports as a PEFT adapter folder on the folder's own model, or merged; both compute what the
     # coordinator's model of the last round computes
-    from fedswarm.export import _round_state, export, load_exported
+    from fedswarm.app.export import _round_state, export, load_exported
     from fedswarm.models import load_trainable_state
     from fedswarm.stage_lora import lora_eval_model
 

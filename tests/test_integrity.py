@@ -27,7 +27,7 @@ from fedswarm.coordinator.strategies import build_strategy
 from fedswarm.coordinator.strategy_state import export_state
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
-from fedswarm.testing import STAGE_CFG, middle_stage_server
+from fedswarm.app.testing import STAGE_CFG, middle_stage_server
 from fedswarm.proto import wire
 
 SHAPES = {"wte": (64, 16), "h.0.w": (16, 16), "h.0.b": (16,), "ln.g": (16,)}

@@ -12,7 +12,7 @@ from fedswarm.data import BatchSampler, load_train_tokens
 from fedswarm.models import build_model, trainable_state
 from fedswarm.schedule import LrSchedule
 from fedswarm.sim.launcher import run_sim
-from fedswarm.testing import assert_lrs_follow, sim_args
+from fedswarm.app.testing import assert_lrs_follow, sim_args
 
 SMALL = ["--seq-len", "32", "--batch-size", "4"]
 # -- lr schedules ----------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_lora_trains_only_adapters(tmp_path, llama_dir):
 
 
 def test_load_in_4bit_is_refused_on_cpu_before_bitsandbytes(capsys):
-    from fedswarm.cli import main
+    from fedswarm.app.cli import main
 
     sys.modules.pop("bitsandbytes", None)
     code = main(["client", "--coordinator", "127.0.0.1:1", "--device", "cpu", "--load-in-4bit"])
@@ -58,7 +58,7 @@ def test_preset_run_exports_with_a_byte_tokenizer(tmp_path, capsys):
     """A byte-level preset run exports to a folder AutoTokenizer / AutoModelForCausalLM load, same logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedswarm.cli import main
+    from fedswarm.app.cli import main
     from fedswarm.coordinator.config import RunConfig
     from fedswarm.coordinator.store import Store
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedswarm import config_file
-from fedswarm.cli import build_parser
+from fedswarm.app import config_file
+from fedswarm.app.cli import build_parser
 from fedswarm.coordinator.config import RunConfig
 from fedswarm.models import build_model, trainable_state
 from fedswarm.proto import codec as C

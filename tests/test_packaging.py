@@ -1,5 +1,5 @@
-"""Every Python package folder in the repo is installed (a folder missing from pyproject's list
-imports fine from an editable install and breaks a real one)."""
+"""Every Python folder under src/fedswarm is a package that setuptools' find installs (a folder without an
+__init__.py imports fine from an editable install and is missing from a real one)."""
 from pathlib import Path
 
 import tomllib
@@ -7,13 +7,9 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_package_folder_is_listed_in_pyproject():
+def test_every_python_folder_is_a_package_setuptools_finds():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(cfg["packages"])
-    folders = {name: ROOT / path for name, path in cfg["package-dir"].items()}
-    found = set()
-    for name, folder in folders.items():
-        for init in folder.rglob("__init__.py"):
-            rel = init.parent.relative_to(folder)
-            found.add(".".join([name, *rel.parts]) if rel.parts else name)
-    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+    assert cfg["packages"]["find"]["where"] == ["src"]
+    folders = {p.parent for p in (ROOT / "src" / "fedswarm").rglob("*.py") if "__pycache__" not in p.parts}
+    missing = sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").is_file())
+    assert not missing, f"add an __init__.py to: {missing}"

@@ -8,7 +8,7 @@ import pytest
 import fedswarm.proto.fedswarm_pb2 as pb
 from fedswarm.proto import codec as C
 
-PROTO_DIR = Path(__file__).resolve().parents[1] / "proto"
+PROTO_DIR = Path(__file__).resolve().parents[1] / "src" / "fedswarm" / "proto"
 STUBS = ("fedswarm_pb2.py", "fedswarm_pb2.pyi", "fedswarm_pb2_grpc.py")
 
 
@@ -21,7 +21,7 @@ def test_stubs_are_regenerated_byte_identical(tmp_path):
     for name in STUBS:
         fresh, checked_in = (out / name).read_bytes(), (PROTO_DIR / name).read_bytes()
         assert fresh, f"generate.py wrote an empty {name}"
-        assert fresh == checked_in, f"proto/{name} is stale: run `python proto/generate.py` and commit the result"
+        assert fresh == checked_in, f"proto/{name} is stale: run `python src/fedswarm/proto/generate.py` and commit the result"
     # --out gets exactly the three stubs (nothing stray that a copy-back would commit)
     assert sorted(p.name for p in out.iterdir()) == sorted(STUBS)
 

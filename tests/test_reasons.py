@@ -14,8 +14,8 @@ from fedswarm.coordinator.integrity import Inadmissible
 from fedswarm.p2p import Refusals
 from fedswarm.proto.refusals import FINAL, REJOIN, REPLACED, RETRY_JOIN, RETRY_SOON, Reason, Refused
 
-ROOT = Path(__file__).resolve().parents[1]
-SCANNED = ["coordinator", "client", "proto", "core", "sim"]
+ROOT = Path(__file__).resolve().parents[1] / "src" / "fedswarm"
+SCANNED = ["."]   # the whole package
 # the same word meaning something else: the rebalancer's count of windows with missing readings
 OTHER_MEANING = {("coordinator/rebalance.py", "incomplete")}
 

@@ -63,7 +63,7 @@ def test_a_genuinely_slow_stage_gets_a_peer_moved_to_it(tmp_path):
     import re
 
     from fedswarm.sim.processes import Proc, fedswarm_cmd
-    from fedswarm.testing import swarm_run, swarm_status as _swarm_status, until as _until
+    from fedswarm.app.testing import swarm_run, swarm_status as _swarm_status, until as _until
 
     with swarm_run(tmp_path, stages=3, rounds=1000, average_every=50) as swarm:
         for i, stage in enumerate([0, 1, 2, 0, 1]):   # stage 0: p0 p3, 1: p1 p4, 2: p2 (slow)

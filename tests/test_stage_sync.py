@@ -10,7 +10,7 @@ from fedswarm.coordinator.downloads import full_copy
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import wire
-from fedswarm.testing import middle_stage_server
+from fedswarm.app.testing import middle_stage_server
 
 
 @pytest.fixture

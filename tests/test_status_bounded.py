@@ -18,7 +18,7 @@ from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import refusals
 from fedswarm.sim.bench_status import ServedInThread, build_service, old_run
-from fedswarm.status_view import render
+from fedswarm.app.status_view import render
 
 ROUNDS, CLIENTS, SESSIONS = 2000, 100, 1200
 
@@ -51,7 +51,7 @@ def test_status_lists_the_last_rounds_and_totals_over_all(old_coordinator):
 
 
 def test_history_pages_are_bounded_and_fedswarm_status_history_gets_every_round(old_coordinator, capsys):
-    from fedswarm.cli import build_parser
+    from fedswarm.app.cli import build_parser
 
     service, stub, address = old_coordinator
     page = json.loads(stub.Status(pb.StatusRequest(history=True, from_round=5, max_rounds=7), timeout=30).json)

@@ -24,13 +24,13 @@ from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import wire
 from fedswarm.sim.processes import Proc, fetch_status
-from fedswarm.testing import Swarm, completed, stage_of, swarm_run, swarm_status, until
+from fedswarm.app.testing import Swarm, completed, stage_of, swarm_run, swarm_status, until
 
 OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)]
 
 
-# -- helpers (fedswarm.testing: shared with the other swarm tests) ------------------------------------------
+# -- helpers (fedswarm.app.testing: shared with the other swarm tests) ------------------------------------------
 _until, _swarm_status, _stage_of, _completed = until, swarm_status, stage_of, completed
 
 

@@ -12,7 +12,7 @@ from fedswarm.client.swarm.roster import Roster
 from fedswarm.client.swarm.stage_server import StageServer
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.sim.processes import fetch_status
-from fedswarm.testing import completed as _completed, swarm_run, swarm_status as _swarm_status, until as _until
+from fedswarm.app.testing import completed as _completed, swarm_run, swarm_status as _swarm_status, until as _until
 
 A, B, T = "Qm" + "a" * 44, "Qm" + "b" * 44, "Qm" + "t" * 44
 

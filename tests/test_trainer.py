@@ -433,7 +433,7 @@ def test_gradient_checkpointing_flag_reaches_the_trainers_model(tmp_path, tokens
     """`fedswarm client --gradient-checkpointing` -> the daemon's LocalTrainer -> every block of its model."""
     import json
 
-    from fedswarm.cli import build_parser
+    from fedswarm.app.cli import build_parser
     from fedswarm.client.daemon import ClientDaemon
     from fedswarm.coordinator.config import RunConfig
 

@@ -197,7 +197,7 @@ def fetch_status(address: str, timeout: float = 10.0, tls_ca: str | Path | None 
     committed round (fetched page by page), as a report needs."""
     from fedswarm.client.identity import Identity, open_channel, status_request
     from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
-    from fedswarm.status_view import fetch_history
+    from fedswarm.app.status_view import fetch_history
 
     identity = Identity.load(key) if key else None
     with open_channel(address, tls_ca) as channel:

@@ -58,7 +58,7 @@ def _child(argv: list[str], env: dict[str, str], cwd: str, nofile: tuple[int, in
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    from fedswarm.cli import main
+    from fedswarm.app.cli import main
 
     sys.exit(main(argv))
 

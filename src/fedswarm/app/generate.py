@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedswarm.export import exported_format, load_exported
+from fedswarm.app.export import exported_format, load_exported
 
 MODES = ("auto", "chat", "raw")
 SENTINEL = "FEDSWARMANSWERSENTINEL"   # an assistant turn's content, to find what the template puts after it

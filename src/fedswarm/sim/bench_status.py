@@ -76,7 +76,7 @@ def measure(rounds: int, clients: int, calls: int = 20) -> dict:
 
     from fedswarm.proto import fedswarm_pb2 as pb
     from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
-    from fedswarm.status_view import fetch_history
+    from fedswarm.app.status_view import fetch_history
 
     history = old_run(rounds, clients)
     service = build_service(history, clients)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedswarm import config_file
-from fedswarm.config_file import READS
+from fedswarm.app import config_file
+from fedswarm.app.config_file import READS
 from fedswarm.errors import BadInput, one_line
 
 
@@ -23,7 +23,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _status(args: argparse.Namespace) -> int:
-    from fedswarm.status_view import run_status
+    from fedswarm.app.status_view import run_status
 
     try:
         return run_status(args)
@@ -32,7 +32,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from fedswarm.status_view import run_health
+    from fedswarm.app.status_view import run_health
 
     return run_health(args)
 
@@ -110,7 +110,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(func=_health)
 
     if p := add("keygen", "write a development CA, server certificate, client keys, authorized_keys"):
-        from fedswarm import keygen
+        from fedswarm.app import keygen
         keygen.add_arguments(p)
         p.set_defaults(func=keygen.main)
 
@@ -139,13 +139,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(func=_config)
 
     if p := add("export", "write a run's model (or LoRA adapters) as a Hugging Face folder"):
-        from fedswarm import export
+        from fedswarm.app import export
         export.add_export_arguments(p)
         p.set_defaults(func=export.export_main)
 
     if p := add("generate", "answer a prompt with a Hugging Face folder (e.g. one export wrote), through its "
                             "chat template when it has one, or continue plain text (--raw)"):
-        from fedswarm import generate
+        from fedswarm.app import generate
         generate.add_generate_arguments(p)
         p.set_defaults(func=generate.generate_main)
     return parser

@@ -2,7 +2,7 @@
 
 A settings dataclass declares each field with `opt(default, help, ...)`; `add_arguments` derives the flags,
 `from_args` reads them back and `to_argv` writes them for a child process (the sims start a coordinator), so
-no list of flags is kept by hand. `--config FILE.toml` (see `fedswarm.config_file`) fills the same options.
+no list of flags is kept by hand. `--config FILE.toml` (see `fedswarm.app.config_file`) fills the same options.
 Light on purpose: `fedswarm status` and `fedswarm config` import this without torch."""
 from __future__ import annotations
 

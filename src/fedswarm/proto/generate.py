@@ -1,6 +1,6 @@
 """Regenerate the protobuf/gRPC stubs from proto/fedswarm.proto.
 
-Run `python proto/generate.py` after editing the .proto (needs the `dev`
+Run `python src/fedswarm/proto/generate.py` after editing the .proto (needs the `dev`
 extra: grpcio-tools). The stubs are checked in; tests/test_proto_stubs.py
 fails when they are stale. `--out DIR` writes elsewhere (used by that test).
 """

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from fedswarm import keygen
+from fedswarm.app import keygen
 from fedswarm.client.identity import Identity
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb

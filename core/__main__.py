@@ -1,5 +1,0 @@
-import sys
-
-from fedswarm.cli import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from fedswarm.app.cli import main
+
+sys.exit(main())
