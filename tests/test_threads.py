@@ -66,7 +66,7 @@ def test_configure_logs_the_choice_and_uses_one_interop_thread():
 
 @pytest.mark.integration
 def test_cli_entry_sets_the_passive_policy_before_loading_a_command():
-    code = ("import os, sys; from fedswarm import cli\n"
+    code = ("import os, sys; from fedswarm.app import cli\n"
             "try:\n    cli.main(['bench', '--help'])\nexcept SystemExit:\n    pass\n"
             "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
