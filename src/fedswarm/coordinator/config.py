@@ -271,14 +271,22 @@ class RunConfig:
 
 @dataclass
 class CoordinatorTimeouts:
-    """Every wait the coordinator does, named."""
+    """Every wait the coordinator does, named; each is a flag of `fedswarm coordinator` and a key of
+    [coordinator] (the lease and heartbeat, whose defaults depend on the mode, come from --lease)."""
 
     lease_s: float = 15.0              # a client silent this long is dropped (its open tasks fail)
     heartbeat_interval_s: float = 2.0  # what clients are told to use
-    round_timeout_s: float = 600.0     # replies not in by then count as failures
-    evaluate_timeout_s: float = 0.0    # federated evaluation replies not in by then are left out (0: round_timeout_s)
-    max_pull_wait_s: float = 30.0      # upper bound on a PullTask long-poll
-    reaper_interval_s: float = 1.0     # how often leases are checked
-    failed_round_backoff_s: float = 1.0       # wait before repeating a round with no usable reply (doubles) ...
-    failed_round_backoff_max_s: float = 60.0  # ... up to this
-    max_failed_rounds: int = 10        # rounds in a row with no usable reply before the run fails (0: never)
+    round_timeout_s: float = opt(600.0, "seconds a round waits for replies before it closes (late ones count as "
+                                        "failures)", flag="--round-timeout", metavar="S")
+    evaluate_timeout_s: float = opt(0.0, "seconds a round's federated evaluation waits for replies before it leaves "
+                                         "the rest out (0: --round-timeout)", flag="--evaluate-timeout", metavar="S")
+    max_pull_wait_s: float = opt(30.0, "longest a client's task long-poll is held, whatever it asks",
+                                 flag="--max-pull-wait", metavar="S")
+    reaper_interval_s: float = opt(1.0, "seconds between checks of the clients' leases", flag="--reaper-interval",
+                                   metavar="S")
+    failed_round_backoff_s: float = opt(1.0, "wait before repeating a round with no usable reply (doubles each time)",
+                                        flag="--failed-round-backoff", metavar="S")
+    failed_round_backoff_max_s: float = opt(60.0, "longest wait before repeating a failed round",
+                                            flag="--failed-round-backoff-max", metavar="S")
+    max_failed_rounds: int = opt(10, "give up (state failed, exit 3) after this many rounds in a row with no usable "
+                                     "reply (0: never)", metavar="N")

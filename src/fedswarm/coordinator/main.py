@@ -45,8 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1:7000", help="HOST:PORT to serve on (port 0 picks a free port)")
     p.add_argument("--state-dir", required=True, help="folder for the SQLite database and checkpoints")
     settings.add_arguments(p, RunConfig)   # the run's settings: one flag per RunConfig field
-    p.add_argument("--round-timeout", type=float, default=CoordinatorTimeouts.round_timeout_s,
-                   help="seconds a round waits for replies before it closes")
     p.add_argument("--lease", type=float, default=None,
                    help=f"seconds of silence before a client is dropped (default {CoordinatorTimeouts.lease_s:.0f}; "
                         f"swarm: {SWARM_LEASE_S:.0f})")
@@ -78,9 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--status-rounds", type=int, default=StatusLimits.recent_rounds, metavar="N",
                    help="rounds a Status reply lists: the last N (totals cover every round; all of them: "
                         "`fedswarm status --history`; default %(default)s)")
-    p.add_argument("--max-failed-rounds", type=int, default=CoordinatorTimeouts.max_failed_rounds,
-                   help="give up (state failed, exit 3) after this many rounds in a row with no usable reply "
-                        "(0: never; default %(default)s)")
+    # every wait of the rounds and the sessions (CoordinatorTimeouts; the lease: --lease above)
+    settings.add_arguments(p.add_argument_group("timeouts"), CoordinatorTimeouts)
 
 
 def load_security(args: argparse.Namespace) -> tuple[grpc.ServerCredentials | None, Authenticator]:
@@ -177,7 +174,7 @@ def serve(args: argparse.Namespace) -> int:
     auth.run_id = run_id
     BUDGET.configure(args.threads)
     swarm_mode = cfg.mode == "swarm"
-    timeouts = CoordinatorTimeouts(round_timeout_s=args.round_timeout, max_failed_rounds=args.max_failed_rounds)
+    timeouts = settings.from_args(CoordinatorTimeouts, args)
     if swarm_mode:
         timeouts.lease_s, timeouts.heartbeat_interval_s = SWARM_LEASE_S, SWARM_HEARTBEAT_S
     if args.lease is not None:
