@@ -48,6 +48,16 @@ def test_plan_covers_strategies_steps_and_codecs():
         parse_strategy("diloco/fast")
     with pytest.raises(ValueError, match="momentum < 1"):
         parse_strategy("diloco/0.7/1.2")
+    rows = [r for r in plan_runs(bench_args("--extra-rows", "diloco/0.7/0.8@50@sign,fedavg@10@sign:int2",
+                                            "--codec-list", "int4,int4:int2", "--sparse-strategies", ""))]
+    assert [(r["label"], r["local_steps"], r["codec"]) for r in rows[-2:]] == [
+        ("diloco/0.7/0.8", 50, "sign"), ("fedavg", 10, "sign:int2")]
+    assert {r["codec"] for r in rows if r["label"] == "fedavg" and r["local_steps"] == 25} == {"int4", "int4:int2"}
+    for flags, match in ((("--extra-rows", "diloco@fifty@sign"), "STRATEGY@LOCAL_STEPS@CODEC"),
+                         (("--extra-rows", "diloco@50@int3"), "int3"), (("--codec-list", "int4:int9"), "int9"),
+                         (("--codec-list", "int4:int4:int4"), "UP:DOWN")):
+        with pytest.raises(ValueError, match=match):
+            plan_runs(bench_args(*flags))
     assert client_batch_size(bench_args()) == 3   # 12 sequences over 4 clients
     assert client_batch_size(bench_args("--client-batch-size", "5")) == 5
     with pytest.raises(ValueError, match="does not split over --clients 4"):
@@ -60,7 +70,7 @@ def test_bench_learning_tiny_budget(tmp_path):
     out = tmp_path / "bench"
     done = run_fedswarm("bench", "learning", "--tokens", "1024", "--clients", "2", "--strategies", "fedavg",
                         "--local-steps-list", "4", "--codec-list", "int8", "--extra-codecs", "", "--sparse-strategies", "",
-                        "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--threads", "1",
+                        "--extra-rows", "", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--threads", "1",
                         "--out", str(out), timeout=380)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "bench-learning.json").read_text())

@@ -2,7 +2,6 @@
 refused (structured cases and a fuzz of mutated encodings and wire parts)."""
 import dataclasses
 import math
-import random
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ import fedswarm.proto.fedswarm_pb2 as pb
 from fedswarm.proto import codec as C
 from fedswarm.proto import topk as T
 from fedswarm.proto import wire
+
+from fedswarm.app.testing import decoded
 
 TOPK = pb.CODEC_TOPK
 
@@ -116,30 +117,8 @@ def test_malformed_encodings_are_refused():
 def test_fuzzed_encodings_decode_or_are_refused():
     """Bit flips, truncations, extensions and changed parameters: CodecError or a finite tensor with at most
     topk values per chunk, never another exception."""
-    rng = random.Random(0)
-    base = _enc(3000, 256, 8, 4)
-    refused = 0
-    for i in range(600):
-        data, scales = bytearray(base.data), bytearray(base.scales)
-        kind = i % 4
-        if kind == 0:
-            for _ in range(rng.randrange(1, 6)):
-                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-        elif kind == 1:
-            data = data[:rng.randrange(len(data))] if rng.random() < 0.5 else data + rng.randbytes(rng.randrange(1, 9))
-        elif kind == 2:
-            scales[rng.randrange(len(scales))] ^= 1 << rng.randrange(8)
-        enc = dataclasses.replace(base, data=bytes(data), scales=bytes(scales))
-        if kind == 3:
-            enc = dataclasses.replace(enc, **rng.choice([{"topk": rng.randrange(0, 300)}, {"bits": rng.randrange(0, 10)},
-                                                        {"block_size": rng.randrange(0, 600)},
-                                                        {"count": rng.randrange(0, 6000)}]))
-        try:
-            y = C.decode(enc)
-        except C.CodecError:
-            refused += 1
-            continue
-        assert torch.isfinite(y).all() and y.numel() == enc.count
+    accepted, refused = decoded(_enc(3000, 256, 8, 4), seed=0)
+    for enc, y in accepted:
         per_chunk = torch.nn.functional.pad(y, (0, -y.numel() % enc.block_size)).view(-1, enc.block_size)
         assert ((per_chunk != 0).sum(1) <= enc.topk).all()
     assert 200 < refused < 600   # most mutations are caught, some flips only move a value
@@ -191,7 +170,7 @@ def test_spec_of_the_run_settings():
     assert spec == C.CodecSpec(TOPK, 1024, 31, 1)
     assert C.CodecSpec.of({"download_codec": "int8", "codec_block_size": 128}, "download") == C.CodecSpec(
         pb.CODEC_INT8, 128)
-    from fedswarm.coordinator.config import RunConfig
+    from fedswarm.run_config import RunConfig
 
     cfg = RunConfig(upload_codec="topk", download_codec="topk")
     cfg.check()

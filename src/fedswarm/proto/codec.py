@@ -1,9 +1,10 @@
-"""Tensor codecs for model-update deltas: float32, fp16, bf16, blockwise int8 / int4, sparse topk.
+"""Tensor codecs for model-update deltas: float32, fp16, bf16, blockwise int8 / int4 / int2 / sign, sparse topk.
 
 Modelled on hivemind's compression/serialization.py: one codec object per
 ``pb.Codec`` value in a registry that is checked complete at import. All byte
-layouts are little-endian; int8/int4 carry one float32 absmax scale per block; topk
-(proto/topk.py) one float32 scale per chunk of its kept values.
+layouts are little-endian; int8/int4 carry one float32 absmax scale per block, int2/sign
+(proto/lowbit.py) one per block of up to 65,536 values; topk (proto/topk.py) one float32
+scale per chunk of its kept values.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto import lowbit as LB
 from fedswarm.proto import topk as T
 
 __all__ = [
@@ -23,11 +25,14 @@ __all__ = [
 
 MIN_BLOCK_SIZE = 64
 MAX_BLOCK_SIZE = 256
-# int8: (1 + 4/256) / 4 = 0.254x of fp32; int4: (0.5 + 4/128) / 4 = 0.133x of fp32.
-DEFAULT_BLOCK_SIZE: dict[int, int] = {pb.CODEC_INT8: 256, pb.CODEC_INT4: 128}
+# int8: (1 + 4/256) / 4 = 0.254x of fp32; int4: (0.5 + 4/128) / 4 = 0.133x; int2: (0.25 + 4/1024) / 4 =
+# 0.0635x; sign: (0.125 + 4/1024) / 4 = 0.0322x (31x smaller).
+DEFAULT_BLOCK_SIZE: dict[int, int] = {pb.CODEC_INT8: 256, pb.CODEC_INT4: 128, pb.CODEC_INT2: 1024,
+                                      pb.CODEC_SIGN: 1024}
 CODEC_NAMES: dict[str, int] = {
     "none": pb.CODEC_NONE, "fp16": pb.CODEC_FP16, "bf16": pb.CODEC_BF16,
-    "int8": pb.CODEC_INT8, "int4": pb.CODEC_INT4, "topk": pb.CODEC_TOPK,
+    "int8": pb.CODEC_INT8, "int4": pb.CODEC_INT4, "topk": pb.CODEC_TOPK, "int2": pb.CODEC_INT2,
+    "sign": pb.CODEC_SIGN,
 }
 _NAME_OF = {v: k for k, v in CODEC_NAMES.items()}
 
@@ -165,6 +170,26 @@ class _TopkCodec:
         return out
 
 
+class _LowBitCodec:
+    """int2 / sign: every value a `bits`-bit level of its block's scale (proto/lowbit.py)."""
+    blocked = True
+
+    def __init__(self, name: str):
+        self.name, self.bits = name, LB.BITS[name]
+
+    def sizes(self, count: int, bs: int, *_) -> tuple[int, int]:
+        return LB.sizes(count, bs, self.bits)
+
+    def encode(self, x: torch.Tensor, bs: int, *_) -> tuple[bytes, bytes]:
+        return LB.encode(x, bs, self.bits)
+
+    def decode(self, data: bytes, scales: bytes, count: int, bs: int, *_) -> torch.Tensor:
+        out = LB.decode(data, scales, count, bs, self.bits)
+        if isinstance(out, str):
+            raise CodecError(f"{self.name}: {out}")
+        return out
+
+
 _REGISTRY: dict[int, object] = {
     pb.CODEC_NONE: _Float32Codec(),
     pb.CODEC_FP16: _HalfCodec(torch.float16, "fp16"),
@@ -172,6 +197,8 @@ _REGISTRY: dict[int, object] = {
     pb.CODEC_INT8: _Int8Codec(),
     pb.CODEC_INT4: _Int4Codec(),
     pb.CODEC_TOPK: _TopkCodec(),
+    pb.CODEC_INT2: _LowBitCodec("int2"),
+    pb.CODEC_SIGN: _LowBitCodec("sign"),
 }
 _ALL = set(pb.Codec.values())
 _missing = sorted((_ALL - set(_REGISTRY)) | (_ALL - set(_NAME_OF)))
@@ -214,6 +241,10 @@ def _check_params(codec: int, bs: int, topk: int = 0, bits: int = 0) -> None:
     if not _REGISTRY[codec].blocked:
         if bs != 0:
             raise CodecError(f"{name}: block_size must be 0, got {bs}")
+        return
+    if isinstance(_REGISTRY[codec], _LowBitCodec):
+        if why := LB.check_block(bs):
+            raise CodecError(f"{name}: {why}")
         return
     if not isinstance(bs, int) or not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE:
         raise CodecError(f"{name}: block_size must be an int in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}], got {bs!r}")

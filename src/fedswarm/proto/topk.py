@@ -59,8 +59,8 @@ def check_params(chunk: int, k: int, bits: int) -> str | None:
     return None
 
 
-def _quantize(vals: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m, k) kept values -> levels (m, k) int32 in [0, 2L), scales (m,) float32."""
+def quantize(vals: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, k) values -> levels (m, k) int32 in [0, 2L), scales (m,) float32."""
     levels = 1 << (bits - 1)
     mag = vals.abs()
     scale = 2 * mag.mean(dim=1) if bits == 1 else mag.amax(dim=1)  # (m,)
@@ -70,7 +70,7 @@ def _quantize(vals: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
     return level, scale
 
 
-def _dequantize(level: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def dequantize(level: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     levels = 1 << (bits - 1)
     positive = level >= levels
     j = torch.where(positive, level - levels, levels - 1 - level).float()
@@ -101,7 +101,7 @@ def _unpack(data: bytes, m: int, k: int, width: int) -> torch.Tensor | str:
 def _encode_rows(rows: torch.Tensor, k: int, bits: int, ib: int) -> tuple[bytes, torch.Tensor]:
     """(m, c) float32 chunks -> (entry bytes, (m,) scales)."""
     idx = torch.topk(rows.abs(), k, dim=1, sorted=False).indices.sort(dim=1).values  # (m, k) ascending
-    level, scale = _quantize(torch.gather(rows, 1, idx), bits)
+    level, scale = quantize(torch.gather(rows, 1, idx), bits)
     return _pack(idx.to(torch.int32) | (level << ib), ib + bits), scale
 
 
@@ -130,7 +130,7 @@ def _decode_rows(data: bytes, scale: torch.Tensor, length: int, k: int, bits: in
     if k > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
         return "positions in a chunk must be strictly increasing (no repeats)"
     out = torch.zeros(m, length)
-    out.scatter_(1, idx, _dequantize(entries >> ib, scale, bits))
+    out.scatter_(1, idx, dequantize(entries >> ib, scale, bits))
     return out.flatten()
 
 

@@ -6,9 +6,10 @@ uncompressed). The federated runs split the data over N clients and, as data-par
 the one process's batch too: each client's batch is --batch-size / N, so every run makes the same
 optimizer steps on the same global batch and the same tokens. Each row gives the held-out loss relative
 to one process, the bytes up and down at the socket, and how many times fewer bytes the run moved (up +
-down) than fp32 data-parallel ring all-reduce would for the same steps. The sparse rows (topk both ways,
---sparse-strategies x --sparse-local-steps) also give the socket's upload bytes over the codec's
-arithmetic (values + positions + scales of every upload).
+down) than fp32 data-parallel ring all-reduce would for the same steps, and the socket's upload bytes over
+the codec's arithmetic (values + positions + scales of every upload). After the grid come --extra-rows
+(dense low-bit codecs such as sign, at their own local steps) and the sparse rows (topk both ways,
+--sparse-strategies x --sparse-local-steps).
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ DEFAULT_STRATEGIES = ("fedavg", "fedavgm", "diloco", "diloco/0.7/0.8")
 DEFAULT_SPARSE = ("sparseloco",)
 DEFAULT_SPARSE_STEPS = "25"
 DEFAULT_SPARSE_DENSITIES = "1/16,1/64"
+# dense low-bit rows, STRATEGY@LOCAL_STEPS@CODEC: the recipe of examples/low-traffic.toml (2 bits, 50 local
+# steps: about 590x) and 1 bit at the same steps (about 1,130x)
+DEFAULT_EXTRA_ROWS = "diloco/0.7/0.8@50@int2,diloco/0.7/0.8@50@sign"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,9 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated NAME or NAME/SERVER_LR/SERVER_MOMENTUM (an outer optimizer's own "
                         "settings for that row; without them the strategy's defaults or --server-lr/--server-momentum)")
     g.add_argument("--local-steps-list", default="25,100", help="comma-separated local step counts for the federated runs")
-    g.add_argument("--codec-list", default="int4", help="comma-separated codecs (upload and download) for the grid")
+    g.add_argument("--codec-list", default="int4",
+                   help="comma-separated codecs for the grid: CODEC both ways, or UP:DOWN such as sign:int2")
     g.add_argument("--extra-codecs", default="int8,none",
                    help="codecs also tried for the last strategy at the first local step count")
+    g.add_argument("--extra-rows", default=DEFAULT_EXTRA_ROWS,
+                   help="comma-separated STRATEGY@LOCAL_STEPS@CODEC rows also run, e.g. diloco/0.7/0.8@50@sign "
+                        "(CODEC as in --codec-list; '': none)")
     g.add_argument("--sparse-strategies", default=",".join(DEFAULT_SPARSE),
                    help="strategies (as --strategies) run with the topk codec both ways ('': none)")
     g.add_argument("--sparse-local-steps", default=DEFAULT_SPARSE_STEPS,
@@ -84,15 +92,35 @@ def plan_runs(args: argparse.Namespace) -> list[dict]:
         raise ValueError("--strategies is empty; name at least one, e.g. fedavg")
     steps = [int(s) for s in _names(args.local_steps_list)]
     codecs = _names(args.codec_list)
+    _check_codecs(codecs + _names(args.extra_codecs))
     runs = [{**s, "local_steps": k, "codec": c} for s in strategies for k in steps for c in codecs]
     runs += [{**strategies[-1], "local_steps": steps[0], "codec": c}
              for c in _names(args.extra_codecs) if c not in codecs]
+    runs += [parse_row(r) for r in _names(getattr(args, "extra_rows", ""))]
     sparse = [parse_strategy(s) for s in _names(getattr(args, "sparse_strategies", ""))]
     densities = [parse_density(d) for d in _names(getattr(args, "sparse_densities", DEFAULT_SPARSE_DENSITIES))]
     runs += [{**s, "local_steps": int(k), "codec": "topk", "topk_density": up, "download_topk_density": down}
              for s in sparse for k in _names(getattr(args, "sparse_local_steps", DEFAULT_SPARSE_STEPS))
              for up, down in densities]
     return runs
+
+
+def parse_row(text: str) -> dict:
+    """``diloco/0.7/0.8@50@sign`` -> a planned run: that strategy, local steps and codec (UP:DOWN allowed)."""
+    parts = text.split("@")
+    if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) < 1:
+        raise ValueError(f"--extra-rows: {text!r}: write STRATEGY@LOCAL_STEPS@CODEC, e.g. diloco/0.7/0.8@50@sign")
+    _check_codecs([parts[2]])
+    return {**parse_strategy(parts[0]), "local_steps": int(parts[1]), "codec": parts[2]}
+
+
+def _check_codecs(specs: list[str]) -> None:
+    from fedswarm.proto.codec import CODEC_NAMES
+
+    for spec in specs:
+        parts = spec.split(":")
+        if len(parts) > 2 or any(p not in CODEC_NAMES for p in parts):
+            raise ValueError(f"--codec-list/--extra-codecs: {spec!r}: write CODEC or UP:DOWN of {', '.join(CODEC_NAMES)}")
 
 
 def parse_density(text: str) -> tuple[float, float]:
@@ -135,7 +163,8 @@ def _one_run(args: argparse.Namespace, spec: dict, clients: int, batch_size: int
         if spec.get(key) is not None:
             setattr(sim_args, key, spec[key])
     sim_args.rounds = _rounds_for(args.tokens, clients, spec["local_steps"], batch_size, args.seq_len)
-    sim_args.upload_codec = sim_args.download_codec = spec["codec"]
+    up, _, down = spec["codec"].partition(":")
+    sim_args.upload_codec, sim_args.download_codec = up, down or up
     if spec.get("topk_density"):
         sim_args.topk_density, sim_args.download_topk_density = spec["topk_density"], spec["download_topk_density"]
     sim_args.out, sim_args.quiet = str(Path(args.out) / spec["name"]), True
@@ -157,7 +186,8 @@ def _one_run(args: argparse.Namespace, spec: dict, clients: int, batch_size: int
 def _codec_label(sim_args: argparse.Namespace) -> str:
     """``int4``, or ``topk 1/64 up, 1/16 down, 2 bits`` for the sparse rows."""
     if sim_args.upload_codec != "topk":
-        return sim_args.upload_codec
+        up, down = sim_args.upload_codec, sim_args.download_codec
+        return up if up == down else f"{up} up, {down} down"
     up = _fraction(sim_args.topk_density)
     down = _fraction(getattr(sim_args, "download_topk_density", 0) or sim_args.topk_density)
     return f"topk {up}" + (f" up, {down} down" if down != up else "") + f", {sim_args.topk_bits} bits"
@@ -187,7 +217,7 @@ def bench_learning(args: argparse.Namespace) -> dict:
                              "codec": "none"}, 1, args.batch_size)
     runs = []
     for spec in runs_planned:
-        name = f"{spec['label'].replace('/', '-')}-k{spec['local_steps']}-{spec['codec']}"
+        name = f"{spec['label'].replace('/', '-')}-k{spec['local_steps']}-{spec['codec'].replace(':', '-')}"
         if spec.get("topk_density"):
             name += f"-up{1 / spec['topk_density']:.0f}-down{1 / spec['download_topk_density']:.0f}"
         runs.append(_one_run(args, {**spec, "name": name}, args.clients, per_client))
