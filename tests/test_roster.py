@@ -8,6 +8,7 @@ from fedswarm.client.swarm.tensors import BadStageInput, ids_to_bytes, to_wire
 from fedswarm.coordinator.swarm_registry import SwarmRegistry
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.run_config import RunConfig
 
 A, B, FAKE = "Qm" + "a" * 44, "Qm" + "b" * 44, "Qm" + "f" * 44
 
@@ -73,8 +74,8 @@ def test_roster_update_and_wait():
     assert not roster.wait_for(lambda: roster.is_trainer(FAKE), 0.05)
 
 
-CFG = {"model": "gpt2-tiny", "stages": 2, "seed": 0, "lr": 1e-3, "seq_len": 16, "batch_size": 2,
-       "activation_codec": "bf16"}
+CFG = RunConfig(model="gpt2-tiny", mode="swarm", stages=2, seed=0, lr=1e-3, seq_len=16, batch_size=2,
+                activation_codec="bf16")
 
 
 @pytest.fixture(scope="module")

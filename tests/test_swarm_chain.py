@@ -11,6 +11,7 @@ import torch
 from fedswarm.client.swarm.roster import Roster
 from fedswarm.client.swarm.stage_server import StageServer
 from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.run_config import RunConfig
 from fedswarm.sim.processes import fetch_status
 from fedswarm.app.testing import completed as _completed, swarm_run, swarm_status as _swarm_status, until as _until
 
@@ -21,7 +22,7 @@ def test_only_the_previous_stages_roster_peers_may_chain_into_a_stage():
     roster = Roster()
     roster.update(pb.SwarmRoster(stages=[pb.StageRoster(peer_ids=[A]), pb.StageRoster(peer_ids=[B])],
                                  trainer_peer_ids=[T], version=1))
-    server = StageServer("run", {"activation_codec": "bf16"}, torch.device("cpu"), "fp32", roster=roster)
+    server = StageServer("run", RunConfig(activation_codec="bf16"), torch.device("cpu"), "fp32", roster=roster)
     try:
         forward1, backward1 = pb.StageRequest(stage=1), pb.StageRequest(stage=1, backward=True)
         assert server._may_call(T, forward1) and server._may_call(T, backward1)   # the trainer: anything

@@ -235,7 +235,7 @@ def test_a_stage_download_before_the_stages_load_is_refused_not_hung():
     answers None within the wait (the service refuses it `not_ready`, a retryable UNAVAILABLE)."""
     import time
 
-    from fedswarm.coordinator.config import RunConfig
+    from fedswarm.run_config import RunConfig
     from fedswarm.coordinator.driver import RunProgress
     from fedswarm.coordinator.swarm_driver import SwarmDriver
 

@@ -26,7 +26,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 from fedswarm.proto.refusals import Reason
-from fedswarm.signed_records import by_owner, validator
+from fedswarm.signed_records import by_owner, private_key, validator
 from fedswarm.swarm_settings import SwarmTimeouts
 
 
@@ -236,6 +236,7 @@ class SwarmNode:
         # every node has a key of its own, known here: its records are signed with the key its peer id names
         identity = identity if identity is not None else new_identity()[0]
         self._validator = validator(identity)   # signs this node's records, checks everyone's (signed_records.py)
+        self.signing_key = private_key(identity)   # signs this node's stage receipts (receipts.py)
         fd, identity_file = tempfile.mkstemp(prefix="fedswarm-p2p-", suffix=".key")
         with os.fdopen(fd, "wb") as f:   # p2pd reads the key at start; the file lives only until then
             f.write(identity)

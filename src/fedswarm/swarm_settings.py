@@ -39,3 +39,21 @@ class TrainerTimeouts:
                            flag="--microbatch-give-up", metavar="S")
     roster_check_s: float = opt(0.2, "trainer: while a call is in flight, seconds between checks that its peer is "
                                      "still on the roster", flag="--roster-check", metavar="S")
+
+
+SPOT_PREFIX = "spot_"   # SpotChecks' dests among the client's options
+
+
+@dataclass
+class SpotChecks:
+    """How a trainer checks the replicas it routes through (client/swarm/evidence.py)."""
+
+    verify_fraction: float = opt(0.02, "trainer: fraction of micro-batches whose every stage call is spot-checked: "
+                                       "re-run on the replica that served it and on another, both on the stage's last "
+                                       "committed average; a third replica settles a mismatch and the liar is "
+                                       "reported (the coordinator removes it from the roster); 0: no spot checks",
+                                 flag="--verify-fraction", metavar="F")
+
+    def __post_init__(self):
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ValueError(f"--verify-fraction must be between 0 and 1, got {self.verify_fraction}")

@@ -98,7 +98,7 @@ class SwarmContext:
 
 
 def start_swarm(cfg, grid, store, progress: RunProgress, windows: torch.Tensor, timeouts: CoordinatorTimeouts,
-                p2p_host: str = "127.0.0.1", p2p_announce: str = ""):
+                p2p_host: str = "127.0.0.1", p2p_announce: str = "", run_id: str = ""):
     """Build the eval model, stage layout, registry, driver and the coordinator's DHT node (the bootstrap peer
     everyone is handed: it binds `p2p_host` and announces `p2p_announce` if given)."""
     from fedswarm.p2p import SwarmNode
@@ -108,15 +108,16 @@ def start_swarm(cfg, grid, store, progress: RunProgress, windows: torch.Tensor, 
     if cfg.peft == "lora":   # only the adapters are averaged, per stage; the frozen base stays on each side
         from fedswarm.stage_lora import lora_eval_model, lora_stage_names
 
-        run = dataclasses.asdict(cfg)
-        model = lora_eval_model(run)
-        names = [lora_stage_names(run, s) for s in range(cfg.stages)]
+        model = lora_eval_model(cfg)
+        names = [lora_stage_names(cfg, s) for s in range(cfg.stages)]
     else:
         model = build_untied_model(cfg.model, seed=cfg.seed)
         names = [stage_param_names(cfg.model, s, cfg.stages) for s in range(cfg.stages)]
     initial = trainable_state(model)
     assert sorted(initial) == sorted(n for stage in names for n in stage), "stage names do not cover the model"
     registry = SwarmRegistry(cfg.stages)
+    registry.run_id = run_id   # what stage receipts are signed for (lying reports)
+    registry.chained = cfg.swarm_traffic == "chained" and cfg.stages > 1   # neighbours confirm replicas' work
     driver = SwarmDriver(cfg, grid, registry, store, names, model, windows, progress,
                          sync_timeout_s=min(timeouts.round_timeout_s, 60.0), timeouts=timeouts)
     node = SwarmNode(host=p2p_host, announce=p2p_announce)

@@ -10,8 +10,10 @@ import threading
 import time
 from collections import deque
 
+from fedswarm import receipts as R
 from fedswarm.coordinator.rebalance import Move, Rebalancer, SwarmRegistryConfig
 from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto.refusals import Reason
 
 log = logging.getLogger(__name__)
 MAX_EVENTS = 1000      # stage events kept (oldest forgotten first)
@@ -24,12 +26,15 @@ class EventKind(enum.StrEnum):
     LEFT = "left"            # a peer left (lease lost, replaced, exited)
     FILLED = "filled"        # re-assignment: a stage with no peer took one at once
     REBALANCED = "rebalanced"   # re-assignment: a move to the bottleneck stage that pays for its switch
+    LYING_PEER = Reason.LYING_PEER.value   # a trainer's spot check convicted it: off the roster for good
 
 
 REASSIGNMENTS = frozenset({EventKind.FILLED, EventKind.REBALANCED})
 MAX_LOSSES = 10_000    # trainers' losses kept between two rounds
 PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,128}")   # a base58 libp2p peer id
 MAX_REFUSAL_REASONS = 32                                  # distinct reasons kept per reporter
+MAX_LYING_REPORTS = 8                                     # lying reports judged per heartbeat
+MAX_CONFIRMATIONS = 256                                   # neighbours a peer's heartbeat may confirm
 __all__ = ["SwarmRegistry", "SwarmRegistryConfig", "PEER_ID"]
 
 
@@ -62,6 +67,13 @@ class SwarmRegistry:
         self._roster_key: tuple = ()
         self._roster_version = 0
         self._tokens_at_sync: dict[int, int] = {}   # stage -> trainers' token total at its last average
+        self.run_id = ""                         # what receipts are signed for (set by start_swarm)
+        self.liars: set[str] = set()             # peer ids convicted of lying: never on the roster again
+        self.liar_cids: set[int] = set()         # ... and their sessions (their pending stage syncs are refused)
+        self.lying_refused = 0                   # lying reports whose evidence did not hold
+        self.chained = False                     # chained traffic: neighbours confirm a replica's work
+        self.confirmations: dict[int, dict[str, int]] = {}   # reporter -> neighbour peer id -> chained tokens
+        self._confirmed_at_sync: dict[int, int] = {}         # replica -> its confirmed tokens at its last sync
 
     # -- peers -----------------------------------------------------------------------
     def assign(self, cid: int, name: str, peer_id: str = "") -> int:
@@ -82,9 +94,14 @@ class SwarmRegistry:
             return self.stage_of.get(cid, -1)
 
     def report_peer(self, cid: int, throughput: float, steps: int, utilization: float = 0.0,
-                    serving: int = -1, refused: dict[str, int] | None = None, switch_s: float = 0.0) -> None:
-        """A peer's heartbeat; its readings feed the rebalancer once it served its assigned stage a while."""
+                    serving: int = -1, refused: dict[str, int] | None = None, switch_s: float = 0.0,
+                    confirmed: dict[str, int] | None = None) -> None:
+        """A peer's heartbeat; its readings feed the rebalancer once it served its assigned stage a while;
+        `confirmed`: the chained tokens it exchanged with each neighbour (evidence of their work)."""
         with self._lock:
+            if confirmed:
+                self.confirmations[cid] = {str(k)[:128]: int(v) for k, v in
+                                           list(confirmed.items())[:MAX_CONFIRMATIONS]}
             if cid in self.stage_of:
                 self.throughput[cid], self.steps[cid] = throughput, steps
                 self.util[cid] = min(max(utilization, 0.0), 1.0)
@@ -111,7 +128,8 @@ class SwarmRegistry:
         that is still loading a new stage is not routed to), and the live trainers."""
         with self._lock:
             stages = [sorted(self.peer_ids[c] for c, s in self.stage_of.items()
-                             if s == st and self.serving.get(c) == st and c in self.peer_ids)
+                             if s == st and self.serving.get(c) == st and c in self.peer_ids
+                             and self.peer_ids[c] not in self.liars)
                       for st in range(self.num_stages)]
             trainers = sorted(self.peer_ids[c] for c in self.trainers if c in self.peer_ids)
             key = (tuple(map(tuple, stages)), tuple(trainers))
@@ -121,18 +139,24 @@ class SwarmRegistry:
                                   trainer_peer_ids=trainers, version=self._roster_version)
 
     def synced(self, cids: list[int]) -> None:
-        """These replicas just synced: their steps restart at 0 (not at their last, pre-sync heartbeat's count)."""
+        """These replicas just synced: their steps restart at 0 (not at their last, pre-sync heartbeat's count),
+        and their confirmed work is counted from here."""
         with self._lock:
             for cid in cids:
                 if cid in self.steps:
                     self.steps[cid] = 0
+                self._confirmed_at_sync[cid] = self._confirmed(cid)
 
-    def sync_weight(self, stage: int, claimed: int) -> int:
+    def sync_weight(self, stage: int, claimed: int, cid: int | None = None) -> int:
         """A stage replica's averaging weight: the tokens it says it trained on, at most the tokens the trainers
         reported since this stage's last average (no replica can have done more), so a peer cannot claim the
-        average for itself."""
+        average for itself. With chained traffic, also at most the tokens its neighbouring replicas (on other
+        stages: the trainers' word is not enough) confirm they exchanged with it since its last sync, so a
+        trainer and a peer colluding cannot raise its weight above the traffic that really passed through it."""
         with self._lock:
             done = self._total("tokens") - self._tokens_at_sync.get(stage, 0)
+            if self.chained and cid is not None:
+                done = min(done, self._confirmed(cid) - self._confirmed_at_sync.get(cid, 0))
         return max(1, min(int(claimed), done))
 
     def stage_synced(self, stage: int) -> None:
@@ -140,7 +164,45 @@ class SwarmRegistry:
         with self._lock:
             self._tokens_at_sync[stage] = self._total("tokens")
 
-    def remove(self, cid: int, reason: str) -> None:
+    def report_lying(self, reports) -> None:
+        """A trainer's spot-check reports: each convicts its accused only if the signed evidence holds
+        (receipts.judge) and the accused and witnesses are replicas of that stage. The liar leaves the roster for
+        good (a `lying_peer` event and count); its pending stage sync is refused."""
+        for report in list(reports)[:MAX_LYING_REPORTS]:
+            try:
+                liar = R.judge(self.run_id, report)
+                signers = [R.signer(self.run_id, r) for r in report.receipts[:3]]
+            except R.BadReceipt as err:
+                log.warning("refused a lying report: %s", err)
+                with self._lock:
+                    self.lying_refused += 1
+                continue
+            with self._lock:
+                stage_ids = {self.peer_ids.get(c) for c, s in self.stage_of.items() if s == report.stage}
+                if not set(signers) <= stage_ids:
+                    self.lying_refused += 1
+                    continue
+                cid = next(c for c, p in self.peer_ids.items() if p == liar)
+            self.convict(cid, report.stage)
+
+    def convict(self, cid: int, stage: int) -> None:
+        """Take a lying peer off the roster for good and out of its stage."""
+        with self._lock:
+            peer = self.peer_ids.get(cid)
+            if peer is None or peer in self.liars:
+                return
+            self.liars.add(peer)
+            self.liar_cids.add(cid)
+            self._event(stage, cid, EventKind.LYING_PEER, "caught lying by a spot check: two other replicas of "
+                        "its stage agree against its output")
+        log.error("peer %s (stage %d) caught lying: removed from the roster", self.names.get(cid), stage)
+        self.remove(cid, Reason.LYING_PEER.value, event=False)
+
+    def is_liar(self, cid: int) -> bool:
+        with self._lock:
+            return cid in self.liar_cids
+
+    def remove(self, cid: int, reason: str, event: bool = True) -> None:
         with self._lock:
             self.peer_ids.pop(cid, None)
             self.serving.pop(cid, None)
@@ -152,7 +214,8 @@ class SwarmRegistry:
             stage = self.stage_of.pop(cid, None)
             if stage is None:
                 return
-            self._event(stage, cid, EventKind.LEFT, f"left: {reason}")
+            if event:
+                self._event(stage, cid, EventKind.LEFT, f"left: {reason}")
             for d in (self.throughput, self.steps, self.util, self.reports, self.switch_s):
                 d.pop(cid, None)
             self.policy.forget(cid)
@@ -221,6 +284,7 @@ class SwarmRegistry:
                 "tokens": self._total("tokens"),
                 "tokens_per_s": round(rate, 1),
                 "refused": dict(sorted(self._refused_totals().items())),
+                "lying_peers": len(self.liars), "lying_reports_refused": self.lying_refused,
                 "rebalance": {**{f"windows_{k}": v for k, v in self.policy.windows.items()},
                               "streak": self.policy.streak},
                 "reassignments": [e for e in self.events if e["kind"] in REASSIGNMENTS],
@@ -228,6 +292,13 @@ class SwarmRegistry:
             }
 
     # -- internals (lock held) ---------------------------------------------------------
+    def _confirmed(self, cid: int) -> int:
+        """The chained tokens other stages' replicas report exchanging with `cid`'s peer id."""
+        peer, stage = self.peer_ids.get(cid), self.stage_of.get(cid)
+        if peer is None:
+            return 0
+        return sum(counts.get(peer, 0) for reporter, counts in self.confirmations.items()
+                   if reporter != cid and self.stage_of.get(reporter, -1) != stage)
     def _take_refused(self, cid: int, refused: dict[str, int] | None) -> None:
         """A reporter's refusal totals (since it started): kept per reporter, bounded in reasons and length."""
         if not refused:

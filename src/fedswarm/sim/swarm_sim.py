@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedswarm.sim.forkstart import warm_up
 from fedswarm import settings
-from fedswarm.coordinator.config import RunConfig
+from fedswarm.run_config import RunConfig
 from fedswarm.sim.hosts import HostNetwork, start_coordinator
 from fedswarm.sim.peer_memory import proc_memory_mb
 from fedswarm.sim.processes import READY, Proc, fedswarm_cmd, fetch_status, free_port
@@ -31,6 +31,13 @@ def add_swarm_arguments(p) -> None:
     p.add_argument("--rejoin-after", type=float, default=10.0, help="swarm: a killed peer restarts after N seconds")
     p.add_argument("--duration", type=float, default=0.0, help="swarm: stop after N seconds even if rounds remain")
     p.add_argument("--inflight", type=int, default=2, help="swarm: micro-batches in flight per trainer")
+    p.add_argument("--liars", type=int, default=0,
+                   help="swarm: this many of the --peers peers corrupt every forward output they send (spot checks "
+                        "should catch them: status shows lying_peer)")
+    p.add_argument("--lie-scale", type=float, default=1.0,
+                   help="swarm: a liar adds Gaussian noise of this many times its output's standard deviation")
+    p.add_argument("--verify-fraction", type=float, default=None,
+                   help="swarm: the trainers' --verify-fraction (default: theirs, 0.02)")
     p.add_argument("--hosts", action="store_true",
                    help="each process on its own network-namespace host with its own IP (needs root)")
     p.add_argument("--host-bandwidth", default="", metavar="RATE",
@@ -52,13 +59,16 @@ class Swarm:
         self.procs: dict[str, Proc] = {}
         self.restarts: dict[str, int] = {}
         self.peer_flags: list[str] = []   # more `fedswarm client` flags for peers (--gradient-checkpointing)
+        self.trainer_flags: list[str] = []
+        self.liars: dict[str, dict] = {}   # peer name -> the FEDSWARM_LIE it is started with
 
     def _start(self, name: str, host: int, argv: list[str], log: Path) -> None:
+        env = self.liars.get(name)
         if self.net is None:
-            self.procs[name] = Proc(name, argv, log, fork=self.fork)
+            self.procs[name] = Proc(name, argv, log, env=env, fork=self.fork)
         else:
             argv += ["--p2p-host", self.net.hosts[host].ip]
-            self.procs[name] = self.net.start(host, name, argv, log)
+            self.procs[name] = self.net.start(host, name, argv, log, env=env)
 
     def start_peer(self, name: str) -> None:
         n = self.restarts.get(name, 0)
@@ -70,7 +80,7 @@ class Swarm:
     def start_trainer(self, name: str, index: int, count: int) -> None:
         argv = fedswarm_cmd("client", "--role", "trainer", "--coordinator", self.address, "--name", name,
                             "--threads", "1", "--precision", self.precision, "--data", self.data,
-                            "--partition", f"{index}/{count}", "--inflight", str(self.inflight))
+                            "--partition", f"{index}/{count}", "--inflight", str(self.inflight), *self.trainer_flags)
         self._start(name, 1 + self.num_peers + index, argv, self.out / f"{name}.log")
 
     def kill(self, name: str) -> None:
@@ -118,6 +128,11 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
         swarm = Swarm(out, address, args.precision, args.data, args.inflight, net=net, peers=args.peers, fork=fork)
         stack.callback(swarm.stop)
         swarm.peer_flags = ["--gradient-checkpointing"] if getattr(args, "gradient_checkpointing", False) else []
+        if getattr(args, "verify_fraction", None) is not None:
+            swarm.trainer_flags = ["--verify-fraction", str(args.verify_fraction)]
+        liars = min(getattr(args, "liars", 0), args.peers)   # the last --liars peers lie (sim/swarm_sim.py)
+        swarm.liars = {f"peer{i}": {"FEDSWARM_LIE": f"corrupt:{args.lie_scale}"}
+                       for i in range(args.peers - liars, args.peers)}
         for i in range(args.peers):
             swarm.start_peer(f"peer{i}")
         for i in range(args.trainers):
@@ -136,6 +151,7 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
         "config": status["config"],
         "sim": {"mode": "swarm", "peers": args.peers, "trainers": args.trainers, "kill_every": args.kill_every,
                 "rejoin_after": args.rejoin_after, "duration": args.duration, "cpu_count": os.cpu_count(),
+                "liars": sorted(swarm.liars), "lie_scale": getattr(args, "lie_scale", 1.0),
                 "hosts": hosts, "host_bandwidth": args.host_bandwidth if args.hosts else None},
         "rounds": status["rounds"], "swarm": status["swarm"], "clients": status["clients"], "peer_memory": peer_memory,
         "timeline": timeline, "faults": faults, "wall_seconds": round(time.time() - started, 2),

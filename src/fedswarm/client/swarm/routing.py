@@ -146,11 +146,13 @@ class Router:
         with self._lock:
             return self._inflight.get(peer_id, 0)
 
-    def ban(self, peer_id: str, reason: str) -> float:
-        """Ban ``peer_id`` for ban_initial_s, doubling on each repeat up to ban_max_s; returns the length."""
+    def ban(self, peer_id: str, reason: str, forever: bool = False) -> float:
+        """Ban ``peer_id`` for ban_initial_s, doubling on each repeat up to ban_max_s (``forever``: for good, a
+        peer caught lying); returns the length."""
         with self._lock:
             prev = self._last_ban_s.get(peer_id)
             length = self.config.ban_initial_s if prev is None else min(2.0 * prev, self.config.ban_max_s)
+            length = math.inf if forever or self._banned_until.get(peer_id) == math.inf else length
             self._last_ban_s[peer_id] = length
             self._banned_until[peer_id] = self.clock() + length
             logger.warning(f"Peer {peer_id} failed ({reason}); not routing to it for {length:.1f} s")

@@ -6,7 +6,6 @@ import collections
 import contextlib
 import gc
 import logging
-import math
 import os
 import signal
 import threading
@@ -15,22 +14,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from fedswarm.client.swarm.lies import Liar
 from fedswarm.client.swarm.roster import Roster
+from fedswarm.client.swarm.chain import HANDLER, ChainingStage  # noqa: F401 - HANDLER: the stage's P2P name
 from fedswarm.client.swarm.stage_sync import SyncingStage
 from fedswarm.client.swarm.tensors import BadStageInput, from_wire, ids_from_bytes, to_wire
-from fedswarm.p2p import MAX_P2P_MESSAGE, PeerCallError, Refusals
+from fedswarm.p2p import MAX_P2P_MESSAGE, Refusals
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.run_config import RunConfig
 from fedswarm.stage_lora import build_lora_stage
 from fedswarm.stages import build_stage, load_stage_state, stage_state
 from fedswarm.proto.refusals import Reason
 
 log = logging.getLogger(__name__)
-HANDLER = "fedswarm.stage"
 GRAPH_CACHE = 32              # forward graphs kept for a backward on this replica
 ROSTER_WAIT_S = 1.0           # an unknown caller may be a trainer that just joined: wait this long for the roster
 MAX_ROSTER_WAITERS = 8        # ... but only this many at once; more unknown callers are refused at once
-CHAIN_HOP_S = 10.0            # a chained forward allows this long per stage still ahead of it
 GRAD_CLIP_NORM = 1.0          # a replica's gradient is clipped to this L2 norm before its optimizer step
 
 
@@ -55,31 +55,26 @@ def _fault_plan() -> tuple[str, float] | None:
     return kind, int(count)
 
 
-def check_hop_reply(reply: pb.StageReply, shape: tuple, allowed: set) -> None:
-    """BadStageInput unless the next hop answered a chained forward with a finite loss and input gradient."""
-    if not math.isfinite(reply.loss):
-        raise BadStageInput(f"loss {reply.loss}", Reason.BAD_REPLY)
-    if not torch.isfinite(from_wire(reply.grad_input, shape, allowed)).all():
-        raise BadStageInput("the input gradient is not finite", Reason.BAD_REPLY)
-
-
-class StageServer(SyncingStage):
+class StageServer(SyncingStage, ChainingStage):
     """All model work runs on one worker thread, so requests never race on the weights."""
 
-    def __init__(self, run_id: str, cfg: dict, device: torch.device, precision: str, roster: Roster | None = None,
+    def __init__(self, run_id: str, cfg: RunConfig, device: torch.device, precision: str, roster: Roster | None = None,
                  node=None):
         self.run_id, self.cfg, self.device, self.precision = run_id, cfg, device, precision
         self.roster = roster      # None: serve any caller (tests of the stage math only)
         self.node = node          # the SwarmNode chained forwards go out on (None: no chaining)
         self.refusals = Refusals()
         self._roster_waiters = 0
-        self.codec = C.codec_by_name(cfg["activation_codec"])
+        self.codec = C.codec_by_name(cfg.activation_codec)
         self.allowed = {self.codec, C.CODEC_NAMES["none"], C.CODEC_NAMES["fp16"], C.CODEC_NAMES["bf16"]}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self.stage_index = -1
         self.module = None
         self.optimizer = None
         self.snapshot: dict[str, torch.Tensor] = {}   # weights right after the last sync
+        self.base: dict[str, torch.Tensor] = {}       # the last committed average, bf16: what spot checks run on
+        self.base_version = b""                        # ... and its digest
+        self._next_base: dict[str, torch.Tensor | None] = {}   # a sync's average, collected as it is adopted
         self._trainable: dict[str, torch.nn.Parameter] = {}   # the parameters a sync adopts, by name
         self._adopting: collections.deque = collections.deque()   # (name, average tensor, Future) to adopt
         self.graphs: collections.OrderedDict = collections.OrderedDict()
@@ -93,8 +88,10 @@ class StageServer(SyncingStage):
         self._rate_tokens, self._rate_t0, self.throughput = 0, time.monotonic(), 0.0
         self._busy_s, self.utilization = 0.0, 0.0
         self._lock = threading.Lock()
+        self.confirmed: collections.Counter = collections.Counter()   # neighbour peer id -> chained tokens
         self._fault = _fault_plan()
         self._fault_seen = 0
+        self.liar = Liar.from_env()   # FEDSWARM_LIE: a test knob (lies.py)
 
     # -- control (called from the daemon's threads) ---------------------------------------
     def serve(self, stage: int, weights: dict[str, torch.Tensor]) -> None:
@@ -108,17 +105,18 @@ class StageServer(SyncingStage):
         self.graphs.clear()
         self.snapshot, self._trainable = {}, {}
         gc.collect()            # cached graphs hold reference cycles through autograd nodes
-        if self.cfg.get("peft", "none") == "lora":   # the frozen base from the model on this host, adapters given
+        if self.cfg.peft == "lora":   # the frozen base from the model on this host, adapters given
             module = build_lora_stage(self.cfg, stage, weights, device=self.device)
         else:
-            module = build_stage(self.cfg["model"], stage, self.cfg["stages"], state=weights, device=self.device)
+            module = build_stage(self.cfg.model, stage, self.cfg.stages, state=weights, device=self.device)
         self.module = module.train()
         self.optimizer = self._new_optimizer()
         self.snapshot = stage_state(self.module)
+        self._set_base(self.snapshot)   # a stage loads its latest committed average
         self._trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
         with self._lock:
             self.stage_index, self.steps_since_sync, self.tokens_since_sync = stage, 0, 0
-        log.info("serving stage %d of %d (%d tensors)", stage, self.cfg["stages"], len(weights))
+        log.info("serving stage %d of %d (%d tensors)", stage, self.cfg.stages, len(weights))
 
     def stats(self) -> tuple[float, int, float, float]:
         """(tokens/s and busy fraction over the last window, optimizer steps since sync, requests in flight)."""
@@ -135,13 +133,20 @@ class StageServer(SyncingStage):
 
     # -- the P2P handler -------------------------------------------------------------------
     async def handle(self, request: pb.StageRequest, context) -> pb.StageReply:
-        await self._admit(context.remote_id.to_base58() if context.remote_id is not None else "", request)
+        caller = context.remote_id.to_base58() if context.remote_id is not None else ""
+        await self._admit(caller, request)
         with self._lock:
             self.load += 1
         try:
-            if request.next_hops and not request.backward:
-                return await self._chain(request)
-            return await asyncio.get_running_loop().run_in_executor(self.pool, self._timed_compute, request)
+            if request.next_hops and not request.backward and not request.verify:
+                reply = await self._chain(request)
+            else:
+                reply = await asyncio.get_running_loop().run_in_executor(self.pool, self._timed_compute, request)
+                self._sign(request, reply)
+            if not reply.failed_peer and not request.backward and not request.verify and request.stage > 0 \
+                    and self.roster is not None and not self.roster.is_trainer(caller):
+                self._confirm(caller, request)   # a chained forward from the stage before, served
+            return reply
         finally:
             with self._lock:
                 self.load -= 1
@@ -182,7 +187,7 @@ class StageServer(SyncingStage):
         module = self.module
         if module is None:
             return MAX_P2P_MESSAGE
-        tokens = int(self.cfg["batch_size"]) * int(self.cfg["seq_len"])
+        tokens = self.cfg.batch_size * self.cfg.seq_len
         return 2 * 4 * tokens * int(module.config.hidden_size) + 2 * 4 * tokens + (1 << 20)
 
     async def _admit(self, caller: str, request: pb.StageRequest) -> None:
@@ -192,41 +197,6 @@ class StageServer(SyncingStage):
         self.refusals.add(Reason.NOT_MEMBER)
         log.warning("refused a call from %s: not a trainer of this run", caller)
         raise BadStageInput(f"refused: peer {caller} is not a trainer of this run", Reason.NOT_MEMBER)
-
-    async def _chain(self, request: pb.StageRequest) -> pb.StageReply:
-        """A chained forward: run this stage, send the output to the next hop the trainer chose, then run this
-        stage's backward with the gradient the chain returns. A hop further down that fails is named in the
-        reply (failed_peer), so the trainer bans that one and replays the micro-batch from its input."""
-        loop = asyncio.get_running_loop()
-        stage, hops = request.stage, list(request.next_hops)
-        if self.module is None or len(hops) != self.cfg["stages"] - 1 - stage:
-            self.refusals.add(Reason.BAD_ROUTE)
-            raise BadStageInput(f"a chain from stage {stage} needs {self.cfg['stages'] - 1 - stage} next hops, "
-                                f"got {len(hops)}", Reason.BAD_ROUTE)
-        if self.roster is not None and not await self._on_roster_soon(lambda: hops[0] in self.roster.stage_peers(stage + 1)):
-            return pb.StageReply(failed_peer=hops[0], failed_reason=f"not on this peer's roster of stage {stage + 1}")
-        forward = await loop.run_in_executor(self.pool, self._timed_compute, request)
-        self.chained_total += 1
-        nxt = pb.StageRequest(run_id=request.run_id, stage=stage + 1, microbatch_id=request.microbatch_id,
-                              hidden=forward.hidden, labels=request.labels, next_hops=hops[1:])
-        try:
-            down = await self.node.acall(hops[0], HANDLER, nxt, pb.StageReply, CHAIN_HOP_S * len(hops))
-            if not down.failed_peer:
-                check_hop_reply(down, tuple(forward.hidden.shape), self.allowed)
-        except PeerCallError as err:
-            return pb.StageReply(failed_peer=hops[0], failed_reason=f"{err.kind}: {err.reason}"[:500])
-        except BadStageInput as err:
-            return pb.StageReply(failed_peer=hops[0], failed_reason=f"malformed reply: {err}"[:500])
-        if down.failed_peer:
-            return pb.StageReply(failed_peer=down.failed_peer, failed_reason=down.failed_reason[:500])
-        backward = pb.StageRequest()
-        backward.CopyFrom(request)
-        del backward.next_hops[:]
-        backward.backward = True
-        backward.grad_output.CopyFrom(down.grad_input)
-        reply = await loop.run_in_executor(self.pool, self._timed_compute, backward)
-        reply.loss = down.loss
-        return reply
 
     def _timed_compute(self, request: pb.StageRequest) -> pb.StageReply:
         self._adopt_pending()   # a sync's tensors go first: its coordinator round is waiting on them
@@ -253,7 +223,7 @@ class StageServer(SyncingStage):
         if req.stage != self.stage_index:
             raise BadStageInput(f"this peer serves stage {self.stage_index}, not {req.stage} (re-assigned)", Reason.WRONG_STAGE)
         # the run's micro-batch is batch x seq_len: anything larger is refused before any compute
-        max_batch, max_len = self.cfg["batch_size"], self.cfg["seq_len"]
+        max_batch, max_len = self.cfg.batch_size, self.cfg.seq_len
         shape = tuple(req.ids_shape) if m.is_first else tuple(req.hidden.shape)
         if len(shape) != (2 if m.is_first else 3) or not 1 <= shape[0] <= max_batch or not 1 <= shape[1] <= max_len \
                 or (not m.is_first and shape[2] != m.config.hidden_size):
@@ -284,6 +254,8 @@ class StageServer(SyncingStage):
     def _compute(self, req: pb.StageRequest) -> pb.StageReply:
         if self.module is None:
             raise BadStageInput("this peer is not serving a stage yet", Reason.NOT_SERVING)
+        if req.verify:
+            return self._verify(req)
         self._maybe_die(req)
         m = self.module
         if m.is_last:  # forward and backward at once: logits never leave this peer
@@ -294,7 +266,7 @@ class StageServer(SyncingStage):
                 self._repair_if_broken()
                 raise BadStageInput("the loss is not finite", Reason.NON_FINITE)
             loss.backward()
-            reply = pb.StageReply(loss=loss.item())
+            reply = pb.StageReply(loss=self._sent_loss(loss.item()))
             if not m.is_first:
                 reply.grad_input.CopyFrom(to_wire(x.grad, self.codec))
             self._after_backward(x)
@@ -310,7 +282,7 @@ class StageServer(SyncingStage):
             while len(self.graphs) > GRAPH_CACHE:
                 self.graphs.popitem(last=False)
             self._count(x)
-            return pb.StageReply(hidden=to_wire(out, self.codec))
+            return pb.StageReply(hidden=to_wire(self._sent(out), self.codec))
         cached = self.graphs.pop(req.microbatch_id, None)
         # A graph is only valid if the weights it saved did not change (step or sync) since its forward.
         recomputed = cached is None or cached[2] != self.weights_version
@@ -368,7 +340,7 @@ class StageServer(SyncingStage):
         # fused: one kernel per tensor, without the single-tensor path's temporaries (two of the largest
         # tensor's size per step: 216 MiB for a 135M Llama's embedding)
         return torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad],
-                                 lr=self.cfg["lr"], weight_decay=0.01, fused=self.device.type in ("cpu", "cuda"))
+                                 lr=self.cfg.lr, weight_decay=0.01, fused=self.device.type in ("cpu", "cuda"))
 
     def _weights_finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.module.parameters() if p.requires_grad)

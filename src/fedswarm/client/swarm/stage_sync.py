@@ -120,6 +120,7 @@ class SyncingStage:
         self._repair_if_broken()   # never upload (or keep) progress made of NaN
         if set(self.snapshot) != set(names):
             raise BadStageInput(f"the stage {stage} average's tensors differ from this peer's", Reason.BAD_AVERAGE)
+        self._next_base = {}
 
     def _adopt(self, name: str, average: torch.Tensor) -> torch.Tensor:
         """progress = weights - snapshot, computed into the snapshot's buffer; the average's buffer becomes
@@ -131,6 +132,7 @@ class SyncingStage:
             if keep_own:   # keep this replica's own weights, as if they were the average
                 self.refusals.add(Reason.NON_FINITE_AVERAGE)
                 log.error("stage %d: the served average's %s is not finite; keeping this replica's", self.stage_index, name)
+            self._next_base[name] = None if keep_own else new.to(torch.bfloat16)   # spot checks run on it
             own = param.detach().to("cpu", torch.float32)
             progress = held.neg_().add_(own)
             if keep_own:
@@ -143,6 +145,8 @@ class SyncingStage:
         return progress
 
     def _end_sync(self) -> int:
+        if set(self._next_base) == set(self.snapshot):
+            self._set_base(self._next_base)
         with self._lock:
             tokens, self.tokens_since_sync, self.steps_since_sync = self.tokens_since_sync, 0, 0
         return max(tokens, 1)

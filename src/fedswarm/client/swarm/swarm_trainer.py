@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
+import random
 import threading
 import time
 import uuid
@@ -11,15 +12,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedswarm.client.swarm.evidence import Blame, Evidence
 from fedswarm.client.swarm.roster import Roster, roster_records
 from fedswarm.p2p import Refusals
 from fedswarm.client.swarm.routing import Router, stage_key
-from fedswarm.client.swarm.stage_server import HANDLER
+from fedswarm.client.swarm.chain import HANDLER
 from fedswarm.client.swarm.tensors import WIRE_CODECS, BadStageInput, from_wire, ids_to_bytes
 from fedswarm.p2p import PeerCallError, SwarmNode
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto.refusals import Reason
-from fedswarm.swarm_settings import TrainerTimeouts
+from fedswarm.swarm_settings import SpotChecks, TrainerTimeouts
 from fedswarm.workers import WorkerFailed, run_workers  # noqa: F401 - the trainer's worker discipline (roles.py)
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ def check_reply(stage: int, num_stages: int, req: pb.StageRequest, reply: pb.Sta
     wanted = []
     if not last and not req.backward:
         wanted.append(("hidden", reply.hidden))
-    if stage > 0 and (req.backward or last):
+    if stage > 0 and (req.backward or last) and not req.verify:
         wanted.append(("grad_input", reply.grad_input))
     for what, tensor in wanted:
         try:
@@ -71,13 +73,16 @@ class SwarmTrainer:
 
     def __init__(self, node: SwarmNode, run_id: str, num_stages: int, roster: Roster, hidden_size: int,
                  router: Router | None = None, timeouts: TrainerTimeouts | None = None,
-                 cap_factor: float = 4.0, chained: bool = False):
+                 cap_factor: float = 4.0, chained: bool = False, checks: SpotChecks | None = None):
         self.node, self.run_id, self.num_stages = node, run_id, num_stages
         self.chained = chained and num_stages > 1   # stage k sends its output to stage k+1 itself
         self.roster, self.hidden_size, self.cap_factor = roster, hidden_size, cap_factor
         self.router = router or Router()
         self.t = timeouts or TrainerTimeouts()
         self.stats = TrainerStats()
+        self.checks, self.rng = checks or SpotChecks(), random.Random()
+        self.evidence = Evidence(run_id, num_stages, self._hidden_shape, self._call_member, self.router,
+                                 completed=lambda: self.stats.completed)
         self.refusals = Refusals()
         self.lookup_seconds = 0.0          # the last DHT refresh's duration (diagnostics)
         self._raw: dict[int, dict] = {}     # the last DHT answer per stage (kept when the DHT does not answer)
@@ -207,9 +212,10 @@ class SwarmTrainer:
 
     def _step_chained(self, x, y) -> float:
         """One micro-batch as one chain: the trainer picks a replica per stage, sends the tokens to stage 0's,
-        and each stage forwards to the next; the loss comes back once the chain's backward reached stage 0.
-        A failed hop (named in the reply, or the first peer itself) is banned and the micro-batch replayed
-        from its tokens on a new route; no stage has stepped for it unless the chain's backward began."""
+        and each stage forwards to the next; the loss comes back once the chain's backward reached stage 0,
+        with every stage's signed receipt. A micro-batch counts only with those receipts; a failure is blamed
+        where the evidence points (evidence.py), that peer banned and the micro-batch replayed from its tokens
+        on a new route. A --verify-fraction of micro-batches is audited: each stage re-run on another replica."""
         mb, started, replayed = uuid.uuid4().hex, time.monotonic(), False
         while True:
             route = [self.router.choose(stage) for stage in range(self.num_stages)]
@@ -218,27 +224,28 @@ class SwarmTrainer:
                 continue
             peers = [record.peer_id for record in route]
             req = pb.StageRequest(run_id=self.run_id, stage=0, microbatch_id=mb, ids=ids_to_bytes(x),
-                                  labels=ids_to_bytes(y), next_hops=peers[1:])
+                                  labels=ids_to_bytes(y), next_hops=peers[1:],
+                                  audit=self.rng.random() < self.checks.verify_fraction)
             req.ids_shape[:] = list(x.shape)
             for peer in peers:
                 self.router.begin(peer)
             t0 = time.monotonic()
-            failed, reason = None, ""
             try:
                 reply = self._call_member(peers[0], 0, req, route=peers)
-                if reply.failed_peer:
-                    failed, reason = reply.failed_peer, reply.failed_reason
-                elif not math.isfinite(reply.loss):
-                    failed, reason = peers[-1], f"loss {reply.loss}"   # the last stage computed it
-                    self.refusals.add(Reason.BAD_REPLY)
-            except PeerCallError as err:
-                failed, reason = err.peer_id, f"{err.kind}: {err.reason}"
+                blame = self.evidence.chain(mb, peers, req, reply)
+            except PeerCallError as err:   # the trainer's own call failed: its own evidence
+                reply, blame = None, Blame(err.peer_id, f"{err.kind}: {err.reason}")
             for peer in peers:
-                self.router.end(peer, ok=peer != failed, seconds=time.monotonic() - t0)
-            if failed is None:
+                self.router.end(peer, ok=blame is None or peer != blame.peer, seconds=time.monotonic() - t0)
+            if blame is None and req.audit:
+                blame = self.evidence.spot_check(mb, peers, req, reply.receipts)
+            if blame is None:
                 break
-            stage = peers.index(failed) if failed in peers else -1
-            self.router.ban(failed, f"chained micro-batch, stage {stage}: {reason}")
+            if blame.reason is not None:
+                self.refusals.add(blame.reason)
+            if blame.reason != Reason.LYING_PEER:   # a liar is banned for good where it was caught
+                stage = peers.index(blame.peer) if blame.peer in peers else -1
+                self.router.ban(blame.peer, f"chained micro-batch, stage {stage}: {blame.why}")
             replayed = True
         with self.stats.lock:
             self.stats.completed += 1
@@ -246,6 +253,13 @@ class SwarmTrainer:
             self.stats.tokens += x.numel()
             self.stats.losses.append(reply.loss)
         return reply.loss
+
+    def _hidden_shape(self, req: pb.StageRequest) -> tuple[int, int, int]:
+        return int(req.ids_shape[0]), int(req.ids_shape[1]), self.hidden_size
+
+    def take_lying_reports(self) -> list[pb.LyingReport]:
+        """The liars spot checks caught since the last call (the next heartbeat carries them)."""
+        return self.evidence.take_reports()
 
     def _call(self, stage: int, req: pb.StageRequest, hidden_shape, prefer: str | None = None
               ) -> tuple[pb.StageReply, str, bool]:
