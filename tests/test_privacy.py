@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from fedswarm import dp
 from fedswarm.coordinator.aggregate import DecodedUpdate, FoldUpdates, HoldEveryUpdate
-from fedswarm.coordinator.config import RunConfig
+from fedswarm.run_config import RunConfig
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.driver import RunProgress
 from fedswarm.coordinator.privacy import (PrivacyBudgetExhausted, PrivacyLedger, budget_spent, clip_limit, delta_of,
@@ -81,8 +81,7 @@ def test_central_noise_on_the_mean_has_std_z_c_over_k():
 
 def test_distributed_shares_sum_to_noise_z_c():
     z, clip, k = 1.0, 2.0, 4
-    run = json.loads(RunConfig(min_clients=k, dp_clip=clip, dp_noise_multiplier=z, dp_mode="distributed",
-                               max_update_norm_ratio=0).to_json())
+    run = RunConfig(min_clients=k, dp_clip=clip, dp_noise_multiplier=z, dp_mode="distributed", max_update_norm_ratio=0)
     total = torch.zeros(SIZE)
     for client in range(k):
         delta = {"w": torch.zeros(SIZE)}
@@ -91,7 +90,7 @@ def test_distributed_shares_sum_to_noise_z_c():
         total += delta["w"]
     assert float(total.std()) == pytest.approx(z * clip, rel=0.01)
     untouched = {"w": torch.ones(3)}
-    assert dp.privatize(untouched, json.loads(RunConfig(min_clients=k, dp_clip=clip).to_json())) is untouched
+    assert dp.privatize(untouched, RunConfig(min_clients=k, dp_clip=clip)) is untouched
     assert torch.equal(untouched["w"], torch.ones(3))
 
 
@@ -239,11 +238,13 @@ def test_settings_that_cannot_be_private_are_refused(settings, message):
 
 @pytest.mark.integration
 def test_sim_with_dp_reports_epsilon(tmp_path):
-    """`fedswarm sim --dp-clip 1 --dp-noise-multiplier 1`: 4 clients train 3 rounds; every round record, the
-    final status (report.json's privacy) and the last line give epsilon at delta = 1/4^2."""
+    """`fedswarm sim --dp-clip 1 --dp-noise-multiplier 1 --dp-adaptive-clip`: 4 clients train 3 rounds; every
+    round record, the final status (report.json's privacy) and the last line give epsilon at delta = 1/4^2 (the
+    count's noise and the updates' share one z), and the clip norm moves each round."""
     out = tmp_path / "sim"
     done = run_fedswarm("sim", "--clients", "4", "--rounds", "3", "--local-steps", "2", "--batch-size", "4",
                         "--seq-len", "32", "--eval-windows", "8", "--dp-clip", "1", "--dp-noise-multiplier", "1",
+                        "--dp-adaptive-clip", "--dp-clipped-count-stddev", "1",
                         "--out", str(out), "--quiet", timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -253,3 +254,6 @@ def test_sim_with_dp_reports_epsilon(tmp_path):
     assert [r["privacy"]["releases"] for r in trained] == [1, 2, 3]
     assert [r["privacy"]["epsilon"] for r in trained] == sorted(r["privacy"]["epsilon"] for r in trained)
     assert "end_reason" not in report and "epsilon 4.35 at delta 0.0625" in done.stdout
+    clips = [1.0] + [r["privacy"]["clip"] for r in trained]
+    assert all(0 < c < math.inf for c in clips) and all(a != b for a, b in zip(clips, clips[1:])), clips
+    assert report["privacy"]["clip"] == clips[-1]

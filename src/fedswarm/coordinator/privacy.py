@@ -21,11 +21,20 @@ Our sampler draws exactly K, seeded from --seed per round: q < 1 assumes the see
 the mean divides by the updates that came (their count is not protected), and metrics (train loss,
 clients' evaluations) are outside the account. Every aggregated round counts,
 and a restarted coordinator counts one more than its committed rounds (one may have gone out uncommitted).
+Adaptive clipping (--dp-adaptive-clip, central; Andrew et al. 2021, "Differentially Private Learning with
+Adaptive Clipping"): each round the coordinator counts the uploads its current norm C left unclipped, adds
+N(0, s^2) to that count (s = --dp-clipped-count-stddev, default K / 20 as Flower's) and moves C geometrically,
+C <- C exp(-eta (noisy unclipped fraction - Q)), toward the Q-quantile of the updates' norms. The updates'
+noise multiplier becomes (z^-2 - (2 s)^-2)^-1/2 (Flower's compute_adaptive_noise_params), so the two releases
+together account as one Gaussian mechanism at z. C is saved with the strategy's state (strategy_state.py).
+Flower's adaptive strategies move C by the clipped fraction in the same formula; the paper's (and this) uses
+the unclipped fraction, so that C grows while more than 1 - Q of the updates are clipped.
 Utility: the noise's norm is z sqrt(d) / K times the largest clipped mean update (d parameters), so learning
 needs K near z sqrt(d): thousands of clients a round for a million parameters (`fedswarm bench privacy`)."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Iterable
 
@@ -34,13 +43,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
-from flwr.supercore.differential_privacy import compute_stdv
+from flwr.supercore.differential_privacy import compute_adaptive_noise_params, compute_stdv
 from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
                                                SamplingMethod)
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedswarm import dp
 from fedswarm.coordinator.aggregate import WEIGHT_KEY, StreamingFedAvg
+from fedswarm.coordinator.integrity import l2_norm
 from fedswarm.proto.run_state import EndReason
 
 log = logging.getLogger(__name__)
@@ -55,11 +65,38 @@ def delta_of(cfg) -> float:
     return cfg.dp_delta or 1.0 / dp.population(cfg.min_clients, cfg.clients_per_round) ** 2
 
 
-def clip_limit(cfg) -> float:
-    """The norm the coordinator clips each upload to (0: none): central DP's C, or --clip-update-norm."""
+def clip_limit(cfg, privacy: "PrivacyLedger | None" = None) -> float:
+    """The norm the coordinator clips each upload to (0: none): central DP's C (adaptive: the ledger's current
+    one), capped by --clip-update-norm, or --clip-update-norm alone."""
     if enabled(cfg) and cfg.dp_mode != dp.DISTRIBUTED:
-        return min(cfg.dp_clip, cfg.clip_update_norm or cfg.dp_clip)
+        clip = privacy.clip_norm() if privacy is not None else cfg.dp_clip
+        return min(clip, cfg.clip_update_norm or clip)
     return cfg.clip_update_norm
+
+
+class AdaptiveClip:
+    """The clip norm as a private quantile estimate (Andrew et al. 2021): counts the updates C left unclipped
+    and moves C after each release by the noised fraction."""
+
+    def __init__(self, cfg, per_round: int, generator: torch.Generator):
+        self.norm, self.quantile, self.lr = cfg.dp_clip, cfg.dp_target_quantile, cfg.dp_clip_lr
+        self.count_std, self.update_z = compute_adaptive_noise_params(
+            cfg.dp_noise_multiplier, per_round, cfg.dp_clipped_count_stddev or None)
+        self.generator = generator
+        self.seen = self.unclipped = 0
+
+    def observe(self, norm: float, limit: float) -> None:
+        self.seen += 1
+        self.unclipped += int(norm <= limit)
+
+    def adapt(self) -> None:
+        """After a release: C moves toward the target quantile by the noised unclipped fraction."""
+        if not self.seen:
+            return
+        noise = float(torch.normal(0.0, self.count_std, (1,), generator=self.generator)) if self.count_std else 0.0
+        fraction = (self.unclipped + noise) / self.seen
+        self.norm *= math.exp(-self.lr * (fraction - self.quantile))
+        self.seen = self.unclipped = 0
 
 
 class PrivacyLedger:
@@ -73,10 +110,37 @@ class PrivacyLedger:
         self.generator = generator or dp.secret_generator()
         self.lock = threading.Lock()
         self.releases, self.started = 0, False
+        self.adaptive = AdaptiveClip(cfg, self.per_round, self.generator) if cfg.dp_adaptive_clip else None
+        self.update_z = self.adaptive.update_z if self.adaptive is not None else self.z
         self.accountant = RdpAccountant(PrivacyConfig(
             target_delta=self.delta, population_size=self.population, max_epsilon=self.max_epsilon,
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.POISSON)) if self.z > 0 else None
+
+    def clip_norm(self) -> float:
+        """C now: --dp-clip, or with --dp-adaptive-clip the norm this round's uploads are clipped to."""
+        with self.lock:
+            return self.adaptive.norm if self.adaptive is not None else self.clip
+
+    def set_clip_norm(self, norm: float) -> None:
+        """A resumed run's adaptive C (from the checkpoint's strategy state)."""
+        if self.adaptive is not None and math.isfinite(norm) and norm > 0:
+            with self.lock:
+                self.adaptive.norm = norm
+
+    def clip_update(self, delta: dict[str, torch.Tensor], cap: float = 0.0) -> tuple[dict[str, torch.Tensor], bool]:
+        """One upload scaled to L2 norm at most C (capped by `cap`, --clip-update-norm); whether it was cut.
+        With --dp-adaptive-clip the upload's side of C is counted for the round's update of C."""
+        norm = l2_norm(delta.values())
+        with self.lock:
+            limit = self.adaptive.norm if self.adaptive is not None else self.clip
+            limit = min(limit, cap or limit)
+            if self.adaptive is not None:
+                self.adaptive.observe(norm, limit)
+        if not norm > limit:
+            return delta, False
+        scale = limit / norm
+        return {n: d * scale for n, d in delta.items()}, True
 
     @property
     def sampling_rate(self) -> float:
@@ -123,9 +187,12 @@ class PrivacyLedger:
                     return None
             elif self.z > 0:
                 # the weighted mean moves by at most C x max(w) / sum(w) for one client: C / K at equal weights
-                std = compute_stdv(self.z, self.clip, sum(weights) / max(weights))
+                clip = self.adaptive.norm if self.adaptive is not None else self.clip
+                std = compute_stdv(self.update_z, clip, sum(weights) / max(weights))
                 mean = self._noised(mean, std)
             self._compose(1)
+            if self.adaptive is not None:
+                self.adaptive.adapt()
             return mean
 
     def _noised(self, arrays: ArrayRecord, std: float) -> ArrayRecord:
@@ -141,7 +208,8 @@ class PrivacyLedger:
     def entry(self) -> dict:
         """What a round record (and status) says of the run's privacy after its release."""
         with self.lock:
-            return {"epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.z, "clip": self.clip,
+            clip = self.adaptive.norm if self.adaptive is not None else self.clip
+            return {"epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.z, "clip": clip,
                     "sampling_rate": self.sampling_rate, "mode": self.mode, "releases": self.releases}
 
 

@@ -11,6 +11,7 @@ import torch
 PREFIX = "strategy/"
 DICT_ATTRS = ("m_t", "v_t")            # FedOpt family: dict[name, ndarray]
 LIST_ATTRS = ("momentum_vector",)      # FedAvgM: list[ndarray] in the model's key order
+CLIP_KEY = PREFIX + "privacy/clip"     # --dp-adaptive-clip: the clip norm C the next round uses
 
 
 def export_state(strategy, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -26,6 +27,9 @@ def export_state(strategy, keys: list[str]) -> dict[str, torch.Tensor]:
             if len(value) != len(keys):
                 raise ValueError(f"{attr} has {len(value)} arrays for {len(keys)} model tensors")
             out.update({f"{PREFIX}{attr}/{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in zip(keys, value)})
+    privacy = getattr(strategy, "privacy", None)
+    if privacy is not None and privacy.adaptive is not None:
+        out[CLIP_KEY] = torch.tensor([privacy.clip_norm()], dtype=torch.float64)
     return out
 
 
@@ -40,6 +44,10 @@ def import_state(strategy, tensors: dict[str, torch.Tensor], keys: list[str]) ->
         if set(found) != set(keys):
             raise ValueError(f"checkpoint's {attr} does not match the model's tensors")
         setattr(strategy, attr, found if attr in DICT_ATTRS else [found[k] for k in keys])
+        restored += 1
+    privacy = getattr(strategy, "privacy", None)
+    if CLIP_KEY in tensors and privacy is not None and privacy.adaptive is not None:
+        privacy.set_clip_norm(float(tensors[CLIP_KEY].reshape(-1)[0]))
         restored += 1
     return restored
 
