@@ -16,7 +16,7 @@ from flwr.serverapp import strategy as S
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedswarm.coordinator.aggregate import DecodedUpdate, FoldedArrays, FoldUpdates, HoldEveryUpdate, MeanFold
-from fedswarm.coordinator.config import RunConfig
+from fedswarm.run_config import RunConfig
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.spill import MappedArray, SpillKrum, SpillUpdates
 from fedswarm.coordinator.strategies import DiLoCo, build_strategy, sampling

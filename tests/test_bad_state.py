@@ -12,13 +12,16 @@ import pytest
 import torch
 
 from fedswarm.app.cli import main
+from fedswarm import settings
 from fedswarm.client import daemon, preflight
+from fedswarm.client.options import ClientOptions
 from fedswarm.app.config_file import ConfigError, read
 from fedswarm.coordinator.downloads import ServedVersions
 from fedswarm.coordinator.store import CheckpointError, StateError, Store, check_state_dir
 from fedswarm.errors import BadInput
 from fedswarm.models import check_model
 from fedswarm.proto import codec as C
+from fedswarm.run_config import RunConfig
 from fedswarm.sim.tiny_hf import save_tiny_hf
 from fedswarm.tokenized import client_tokens
 
@@ -194,10 +197,10 @@ def test_a_good_model_passes(hf_folder):
 
 # ---- the client, before it connects -----------------------------------------------------------------------------
 
-def client_args(*argv: str) -> argparse.Namespace:
+def client_options(*argv: str) -> ClientOptions:
     parser = argparse.ArgumentParser()
     daemon.add_arguments(parser)
-    return parser.parse_args(argv)
+    return settings.from_args(ClientOptions, parser.parse_args(argv))
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.1:", ":7000", "127.0.0.1:0", "127.0.0.1:70000",
@@ -226,18 +229,19 @@ def test_bad_client_data_is_refused_before_connecting(tmp_path, content, flags, 
     if content is not None:
         data.write_text(content)
     with pytest.raises(BadInput) as err:
-        preflight.check_args(client_args("--coordinator", "127.0.0.1:7000", "--data", str(data), *flags))
+        preflight.check_options(client_options("--coordinator", "127.0.0.1:7000", "--data", str(data), *flags))
     one_line_naming(err.value, "--data", str(data), says)
 
 
 def test_a_field_only_the_run_names_is_refused_after_the_join(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"body": f"record {i}"}) + "\n" for i in range(50)))
-    args = client_args("--coordinator", "127.0.0.1:7000", "--data", str(data), "--cache-dir", str(tmp_path / "c"))
-    preflight.check_args(args)   # the run's field is not known before the join
-    run = {"model": "gpt2-tiny", "text_field": "text", "data_format": "text"}
+    options = client_options("--coordinator", "127.0.0.1:7000", "--data", str(data), "--cache-dir",
+                             str(tmp_path / "c"))
+    preflight.check_options(options)   # the run's field is not known before the join
+    run = RunConfig(model="gpt2-tiny", text_field="text", data_format="text")
     with pytest.raises(BadInput) as err:
-        client_tokens(args, run, 0, 1)
+        client_tokens(options.data_spec(run), run.model, 0, 1, options.cache_dir)
     one_line_naming(err.value, "has no text field 'text'", str(data))
 
 

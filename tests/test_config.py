@@ -13,7 +13,7 @@ from fedswarm import settings
 
 from fedswarm.app import config_file
 from fedswarm.app.cli import build_parser, main
-from fedswarm.coordinator.config import RunConfig
+from fedswarm.run_config import RunConfig
 from fedswarm.sim.launcher import coordinator_argv
 from fedswarm.sim.processes import READY, Proc, fedswarm_cmd, fetch_status, wait_until
 
@@ -74,7 +74,7 @@ def test_config_show_round_trips(tmp_path, capsys):
 
 def test_the_sim_hands_every_run_setting_to_its_coordinator(tmp_path):
     """No hand-kept flag list: each run setting given to the sim reaches the coordinator's RunConfig."""
-    odd = {"int": 7, "float": 0.25, "str": None}
+    odd = {"int": 7, "float": 0.25, "str": None, "bool": True}
     sim = parse("sim", [])
     for s in settings.settings_of(RunConfig):
         if s.name in ("min_clients", "eval_data"):

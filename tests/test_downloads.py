@@ -3,7 +3,6 @@ reconstruction (client/daemon.py reconstruct), over the real proto messages; and
 from __future__ import annotations
 
 import argparse
-import re
 
 import pytest
 import torch
@@ -151,9 +150,6 @@ def sim_args(out, *argv: str) -> argparse.Namespace:
     return parser.parse_args(["--out", str(out), "--quiet", "--precision", "fp32", *argv])
 
 
-LINE = re.compile(r"downloaded model version (\d+) as (a full copy|nothing \(already held\)|\d+ delta step\(s\)), (\d+) bytes")
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_int8_delta_downloads_in_a_real_run(tmp_path):
@@ -171,12 +167,7 @@ def test_int8_delta_downloads_in_a_real_run(tmp_path):
         assert r["bytes_down_raw"] == first["bytes_down_raw"]
         assert 0 < r["bytes_down"] <= 0.26 * r["bytes_down_raw"], r   # int8 deltas vs float32 copies
         assert r["tokens"] == 2 * 3 * 4 * 32
-    for i in range(2):
-        log = (tmp_path / f"client-{i}.log").read_text()
-        got = [(int(m[1]), m[2]) for m in LINE.finditer(log)]
-        assert got == [(0, "nothing (already held)"), (1, "1 delta step(s)"), (2, "1 delta step(s)")], got
-        # digests matched: no fallback to a full copy
-        assert "does not match" not in log
+    # a client whose digest did not match would have fetched a full copy: bytes_down near bytes_down_raw above
     comm = report["communication"]
     assert comm["tokens"] == 3 * 2 * 3 * 4 * 32 and comm["workers"] == 2
     assert comm["socket_bytes_down"] >= comm["model_bytes_down"] > 0

@@ -153,10 +153,8 @@ def test_exit_when_done(tmp_path):
                 except subprocess.TimeoutExpired:
                     pytest.fail(f"coordinator did not exit after its only round:\n{coordinator.output()[-3000:]}")
                 assert rc == 0, coordinator.output()[-3000:]
-                assert "round 1 committed" in coordinator.output()
                 assert client.popen.poll() in (None, 0), client.output()[-3000:]
                 assert judge.popen.poll() in (None, 0), judge.output()[-3000:]
-                assert "eval loss" not in client.output() and "training on task" not in judge.output()
     assert list(state.glob("*.sqlite3")), f"no sqlite database in {state}: {sorted(p.name for p in state.iterdir())}"
     ckpt = state / "checkpoints" / "round-000001.safetensors"
     assert ckpt.is_file() and ckpt.stat().st_size > 0
@@ -165,10 +163,10 @@ def test_exit_when_done(tmp_path):
         rounds = store.rounds()
     finally:
         store.close()
-    assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["clients"] == ["solo"]
+    assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["clients"] == ["solo"]   # the judge never trained
     for r in rounds:
         (ev,) = r["evals"]
-        assert (r["eval_source"], ev["clients"], ev["tokens"]) == ("clients", ["judge"], 64 * 64), r
+        assert (r["eval_source"], ev["clients"], ev["tokens"]) == ("clients", ["judge"], 64 * 64), r   # not solo
         assert r["eval_loss"] == ev["loss"] > 0
     assert rounds[1]["eval_loss"] < rounds[0]["eval_loss"]
 

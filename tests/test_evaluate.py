@@ -19,7 +19,8 @@ from fedswarm.client import work
 from fedswarm.client.identity import Identity
 from fedswarm.coordinator.aggregate import task_round
 from fedswarm.coordinator.auth import Authenticator
-from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
+from fedswarm.coordinator.config import CoordinatorTimeouts
+from fedswarm.run_config import RunConfig
 from fedswarm.coordinator.driver import EVALUATOR, RoundDriver, RunProgress
 from fedswarm.coordinator.grid import ERROR_REJECTED, SessionGrid
 from fedswarm.coordinator.membership import Membership

@@ -96,7 +96,7 @@ def test_prompt_dash_reads_stdin(chat_folder, monkeypatch, capsys):
 
 
 def _export(tmp_path, folder, fmt: str):
-    from fedswarm.coordinator.config import RunConfig
+    from fedswarm.run_config import RunConfig
     from fedswarm.coordinator.store import Store
     from fedswarm.app.export import export
     from fedswarm.models import build_model, trainable_state

@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedswarm.coordinator.config import RunConfig
+from fedswarm.run_config import RunConfig
 from fedswarm.coordinator.grid import ERROR_NODE_LOST, SessionGrid
 from fedswarm.coordinator.strategies import STRATEGIES, build_strategy
 

@@ -6,6 +6,7 @@ import torch
 from hf_fixtures import records, tiny_model
 
 from fedswarm.models import lm_loss
+from fedswarm.run_config import RunConfig
 from fedswarm.stages import build_stage, build_untied_model, num_layers_of
 
 
@@ -36,7 +37,7 @@ def test_lora_stages_chain_to_the_coordinators_lora_model(tmp_path, family):
     from fedswarm.stages import stage_state
 
     folder = str(tiny_model(tmp_path / family, family, records("add", 60, 1)))
-    cfg = {"model": folder, "stages": 2, "seed": 0, "peft": "lora", "lora_r": 4, "lora_alpha": 8.0, "lora_targets": ""}
+    cfg = RunConfig(model=folder, mode="swarm", stages=2, seed=0, peft="lora", lora_r=4, lora_alpha=8.0, lora_targets="")
     full = lora_eval_model(cfg)
     adapters = {n: torch.randn_like(t) * 0.05 for n, t in trainable_state(full).items()}   # lora_B != 0: they matter
     load_trainable_state(full, adapters)

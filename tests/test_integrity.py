@@ -14,14 +14,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedswarm.coordinator.aggregate import FP32_MAX, MeanFold, sink_for
-from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
+from fedswarm.coordinator.config import CoordinatorTimeouts
+from fedswarm.run_config import RunConfig
 from fedswarm.coordinator.driver import RunProgress
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.integrity import (MAX_WEIGHT, Inadmissible, UpdateNormBound, check_values, l2_norm,
                                             refused_aggregate)
 from fedswarm.coordinator.membership import Membership
 from fedswarm.coordinator.service import CoordinatorService
-from fedswarm.proto.refusals import Refused
+from fedswarm.proto.refusals import Reason, Refused
 from fedswarm.coordinator.store import Store
 from fedswarm.coordinator.strategies import build_strategy
 from fedswarm.coordinator.strategy_state import export_state
@@ -127,12 +128,13 @@ def _serve_round(tmp_path, strategy: str, aggregation: str, nodes: int):
     return service, flower, members, ids, membership
 
 
-def _push(service, member, delta: dict[str, torch.Tensor]) -> pb.PushReply:
+def _push(service, member, delta: dict[str, torch.Tensor], metrics: dict | None = None) -> pb.PushReply:
     task = service.grid.take_task(member.client_id, wait_s=5)
     codec = C.codec_by_name("none")
     parts = [p for name, t in delta.items() for p in wire.tensor_parts(name, tuple(t.shape), C.encode(t.flatten(), codec))]
     header = pb.UpdateHeader(client_id=member.client_id, session_token=member.token, task_id=task.metadata.message_id,
-                             round=1, num_examples=1, train_loss=1.0, num_tensors=len(delta), num_parts=len(parts))
+                             round=1, num_examples=1, train_loss=1.0, num_tensors=len(delta), num_parts=len(parts),
+                             metrics=metrics or {})
     chunks = [pb.UpdateChunk(header=header)] + [pb.UpdateChunk(part=p) for p in parts]
     try:
         return service.push_update(iter(c.SerializeToString() for c in chunks), None)
@@ -162,6 +164,27 @@ def test_the_service_refuses_the_attack_on_every_aggregation_path(tmp_path, stra
         base = model(0)
         moved = max(float(np.abs(arrays[k].numpy() - base[k].numpy()).max()) for k in SHAPES)
         assert moved < 0.1, moved   # honest deltas are ~0.01 per weight
+    finally:
+        membership.close()
+
+
+def test_an_update_reports_its_training_figures_within_bounds(tmp_path):
+    """UpdateHeader.metrics (e.g. the client's lr) reach the reply's "client" record; too many, or a non-finite
+    one, refuse the header. A reply with figures and one without aggregate together."""
+    service, flower, members, ids, membership = _serve_round(tmp_path, "fedavg", "stream", nodes=2)
+    try:
+        for bad in ({"lr-first": math.nan}, {f"m{i}": 1.0 for i in range(17)}, {"": 1.0}):
+            with pytest.raises(Refused) as err:
+                _push(service, members[0], model(10, 0.01), bad)
+            assert err.value.reason == Reason.BAD_HEADER, bad
+        assert _push(service, members[0], model(10, 0.01), {"lr-first": 1e-3, "lr-last": 5e-4}).accepted
+        assert _push(service, members[1], model(11, 0.01)).accepted
+        replies = {m.content.config_records["client"]["name"]: m for m in service.grid.receive(ids, timeout=10)}
+        client = replies["c0"].content.config_records["client"]   # not in the metrics Flower averages
+        assert (client["client:lr-first"], client["client:lr-last"], client["adopted"]) == (1e-3, 5e-4, False)
+        arrays, _ = flower.aggregate_train(1, list(replies.values()))
+        service.grid.updates.release_round(1)
+        assert arrays is not None and finite(arrays)
     finally:
         membership.close()
 
@@ -275,7 +298,7 @@ def test_a_stage_peer_refuses_a_1e36_gradient_and_steps_only_on_sane_ones(stage_
     _stage_call(stage_server, "m2", hidden, torch.randn(2, 16, 128, generator=g) * 1e6)
     assert stage_server.optimizer_steps == 1
     moved = max(float((p.detach() - before[n]).abs().max()) for n, p in stage_server.module.named_parameters())
-    assert 0 < moved <= 2 * STAGE_CFG["lr"], moved   # one AdamW step moves a weight by about lr at most
+    assert 0 < moved <= 2 * STAGE_CFG.lr, moved   # one AdamW step moves a weight by about lr at most
     assert stage_server._weights_finite()
 
 
@@ -333,7 +356,7 @@ def test_a_stage_request_of_the_runs_micro_batch_fits_the_members_bound(stage_se
     from fedswarm.client.swarm.tensors import to_wire
     from fedswarm.p2p import MAX_P2P_MESSAGE
 
-    b, t, hidden = STAGE_CFG["batch_size"], STAGE_CFG["seq_len"], stage_server.module.config.hidden_size
+    b, t, hidden = STAGE_CFG.batch_size, STAGE_CFG.seq_len, stage_server.module.config.hidden_size
     fp32 = C.codec_by_name("none")
     biggest = pb.StageRequest(run_id="run", stage=1, backward=True, microbatch_id="m" * 32,
                               hidden=to_wire(torch.randn(b, t, hidden), fp32),

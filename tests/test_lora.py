@@ -13,6 +13,7 @@ from fedswarm.client.trainer import LocalTrainer
 from fedswarm.formats import DataSpec
 from fedswarm.lora import adapter_bytes, build_run_model
 from fedswarm.models import build_model, trainable_state
+from fedswarm.run_config import RunConfig
 from fedswarm.tokenizer import load_tokenizer
 
 
@@ -24,7 +25,7 @@ def llama_dir(tmp_path_factory):
 def test_lora_trains_only_adapters(tmp_path, llama_dir):
     from hf_fixtures import write_jsonl
 
-    cfg = {"model": str(llama_dir), "peft": "lora", "lora_r": 4, "lora_alpha": 8, "seed": 0}
+    cfg = RunConfig(model=str(llama_dir), peft="lora", lora_r=4, lora_alpha=8, seed=0)
     model = build_run_model(cfg)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     state = trainable_state(model)
@@ -59,7 +60,6 @@ def test_preset_run_exports_with_a_byte_tokenizer(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedswarm.app.cli import main
-    from fedswarm.coordinator.config import RunConfig
     from fedswarm.coordinator.store import Store
 
     model = build_model("gpt2-tiny", seed=3)
@@ -91,7 +91,7 @@ def test_lora_coordinator_holds_no_base_and_starts_from_the_clients_adapters(mod
     from fedswarm.models import evaluate, load_trainable_state
 
     name = str(request.getfixturevalue(model)) if model == "llama_dir" else model
-    cfg = {"model": name, "peft": "lora", "lora_r": 4, "lora_alpha": 8, "seed": 5}
+    cfg = RunConfig(model=name, peft="lora", lora_r=4, lora_alpha=8, seed=5)
     skeleton = adapter_skeleton(cfg)
     assert all(p.device.type == "meta" for p in skeleton.parameters() if not p.requires_grad)
     central = CentralModel(cfg)
@@ -115,7 +115,7 @@ def test_full_finetune_coordinator_keeps_no_copy_of_the_weights():
     from fedswarm.lora import CentralModel
     from fedswarm.models import evaluate, load_trainable_state
 
-    cfg = {"model": "gpt2-tiny", "peft": "none", "seed": 2}
+    cfg = RunConfig(model="gpt2-tiny", peft="none", seed=2)
     central = CentralModel(cfg)
     initial = central.initial_state()
     assert list(initial) == list(trainable_state(build_model("gpt2-tiny", seed=2)))

@@ -15,7 +15,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedswarm.coordinator.aggregate import task_round
-from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
+from fedswarm.coordinator.config import CoordinatorTimeouts
+from fedswarm.run_config import RunConfig
 from fedswarm.coordinator.driver import RoundDriver, RunFailed, RunProgress
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.store import Store

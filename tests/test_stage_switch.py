@@ -9,10 +9,11 @@ import torch
 from fedswarm.client.swarm.stage_server import StageServer
 from fedswarm.client.swarm.tensors import ids_to_bytes
 from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.run_config import RunConfig
 from fedswarm.stages import build_untied_model, stage_param_names, stage_state
 
-CFG = {"model": "gpt2-tiny", "stages": 3, "seed": 0, "lr": 1e-3, "seq_len": 16, "batch_size": 2,
-       "activation_codec": "bf16"}
+CFG = RunConfig(model="gpt2-tiny", mode="swarm", stages=3, seed=0, lr=1e-3, seq_len=16, batch_size=2,
+                activation_codec="bf16")
 
 
 def _states():

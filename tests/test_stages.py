@@ -11,6 +11,7 @@ from fedswarm.stages import (
     assemble, build_stage, build_untied_model, load_stage_state, num_layers_of, split_layers,
     stage_param_names, stage_state,
 )
+from fedswarm.run_config import RunConfig
 
 torch.set_num_threads(1)
 
@@ -301,8 +302,8 @@ def test_gradient_checkpointing_flag_reaches_a_peers_stage():
     """The peer's StageServer sets it on every stage it builds (and not when off)."""
     from fedswarm.client.swarm.roles import PeerStageServer
 
-    cfg = {"model": "gpt2-tiny", "stages": 2, "seed": SEED, "lr": 1e-3, "seq_len": 16, "batch_size": 2,
-           "activation_codec": "bf16"}
+    cfg = RunConfig(model="gpt2-tiny", mode="swarm", stages=2, seed=SEED, lr=1e-3, seq_len=16, batch_size=2,
+                    activation_codec="bf16")
     states = [stage_state(build_stage("gpt2-tiny", index, 2, SEED)) for index in (0, 1)]
     for on, indices in ((False, [1]), (True, [0, 1])):   # a re-assigned peer builds another stage: it checkpoints too
         server = PeerStageServer("run", cfg, torch.device("cpu"), "fp32", gradient_checkpointing=on)

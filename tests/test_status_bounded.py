@@ -3,7 +3,6 @@ with a counted "retry shortly" reason the client daemon retries on. The coordina
 a real gRPC socket, over rounds and sessions built in-process."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import grpc
@@ -39,6 +38,7 @@ def test_status_lists_the_last_rounds_and_totals_over_all(old_coordinator):
     assert reply.ByteSize() < 400_000                  # every round listed: 3 MB here, past 4 MiB by ~2,800 rounds
     assert [r["round"] for r in status["rounds"]] == list(range(ROUNDS - 99, ROUNDS + 1))
     assert status["round"] == ROUNDS and status["history"]["rounds"] == ROUNDS + 1
+    assert status["resumed_from"] == ROUNDS            # this coordinator took the run up after its last commit
     t = status["totals"]
     assert t["rounds_committed"] == ROUNDS and t["updates"] == ROUNDS * CLIENTS
     for key in ("bytes_up", "bytes_up_raw", "bytes_down", "bytes_down_raw", "tokens", "failures"):
@@ -77,8 +77,7 @@ def _key_file(tmp_path, name: str) -> tuple[str, Identity]:
 
 @pytest.mark.integration
 def test_a_full_nonce_cache_is_a_counted_retry_and_the_daemon_joins_after(tmp_path):
-    from fedswarm.client.daemon import ClientDaemon, ClientTimeouts, add_arguments
-
+    from fedswarm.client.session import ClientTimeouts, Session
 
     admin, honest, *fillers = (Identity(ed25519.Ed25519PrivateKey.generate()) for _ in range(4))
     late_key, late = _key_file(tmp_path, "late")
@@ -86,12 +85,9 @@ def test_a_full_nonce_cache_is_a_counted_retry_and_the_daemon_joins_after(tmp_pa
                          window_s=1.5, admin={admin.public_key: "ops"}, run_id="run-1",
                          nonces=NonceCache(max_entries=25, per_key=10))
     service = build_service(old_run(3, 2), 0, auth=auth)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     with ServedInThread(service) as address, grpc.insecure_channel(address) as channel:
-        daemon = ClientDaemon(parser.parse_args(["--coordinator", address, "--key", late_key, "--name", "late",
-                                                 "--device", "cpu"]),
-                              ClientTimeouts(backoff_initial_s=0.1, backoff_max_s=0.2, give_up_s=20))
+        daemon = Session(address, "late", identity=Identity.load(late_key),
+                         timeouts=ClientTimeouts(backoff_initial_s=0.1, backoff_max_s=0.2, give_up_s=20))
         stub = pb_grpc.CoordinatorStub(channel)
         challenge = stub.Challenge(pb.ChallengeRequest(), timeout=10).challenge   # one for all: fresh nonces
         signed = lambda who: pb.StatusRequest(**who.status_proof("run-1", challenge))  # noqa: E731

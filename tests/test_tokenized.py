@@ -10,6 +10,7 @@ from hf_fixtures import records, tiny_model, write_jsonl
 from fedswarm import data as D
 from fedswarm import formats, tokenized
 from fedswarm.formats import DataSpec
+from fedswarm.run_config import RunConfig
 from fedswarm.tokenizer import ByteTokenizer, load_tokenizer
 
 
@@ -120,14 +121,13 @@ def test_bad_data_is_refused_clearly(tmp_path, gpt2_dir):
     with pytest.raises(ValueError, match="chat template"):
         tokenized.train_tokens(DataSpec(str(rows), "chat"), ByteTokenizer(), 0, 1)
     with pytest.raises(ValueError, match="--format"):
-        DataSpec.from_run(str(rows), {"data_format": "poetry"})
+        DataSpec.from_run(str(rows), RunConfig(data_format="poetry"))
     assert not list(tmp_path.glob(f"{tokenized.CACHE_DIRNAME}/*.tmp-*")), "a failed tokenization leaves no temp shard"
 
 
 def test_model_folders_without_a_matching_tokenizer_are_refused(tmp_path, gpt2_dir):
     import shutil
 
-    from fedswarm.coordinator.config import RunConfig
     from fedswarm.models import build_model
 
     bare = tmp_path / "bare"

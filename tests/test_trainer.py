@@ -13,6 +13,7 @@ from fedswarm.data import BatchSampler, load_train_tokens
 from fedswarm.models import build_model, lm_loss, load_trainable_state, trainable_state
 from fedswarm.proto import codec as C
 from fedswarm.proto import wire
+from fedswarm.run_config import RunConfig
 
 torch.set_num_threads(1)
 
@@ -416,7 +417,7 @@ def test_gradient_checkpointing_same_gradients_hf_folder(hf_llama, peft):
     checkpointing: the adapters get their gradients although no block input requires grad)."""
     from fedswarm.lora import build_run_model
 
-    cfg = {"model": hf_llama, "peft": peft, "lora_r": 4, "lora_alpha": 8, "seed": 0}
+    cfg = RunConfig(model=hf_llama, peft=peft, lora_r=4, lora_alpha=8, seed=0)
 
     def build():
         model, g = build_run_model(cfg), torch.Generator().manual_seed(1)
@@ -430,23 +431,18 @@ def test_gradient_checkpointing_same_gradients_hf_folder(hf_llama, peft):
 
 
 def test_gradient_checkpointing_flag_reaches_the_trainers_model(tmp_path, tokens):
-    """`fedswarm client --gradient-checkpointing` -> the daemon's LocalTrainer -> every block of its model."""
-    import json
-
+    """`fedswarm client --gradient-checkpointing` -> the federated role's LocalTrainer -> every block of its model."""
     from fedswarm.app.cli import build_parser
-    from fedswarm.client.daemon import ClientDaemon
-    from fedswarm.coordinator.config import RunConfig
+    from fedswarm.client.daemon import FederatedRole
+    from fedswarm.client.options import ClientSettings
 
     data = tmp_path / "code.txt"
     data.write_text("def f(x):\n    return x + 1\n" * 400)
     argv = ["client", "--coordinator", "127.0.0.1:1", "--device", "cpu", "--data", str(data)]
-    cfg = json.loads(RunConfig(seq_len=SEQ_LEN, batch_size=BATCH).to_json())
+    cfg = RunConfig(seq_len=SEQ_LEN, batch_size=BATCH)
     for flag, expected in (([], False), (["--gradient-checkpointing"], True)):
-        daemon = ClientDaemon(build_parser(only="client").parse_args(argv + flag))
-        try:
-            daemon._setup(cfg)
-        finally:
-            daemon.channel.close()
+        daemon = FederatedRole(ClientSettings.from_args(build_parser(only="client").parse_args(argv + flag)))
+        daemon.setup(cfg)   # what the session calls after the first join
         blocks = daemon.trainer.model.transformer.h
         assert [b.gradient_checkpointing for b in blocks] == [expected] * len(blocks)
     # and it trains: a round with checkpointing on

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedswarm.coordinator.config import RunConfig
+from fedswarm.run_config import RunConfig
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.strategies import build_strategy
 from fedswarm.data import load_train_tokens

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 
+from fedswarm.run_config import RunConfig
+
 DISTRIBUTED = "distributed"
 
 
@@ -45,18 +47,18 @@ def add_noise_(tensors: Iterable[torch.Tensor], std: float, generator: torch.Gen
         t.add_(torch.normal(0.0, std, tuple(t.shape), generator=generator, dtype=t.dtype))
 
 
-def share_std(run_cfg: Mapping) -> float:
+def share_std(run_cfg: RunConfig) -> float:
     """A client's noise std in distributed mode: z x C / sqrt(K), so the sum of K updates carries z x C."""
-    k = per_round(int(run_cfg["min_clients"]), int(run_cfg.get("clients_per_round") or 0))
-    return float(run_cfg["dp_noise_multiplier"]) * float(run_cfg["dp_clip"]) / math.sqrt(k)
+    k = per_round(run_cfg.min_clients, run_cfg.clients_per_round)
+    return run_cfg.dp_noise_multiplier * run_cfg.dp_clip / math.sqrt(k)
 
 
-def privatize(delta: dict[str, torch.Tensor], run_cfg: Mapping,
+def privatize(delta: dict[str, torch.Tensor], run_cfg: RunConfig,
               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """--dp-mode distributed: clip `delta` to --dp-clip and add this client's share of the noise (in place);
     any other run: `delta` unchanged."""
-    clip = float(run_cfg.get("dp_clip") or 0.0)
-    if not clip or run_cfg.get("dp_mode") != DISTRIBUTED:
+    clip = run_cfg.dp_clip
+    if not clip or run_cfg.dp_mode != DISTRIBUTED:
         return delta
     clip_(delta, clip)
     std = share_std(run_cfg)

@@ -16,6 +16,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # fedswarm.run_config imports this module (check_format)
+    from fedswarm.run_config import RunConfig
 
 FORMATS = ("text", "chat")
 RECORD_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -39,13 +43,14 @@ class DataSpec:
     response_field: str = "response"
 
     @classmethod
-    def from_run(cls, data: str, cfg: dict, overrides: dict | None = None) -> "DataSpec":
+    def from_run(cls, data: str, cfg: RunConfig, format: str | None = None,  # noqa: A002
+                 text_field: str | None = None, prompt_field: str | None = None,
+                 response_field: str | None = None) -> "DataSpec":
         """The run's format and field names, each replaced by a non-empty override (a client's own flags)."""
-        fields = {"format": cfg.get("data_format", "text"), "text_field": cfg.get("text_field", "text"),
-                  "prompt_field": cfg.get("prompt_field", "prompt"), "response_field": cfg.get("response_field", "response")}
-        fields.update({k: v for k, v in (overrides or {}).items() if v})
-        check_format(fields["format"])
-        return cls(data=data, **fields)
+        spec = cls(data, format or cfg.data_format, text_field or cfg.text_field, prompt_field or cfg.prompt_field,
+                   response_field or cfg.response_field)
+        check_format(spec.format)
+        return spec
 
 
 def source_kind(data: str) -> str:

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from fedswarm.models import build_model, evaluate, model_config
+from fedswarm.run_config import RunConfig
 from fedswarm.tokenizer import is_hf_folder
 
 EVAL_LOGITS_BYTES = 128 << 20   # a central evaluation scores at most this many bytes of fp32 logits at once
-
-PEFT_METHODS = ("none", "lora")
 
 
 @dataclass(frozen=True)
@@ -31,22 +30,12 @@ class LoraSettings:
     targets: tuple[str, ...] = ()   # empty: peft's default modules for the architecture
 
     @classmethod
-    def from_run(cls, cfg: dict) -> "LoraSettings | None":
+    def from_run(cls, cfg: RunConfig) -> "LoraSettings | None":
         """The run's LoRA settings, or None for full fine-tuning."""
-        if cfg.get("peft", "none") == "none":
+        if cfg.peft == "none":
             return None
-        return cls(r=int(cfg.get("lora_r", 8)), alpha=float(cfg.get("lora_alpha", 16.0)),
-                   targets=tuple(t for t in str(cfg.get("lora_targets", "")).split(",") if t.strip()))
-
-
-def check_peft_settings(peft: str, r: int, alpha: float, load_in_4bit: bool) -> None:
-    """ValueError for settings that cannot run (before anything is loaded)."""
-    if peft not in PEFT_METHODS:
-        raise ValueError(f"--peft {peft!r}: choose one of {PEFT_METHODS}")
-    if peft == "lora" and (r < 1 or alpha <= 0):
-        raise ValueError("--lora-r must be >= 1 and --lora-alpha > 0")
-    if load_in_4bit and peft != "lora":
-        raise ValueError("--load-in-4bit trains adapters on a frozen 4-bit base: add --peft lora")
+        return cls(r=int(cfg.lora_r), alpha=float(cfg.lora_alpha),
+                   targets=tuple(t for t in cfg.lora_targets.split(",") if t.strip()))
 
 
 def wrap_lora(model: torch.nn.Module, settings: LoraSettings, seed: int = 0) -> torch.nn.Module:
@@ -79,15 +68,15 @@ def meta_base(model: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def adapter_skeleton(cfg: dict) -> torch.nn.Module:
+def adapter_skeleton(cfg: RunConfig) -> torch.nn.Module:
     """The run's LoRA model whose base holds no memory: every base tensor is on the meta device, the adapters
     are real and seeded exactly as every client seeds its own.
 
     peft places new adapters on their base layer's device, so while it wraps, each base weight is a CPU stand-in
     of its shape that owns one element (a zero-stride view); afterwards the base goes back to the meta device."""
-    base = meta_base(cfg["model"])
+    base = meta_base(cfg.model)
     _replace_params(base, lambda _, p: torch.zeros((), dtype=p.dtype).expand(p.shape), lambda p: True)
-    model = wrap_lora(base, LoraSettings.from_run(cfg), seed=cfg.get("seed", 0))
+    model = wrap_lora(base, LoraSettings.from_run(cfg), seed=cfg.seed)
     _replace_params(model, _to_meta, lambda p: not p.requires_grad)
     return model
 
@@ -115,7 +104,7 @@ def _load_4bit(model: str, device: torch.device) -> torch.nn.Module:
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
 
 
-def build_run_model(cfg: dict, device: torch.device | None = None, load_in_4bit: bool = False) -> torch.nn.Module:
+def build_run_model(cfg: RunConfig, device: torch.device | None = None, load_in_4bit: bool = False) -> torch.nn.Module:
     """The model a participant trains or evaluates: the run's base, wrapped with LoRA if the run says so.
 
     `load_in_4bit` (clients only) quantizes the frozen base: CUDA only, ValueError elsewhere."""
@@ -123,12 +112,12 @@ def build_run_model(cfg: dict, device: torch.device | None = None, load_in_4bit:
     if load_in_4bit:
         if settings is None:
             raise ValueError("--load-in-4bit trains adapters on a frozen 4-bit base: the run needs --peft lora")
-        base = _load_4bit(cfg["model"], device or torch.device("cpu"))
+        base = _load_4bit(cfg.model, device or torch.device("cpu"))
     else:
-        base = build_model(cfg["model"], seed=cfg.get("seed", 0))
+        base = build_model(cfg.model, seed=cfg.seed)
     if settings is None:
         return base
-    return wrap_lora(base, settings, seed=cfg.get("seed", 0))
+    return wrap_lora(base, settings, seed=cfg.seed)
 
 
 def adapter_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -147,7 +136,7 @@ class CentralModel:
     the weights it scores as its own parameters, without a copy, and lets go of them once scored. `free()`
     drops it. Thread-safe."""
 
-    def __init__(self, cfg: dict, central_eval: bool = True):
+    def __init__(self, cfg: RunConfig, central_eval: bool = True):
         self.cfg, self.central_eval = cfg, central_eval
         self.settings = LoraSettings.from_run(cfg)
         self._module: torch.nn.Module | None = None
@@ -160,10 +149,9 @@ class CentralModel:
 
     def initial_state(self) -> "OrderedDict[str, torch.Tensor]":
         """The round-0 trainable tensors (float32, CPU), in the model's order: what the clients build."""
-        seed = self.cfg.get("seed", 0)
         if self.settings is not None:
             return _trainable(adapter_skeleton(self.cfg))
-        model = build_model(self.cfg["model"], seed=seed)
+        model = build_model(self.cfg.model, seed=self.cfg.seed)
         state = _trainable(model)   # the parameters themselves: handed over, not copied
         with self._lock:
             if self.central_eval and self._module is None:

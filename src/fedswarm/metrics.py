@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, SummaryMetricFamily
 
+from fedswarm.run_config import RunConfig
+
 log = logging.getLogger("fedswarm.metrics")
 SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)
 
@@ -63,11 +65,10 @@ class CoordinatorCollector:
 
     def collect(self):
         s = self.status()
-        cfg, rounds, totals = s.get("config", {}), s["rounds"], s["totals"]   # the last rounds; totals: all of them
+        cfg, rounds, totals = RunConfig.from_status(s), s["rounds"], s["totals"]   # rounds: the last; totals: all
         info = InfoMetricFamily("fedswarm_run", "the run this coordinator serves")
-        info.add_metric([], {"run_id": str(s.get("run_id", "")), "mode": str(cfg.get("mode", "")),
-                             "model": str(cfg.get("model", "")), "strategy": str(cfg.get("strategy", "")),
-                             "state": s["state"]})
+        info.add_metric([], {"run_id": str(s.get("run_id", "")), "mode": cfg.mode, "model": cfg.model,
+                             "strategy": cfg.strategy, "state": s["state"]})
         yield info
         yield _gauge("fedswarm_round", "last committed round (0: the initial model)", s["round"])
         yield _gauge("fedswarm_round_in_flight", "the round being run (0: none)", s.get("current_round", 0))

@@ -13,10 +13,11 @@ import typing
 from typing import Any, Callable, Iterable
 
 def opt(default: Any, help: str, *, choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,  # noqa: A002
-        flag: str | None = None, metavar: str | None = None) -> Any:
-    """A dataclass field that is also a command-line option (`--name-with-dashes` unless `flag` says)."""
+        flag: str | None = None, metavar: str | None = None, required: bool = False) -> Any:
+    """A dataclass field that is also a command-line option (`--name-with-dashes` unless `flag` says); a bool
+    field is a switch (off by default); a `required` one must be given (by a flag or a config file)."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "flag": flag,
-                                                         "metavar": metavar})
+                                                         "metavar": metavar, "required": required})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Setting:
     help: str
     choices: tuple[str, ...] | None
     metavar: str | None
+    required: bool = False
 
     @property
     def key(self) -> str:
@@ -51,7 +53,8 @@ def settings_of(cls: type) -> list[Setting]:
         if callable(choices):
             choices = choices()
         out.append(Setting(f.name, f.metadata["flag"] or "--" + f.name.replace("_", "-"), kind, f.default,
-                           f.metadata["help"], tuple(choices) if choices is not None else None, f.metadata["metavar"]))
+                           f.metadata["help"], tuple(choices) if choices is not None else None, f.metadata["metavar"],
+                           f.metadata.get("required", False)))
     return out
 
 
@@ -63,8 +66,12 @@ def add_arguments(p: argparse.ArgumentParser, cls: type, *, exclude: Iterable[st
     for s in settings_of(cls):
         if s.name in skip:
             continue
-        p.add_argument(s.flag, dest=prefix + s.name, type=s.type, default=defaults.get(s.name, s.default),
-                       help=s.help, choices=list(s.choices) if s.choices else None, metavar=s.metavar)
+        default = defaults.get(s.name, s.default)
+        if s.type is bool:
+            p.add_argument(s.flag, dest=prefix + s.name, action="store_true", default=default, help=s.help)
+            continue
+        p.add_argument(s.flag, dest=prefix + s.name, type=s.type, default=default, help=s.help,
+                       choices=list(s.choices) if s.choices else None, metavar=s.metavar, required=s.required)
 
 
 def from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", **overrides: Any):
@@ -78,6 +85,7 @@ def to_argv(cls: type, args: argparse.Namespace, *, exclude: Iterable[str] = ())
     skip, argv = set(exclude), []
     for s in settings_of(cls):
         value = getattr(args, s.name, None)
-        if s.name not in skip and value is not None:
-            argv += [s.flag, str(value)]
+        if s.name in skip or value is None or value is False:
+            continue
+        argv += [s.flag] if value is True else [s.flag, str(value)]
     return argv

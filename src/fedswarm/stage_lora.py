@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from fedswarm.lora import LoraSettings
 from fedswarm.models import load_trainable_state
+from fedswarm.run_config import RunConfig
 from fedswarm.stages import (HandedOver, Stage, _check_index, _untied_config, build_stage, build_untied_model,
                              stage_param_names)
 from fedswarm.tokenizer import is_hf_folder
@@ -48,23 +49,23 @@ def inject_adapters(module: nn.Module, settings: LoraSettings, model_type: str, 
             raise ValueError(f"cannot place LoRA adapters on this {model_type} stage: {err}; check --lora-targets") from err
 
 
-def lora_eval_model(cfg: dict) -> nn.Module:
+def lora_eval_model(cfg: RunConfig) -> nn.Module:
     """The coordinator's model: the untied base with the run's adapters (their initial values)."""
-    model = build_untied_model(cfg["model"], seed=cfg["seed"])
-    return inject_adapters(model, LoraSettings.from_run(cfg), model.config.model_type, seed=cfg["seed"])
+    model = build_untied_model(cfg.model, seed=cfg.seed)
+    return inject_adapters(model, LoraSettings.from_run(cfg), model.config.model_type, seed=cfg.seed)
 
 
-def lora_stage_names(cfg: dict, index: int) -> list[str]:
+def lora_stage_names(cfg: RunConfig, index: int) -> list[str]:
     """The adapter names stage `index` trains, from a model on the meta device."""
     return list(lora_stage_shapes(cfg, index))
 
 
-def lora_stage_shapes(cfg: dict, index: int) -> "OrderedDict[str, tuple[int, ...]]":
+def lora_stage_shapes(cfg: RunConfig, index: int) -> "OrderedDict[str, tuple[int, ...]]":
     """Name -> shape of each adapter stage `index` trains, from a model on the meta device."""
-    _check_index(index, cfg["stages"])
-    config = _untied_config(cfg["model"])
+    _check_index(index, cfg.stages)
+    config = _untied_config(cfg.model)
     with torch.device("meta"):
-        stage = Stage(AutoModelForCausalLM.from_config(config), index, cfg["stages"])
+        stage = Stage(AutoModelForCausalLM.from_config(config), index, cfg.stages)
         stage = inject_adapters(stage, LoraSettings.from_run(cfg), config.model_type)
     return OrderedDict((n, tuple(p.shape)) for n, p in stage.named_parameters() if p.requires_grad)
 
@@ -99,18 +100,18 @@ def _folder_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_lora_stage(cfg: dict, index: int, adapters: dict[str, torch.Tensor],
+def build_lora_stage(cfg: RunConfig, index: int, adapters: dict[str, torch.Tensor],
                      device: torch.device | str = "cpu") -> Stage:
     """Stage `index` with its frozen base (a folder: only this stage's tensors are read) and the run's
     adapters set to `adapters`."""
-    _check_index(index, cfg["stages"])
-    model = cfg["model"]
+    _check_index(index, cfg.stages)
+    model = cfg.model
     if is_hf_folder(model):   # stage-only, as a full fine-tune's peer builds it, from the folder's tensors
-        base = HandedOver(_folder_tensors(Path(model), stage_param_names(model, index, cfg["stages"])))
-        stage = build_stage(model, index, cfg["stages"], state=base, device=device)   # read once, not copied
+        base = HandedOver(_folder_tensors(Path(model), stage_param_names(model, index, cfg.stages)))
+        stage = build_stage(model, index, cfg.stages, state=base, device=device)   # read once, not copied
     else:   # a preset's base exists only as its seeded initialisation
-        stage = build_stage(model, index, cfg["stages"], seed=cfg["seed"], device=device)
-    stage = inject_adapters(stage, LoraSettings.from_run(cfg), stage.config.model_type, seed=cfg["seed"])
+        stage = build_stage(model, index, cfg.stages, seed=cfg.seed, device=device)
+    stage = inject_adapters(stage, LoraSettings.from_run(cfg), stage.config.model_type, seed=cfg.seed)
     stage.to(device)
     load_trainable_state(stage, adapters)
     return stage

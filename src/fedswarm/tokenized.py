@@ -312,16 +312,14 @@ def _check_source(data: str, fields: list[tuple[str, str]]) -> None:
             F.check_parquet(file, fields)
 
 
-def client_tokens(args, cfg: dict, index: int, num_partitions: int) -> Tokens:
-    """A client's train tokens: its --data read with the run's format (or its own flags), tokenized with
-    the tokenizer of its copy of the run's model (--model, default the run's); BadInput if they cannot be."""
+def client_tokens(spec: F.DataSpec, model: str, index: int, num_partitions: int,
+                  cache_dir: str | None = None) -> Tokens:
+    """A client's train tokens: its data (`spec`: its --data with the run's format or its own flags), tokenized
+    with the tokenizer of its copy of the run's model; BadInput if they cannot be."""
     from fedswarm.tokenizer import load_tokenizer
 
-    overrides = {k: getattr(args, k, None) for k in ("format", "text_field", "prompt_field", "response_field")}
     try:
-        spec = F.DataSpec.from_run(args.data, cfg, overrides)
-        tokenizer = load_tokenizer(getattr(args, "model", None) or cfg["model"])
-        return train_tokens(spec, tokenizer, index, num_partitions, getattr(args, "cache_dir", None))
+        return train_tokens(spec, load_tokenizer(model), index, num_partitions, cache_dir)
     except BadInput:
         raise
     except ValueError as err:

@@ -19,6 +19,7 @@ import tomllib
 from typing import Any
 
 from fedswarm.errors import BadInput
+from fedswarm.run_config import RunConfig
 
 READS = {"coordinator": ("run", "coordinator"), "client": ("client",), "sim": ("run", "sim")}
 TABLES = ("run", "coordinator", "client", "sim")
@@ -31,8 +32,6 @@ class ConfigError(BadInput):
 
 def run_setting_names(command: str) -> set[str]:
     """The dests `command` reads from [run] (the RunConfig fields; none for the client, which gets the run's)."""
-    from fedswarm.coordinator.config import RunConfig
-
     if "run" not in READS[command]:
         return set()
     return {f.name for f in dataclasses.fields(RunConfig) if "help" in f.metadata}

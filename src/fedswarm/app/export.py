@@ -9,16 +9,19 @@ folder through the chat template).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from fedswarm.run_config import RunConfig
+
 EXPORT_RECORD = "fedswarm.json"   # in an exported folder: {"format": "text" | "chat", "round": N, ...}
 
 
-def _round_state(state_dir: str, rnd: int | None) -> tuple[dict, int, dict[str, torch.Tensor]]:
+def _round_state(state_dir: str, rnd: int | None) -> tuple[RunConfig, int, dict[str, torch.Tensor]]:
     from fedswarm.coordinator.store import Store
     from fedswarm.coordinator.strategy_state import split_checkpoint
 
@@ -29,7 +32,7 @@ def _round_state(state_dir: str, rnd: int | None) -> tuple[dict, int, dict[str, 
         stored = store.get_meta("run_config")
         if stored is None:
             raise ValueError(f"{state_dir} has no run config yet: start the coordinator on it first")
-        cfg = json.loads(stored)
+        cfg = RunConfig.from_json(stored)
         rnd = store.last_round() if rnd is None else rnd
         if rnd is None:
             raise ValueError(f"{state_dir} has no committed round yet")
@@ -50,9 +53,9 @@ def export(state_dir: str, out: str, rnd: int | None = None, merge: bool = False
 
     cfg, rnd, state = _round_state(state_dir, rnd)
     if model:
-        cfg["model"] = model
-    lora = cfg.get("peft", "none") != "none"
-    if cfg.get("mode") == "swarm":
+        cfg = dataclasses.replace(cfg, model=model)
+    lora = cfg.peft != "none"
+    if cfg.mode == "swarm":
         net = _swarm_model(cfg, state, lora)
     else:
         net = build_run_model(cfg)
@@ -64,13 +67,13 @@ def export(state_dir: str, out: str, rnd: int | None = None, merge: bool = False
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     net.save_pretrained(out_dir)  # PeftModel: adapter_config.json + adapter_model.safetensors
-    tokenizer = load_tokenizer(cfg["model"])
+    tokenizer = load_tokenizer(cfg.model)
     (byte_hf_tokenizer() if getattr(tokenizer, "is_bytes", False) else tokenizer).save_pretrained(out_dir)
     kind = "adapters" if lora and not merge else "model"
-    fmt = cfg.get("data_format", "text")
-    (out_dir / EXPORT_RECORD).write_text(json.dumps({"format": fmt, "round": rnd, "kind": kind, "base": cfg["model"],
-                                                     "mode": cfg.get("mode", "federated")}, indent=1) + "\n")
-    return {"round": rnd, "out": str(out_dir), "kind": kind, "base": cfg["model"], "tensors": len(state),
+    fmt = cfg.data_format
+    (out_dir / EXPORT_RECORD).write_text(json.dumps({"format": fmt, "round": rnd, "kind": kind, "base": cfg.model,
+                                                     "mode": cfg.mode}, indent=1) + "\n")
+    return {"round": rnd, "out": str(out_dir), "kind": kind, "base": cfg.model, "tensors": len(state),
             "format": fmt}
 
 
@@ -87,7 +90,7 @@ def exported_format(folder: str) -> str | None:
     return fmt if fmt in ("text", "chat") else None
 
 
-def _swarm_model(cfg: dict, state: dict, lora: bool) -> torch.nn.Module:
+def _swarm_model(cfg: RunConfig, state: dict, lora: bool) -> torch.nn.Module:
     """A swarm run's checkpoint as one model: the untied model its stages were cut from (lm_head its own
     tensor), or, with LoRA, the frozen base wrapped by peft with the stages' adapters (the base is frozen, so
     its untied head still equals the embedding and the adapters fit the folder's own, tied, model)."""
@@ -96,10 +99,10 @@ def _swarm_model(cfg: dict, state: dict, lora: bool) -> torch.nn.Module:
     from fedswarm.stages import build_untied_model
 
     if not lora:
-        net = build_untied_model(cfg["model"], seed=cfg.get("seed", 0))
+        net = build_untied_model(cfg.model, seed=cfg.seed)
         load_trainable_state(net, state)
         return net
-    net = wrap_lora(build_model(cfg["model"], seed=cfg.get("seed", 0)), LoraSettings.from_run(cfg), cfg.get("seed", 0))
+    net = wrap_lora(build_model(cfg.model, seed=cfg.seed), LoraSettings.from_run(cfg), cfg.seed)
     load_trainable_state(net, {"base_model.model." + name: t for name, t in state.items()})
     return net
 

@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 
+from fedswarm.run_config import RunConfig
+
 
 def fetch(args: argparse.Namespace) -> dict:
     """One Status call (signed with --key when given: an authenticated run requires it), with every committed
@@ -56,9 +58,9 @@ def _num(value, fmt: str) -> str:
 def render(status: dict, address: str, all_rounds: bool = False) -> str:
     """The status as readable text: a header line and totals, then rounds (the last 10, or all of those in
     `status`), clients and (swarm) stages tables."""
-    cfg = status.get("config", {})
-    out = [f"coordinator {address}  run {status.get('run_id', '?')}  {cfg.get('mode', 'federated')} "
-           f"{cfg.get('model', '')} {cfg.get('strategy', '')}  state {status['state']}  "
+    cfg = RunConfig.from_status(status)
+    out = [f"coordinator {address}  run {status.get('run_id', '?')}  {cfg.mode} {cfg.model} {cfg.strategy}  "
+           f"state {status['state']}  "
            f"round {status['round']}/{status['rounds_total']}"
            + (f" (round {status['current_round']} in flight)" if status.get("current_round") else "")]
     rejections = status.get("rejections") or {}

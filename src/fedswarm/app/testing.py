@@ -1,13 +1,20 @@
 """Helpers the tests share (instead of importing each other's modules): swarm runs of real processes and
-their status, and the lr schedule a client logged. On top of the layers, beside the app and the sim."""
+their status, the lr schedule the round records show, and mutated codec encodings for the fuzz tests. On top
+of the layers, beside the app and the sim."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-import re
+import random
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
+from fedswarm.proto import codec as C
+from fedswarm.run_config import RunConfig
 from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status, wait_until
 
 SWARM_SMALL = ["--seq-len", "64", "--batch-size", "8"]   # a swarm run's micro-batch in tests
@@ -48,9 +55,9 @@ class Swarm:
             raise AssertionError(f"{name} landed on stage {stage}, expected {expected_stage}")
         return proc
 
-    def start_trainer(self, name: str = "t0") -> Proc:
+    def start_trainer(self, name: str = "t0", extra: list[str] = ()) -> Proc:
         argv = fedswarm_cmd("client", "--role", "trainer", "--coordinator", self.address, "--name", name,
-                            "--threads", "1", "--inflight", "1")
+                            "--threads", "1", "--inflight", "1", *extra)
         proc = self.procs[name] = Proc(name, argv, self.out / f"{name}.log")
         return proc
 
@@ -72,26 +79,21 @@ def swarm_run(out: Path, stages: int, rounds: int, average_every: int, extra: li
             swarm.close()
 
 
-LR_LINE = re.compile(r"round (\d+): lr (\S+) -> (\S+) over global steps (\d+)\.\.(\d+) of (\d+)")
-
-
-def logged_lrs(log_text: str) -> dict[int, tuple[float, float, int, int, int]]:
-    """round -> (first lr, last lr, first global step, last global step, total steps) from a client log."""
-    return {int(m[1]): (float(m[2]), float(m[3]), int(m[4]), int(m[5]), int(m[6])) for m in LR_LINE.finditer(log_text)}
-
-
-def assert_lrs_follow(log_text: str, schedule, rounds: int, local_steps: int) -> None:
-    """Each round's first and last lr in a client's log are `schedule`'s at the round's global steps."""
-    seen = logged_lrs(log_text)
-    if sorted(seen) != list(range(1, rounds + 1)):
-        raise AssertionError(f"rounds logged {sorted(seen)}, expected 1..{rounds}\n{log_text[-2000:]}")
-    for rnd, (lr0, lr1, s0, s1, total) in seen.items():
-        steps = ((rnd - 1) * local_steps, rnd * local_steps - 1, rounds * local_steps)
-        if (s0, s1, total) != steps:
-            raise AssertionError(f"round {rnd}: global steps {(s0, s1, total)}, expected {steps}")
-        for lr, step in ((lr0, s0), (lr1, s1)):
-            if not math.isclose(lr, schedule.lr_at(step), rel_tol=1e-5):
-                raise AssertionError(f"round {rnd}: lr {lr} at step {step}, the schedule says {schedule.lr_at(step)}")
+def assert_lrs_follow(rounds: list[dict], schedule, n_rounds: int, local_steps: int, clients: list[str]) -> None:
+    """In the round records (status or report.json `rounds`), each client's first and last lr of each round
+    (its `client_metrics`) are `schedule`'s at the round's first and last global step."""
+    trained = {r["round"]: r for r in rounds if r["round"] > 0}
+    if sorted(trained) != list(range(1, n_rounds + 1)):
+        raise AssertionError(f"rounds recorded {sorted(trained)}, expected 1..{n_rounds}")
+    for rnd, record in trained.items():
+        for name in clients:
+            figures = (record.get("client_metrics") or {}).get(name)
+            if figures is None:
+                raise AssertionError(f"round {rnd}: no lr reported by {name}: {record}")
+            for key, step in (("lr-first", (rnd - 1) * local_steps), ("lr-last", rnd * local_steps - 1)):
+                if not math.isclose(figures[key], schedule.lr_at(step), rel_tol=1e-5):
+                    raise AssertionError(f"round {rnd}: {name}'s {key} {figures[key]} at global step {step}, "
+                                         f"the schedule says {schedule.lr_at(step)}")
 
 
 WORDS = ("to be or not that is the question whether tis nobler in mind suffer slings arrows of outrageous fortune "
@@ -134,8 +136,8 @@ def initial_eval_loss(data: str, seq_len: int = 32, windows: int = 64) -> float:
     return evaluate(model, eval_windows(load_eval_tokens(data), seq_len, windows))
 
 
-STAGE_CFG = {"model": "gpt2-tiny", "stages": 3, "seed": 0, "lr": 1e-3, "seq_len": 16, "batch_size": 2,
-             "activation_codec": "bf16"}   # a stage peer's run config in tests: the middle stage, hidden in and out
+STAGE_CFG = RunConfig(model="gpt2-tiny", mode="swarm", stages=3, seed=0, lr=1e-3, seq_len=16, batch_size=2,
+                      activation_codec="bf16")   # a stage peer's run config in tests: the middle stage, hidden in and out
 
 
 @functools.cache
@@ -158,3 +160,39 @@ def middle_stage_server():
         yield server
     finally:
         server.close()
+
+
+# -- codec fuzzing (test_topk, test_lowbit): bit flips in data or scales, truncations, changed parameters --
+def mutated(base: C.Encoded, seed: int, count: int = 600) -> Iterator[C.Encoded]:
+    rng = random.Random(seed)
+    for i in range(count):
+        data, scales = bytearray(base.data), bytearray(base.scales)
+        kind = i % 4
+        if kind == 0:
+            for _ in range(rng.randrange(1, 6)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            data = data[:rng.randrange(len(data))] if rng.random() < 0.5 else data + rng.randbytes(rng.randrange(1, 9))
+        elif kind == 2:
+            scales[rng.randrange(len(scales))] ^= 1 << rng.randrange(8)
+        enc = dataclasses.replace(base, data=bytes(data), scales=bytes(scales))
+        if kind == 3:
+            enc = dataclasses.replace(enc, **rng.choice([{"topk": rng.randrange(0, 300)}, {"bits": rng.randrange(0, 10)},
+                                                        {"block_size": rng.randrange(0, 600)},
+                                                        {"count": rng.randrange(0, 6000)}]))
+        yield enc
+
+
+def decoded(base: C.Encoded, seed: int, count: int = 600) -> tuple[list[tuple[C.Encoded, torch.Tensor]], int]:
+    """Decode every mutation: ([(encoding, finite tensor of its count)] of those accepted, how many were refused
+    with CodecError); any other exception fails the test."""
+    accepted, refused = [], 0
+    for enc in mutated(base, seed, count):
+        try:
+            y = C.decode(enc)
+        except C.CodecError:
+            refused += 1
+            continue
+        assert torch.isfinite(y).all() and y.numel() == enc.count
+        accepted.append((enc, y))
+    return accepted, refused

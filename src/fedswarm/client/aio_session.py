@@ -6,29 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
-import random
 import time
 from collections.abc import Callable
 
 import grpc
 import torch
 
-from fedswarm.client.daemon import RETRYABLE, ClientTimeouts
+from fedswarm.client.session import ClientTimeouts, Credentials, JoinRefused, RetryPolicy, channel_options, \
+    heartbeat_every
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import refusals, wire
+from fedswarm.run_config import RunConfig
 
 log = logging.getLogger("fedswarm.session")
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
-                   ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096),
-                   # each session its own connection, as separate client hosts would have
-                   ("grpc.use_local_subchannel_pool", 1)]
 
 
-class SessionRefused(Exception):
+class SessionRefused(JoinRefused):
     """The coordinator refused this session's join (UNAUTHENTICATED / INVALID_ARGUMENT): retrying will not help."""
 
 
@@ -39,9 +35,10 @@ def assemble(parts: list[pb.TensorPart]) -> dict[str, torch.Tensor]:
     return assembler.finish()
 
 
-def open_aio_channel(address: str, own_connection: bool = True) -> grpc.aio.Channel:
-    """A plaintext channel (the sim runs on loopback or a private Ray network)."""
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS if own_connection else CHANNEL_OPTIONS[:2])
+def open_aio_channel(address: str, own_connection: bool = True,
+                     timeouts: ClientTimeouts | None = None) -> grpc.aio.Channel:
+    """A plaintext channel (the sim runs on loopback or a private Ray network), with every session's options."""
+    return grpc.aio.insecure_channel(address, options=channel_options(timeouts or ClientTimeouts(), own_connection))
 
 
 class AsyncSession:
@@ -55,41 +52,52 @@ class AsyncSession:
                  on_latency: Callable[[str, float], None] | None = None, role: str = "client"):
         self.channel, self.name, self.role = channel, name, role
         self.t = timeouts or ClientTimeouts()
+        self.policy = RetryPolicy.of(self.t)
         self.stub = pb_grpc.CoordinatorStub(channel)
         self._push_raw = channel.stream_unary("/fedswarm.Coordinator/PushUpdate", request_serializer=None,
                                               response_deserializer=pb.PushReply.FromString)
         self.on_latency = on_latency or (lambda kind, s: None)
-        self.client_id, self.token, self.run_id = 0, "", ""
-        self.heartbeat_s = 2.0
-        self.run_cfg: dict = {}
+        self.creds = Credentials()   # swapped whole by a re-join
+        self.joined = pb.JoinReply()
+        self.heartbeat_s = heartbeat_every(0.0, 0.0)
+        self.run_cfg: RunConfig | None = None   # the run contract, from the join
         self.lost_leases = 0
         self.heartbeat_failures: collections.Counter[str] = collections.Counter()
         self.closed = asyncio.Event()
         self._join_lock = asyncio.Lock()
 
+    @property
+    def client_id(self) -> int:
+        return self.creds.client_id
+
+    @property
+    def token(self) -> str:
+        return self.creds.token
+
+    @property
+    def run_id(self) -> str:
+        return self.creds.run_id
+
     async def with_retry(self, what: str, call):
-        """Await `call()` until it succeeds; capped exponential backoff with jitter on retryable codes."""
-        delay, started = self.t.backoff_initial_s, time.monotonic()
+        """Await `call()` until it succeeds or the session's retry policy (session.RetryPolicy) gives up."""
+        tries = self.policy.start()
         while True:
             try:
                 return await call()
             except grpc.aio.AioRpcError as err:
-                if (err.code() not in RETRYABLE and refusals.reason(err) not in refusals.RETRY_SOON) \
-                        or self.closed.is_set():
+                wait = tries.wait_after(err)
+                if wait is None or self.closed.is_set():
                     raise
-                if self.t.give_up_s and time.monotonic() - started > self.t.give_up_s:
-                    raise
-                wait = delay * random.uniform(0.5, 1.5)
                 log.debug("%s: %s failed (%s); retrying in %.1f s", self.name, what, err.code().name, wait)
                 await asyncio.sleep(wait)
-                delay = min(delay * 2, self.t.backoff_max_s)
 
     async def join(self) -> None:
         """Join, or re-join keeping the id while the coordinator still knows the old session."""
         async with self._join_lock:
             async def attempt():
+                c = self.creds
                 req = pb.JoinRequest(name=self.name, device="cpu", precision="bf16", role=self.role,
-                                     resume_client_id=self.client_id, resume_token=self.token)
+                                     resume_client_id=c.client_id, resume_token=c.token)
                 started = time.perf_counter()
                 reply = await self.stub.Join(req, timeout=self.t.rpc_s)
                 self.on_latency("join", time.perf_counter() - started)
@@ -102,9 +110,10 @@ class AsyncSession:
                 raise
             if self.run_id and reply.run_id != self.run_id:
                 raise SessionRefused(f"the coordinator now serves run {reply.run_id}, not {self.run_id}")
-            self.client_id, self.token, self.run_id = reply.client_id, reply.session_token, reply.run_id
-            self.heartbeat_s = reply.heartbeat_interval_s or self.heartbeat_s
-            self.run_cfg = json.loads(reply.run_config_json)
+            self.creds = Credentials(reply.client_id, reply.session_token, reply.run_id)
+            self.joined = reply
+            self.heartbeat_s = heartbeat_every(reply.heartbeat_interval_s, reply.lease_s)
+            self.run_cfg = RunConfig.from_json(reply.run_config_json)
 
     async def rejoin(self, why: str) -> None:
         self.lost_leases += 1
@@ -112,17 +121,19 @@ class AsyncSession:
         await self.join()
 
     async def heartbeats(self) -> None:
-        """Beat every heartbeat_s until closed; re-join when the coordinator forgot the session."""
+        """Beat every heartbeat_s (from each beat's start) until closed; re-join when the coordinator forgot
+        the session."""
+        next_at = time.monotonic() + self.heartbeat_s
         while not self.closed.is_set():
             try:
-                await asyncio.wait_for(self.closed.wait(), self.heartbeat_s)
+                await asyncio.wait_for(self.closed.wait(), max(0.0, next_at - time.monotonic()))
                 return
             except asyncio.TimeoutError:
                 pass
+            next_at = time.monotonic() + self.heartbeat_s
             started = time.perf_counter()
             try:
-                await self.stub.Heartbeat(pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token),
-                                          timeout=self.t.rpc_s)
+                await self.stub.Heartbeat(pb.HeartbeatRequest(**self.creds.ids()), timeout=self.t.rpc_s)
                 self.on_latency("heartbeat", time.perf_counter() - started)
             except grpc.aio.AioRpcError as err:
                 self.heartbeat_failures[err.code().name] += 1
@@ -134,7 +145,7 @@ class AsyncSession:
     async def pull(self) -> pb.Task:
         """Long-poll for the next task (TASK_NONE when none came within pull_wait_s)."""
         async def call():
-            req = pb.PullTaskRequest(client_id=self.client_id, session_token=self.token, wait_s=self.t.pull_wait_s)
+            req = pb.PullTaskRequest(**self.creds.ids(), wait_s=self.t.pull_wait_s)
             return await self.stub.PullTask(req, timeout=self.t.pull_wait_s + self.t.rpc_s)
         try:
             return await self.with_retry("pull task", call)
@@ -148,7 +159,7 @@ class AsyncSession:
                            held_digest: bytes = b"") -> list[pb.ModelChunk]:
         """The task's weights as they travel: a full float32 copy, or (holding `held_version`) delta steps."""
         async def download():
-            req = pb.FetchModelRequest(client_id=self.client_id, session_token=self.token, task_id=task_id,
+            req = pb.FetchModelRequest(**self.creds.ids(), task_id=task_id,
                                        has_version=held_version is not None, held_version=held_version or 0,
                                        held_digest=held_digest)
             return [chunk async for chunk in self.stub.FetchModel(req, timeout=self.t.transfer_s)]

@@ -8,25 +8,22 @@ import logging
 
 import torch
 
-from fedswarm.client.daemon import ClientDaemon, Held
-from fedswarm.lora import build_run_model
-from fedswarm.models import trainable_state
+from fedswarm.client.daemon import FederatedRole
 from fedswarm.proto import fedswarm_pb2 as pb
-from fedswarm.proto import wire
+from fedswarm.run_config import RunConfig
 
 log = logging.getLogger("fedswarm.client")
 
 
-class EvaluatorDaemon(ClientDaemon):
-    role = "evaluator"
+class EvaluatorRole(FederatedRole):
+    """A federated role that only evaluates: no training data, optimizer or upload codec."""
 
-    def _setup(self, cfg: dict) -> None:
-        """The run's model on this host's device; no training data, optimizer or upload codec."""
+    name = "evaluator"
+
+    def setup(self, cfg: RunConfig) -> None:
+        """The run's model on this host's device."""
         self.run_cfg = cfg
-        local = {**cfg, "model": getattr(self.args, "model", None) or cfg["model"]}  # this host's copy of the model
-        model = build_run_model(local, self.device, load_in_4bit=getattr(self.args, "load_in_4bit", False))
-        initial = trainable_state(model)   # the run's version 0, if the coordinator's digest agrees
-        self.held = Held(0, initial, wire.state_digest(initial))
+        model = self.build_model(cfg)
         self.model = model if getattr(model, "is_loaded_in_4bit", False) else model.to(self.device)
 
     def evaluation_model(self) -> torch.nn.Module:

@@ -5,10 +5,13 @@ What depends on the run (its text field, its model when --model is not given) is
 with the same error and exit code."""
 from __future__ import annotations
 
-import argparse
 import ipaddress
 
+from fedswarm import tokenized
+from fedswarm.client.options import ClientOptions
+from fedswarm.data import parse_partition
 from fedswarm.errors import BadInput
+from fedswarm.models import check_model
 
 NO_DATA_ROLES = ("peer",)   # a stage peer serves activations; it reads no --data
 
@@ -31,28 +34,23 @@ def check_address(address: str, flag: str = "--coordinator") -> None:
             raise BadInput(f"{flag} {address!r}: {bare!r} in brackets is not an IPv6 address") from None
 
 
-def data_fields(args: argparse.Namespace) -> list[tuple[str, str]]:
+def data_fields(options: ClientOptions) -> list[tuple[str, str]]:
     """The record fields the client's own flags name (the run's own are known only after the join)."""
-    fmt = getattr(args, "format", None)
-    named = [("text_field", "--text-field", fmt in (None, "text")),
-             ("prompt_field", "--prompt-field", fmt in (None, "chat")),
-             ("response_field", "--response-field", fmt in (None, "chat"))]
-    return [(getattr(args, dest), flag) for dest, flag, applies in named if applies and getattr(args, dest, None)]
+    fmt = options.format
+    named = [(options.text_field, "--text-field", fmt in (None, "text")),
+             (options.prompt_field, "--prompt-field", fmt in (None, "chat")),
+             (options.response_field, "--response-field", fmt in (None, "chat"))]
+    return [(field, flag) for field, flag, applies in named if applies and field]
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_options(options: ClientOptions) -> None:
     """Everything about this client's flags and files that can be checked without the coordinator."""
-    from fedswarm import tokenized
-    from fedswarm.data import parse_partition
-
-    check_address(args.coordinator)
+    check_address(options.coordinator)
     try:
-        parse_partition(args.partition)
+        parse_partition(options.partition)
     except ValueError as err:
         raise BadInput(f"--partition: {err}") from None
-    if getattr(args, "role", "client") not in NO_DATA_ROLES:
-        tokenized.check_source(args.data, data_fields(args))
-    if getattr(args, "model", None):
-        from fedswarm.models import check_model
-
-        check_model(args.model)
+    if options.role not in NO_DATA_ROLES:
+        tokenized.check_source(options.data, data_fields(options))
+    if options.model:
+        check_model(options.model)

@@ -10,34 +10,42 @@ from dataclasses import dataclass
 
 import torch
 
+from fedswarm.client.options import ClientOptions
 from fedswarm.client.trainer import LocalTrainer, RoundResult
 from fedswarm.dp import privatize
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import wire
+from fedswarm.run_config import RunConfig
 from fedswarm.schedule import LrSchedule
 
 
-def task_schedule(run_cfg: dict, config: dict) -> tuple[int, LrSchedule]:
-    """(the round's first global step, the run's lr schedule) from the task's config."""
-    total = int(config.get("total-steps", run_cfg["rounds"] * run_cfg["local_steps"]))
+def task_schedule(run_cfg: RunConfig, config: dict) -> tuple[int, LrSchedule]:
+    """(the round's first global step, the run's lr schedule) from the task's config (the strategy's
+    ConfigRecord, as JSON)."""
+    total = int(config.get("total-steps", run_cfg.rounds * run_cfg.local_steps))
     return int(config.get("global-step", 0)), LrSchedule(
-        float(config.get("lr", run_cfg["lr"])), max(total, 1), run_cfg.get("lr_schedule", "constant"),
-        int(run_cfg.get("warmup_steps", 0)), float(run_cfg.get("min_lr", 0.0)))
+        float(config.get("lr", run_cfg.lr)), max(total, 1), run_cfg.lr_schedule, run_cfg.warmup_steps,
+        run_cfg.min_lr)
 
 
-def train_on_task(trainer: LocalTrainer, run_cfg: dict, task: pb.Task,
+def train_on_task(trainer: LocalTrainer, run_cfg: RunConfig, task: pb.Task,
                   base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], RoundResult]:
     """Run the task's local steps from `base`, each at the run's scheduled lr for its global step;
     returns (delta = new weights - base, the round's result). With --dp-mode distributed the delta comes clipped
     and noised (fedswarm.dp.privatize)."""
     config = json.loads(task.config_json)
     mu = float(config.get("proximal-mu", 0.0))
-    steps = int(config.get("local-steps", run_cfg["local_steps"]))
+    steps = int(config.get("local-steps", run_cfg.local_steps))
     first, schedule = task_schedule(run_cfg, config)
-    result = trainer.train_round(base, steps, run_cfg.get("grad_accum", 1), proximal_mu=mu,
+    result = trainer.train_round(base, steps, run_cfg.grad_accum, proximal_mu=mu,
                                  lr_at=lambda i: schedule.lr_at(first + i))
     return privatize({n: result.state[n] - base[n] for n in base}, run_cfg), result
+
+
+def training_figures(result: RoundResult) -> dict[str, float]:
+    """What an update reports of its training (UpdateHeader.metrics): the lr of its first and last step."""
+    return {"lr-first": result.lrs[0], "lr-last": result.lrs[-1]} if result.lrs else {}
 
 
 def encode_delta(feedback: C.ErrorFeedback, delta: dict[str, torch.Tensor]) -> list[bytes]:
@@ -50,12 +58,14 @@ def encode_delta(feedback: C.ErrorFeedback, delta: dict[str, torch.Tensor]) -> l
 
 def update_stream(raw_parts: list[bytes], *, client_id: int, token: str, run_id: str, task: pb.Task,
                   num_tensors: int, num_examples: int, train_loss: float, seconds: float,
-                  base_digest: bytes = b"", identity=None) -> list[bytes]:
+                  base_digest: bytes = b"", identity=None, metrics: dict[str, float] | None = None) -> list[bytes]:
     """The whole PushUpdate stream: a header (signed with `identity`, a client.identity.Identity, if
-    given) and then the parts as they are (the coordinator hashes exactly those bytes)."""
+    given; `metrics`: figures of the training the round record shows, e.g. `training_figures`) and then the
+    parts as they are (the coordinator hashes exactly those bytes)."""
     header = pb.UpdateHeader(client_id=client_id, session_token=token, task_id=task.task_id, round=task.round,
                              num_examples=num_examples, train_loss=train_loss, num_tensors=num_tensors,
-                             num_parts=len(raw_parts), train_seconds=seconds, base_digest=base_digest)
+                             num_parts=len(raw_parts), train_seconds=seconds, base_digest=base_digest,
+                             metrics=metrics or {})
     if identity is not None:
         header.signature = identity.sign_update(run_id, task.round, client_id, task.task_id,
                                                 num_examples, train_loss, len(raw_parts), raw_parts)
@@ -71,18 +81,16 @@ class EvalOutcome:
     seconds: float
 
 
-def held_out_windows(args, run_cfg: dict) -> torch.Tensor:
+def held_out_windows(options: ClientOptions, run_cfg: RunConfig) -> torch.Tensor:
     """Eval windows of the held-out split of this client's --data, read and tokenized as its training data is
     (the run's format unless its own flags say otherwise; its copy of the model's tokenizer): at most the run's
     --eval-windows windows of --seq-len tokens, as the coordinator's central evaluation takes them."""
-    from fedswarm import formats, tokenized
+    from fedswarm import tokenized
     from fedswarm.tokenizer import load_tokenizer
 
-    overrides = {k: getattr(args, k, None) for k in ("format", "text_field", "prompt_field", "response_field")}
-    spec = formats.DataSpec.from_run(args.data, run_cfg, overrides)
-    tokens = tokenized.eval_tokens(spec, load_tokenizer(getattr(args, "model", None) or run_cfg["model"]),
-                                   getattr(args, "cache_dir", None))
-    return tokenized.windows(tokens, run_cfg["seq_len"], run_cfg["eval_windows"])
+    tokens = tokenized.eval_tokens(options.data_spec(run_cfg), load_tokenizer(options.local_run(run_cfg).model),
+                                   options.cache_dir)
+    return tokenized.windows(tokens, run_cfg.seq_len, run_cfg.eval_windows)
 
 
 def scored_tokens(windows: torch.Tensor) -> int:

@@ -24,7 +24,8 @@ from flwr.serverapp.strategy import Strategy
 from fedswarm.coordinator.aggregate import read_only_view, rss_bytes
 from fedswarm.coordinator.cohort import Cohort, CohortResult, FederatedCohort, Turn, round_seed, sampled
 from fedswarm.coordinator.committer import Committer
-from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
+from fedswarm.coordinator.config import CoordinatorTimeouts
+from fedswarm.run_config import RunConfig
 from fedswarm.coordinator.grid import NodesView
 from fedswarm.coordinator.privacy import budget_spent, round_entry
 from fedswarm.coordinator.store import Store
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 ROUND_FIELDS = ("round", "eval_loss", "train_loss", "clients", "bytes_up", "bytes_up_raw", "seconds",
                 "bytes_down", "bytes_down_raw", "tokens", "failures",   # what status and the store keep of each round
                 "eval_source", "evals", "train_seconds", "started_at", "configured_at", "aggregated_at",
-                "committed_at", "privacy")
+                "committed_at", "privacy", "adopted", "client_metrics")
+CLIENT_METRIC = "client:"           # in a reply's "client" record: a figure it reported (UpdateHeader.metrics)
 EVALUATOR = "evaluator"             # the role of a client that only evaluates (never sampled for training)
 EVAL_SEED_OFFSET = 1 << 40          # evaluation samples from its own seeded stream, apart from training's
 
@@ -253,6 +255,9 @@ class RoundEngine:
             "tokens": max(r.tokens for r in done),
             "seconds": aggregated - started,   # the round's critical path: evaluation and commit come after
             "train_seconds": max(float(m.content["metrics"].get("train-seconds", 0.0)) for m in ok),
+            # uploads a restarted coordinator took for the re-run of their round; what clients said of their training
+            "adopted": sorted({_client_name(m) for m in ok if _client_record(m).get("adopted")}),
+            "client_metrics": _client_metrics(ok),
             "configured_at": min(r.configured_at for r in done), "aggregated_at": aggregated,
             # instructions without a usable reply (all of a cohort that was not averaged), one per cohort that raised
             "failures": sum(r.sent - len(r.replies) if r.arrays is not None else r.sent for r in results) + len(errors),
@@ -378,9 +383,21 @@ def scored_tokens(windows: torch.Tensor) -> int:
     return int(windows.size(0) * (windows.size(1) - 1))
 
 
+def _client_metrics(replies: list[Message]) -> dict[str, dict[str, float]]:
+    """client name -> the figures it reported with its update (e.g. its lr: "lr-first", "lr-last")."""
+    reported = {_client_name(m): {k[len(CLIENT_METRIC):]: v for k, v in _client_record(m).items()
+                                  if k.startswith(CLIENT_METRIC)} for m in replies}
+    return {name: figures for name, figures in sorted(reported.items()) if figures}
+
+
+def _client_record(msg: Message) -> dict:
+    """What the service put in the reply's "client" record (coordinator/uploads.py)."""
+    return msg.content.config_records["client"] if "client" in msg.content.config_records else {}
+
+
 def _metric_sum(replies: list[Message], key: str) -> int:
     return sum(int(m.content["metrics"].get(key, 0)) for m in replies)
 
 
 def _client_name(msg: Message) -> str:
-    return msg.content.config_records["client"]["name"] if "client" in msg.content.config_records else str(msg.metadata.src_node_id)
+    return _client_record(msg).get("name", str(msg.metadata.src_node_id))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import signal
@@ -18,7 +17,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedswarm.coordinator.aggregate import return_freed_memory_to_os, sink_for
 from fedswarm.coordinator.auth import Authenticator, load_authorized_keys, server_credentials
-from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
+from fedswarm.coordinator.config import CoordinatorTimeouts
+from fedswarm.run_config import RunConfig
 from fedswarm.coordinator.driver import RoundDriver, RunFailed, RunProgress
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Membership
@@ -186,9 +186,9 @@ def serve(args: argparse.Namespace) -> int:
     TaskIdentity.task_id = 1
 
     try:  # the held-out split, tokenized with the run model's own tokenizer (--evaluate clients: not needed)
-        run, windows = json.loads(cfg.to_json()), None
+        windows = None
         if cfg.evaluate != "clients" or swarm_mode:
-            eval_tokens = tokenized.eval_tokens(DataSpec.from_run(cfg.eval_data, run), load_tokenizer(cfg.model),
+            eval_tokens = tokenized.eval_tokens(DataSpec.from_run(cfg.eval_data, cfg), load_tokenizer(cfg.model),
                                                 args.cache_dir)
             windows = tokenized.windows(eval_tokens, cfg.seq_len, cfg.eval_windows)
     except ValueError as err:
@@ -202,21 +202,23 @@ def serve(args: argparse.Namespace) -> int:
                             reaper_interval_s=timeouts.reaper_interval_s, max_sessions=limits.max_sessions)
     grid = SessionGrid(TaskIdentity.run_id, membership.live_ids, updates=sink_for(cfg.strategy, args.state_dir, args.aggregation))
     lost_hooks.append(grid.fail_node)
-    swarm = None
+    swarm, privacy = None, None   # privacy: --dp-clip's ledger, which the uploads' clip consults
     try:
         if swarm_mode:
             from fedswarm.coordinator.swarm_driver import start_swarm
 
             swarm, initial = start_swarm(cfg, grid, store, progress, windows, timeouts,
-                                         p2p_host=args.p2p_host, p2p_announce=args.p2p_announce)
+                                         p2p_host=args.p2p_host, p2p_announce=args.p2p_announce, run_id=run_id)
             lost_hooks.append(swarm.registry.remove)
             driver, run_driver = swarm.driver, swarm.driver.run
         else:
             # --peft lora: only adapters travel, and the base is built only if the coordinator evaluates
-            central = getattr(cfg, "evaluate", "central") != "clients"
-            model = CentralModel(run, central_eval=central)
+            central = cfg.evaluate != "clients"
+            model = CentralModel(cfg, central_eval=central)
             initial = model.initial_state()
-            driver = RoundDriver(cfg, grid, build_strategy(cfg), store, model if central else None, windows,
+            strategy = build_strategy(cfg)
+            privacy = getattr(strategy, "privacy", None)
+            driver = RoundDriver(cfg, grid, strategy, store, model if central else None, windows,
                                  progress, timeouts.round_timeout_s, timeouts=timeouts,
                                  roles=lambda: {m.client_id: m.role for m in membership.snapshot()})
             run_driver = driver.run
@@ -229,7 +231,7 @@ def serve(args: argparse.Namespace) -> int:
         store.close()
         return 2
     service = CoordinatorService(cfg, run_id, grid, membership, progress, timeouts, auth=auth, swarm=swarm,
-                                 limits=limits, state_dir=store.dir, status_limits=status_limits)
+                                 limits=limits, state_dir=store.dir, status_limits=status_limits, privacy=privacy)
     if args.metrics_port is not None:
         from fedswarm.metrics import coordinator_registry, serve as serve_metrics
         try:

@@ -6,6 +6,7 @@ import bisect
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedswarm.coordinator.privacy import status_entry
@@ -81,14 +82,19 @@ def _zero() -> dict:
 
 
 class StatusReport:
-    """Builds the Status object and the history pages from the run's progress, membership and swarm registry."""
+    """Builds the Status object and the history pages from the run's progress, membership and the mode's own
+    part (`mode_status`, given the limits: the swarm's stages)."""
 
-    def __init__(self, cfg, run_id: str, progress, members, swarm=None, limits: StatusLimits | None = None):
-        self.cfg, self.run_id, self.progress, self.members, self.swarm = cfg, run_id, progress, members, swarm
+    def __init__(self, cfg, run_id: str, progress, members, mode_status: Callable[[StatusLimits], dict] | None = None,
+                 limits: StatusLimits | None = None):
+        self.cfg, self.run_id, self.progress, self.members = cfg, run_id, progress, members
+        self.mode_status = mode_status or (lambda limits: {})
         self.limits = limits or StatusLimits()
         self.ledger = RoundLedger()
         with progress.lock:   # a resumed run's rounds, folded at start-up rather than in the first Status
             self.ledger.fold(progress.rounds)
+            # the committed round this process took the run up from (None: it started the run)
+            self.resumed_from = progress.rounds[-1]["round"] if progress.rounds else None
 
     def status(self, counters: dict) -> dict:
         lim, p = self.limits, self.progress
@@ -107,7 +113,8 @@ class StatusReport:
                         "page_rounds": lim.page_rounds},
             "config": json.loads(self.cfg.to_json()), **counters,
             **({"privacy": privacy} if privacy else {}), **({"end_reason": end_reason} if end_reason else {}),
-            **({"swarm": self._swarm()} if self.swarm else {}),
+            **({"resumed_from": self.resumed_from} if self.resumed_from is not None else {}),
+            **self.mode_status(lim),
         }
 
     def history(self, from_round: int, max_rounds: int) -> dict:
@@ -130,9 +137,3 @@ class StatusReport:
             "clients_total": len(members),
             "clients_by_role": dict(Counter(m.role for m in members)),
         }
-
-    def _swarm(self) -> dict:
-        snap = self.swarm.registry.snapshot()   # events and re-assignments: bounded by the registry
-        cap = self.limits.stage_peers
-        snap["stages"] = [{**s, "peers": s["peers"][:cap], "peer_count": len(s["peers"])} for s in snap["stages"]]
-        return snap

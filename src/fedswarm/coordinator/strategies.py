@@ -20,6 +20,7 @@ from flwr.serverapp.exception import AggregationError
 from fedswarm.coordinator import server_steps
 from fedswarm.coordinator.privacy import DPFedAvg, PrivacyLedger, enabled
 from fedswarm.coordinator.spill import SpillKrum
+from fedswarm.run_config import MEAN_BASED, STRATEGY_NAMES
 
 # A fraction so small that int(connected * f) is 0 for any real population: with it,
 # Flower's sampler takes exactly min_train_nodes (fraction_train 0.0 would switch training off).
@@ -150,9 +151,10 @@ STRATEGIES: dict[str, Callable[..., S.Strategy]] = {
     "fedmedian": lambda cfg: S.FedMedian(**sampling(cfg)),
     "krum": lambda cfg: SpillKrum(**sampling(cfg), num_malicious_nodes=0),
 }
-
-# Strategies whose aggregate is linear in the replies (a weighted mean of them): updates are folded.
-MEAN_BASED = {"fedavg", "fedprox", "fedavgm", "fedadam", "diloco", "sparseloco"}
+# The run contract names the strategies (fedswarm.run_config); exactly those are built here.
+if sorted(STRATEGIES) != sorted(STRATEGY_NAMES) or not MEAN_BASED <= set(STRATEGIES):
+    raise ImportError(f"coordinator/strategies.py builds {sorted(STRATEGIES)} but fedswarm.run_config names "
+                      f"{sorted(STRATEGY_NAMES)} (mean-based: {sorted(MEAN_BASED)}): add or remove the name there too")
 
 
 def build_strategy(cfg) -> S.Strategy:

@@ -15,6 +15,8 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_INT8: _ClassVar[Codec]
     CODEC_INT4: _ClassVar[Codec]
     CODEC_TOPK: _ClassVar[Codec]
+    CODEC_INT2: _ClassVar[Codec]
+    CODEC_SIGN: _ClassVar[Codec]
 
 class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -28,6 +30,8 @@ CODEC_BF16: Codec
 CODEC_INT8: Codec
 CODEC_INT4: Codec
 CODEC_TOPK: Codec
+CODEC_INT2: Codec
+CODEC_SIGN: Codec
 TASK_NONE: TaskKind
 TASK_TRAIN: TaskKind
 TASK_DONE: TaskKind
@@ -136,8 +140,15 @@ class JoinReply(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., dht_peers: _Optional[_Iterable[str]] = ..., stage: _Optional[int] = ..., roster: _Optional[_Union[SwarmRoster, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("client_id", "session_token", "stage", "throughput", "optimizer_steps", "microbatches_completed", "microbatches_retried", "microbatches_lost", "tokens", "load", "train_loss", "refused", "switch_s")
+    __slots__ = ("client_id", "session_token", "stage", "throughput", "optimizer_steps", "microbatches_completed", "microbatches_retried", "microbatches_lost", "tokens", "load", "train_loss", "refused", "switch_s", "lying", "confirmed_tokens")
     class RefusedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ConfirmedTokensEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +168,8 @@ class HeartbeatRequest(_message.Message):
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     SWITCH_S_FIELD_NUMBER: _ClassVar[int]
+    LYING_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session_token: str
     stage: int
@@ -170,7 +183,9 @@ class HeartbeatRequest(_message.Message):
     train_loss: float
     refused: _containers.ScalarMap[str, int]
     switch_s: float
-    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., stage: _Optional[int] = ..., throughput: _Optional[float] = ..., optimizer_steps: _Optional[int] = ..., microbatches_completed: _Optional[int] = ..., microbatches_retried: _Optional[int] = ..., microbatches_lost: _Optional[int] = ..., tokens: _Optional[int] = ..., load: _Optional[float] = ..., train_loss: _Optional[float] = ..., refused: _Optional[_Mapping[str, int]] = ..., switch_s: _Optional[float] = ...) -> None: ...
+    lying: _containers.RepeatedCompositeFieldContainer[LyingReport]
+    confirmed_tokens: _containers.ScalarMap[str, int]
+    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., stage: _Optional[int] = ..., throughput: _Optional[float] = ..., optimizer_steps: _Optional[int] = ..., microbatches_completed: _Optional[int] = ..., microbatches_retried: _Optional[int] = ..., microbatches_lost: _Optional[int] = ..., tokens: _Optional[int] = ..., load: _Optional[float] = ..., train_loss: _Optional[float] = ..., refused: _Optional[_Mapping[str, int]] = ..., switch_s: _Optional[float] = ..., lying: _Optional[_Iterable[_Union[LyingReport, _Mapping]]] = ..., confirmed_tokens: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("state", "round", "stage", "roster")
@@ -241,7 +256,14 @@ class ModelChunk(_message.Message):
     def __init__(self, part: _Optional[_Union[TensorPart, _Mapping]] = ..., version: _Optional[int] = ..., delta: _Optional[bool] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("client_id", "session_token", "task_id", "round", "num_examples", "train_loss", "num_tensors", "num_parts", "train_seconds", "signature", "base_digest")
+    __slots__ = ("client_id", "session_token", "task_id", "round", "num_examples", "train_loss", "num_tensors", "num_parts", "train_seconds", "signature", "base_digest", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +275,7 @@ class UpdateHeader(_message.Message):
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session_token: str
     task_id: str
@@ -264,7 +287,8 @@ class UpdateHeader(_message.Message):
     train_seconds: float
     signature: bytes
     base_digest: bytes
-    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., num_tensors: _Optional[int] = ..., num_parts: _Optional[int] = ..., train_seconds: _Optional[float] = ..., signature: _Optional[bytes] = ..., base_digest: _Optional[bytes] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., num_tensors: _Optional[int] = ..., num_parts: _Optional[int] = ..., train_seconds: _Optional[float] = ..., signature: _Optional[bytes] = ..., base_digest: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "part")
@@ -347,7 +371,7 @@ class SwarmTensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ...) -> None: ...
 
 class StageRequest(_message.Message):
-    __slots__ = ("run_id", "stage", "microbatch_id", "ids", "ids_shape", "hidden", "labels", "grad_output", "backward", "next_hops")
+    __slots__ = ("run_id", "stage", "microbatch_id", "ids", "ids_shape", "hidden", "labels", "grad_output", "backward", "next_hops", "audit", "verify")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     MICROBATCH_ID_FIELD_NUMBER: _ClassVar[int]
@@ -358,6 +382,8 @@ class StageRequest(_message.Message):
     GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
     NEXT_HOPS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     stage: int
     microbatch_id: str
@@ -368,10 +394,38 @@ class StageRequest(_message.Message):
     grad_output: SwarmTensor
     backward: bool
     next_hops: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[int] = ..., microbatch_id: _Optional[str] = ..., ids: _Optional[bytes] = ..., ids_shape: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[SwarmTensor, _Mapping]] = ..., labels: _Optional[bytes] = ..., grad_output: _Optional[_Union[SwarmTensor, _Mapping]] = ..., backward: _Optional[bool] = ..., next_hops: _Optional[_Iterable[str]] = ...) -> None: ...
+    audit: bool
+    verify: bool
+    def __init__(self, run_id: _Optional[str] = ..., stage: _Optional[int] = ..., microbatch_id: _Optional[str] = ..., ids: _Optional[bytes] = ..., ids_shape: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[SwarmTensor, _Mapping]] = ..., labels: _Optional[bytes] = ..., grad_output: _Optional[_Union[SwarmTensor, _Mapping]] = ..., backward: _Optional[bool] = ..., next_hops: _Optional[_Iterable[str]] = ..., audit: _Optional[bool] = ..., verify: _Optional[bool] = ...) -> None: ...
+
+class StageReceipt(_message.Message):
+    __slots__ = ("microbatch_id", "stage", "input_digest", "output_digest", "loss", "public_key", "signature", "output", "failed_peer", "failed_reason", "weights_version")
+    MICROBATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_PEER_FIELD_NUMBER: _ClassVar[int]
+    FAILED_REASON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    microbatch_id: str
+    stage: int
+    input_digest: bytes
+    output_digest: bytes
+    loss: float
+    public_key: bytes
+    signature: bytes
+    output: SwarmTensor
+    failed_peer: str
+    failed_reason: str
+    weights_version: bytes
+    def __init__(self, microbatch_id: _Optional[str] = ..., stage: _Optional[int] = ..., input_digest: _Optional[bytes] = ..., output_digest: _Optional[bytes] = ..., loss: _Optional[float] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., output: _Optional[_Union[SwarmTensor, _Mapping]] = ..., failed_peer: _Optional[str] = ..., failed_reason: _Optional[str] = ..., weights_version: _Optional[bytes] = ...) -> None: ...
 
 class StageReply(_message.Message):
-    __slots__ = ("hidden", "grad_input", "loss", "optimizer_step", "recomputed", "failed_peer", "failed_reason")
+    __slots__ = ("hidden", "grad_input", "loss", "optimizer_step", "recomputed", "failed_peer", "failed_reason", "receipts")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -379,6 +433,7 @@ class StageReply(_message.Message):
     RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
     FAILED_PEER_FIELD_NUMBER: _ClassVar[int]
     FAILED_REASON_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
     hidden: SwarmTensor
     grad_input: SwarmTensor
     loss: float
@@ -386,4 +441,13 @@ class StageReply(_message.Message):
     recomputed: bool
     failed_peer: str
     failed_reason: str
-    def __init__(self, hidden: _Optional[_Union[SwarmTensor, _Mapping]] = ..., grad_input: _Optional[_Union[SwarmTensor, _Mapping]] = ..., loss: _Optional[float] = ..., optimizer_step: _Optional[int] = ..., recomputed: _Optional[bool] = ..., failed_peer: _Optional[str] = ..., failed_reason: _Optional[str] = ...) -> None: ...
+    receipts: _containers.RepeatedCompositeFieldContainer[StageReceipt]
+    def __init__(self, hidden: _Optional[_Union[SwarmTensor, _Mapping]] = ..., grad_input: _Optional[_Union[SwarmTensor, _Mapping]] = ..., loss: _Optional[float] = ..., optimizer_step: _Optional[int] = ..., recomputed: _Optional[bool] = ..., failed_peer: _Optional[str] = ..., failed_reason: _Optional[str] = ..., receipts: _Optional[_Iterable[_Union[StageReceipt, _Mapping]]] = ...) -> None: ...
+
+class LyingReport(_message.Message):
+    __slots__ = ("stage", "receipts")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    receipts: _containers.RepeatedCompositeFieldContainer[StageReceipt]
+    def __init__(self, stage: _Optional[int] = ..., receipts: _Optional[_Iterable[_Union[StageReceipt, _Mapping]]] = ...) -> None: ...

@@ -31,7 +31,7 @@ class Reason(enum.StrEnum):
     UPLOAD_REPLACED = "upload_replaced"        # a newer upload stream for the same task replaced this one
     TOO_MANY_WATCHES = "too_many_watches"      # too many status watchers
     POLL_SUPERSEDED = "poll_superseded"        # a newer long-poll of the session replaced this one
-    # sessions (coordinator/service.py, membership.py)
+    # sessions (coordinator/session_rpcs.py, rpc.py, membership.py)
     BAD_SESSION = "bad_session"                # unknown or expired session: join again
     SESSION_REPLACED = "session_replaced"      # another daemon joined with this key: this one stops
     REPLACED_SESSION = "replaced_session"      # counted when a join replaces an older session of its key
@@ -57,7 +57,7 @@ class Reason(enum.StrEnum):
     REPLAYED_JOIN = "replayed_join"
     TOO_MANY_PROOFS = "too_many_proofs"        # this key holds too many unexpired proofs: retry soon
     NONCE_CACHE_FULL = "nonce_cache_full"      # every key together does: retry soon
-    # updates and evaluations (coordinator/service.py)
+    # updates and evaluations (coordinator/uploads.py, task_rpcs.py, modes.py)
     EMPTY_STREAM = "empty_stream"
     NO_HEADER = "no_header"
     BAD_HEADER = "bad_header"
@@ -94,6 +94,9 @@ class Reason(enum.StrEnum):
     RECORD_MALFORMED = "record_malformed"      # a roster peer's DHT record that does not parse: ignored
     RECORD_UNSIGNED = "record_unsigned"        # a DHT stage record under no peer's own signed subkey: ignored
     WEIGHTS_RESTORED = "weights_restored"      # not a refusal of input: a replica's weights turned non-finite
+    BAD_RECEIPT = "bad_receipt"                # a chained reply without every stage's valid signed receipt
+    FALSE_BLAME = "false_blame"                # a peer's claim that another failed did not check out
+    LYING_PEER = "lying_peer"                  # a spot check: two other replicas of its stage contradict its output
 
 
 REJOIN = frozenset({Reason.BAD_SESSION})                           # the session is gone (restart, lease lost): join again

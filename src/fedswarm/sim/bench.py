@@ -11,7 +11,7 @@ from pathlib import Path
 from fedswarm.progress import Progress
 from fedswarm.sim.bench_lora import add_arguments as add_lora_arguments
 from fedswarm.sim.bench_lora import bench_lora
-from fedswarm.coordinator.config import RunConfig
+from fedswarm.run_config import RunConfig
 from fedswarm.sim.bench_learning import add_arguments as add_learning_arguments
 from fedswarm.sim.bench_learning import bench_learning
 from fedswarm.sim.bench_aggregate import add_aggregate_arguments, bench_aggregate

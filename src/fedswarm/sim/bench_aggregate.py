@@ -18,16 +18,14 @@ import json
 import math
 import re
 import shutil
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import torch
 
+from fedswarm.client.session import ClientTimeouts, Session
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
-from fedswarm.proto import fedswarm_pb2_grpc as pb_grpc
 from fedswarm.proto import wire
 from fedswarm.sim.processes import coordinator_process, fetch_status, wait_until
 
@@ -57,54 +55,43 @@ def _reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")   # VmHWM := VmRSS (Linux >= 4.0)
 
 
-class Session:
-    """One client session doing what the daemon does for a round, without training."""
+class BenchSession:
+    """One client session (client/session.py: join, heartbeats, retries) doing a round as the daemon does,
+    without training."""
 
     def __init__(self, address: str, index: int):
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES + 4096),
-            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES + 4096)])
-        self.stub = pb_grpc.CoordinatorStub(self.channel)
-        self.push = self.channel.stream_unary("/fedswarm.Coordinator/PushUpdate", request_serializer=None,
-                                              response_deserializer=pb.PushReply.FromString)
-        reply = self.stub.Join(pb.JoinRequest(name=f"bench-{index}", device="cpu", precision="fp32"), timeout=RPC_S)
-        self.index, self.client_id, self.token = index, reply.client_id, reply.session_token
-        self.cfg = json.loads(reply.run_config_json)
+        self.session = Session(address, f"bench-{index}", precision="fp32",
+                               timeouts=ClientTimeouts(rpc_s=RPC_S, transfer_s=RPC_S, pull_wait_s=20.0))
+        self.session.join()   # its heartbeat thread keeps the lease while the others take their turn
+        self.index = index
 
     def one_round(self) -> int:
+        s = self.session
         task = pb.Task(kind=pb.TASK_NONE)
         while task.kind == pb.TASK_NONE:
-            task = self.stub.PullTask(pb.PullTaskRequest(client_id=self.client_id, session_token=self.token,
-                                                         wait_s=20.0), timeout=RPC_S)
+            task = s.pull()
         if task.kind != pb.TASK_TRAIN:
             raise RuntimeError(f"bench-{self.index}: expected a training task, got kind {task.kind}")
         shapes = {}
-        for chunk in self.stub.FetchModel(pb.FetchModelRequest(client_id=self.client_id, session_token=self.token,
-                                                               task_id=task.task_id), timeout=RPC_S):
+        c = s.creds
+        for chunk in s.stub.FetchModel(pb.FetchModelRequest(**c.ids(), task_id=task.task_id), timeout=RPC_S):
             shapes[chunk.part.name] = tuple(chunk.part.shape)
-        upload = C.CodecSpec.of(self.cfg, "upload")
+        upload = C.CodecSpec.of(s.run_cfg, "upload")
         gen = torch.Generator().manual_seed(self.index)
         parts = [pb.UpdateChunk(part=p).SerializeToString()
                  for name, shape in shapes.items()
                  for p in wire.tensor_parts(name, shape, upload.encode(
                      1e-3 * torch.randn(math.prod(shape), generator=gen)))]
-        header = pb.UpdateHeader(client_id=self.client_id, session_token=self.token, task_id=task.task_id,
+        header = pb.UpdateHeader(client_id=c.client_id, session_token=c.token, task_id=task.task_id,
                                  round=task.round, num_examples=1 + self.index, train_loss=1.0,
                                  num_tensors=len(shapes), num_parts=len(parts), train_seconds=0.0)
-        reply = self.push(iter([pb.UpdateChunk(header=header).SerializeToString(), *parts]), timeout=RPC_S)
+        reply = s.push([pb.UpdateChunk(header=header).SerializeToString(), *parts])
         if not reply.accepted:
             raise RuntimeError(f"bench-{self.index}: upload refused: {reply.message}")
         return reply.bytes_received
 
     def close(self) -> None:
-        self.channel.close()
-
-
-def _heartbeats(sessions: list[Session], done: threading.Event, every_s: float = 2.0) -> None:
-    """Keep every session's lease while the others take their turn (as the daemon's heartbeat thread does)."""
-    while not done.wait(every_s):
-        for s in sessions:
-            s.stub.Heartbeat(pb.HeartbeatRequest(client_id=s.client_id, session_token=s.token), timeout=RPC_S)
+        self.session.close()
 
 
 def measure(args: argparse.Namespace, path: str, strategy: str) -> dict:
@@ -118,10 +105,7 @@ def measure(args: argparse.Namespace, path: str, strategy: str) -> dict:
         wait_until("the initial model's evaluation", lambda: fetch_status(address)["rounds"], 300, watch=[coordinator])
         idle = _rss(coordinator.pid)["VmRSS"]
         _reset_peak(coordinator.pid)
-        sessions = [Session(address, i) for i in range(args.uploads)]
-        done = threading.Event()
-        beats = threading.Thread(target=_heartbeats, args=(sessions, done), daemon=True)
-        beats.start()
+        sessions = [BenchSession(address, i) for i in range(args.uploads)]
         try:
             with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool:
                 sent = sum(pool.map(lambda s: s.one_round(), sessions))
@@ -130,8 +114,6 @@ def measure(args: argparse.Namespace, path: str, strategy: str) -> dict:
                                 600, watch=[coordinator])
             round_peak = _rss(coordinator.pid)["VmHWM"]
         finally:
-            done.set()
-            beats.join()
             for s in sessions:
                 s.close()
     record = status["rounds"][1]

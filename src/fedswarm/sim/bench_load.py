@@ -31,6 +31,7 @@ from fedswarm.client.daemon import ClientTimeouts
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import wire
+from fedswarm.run_config import RunConfig
 
 log = logging.getLogger("fedswarm.bench.load")
 RESULT_PREFIX = "load-result "
@@ -94,13 +95,13 @@ class ZeroUpdates:
     def __init__(self):
         self._by_round: dict[int, asyncio.Future] = {}
 
-    async def get(self, task: pb.Task, parts: list[pb.TensorPart], cfg: dict) -> tuple[list[bytes], int, bytes]:
+    async def get(self, task: pb.Task, parts: list[pb.TensorPart], cfg: RunConfig) -> tuple[list[bytes], int, bytes]:
         if task.round not in self._by_round:
             self._by_round = {task.round: asyncio.ensure_future(asyncio.to_thread(self._encode, parts, cfg))}
         return await self._by_round[task.round]
 
     @staticmethod
-    def _encode(parts: list[pb.TensorPart], cfg: dict) -> tuple[list[bytes], int, bytes]:
+    def _encode(parts: list[pb.TensorPart], cfg: RunConfig) -> tuple[list[bytes], int, bytes]:
         base = assemble(parts)
         feedback = C.ErrorFeedback.for_run(cfg)
         return (work.encode_delta(feedback, {n: t.new_zeros(t.shape) for n, t in base.items()}), len(base),
@@ -111,7 +112,7 @@ async def _minimal_update(session: AsyncSession, task: pb.Task, zeros: ZeroUpdat
     """Download the task's model and upload a zero delta (valid, and costs no training)."""
     cfg = session.run_cfg
     raw_parts, num_tensors, digest = await zeros.get(task, await session.fetch_parts(task.task_id), cfg)
-    examples = cfg["local_steps"] * cfg.get("grad_accum", 1) * cfg["batch_size"]
+    examples = cfg.local_steps * cfg.grad_accum * cfg.batch_size
     chunks = work.update_stream(raw_parts, client_id=session.client_id, token=session.token, run_id=session.run_id,
                                 task=task, num_tensors=num_tensors, num_examples=examples, train_loss=1.0,
                                 seconds=0.0, base_digest=digest)

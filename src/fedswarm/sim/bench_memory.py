@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedswarm.run_config import RunConfig
+
 GPT2_124M = {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257,
              "n_positions": 1024, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 PARTS = ("client", "peer")
@@ -80,8 +82,8 @@ def _peer(spec: dict, model: str) -> tuple[float, list[tuple[float, float]]]:
                   .named_parameters()}
     state = {n: 0.02 * torch.randn(shape) for n, shape in shapes.items()}   # what a peer fetches
     B, T, D = spec["batch_size"], spec["seq_len"], GPT2_124M["n_embd"]
-    cfg = {"model": model, "stages": 2, "seed": 0, "lr": 1e-4, "seq_len": T, "batch_size": B,
-           "activation_codec": "bf16"}
+    cfg = RunConfig(model=model, mode="swarm", stages=2, seed=0, lr=1e-4, seq_len=T, batch_size=B,
+                    activation_codec="bf16")
     from fedswarm.client.trainer import resolve_precision
 
     server = PeerStageServer("bench", cfg, torch.device("cpu"), resolve_precision(spec["precision"], torch.device("cpu")),

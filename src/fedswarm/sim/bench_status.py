@@ -26,7 +26,8 @@ def old_run(rounds: int, clients: int) -> list[dict]:
 def build_service(rounds: list[dict], clients: int, limits=None, auth=None):
     """A CoordinatorService over those rounds, with `clients` live sessions (`auth`: an Authenticator whose
     run id the service takes)."""
-    from fedswarm.coordinator.config import CoordinatorTimeouts, RunConfig
+    from fedswarm.coordinator.config import CoordinatorTimeouts
+    from fedswarm.run_config import RunConfig
     from fedswarm.coordinator.driver import RunProgress
     from fedswarm.coordinator.grid import SessionGrid
     from fedswarm.coordinator.membership import Membership

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from fedswarm.coordinator.config import RunConfig
+from fedswarm.run_config import RunConfig
 from fedswarm import settings
 from fedswarm.progress import Progress
 from fedswarm.sim.hosts import HostNetwork, burst_bytes, probe, start_coordinator
@@ -100,7 +100,7 @@ def run_sim(args: argparse.Namespace, log=print, on_round=None) -> dict:
         "clients": status["clients"],
         "rejections": status.get("rejections", {}),
         "socket_bytes": {"up": socket_up, "down": socket_down, "measured_at": "coordinator host link" if hosts else "socket"},
-        "communication": communication(status["rounds"], status["config"], args.clients, socket_up, socket_down),
+        "communication": communication(status["rounds"], RunConfig.from_status(status), args.clients, socket_up, socket_down),
         "wall_seconds": round(time.time() - started, 2),
         **privacy_report(status),
     }

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from fedswarm.memory import proc_memory_mb  # noqa: F401 - the sims and benches read it from here
+from fedswarm.run_config import RunConfig
 
 BUILDS = ("stage", "full")
 MEASURE_TIMEOUT_S = 900.0   # one peer process at 135M, on a loaded 2-core machine
@@ -73,8 +74,8 @@ def _measure(args: argparse.Namespace) -> dict:
     before = proc_memory_mb()
     if args.build == "full":
         stage_server.build_stage = _full_model_build
-    cfg = {"model": args.model, "stages": args.stages, "seed": args.seed, "lr": 1e-3, "seq_len": args.seq_len,
-           "batch_size": args.batch_size, "activation_codec": "bf16"}
+    cfg = RunConfig(model=args.model, mode="swarm", stages=args.stages, seed=args.seed, lr=1e-3, seq_len=args.seq_len,
+                    batch_size=args.batch_size, activation_codec="bf16")
     server = stage_server.StageServer("bench", cfg, torch.device("cpu"), args.precision)
     server.serve(args.stage, load_file(args.state))      # what a peer fetches from the coordinator
     m = server.module

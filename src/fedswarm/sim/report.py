@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedswarm.run_config import RunConfig
+
 
 def write_report(out_dir: Path, report: dict) -> Path:
     path = out_dir / "report.json"
@@ -33,12 +35,12 @@ def allreduce_bytes(tokens: int, workers: int, parameters: int, tokens_per_step:
     return int(steps * workers * 2 * (workers - 1) / workers * 4 * parameters)
 
 
-def communication(rounds: list[dict], config: dict, workers: int, socket_up: int, socket_down: int) -> dict:
+def communication(rounds: list[dict], config: RunConfig, workers: int, socket_up: int, socket_down: int) -> dict:
     """Bytes at the socket, tokens trained, and the ratio against fp32 data-parallel all-reduce."""
     trained = [r for r in rounds if r["round"] > 0 and r["clients"]]
     tokens = sum(int(r.get("tokens") or 0) for r in trained)
     parameters = trained[0]["bytes_up_raw"] // (4 * len(trained[0]["clients"])) if trained else 0
-    dp = allreduce_bytes(tokens, workers, parameters, config["batch_size"] * config["seq_len"] * config["grad_accum"])
+    dp = allreduce_bytes(tokens, workers, parameters, config.batch_size * config.seq_len * config.grad_accum)
     moved = socket_up + socket_down
     return {"socket_bytes_up": socket_up, "socket_bytes_down": socket_down, "tokens": tokens,
             "parameters": parameters, "workers": workers,

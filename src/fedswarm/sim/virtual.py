@@ -24,13 +24,15 @@ import torch
 
 from fedswarm.client import work
 from fedswarm.client.aio_session import AsyncSession, open_aio_channel
-from fedswarm.client.daemon import ClientTimeouts, DigestMismatch, reconstruct
+from fedswarm.client.daemon import DigestMismatch, reconstruct
+from fedswarm.client.session import ClientTimeouts
 from fedswarm.client.trainer import LocalTrainer, resolve_device, resolve_precision
 from fedswarm.data import BatchSampler, load_train_tokens
 from fedswarm.models import build_model
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import wire
+from fedswarm.run_config import RunConfig
 from fedswarm.sim.version_cache import VersionCache
 
 log = logging.getLogger("fedswarm.virtual")
@@ -94,16 +96,16 @@ class Trainer:
         self.precision = resolve_precision(spec.precision, self.device)
         self.model: torch.nn.Module | None = None
 
-    def train(self, index: int, run_cfg: dict, task: pb.Task,
+    def train(self, index: int, run_cfg: RunConfig, task: pb.Task,
               base: dict[str, torch.Tensor]) -> tuple[list[bytes], int, float, float, bytes]:
         """(serialized parts, num_examples, train_loss, seconds, base digest) of virtual client `index` on `task`."""
         if self.model is None:
-            self.model = build_model(run_cfg["model"], seed=run_cfg["seed"])
+            self.model = build_model(run_cfg.model, seed=run_cfg.seed)
         tokens = load_train_tokens(self.spec.data, index, self.spec.total)
-        key = f"{run_cfg['seed']}/{index}/{self.spec.total}/{task.round}"
+        key = f"{run_cfg.seed}/{index}/{self.spec.total}/{task.round}"
         seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
-        sampler = BatchSampler(tokens, run_cfg["seq_len"], run_cfg["batch_size"], seed)
-        trainer = LocalTrainer(self.model, sampler, self.device, self.precision, lr=run_cfg["lr"])
+        sampler = BatchSampler(tokens, run_cfg.seq_len, run_cfg.batch_size, seed)
+        trainer = LocalTrainer(self.model, sampler, self.device, self.precision, lr=run_cfg.lr)
         delta, result = work.train_on_task(trainer, run_cfg, task, base)
         feedback = C.ErrorFeedback.for_run(run_cfg)
         parts = work.encode_delta(feedback, delta)
@@ -139,7 +141,7 @@ class Worker:
 
     async def client(self, index: int) -> None:
         """One virtual client's life: join, then pull and train until the run is done (or it drops out)."""
-        channel = open_aio_channel(self.spec.coordinator)
+        channel = open_aio_channel(self.spec.coordinator, timeouts=self.timeouts)
         session = AsyncSession(channel, client_name(index), self.timeouts)
         beats = None
         try:
@@ -169,7 +171,7 @@ class Worker:
         """The task's weights: delta steps from the version this client holds (if the worker still keeps it),
         as a daemon downloads them, else a full copy; what it now holds is kept for its next task."""
         held = self.versions.held(index)
-        codec = C.CodecSpec.of({"download_codec": "none", **session.run_cfg}, "download")
+        codec = C.CodecSpec.of(session.run_cfg, "download")
 
         async def fetch(held):
             chunks = await session.fetch_chunks(task.task_id, held.version if held else None,
@@ -193,9 +195,10 @@ class Worker:
         if _roll(self.spec.seed, index, task.round, "straggler") < self.spec.straggler_rate:
             self.stats.stragglers += 1
             await asyncio.sleep(self.spec.straggler_delay_s)
-        chunks = work.update_stream(parts, client_id=session.client_id, token=session.token, run_id=session.run_id,
-                                    task=task, num_tensors=len(base), num_examples=examples, train_loss=loss,
-                                    seconds=seconds, base_digest=digest)
+        c = session.creds
+        chunks = work.update_stream(parts, client_id=c.client_id, token=c.token, run_id=c.run_id, task=task,
+                                    num_tensors=len(base), num_examples=examples, train_loss=loss, seconds=seconds,
+                                    base_digest=digest)
         try:
             await session.push(chunks)
             self.stats.trained += 1

@@ -1,7 +1,7 @@
 """`fedswarm client --role peer|trainer`: the swarm roles of the client daemon."""
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import threading
 import time
@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from fedswarm import tokenized
-from fedswarm.client.daemon import ClientDaemon
+from fedswarm.client.daemon import Host, RoleBase
+from fedswarm.client.options import ClientSettings
 from fedswarm.client.swarm.roster import Roster
 from fedswarm.client.swarm.routing import StageRecord, stage_key
 from fedswarm.client import work
@@ -21,14 +21,12 @@ from fedswarm.client.swarm.swarm_trainer import MicrobatchLost, SwarmTrainer, ru
 from fedswarm.p2p import P2P_REFUSALS, SwarmNode, new_identity
 from fedswarm import memory
 from fedswarm.models import model_config
-from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.stage_lora import lora_stage_shapes
 from fedswarm.stages import HandedOver, stage_shapes
 from fedswarm.proto.refusals import Reason
 from fedswarm.proto.run_state import RunState
-from fedswarm.settings import from_args
-from fedswarm.swarm_settings import SWARM_PREFIX, TRAINER_PREFIX, SwarmTimeouts, TrainerTimeouts
+from fedswarm.run_config import RunConfig
 
 log = logging.getLogger("fedswarm.swarm")
 
@@ -103,50 +101,53 @@ class PeerStageServer(StageServer):
         self.module.gradient_checkpointing = self.gradient_checkpointing
 
 
-class SwarmMember(ClientDaemon):
-    """A client on the swarm's data plane: its libp2p identity exists before it joins (the signed join binds
+class SwarmMember(RoleBase):
+    """A role on the swarm's data plane: its libp2p identity exists before it joins (the signed join binds
     the peer id), and it holds the coordinator's roster of who else is on the data plane."""
 
-    def __init__(self, args, timeouts=None):
-        super().__init__(args, timeouts)
+    def __init__(self, settings: ClientSettings, host: Host | None = None):
+        super().__init__(settings, host)
         self.p2p_key, self.p2p_peer_id = new_identity()
         self.roster = Roster()
+        self.node: SwarmNode | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.session.creds.run_id
 
     def _start_node(self, client_mode: bool, gate: "ForkGate | None" = None) -> SwarmNode:
-        self.roster.update(self.joined.roster)
+        joined = self.session.joined
+        self.roster.update(joined.roster)
         # fork_guard: no gRPC call in flight while hivemind forks its DHT process (only the fork: heartbeats
         # go on while the DHT starts, so the 3 s lease cannot lapse during a slow start)
-        return SwarmNode(initial_peers=self.dht_peers, host=self.args.p2p_host, announce=self.args.p2p_announce,
-                         client_mode=client_mode, identity=self.p2p_key, fork_lock=gate or self.fork_guard,
-                         timeouts=from_args(SwarmTimeouts, self.args, prefix=SWARM_PREFIX))
+        return SwarmNode(initial_peers=list(joined.dht_peers), host=self.options.p2p_host,
+                         announce=self.options.p2p_announce, client_mode=client_mode, identity=self.p2p_key,
+                         fork_lock=gate or self.session.fork_guard, timeouts=self.settings.swarm)
 
 
-class PeerDaemon(SwarmMember):
+class PeerRole(SwarmMember):
     """Serves the stage the coordinator assigns; switches when re-assigned; syncs with the stage average."""
 
-    role = "peer"
+    name = "peer"
 
-    def __init__(self, args, timeouts=None):
-        super().__init__(args, timeouts)
-        self.node: SwarmNode | None = None
+    def __init__(self, settings: ClientSettings, host: Host | None = None):
+        super().__init__(settings, host)
         self.server: StageServer | None = None
         self.switcher: StageSwitcher | None = None
         self._announcer_stop = threading.Event()
         self.ready = threading.Event()   # set once the assigned stage is served (heartbeats read it)
         self.switch_s = 0.0              # seconds the last stage load took (fetch + build): the coordinator's move cost
 
-    def _setup(self, cfg: dict) -> None:
+    def setup(self, cfg: RunConfig) -> None:
         self.run_cfg = cfg
         memory.return_freed_memory_to_os()   # freed activations, gradients and sync buffers leave the process
-        self.codec = C.codec_by_name(cfg["upload_codec"])
-        self.feedback = C.ErrorFeedback.for_run(cfg)
-        local = {**cfg, "model": self.args.model or cfg["model"]}   # this host's copy of the model (LoRA's base)
-        self.server = PeerStageServer(self.run_id, local, self.device, self.precision, roster=self.roster,
-                                      gradient_checkpointing=getattr(self.args, "gradient_checkpointing", False))
+        self.start_uploads(cfg)
+        self.server = PeerStageServer(self.run_id, self.options.local_run(cfg), self.device, self.precision,
+                                      roster=self.roster, gradient_checkpointing=self.options.gradient_checkpointing)
         self._switch_lock = threading.Lock()
         # The DHT node (p2pd, bootstrap) starts while the assigned stage is fetched and built: only hivemind's
         # fork must see no gRPC call of ours in flight, so the fetch waits for the fork, not for the node.
-        gate = ForkGate(self.fork_guard)
+        gate = ForkGate(self.session.fork_guard)
         with ThreadPoolExecutor(1, thread_name_prefix="node-start") as pool:
             starting = pool.submit(self._start_node, False, gate)
             while not gate.forked.wait(0.05):
@@ -154,8 +155,9 @@ class PeerDaemon(SwarmMember):
                     starting.result()   # failed before it forked: raise its error
                     break
             started = time.monotonic()
+            assigned = self.session.joined.stage
             with self._switch_lock:
-                self.server.serve(self.assigned_stage, self.fetch_stage(self.assigned_stage))
+                self.server.serve(assigned, self.fetch_stage(assigned))
             memory.trim()   # what the download's buffers left free in malloc's arenas goes back to the OS
             built_s = self.switch_s = time.monotonic() - started
             self.node = starting.result()
@@ -163,7 +165,7 @@ class PeerDaemon(SwarmMember):
         self.node.add_handler(HANDLER, self.server.handle, pb.StageRequest, gate=self.server.gate)
         self._announce()
         log.warning("now serving stage %d (was -1): assigned at join; built in %.2f s while the node started; "
-                    "RSS %s", self.assigned_stage, built_s, memory.rss_summary())
+                    "RSS %s", assigned, built_s, memory.rss_summary())
         self.switcher = StageSwitcher(self._switch, self._abort)
         threading.Thread(target=self._announce_loop, name="announce", daemon=True).start()
         self.ready.set()
@@ -185,19 +187,18 @@ class PeerDaemon(SwarmMember):
     def _stage_spec(self, stage: int) -> dict[str, tuple[int, ...]]:
         """Name -> shape of the tensors stage `stage` trains (LoRA: its adapters), on this host's copy of the model."""
         cfg = self.server.cfg
-        return lora_stage_shapes(cfg, stage) if cfg.get("peft", "none") == "lora" else \
-            stage_shapes(cfg["model"], stage, cfg["stages"])
+        return lora_stage_shapes(cfg, stage) if cfg.peft == "lora" else stage_shapes(cfg.model, stage, cfg.stages)
 
     def fetch_stage(self, stage: int) -> HandedOver:
         """Stage `stage`'s latest committed average. Each part is checked against the stage's names and shapes
         and decoded into place as it arrives, so the stream is never held whole next to the tensors; the result
         is handed over (the stage built from it copies nothing)."""
-        spec = self._stage_spec(stage)
+        spec, s = self._stage_spec(stage), self.session
 
         def download() -> HandedOver:
-            req = pb.FetchModelRequest(**self.creds.ids(), stage=stage + 1)
-            return HandedOver(average_tensors(self.stub.FetchModel(req, timeout=self.t.transfer_s), spec))
-        return self.with_retry("stage download", download)
+            req = pb.FetchModelRequest(**s.creds.ids(), stage=stage + 1)
+            return HandedOver(average_tensors(s.stub.FetchModel(req, timeout=s.t.transfer_s), spec))
+        return s.with_retry("stage download", download)
 
     def _announce(self) -> None:
         throughput, _, _, load = self.server.stats()
@@ -211,13 +212,13 @@ class PeerDaemon(SwarmMember):
             except Exception as err:  # noqa: BLE001 - a missed announce only shortens the record's life
                 log.debug("announce failed: %s", err)
 
-    def heartbeat_request(self) -> pb.HeartbeatRequest:
+    def heartbeat_fields(self) -> dict:
         if not self.ready.is_set():  # still setting up: serving nothing (not on the roster yet)
-            return pb.HeartbeatRequest(**self.creds.ids(), stage=-1)
+            return {"stage": -1}
         throughput, steps, utilization, _ = self.server.stats()
-        return pb.HeartbeatRequest(**self.creds.ids(), stage=self.server.stage_index,
-                                   throughput=throughput, optimizer_steps=steps, load=utilization,
-                                   refused=_with_p2p(self.server.refusals.snapshot()), switch_s=self.switch_s)
+        return dict(stage=self.server.stage_index, throughput=throughput, optimizer_steps=steps, load=utilization,
+                    refused=_with_p2p(self.server.refusals.snapshot()), switch_s=self.switch_s,
+                    confirmed_tokens=self.server.confirmed_tokens())
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
         self.roster.update(reply.roster)
@@ -229,24 +230,28 @@ class PeerDaemon(SwarmMember):
     def _abort(self, err: BaseException) -> None:
         """A switch failed: this peer cannot serve its stage. Closing the channel ends run()'s task loop."""
         self._failure = err
-        self.channel.close()
+        self.session.channel.close()
 
-    def train(self, task: pb.Task) -> None:
+    def on_task(self, task: pb.Task) -> None:
+        if task.kind == pb.TASK_TRAIN:   # in a swarm, a "train" task is a stage sync
+            self.sync(task)
+        else:
+            super().on_task(task)
+
+    def sync(self, task: pb.Task) -> None:
         """A stage sync, a tensor at a time (stage_sync.py): adopt each tensor of the new average as it arrives,
         encode the progress it replaces into the upload; then upload it. Not applied: carried to the next one."""
-        import json
-
         stage = int(json.loads(task.config_json).get("stage", -1))
         if stage != self.server.stage_index:   # checked before the download: its parts are checked against stage's
             raise BadStageInput(f"sync for stage {stage}, but this peer serves stage {self.server.stage_index}",
                                 Reason.WRONG_STAGE)
-        spec, adopter = self._stage_spec(stage), Adopter(self.server, self.feedback)
+        spec, adopter, s = self._stage_spec(stage), Adopter(self.server, self.feedback), self.session
         started = time.monotonic()
 
         def download() -> None:
-            req = pb.FetchModelRequest(**self.creds.ids(), task_id=task.task_id)
+            req = pb.FetchModelRequest(**s.creds.ids(), task_id=task.task_id)
             try:
-                for name, average in average_tensors(self.stub.FetchModel(req, timeout=self.t.transfer_s), spec,
+                for name, average in average_tensors(s.stub.FetchModel(req, timeout=s.t.transfer_s), spec,
                                                      adopter.adopted):
                     adopter.add(name, average)
             finally:
@@ -254,13 +259,13 @@ class PeerDaemon(SwarmMember):
         try:
             with self._switch_lock:
                 self.server.begin_sync(stage, spec)
-                self.with_retry("stage sync download", download)
+                s.with_retry("stage sync download", download)
                 tokens = self.server.end_sync()
-            c = self.creds
+            c = s.creds
             chunks = work.update_stream(adopter.parts, client_id=c.client_id, token=c.token, run_id=c.run_id,
                                         task=task, num_tensors=len(spec), num_examples=tokens, train_loss=0.0,
-                                        seconds=time.monotonic() - started, identity=self.identity)
-            reply = self.with_retry("upload", lambda: self._push_raw(iter(chunks), timeout=self.t.transfer_s))
+                                        seconds=time.monotonic() - started, identity=s.identity)
+            reply = s.push(chunks)
         except BaseException:
             carry_unsent(self.feedback, adopter.parts)
             raise
@@ -279,51 +284,49 @@ class PeerDaemon(SwarmMember):
             if self._failure is not None:
                 raise RuntimeError(f"this peer stopped: its stage switch failed ({self._failure!r})") from self._failure
             raise
-        finally:
-            self._announcer_stop.set()
-            for part in (self.switcher, self.server):
-                if part is not None:
-                    part.close()
-            if self.node is not None:
-                self.node.shutdown()
+
+    def close(self) -> None:
+        self._announcer_stop.set()
+        for part in (self.switcher, self.server):
+            if part is not None:
+                part.close()
+        if self.node is not None:
+            self.node.shutdown()
 
 
-class TrainerDaemon(SwarmMember):
+class TrainerRole(SwarmMember):
     """Holds data and drives micro-batches through the swarm until the run is done."""
 
-    role = "trainer"
+    name = "trainer"
 
-    def __init__(self, args, timeouts=None):
-        super().__init__(args, timeouts)
-        self.node: SwarmNode | None = None
+    def __init__(self, settings: ClientSettings, host: Host | None = None):
+        super().__init__(settings, host)
         self.swarm: SwarmTrainer | None = None
         self.done = threading.Event()    # the coordinator said the run is done
         self.ready = threading.Event()   # set once the node and the trainer exist (heartbeats read them)
 
-    def _setup(self, cfg: dict) -> None:
+    def setup(self, cfg: RunConfig) -> None:
         self.run_cfg = cfg
-        tokens = tokenized.client_tokens(self.args, cfg, self.index, self.num_partitions)  # the model's tokenizer
-        seed = int.from_bytes(hashlib.sha256(f"{cfg['seed']}/trainer/{self.index}".encode()).digest()[:4], "little")
-        self.sampler = tokenized.sampler(tokens, cfg["seq_len"], cfg["batch_size"], seed)
+        self.batches = self.sampler(cfg, f"trainer/{self.host.index}")   # tokenized with the model's tokenizer
         self._sample_lock = threading.Lock()
         self.node = self._start_node(client_mode=True)   # a trainer only dials out
-        self.swarm = SwarmTrainer(self.node, self.run_id, cfg["stages"], self.roster,
-                                  model_config(cfg["model"]).hidden_size,
-                                  timeouts=from_args(TrainerTimeouts, self.args, prefix=TRAINER_PREFIX),
-                                  chained=cfg["swarm_traffic"] == "chained")
+        self.swarm = SwarmTrainer(self.node, self.run_id, cfg.stages, self.roster,
+                                  model_config(self.options.local_run(cfg).model).hidden_size,
+                                  timeouts=self.settings.trainer, checks=self.settings.spot_checks,
+                                  chained=cfg.swarm_traffic == "chained")
         self.ready.set()
 
-    def heartbeat_request(self) -> pb.HeartbeatRequest:
+    def heartbeat_fields(self) -> dict:
         if not self.ready.is_set():  # still setting up
-            return super().heartbeat_request()
+            return {}
         s = self.swarm.stats
         with s.lock:
             losses, s.losses = s.losses, []
-            return pb.HeartbeatRequest(**self.creds.ids(),
-                                       microbatches_completed=s.completed, microbatches_retried=s.retried,
-                                       microbatches_lost=s.lost, tokens=s.tokens,
-                                       train_loss=sum(losses) / len(losses) if losses else 0.0,
-                                       refused=_with_p2p(self.swarm.refusals.snapshot()))
+            return dict(microbatches_completed=s.completed, microbatches_retried=s.retried,
+                        microbatches_lost=s.lost, tokens=s.tokens,
+                        train_loss=sum(losses) / len(losses) if losses else 0.0,
+                        refused=_with_p2p(self.swarm.refusals.snapshot()),
+                        lying=self.swarm.take_lying_reports())
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
         if self.ready.is_set() and self.roster.update(reply.roster):
@@ -334,7 +337,7 @@ class TrainerDaemon(SwarmMember):
     def _work_once(self) -> None:
         """One micro-batch; a lost one is logged (and counted), anything else stops the trainer (run_workers)."""
         with self._sample_lock:
-            x, y = self.sampler.sample()
+            x, y = self.batches.sample()
         try:
             loss = self.swarm.step(x, y)
         except MicrobatchLost as err:
@@ -346,21 +349,19 @@ class TrainerDaemon(SwarmMember):
                      self.swarm.stats.retried, self.swarm.lookup_seconds)
 
     def run(self) -> int:
-        self.join()
-        try:
-            run_workers(self.args.inflight, self._work_once, self.done, join_s=60)
-            try:  # the final counts reach the coordinator
-                self.stub.Heartbeat(self.heartbeat_request(), timeout=self.t.rpc_s)
-            except grpc.RpcError as err:
-                log.warning("the final heartbeat failed (%s): the coordinator keeps the previous counts", err.code().name)
-            log.info("run finished: %d micro-batches, %d replayed, %d lost (last DHT read %.3f s)",
-                     self.swarm.stats.completed, self.swarm.stats.retried, self.swarm.stats.lost,
-                     self.swarm.lookup_seconds)
-            return 0
-        finally:
-            self._hb_stop.set()
-            if self.swarm is not None:
-                self.swarm.close()
-            if self.node is not None:
-                self.node.shutdown()
-            self.channel.close()
+        run_workers(self.options.inflight, self._work_once, self.done, join_s=60)
+        self.session.stop_heartbeats()
+        try:  # the final counts reach the coordinator
+            self.session.beat()
+        except grpc.RpcError as err:
+            log.warning("the final heartbeat failed (%s): the coordinator keeps the previous counts", err.code().name)
+        log.info("run finished: %d micro-batches, %d replayed, %d lost (last DHT read %.3f s)",
+                 self.swarm.stats.completed, self.swarm.stats.retried, self.swarm.stats.lost,
+                 self.swarm.lookup_seconds)
+        return 0
+
+    def close(self) -> None:
+        if self.swarm is not None:
+            self.swarm.close()
+        if self.node is not None:
+            self.node.shutdown()
