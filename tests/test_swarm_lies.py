@@ -49,6 +49,7 @@ def test_a_lying_chain_head_is_banned_and_no_honest_peer_is(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow   # the --liars sim below catches a liar by spot check in the default run
 @pytest.mark.timeout(240)
 def test_spot_checks_catch_a_replica_that_corrupts_its_outputs(tmp_path):
     """Three replicas of stage 0, one adding noise to what it sends: a spot check re-runs its call on the two

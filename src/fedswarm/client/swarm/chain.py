@@ -138,25 +138,28 @@ class ChainingStage:
         """Keep `state` (the stage's committed average; None in it: this replica did not adopt it) in bf16."""
         if any(t is None for t in state.values()):
             self.base, self.base_version = {}, b""
+            self.checked_base = ({}, b"")
             return
-        self.base = {n: t.detach().to("cpu", torch.bfloat16, copy=True) for n, t in state.items()}
+        base = {n: t.detach().to("cpu", torch.bfloat16) for n, t in state.items()}   # a sync's: already bf16
         digest = hashlib.sha256()
-        for name in sorted(self.base):
-            digest.update(name.encode() + b"\0" + self.base[name].view(torch.int16).numpy().tobytes())
-        self.base_version = digest.digest()
+        for name in sorted(base):
+            digest.update(name.encode() + b"\0" + base[name].view(torch.int16).numpy().tobytes())
+        self.base, self.base_version = base, digest.digest()
+        self.checked_base = (base, self.base_version)   # read as one by spot checks
 
     def _verify(self, req: pb.StageRequest) -> pb.StageReply:
         """A spot check: the forward alone on the stage's last committed average (which every replica holds
         alike), with no graph kept and no step; the reply carries its signed receipt with the output (the last
         stage: the loss)."""
-        if not self.base:
+        base, base_version = self.checked_base   # one sync's, even if the next one starts meanwhile
+        if not base:
             raise BadStageInput("this replica holds no committed average to check against", Reason.NOT_SERVING)
         m = self.module
         x, labels = self._inputs(req)
-        params = {n: t.to(self.device, torch.float32) for n, t in self.base.items()}
+        params = {n: t.to(self.device, torch.float32) for n, t in base.items()}
         with torch.no_grad(), self._autocast():
             out = torch.func.functional_call(m, params, (x, labels) if m.is_last else (x,))
-        version = {"weights_version": self.base_version}
+        version = {"weights_version": base_version}
         if m.is_last:
             loss = self._sent_loss(float(out))
             return pb.StageReply(loss=loss, receipts=[self._receipt(req, b"", loss=loss, **version)])

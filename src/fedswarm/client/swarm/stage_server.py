@@ -74,6 +74,7 @@ class StageServer(SyncingStage, ChainingStage):
         self.snapshot: dict[str, torch.Tensor] = {}   # weights right after the last sync
         self.base: dict[str, torch.Tensor] = {}       # the last committed average, bf16: what spot checks run on
         self.base_version = b""                        # ... and its digest
+        self.checked_base: tuple[dict, bytes] = ({}, b"")   # both, swapped as one
         self._next_base: dict[str, torch.Tensor | None] = {}   # a sync's average, collected as it is adopted
         self._trainable: dict[str, torch.nn.Parameter] = {}   # the parameters a sync adopts, by name
         self._adopting: collections.deque = collections.deque()   # (name, average tensor, Future) to adopt

@@ -121,6 +121,8 @@ class SyncingStage:
         if set(self.snapshot) != set(names):
             raise BadStageInput(f"the stage {stage} average's tensors differ from this peer's", Reason.BAD_AVERAGE)
         self._next_base = {}
+        self.base, self.base_version = {}, b""   # spot checks wait for the new average: one bf16 copy at a time
+        self.checked_base = ({}, b"")
 
     def _adopt(self, name: str, average: torch.Tensor) -> torch.Tensor:
         """progress = weights - snapshot, computed into the snapshot's buffer; the average's buffer becomes
