@@ -47,6 +47,7 @@ def test_status_lists_the_last_rounds_and_totals_over_all(old_coordinator):
     assert status["clients_total"] == SESSIONS and status["clients_by_role"] == {"client": SESSIONS}
     text = render(status, "here")                      # what `fedswarm status` prints
     assert f"totals: {ROUNDS} rounds, {ROUNDS * CLIENTS} updates" in text
+    assert f"resumed after round {ROUNDS}" in text.splitlines()[0]
     assert f"rounds ({ROUNDS + 1}, last 10 shown)" in text and f"clients ({SESSIONS}, first 1000 shown)" in text
 
 

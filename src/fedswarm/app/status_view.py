@@ -62,7 +62,8 @@ def render(status: dict, address: str, all_rounds: bool = False) -> str:
     out = [f"coordinator {address}  run {status.get('run_id', '?')}  {cfg.mode} {cfg.model} {cfg.strategy}  "
            f"state {status['state']}  "
            f"round {status['round']}/{status['rounds_total']}"
-           + (f" (round {status['current_round']} in flight)" if status.get("current_round") else "")]
+           + (f" (round {status['current_round']} in flight)" if status.get("current_round") else "")
+           + (f"  resumed after round {status['resumed_from']}" if status.get("resumed_from") else "")]
     rejections = status.get("rejections") or {}
     if rejections:
         out.append("rejections: " + ", ".join(f"{k} {v}" for k, v in sorted(rejections.items())))
