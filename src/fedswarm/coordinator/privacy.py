@@ -74,6 +74,14 @@ def clip_limit(cfg, privacy: "PrivacyLedger | None" = None) -> float:
     return cfg.clip_update_norm
 
 
+def clipped(delta: dict[str, torch.Tensor], norm: float, limit: float) -> tuple[dict[str, torch.Tensor], bool]:
+    """`delta` (of L2 norm `norm`) scaled down to `limit` if above it; whether it was cut."""
+    if not norm > limit:
+        return delta, False
+    scale = limit / norm
+    return {n: d * scale for n, d in delta.items()}, True
+
+
 class AdaptiveClip:
     """The clip norm as a private quantile estimate (Andrew et al. 2021): counts the updates C left unclipped
     and moves C after each release by the noised fraction."""
@@ -131,16 +139,17 @@ class PrivacyLedger:
     def clip_update(self, delta: dict[str, torch.Tensor], cap: float = 0.0) -> tuple[dict[str, torch.Tensor], bool]:
         """One upload scaled to L2 norm at most C (capped by `cap`, --clip-update-norm); whether it was cut.
         With --dp-adaptive-clip the upload's side of C is counted for the round's update of C."""
+        limit = self.clip_norm()
+        limit = min(limit, cap or limit)
         norm = l2_norm(delta.values())
-        with self.lock:
-            limit = self.adaptive.norm if self.adaptive is not None else self.clip
-            limit = min(limit, cap or limit)
-            if self.adaptive is not None:
+        self.observe(norm, limit)
+        return clipped(delta, norm, limit)
+
+    def observe(self, norm: float, limit: float) -> None:
+        """An upload of L2 norm `norm` was clipped at `limit`: with --dp-adaptive-clip it counts for C's update."""
+        if self.adaptive is not None:
+            with self.lock:
                 self.adaptive.observe(norm, limit)
-        if not norm > limit:
-            return delta, False
-        scale = limit / norm
-        return {n: d * scale for n, d in delta.items()}, True
 
     @property
     def sampling_rate(self) -> float:

@@ -18,7 +18,7 @@ from fedswarm.coordinator.driver import CLIENT_METRIC, RunProgress
 from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.integrity import Inadmissible, UpdateNormBound, check_values, l2_norm
 from fedswarm.coordinator.membership import Member, Membership
-from fedswarm.coordinator.privacy import clip_limit
+from fedswarm.coordinator.privacy import clip_limit, clipped
 from fedswarm.coordinator.rpc import (MAX_NAME, Counters, TaskBases, invalid, is_evaluate, open_task, parse, replayed,
                                       session, task_closed, task_stage, unauthenticated, unsigned)
 from fedswarm.proto import codec as C
@@ -225,17 +225,13 @@ class Uploads:
         limit = clip_limit(self.cfg, self.privacy)
         if not limit:
             return delta
-        if self.privacy is not None and self.privacy.adaptive is not None:
-            delta, cut = self.privacy.clip_update(delta, cap=self.cfg.clip_update_norm)
-            if cut:
-                self.counters.clipped()
-            return delta
         norm = l2_norm(delta.values())
-        if not norm > limit:
-            return delta
-        self.counters.clipped()
-        scale = limit / norm
-        return {n: d * scale for n, d in delta.items()}
+        if self.privacy is not None:
+            self.privacy.observe(norm, limit)
+        delta, cut = clipped(delta, norm, limit)
+        if cut:
+            self.counters.clipped()
+        return delta
 
     def _admit(self, msg: Message, base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> float:
         """The update's L2 norm; refused unless the weights it leads to are finite and bounded and its norm is
