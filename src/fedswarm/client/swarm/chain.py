@@ -5,7 +5,6 @@ stage's last committed average, which every replica holds alike."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 
 import torch
@@ -14,6 +13,7 @@ from fedswarm import receipts as R
 from fedswarm.client.swarm.tensors import BadStageInput, from_wire, to_wire
 from fedswarm.p2p import PeerCallError
 from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto import wire
 from fedswarm.proto.refusals import Reason
 
 HANDLER = "fedswarm.stage"
@@ -141,10 +141,7 @@ class ChainingStage:
             self.checked_base = ({}, b"")
             return
         base = {n: t.detach().to("cpu", torch.bfloat16) for n, t in state.items()}   # a sync's: already bf16
-        digest = hashlib.sha256()
-        for name in sorted(base):
-            digest.update(name.encode() + b"\0" + base[name].view(torch.int16).numpy().tobytes())
-        self.base, self.base_version = base, digest.digest()
+        self.base, self.base_version = base, wire.state_digest(base)   # a tensor at a time, in name order
         self.checked_base = (base, self.base_version)   # read as one by spot checks
 
     def _verify(self, req: pb.StageRequest) -> pb.StageReply:
