@@ -32,7 +32,7 @@ def main() -> None:
     tick = threading.Event()
 
     def records(stage: int) -> dict:
-        for _ in range(100):
+        for _ in range(300):   # 60 s: it may start beside the peers it looks for
             found = node.lookup(stage_key(run_id, stage))
             if found:
                 return found

@@ -95,8 +95,14 @@ def test_swarm_across_hosts_admits_only_members_and_heals(tmp_path):
             argv = fedswarm_cmd("client", "--coordinator", address, "--name", name, "--threads", "1",
                                 "--p2p-host", net.hosts[host].ip, *extra)
             return net.start(host, name, argv, tmp_path / f"{name}.log")
+        run_id = status()["run_id"]
+
+        def intrude(mode: str):   # a process on host 7 that never joined
+            return net.start(7, f"intruder-{mode}", [sys.executable, INTRUDER, mode, run_id, net.hosts[7].ip, "3",
+                                                     *bootstrap], tmp_path / f"intruder-{mode}.log")
         # all five start at once; each joins the stage with the fewest peers, so stages 0 and 1 get two, stage 2 one
         peers = {f"p{i}": client(i + 1, f"p{i}", "--role", "peer") for i in range(5)}
+        calls = intrude("calls")   # for step 1, started now: it waits for the peers' records itself
         host_of = {f"p{i}": i + 1 for i in range(5)}
         watch = [coord, *peers.values()]
         placed = _until("five peers serving", lambda: (sw := status()["swarm"]) and sum(
@@ -104,16 +110,12 @@ def test_swarm_across_hosts_admits_only_members_and_heals(tmp_path):
             120, watch)
         assert [len(placed[s]) for s in range(3)] == [2, 2, 1], placed
         replica, only = placed[0][1], placed[2][0]   # a stage-0 replica to SIGKILL; stage 2's only peer to cut off
-        run_id = status()["run_id"]
 
         # 1. An intruder that never joined calls a peer of every stage: nothing is served, no weight moves.
-        def intrude(mode: str):
-            return net.start(7, f"intruder-{mode}", [sys.executable, INTRUDER, mode, run_id, net.hosts[7].ip, "3",
-                                                     *bootstrap], tmp_path / f"intruder-{mode}.log")
-        calls = intrude("calls")
         outcomes = json.loads(calls.wait_for_line(re.compile(r"^\[.*\]$", re.M), 120).group(0))
         refused = ("not a member of this run", "not a trainer of this run")   # before / after reading the request
         assert len(outcomes) == 6 and all(any(r in o for r in refused) for o in outcomes), outcomes
+        fake = intrude("records")   # for step 2, started now: its start-up overlaps the checks and the trainer's
         sw = _until("the refusals reported", lambda: (s := status()["swarm"])["refused"].get("not_member", 0) >= 6
                     and s, 30, watch)
         assert all(s["optimizer_steps"] == 0 for s in sw["stages"]), sw["stages"]
@@ -123,12 +125,10 @@ def test_swarm_across_hosts_admits_only_members_and_heals(tmp_path):
         #    refuse it; under bare peer ids it is ignored): it draws no call, stage 2 stays served.
         trainer = client(6, "t0", "--role", "trainer", "--inflight", "1")
         watch.append(trainer)
-        _until("10 micro-batches", lambda: status()["swarm"]["microbatches_completed"] >= 10, 180, watch)
-        fake = intrude("records")
         fake.wait_for_line(re.compile(r"calls 0"), 120)
         at_fake = status()["swarm"]["microbatches_completed"]
         _until("15 micro-batches beside the fake records",
-               lambda: status()["swarm"]["microbatches_completed"] >= at_fake + 15, 120, watch)
+               lambda: status()["swarm"]["microbatches_completed"] >= at_fake + 15, 180, watch)
         reports = re.findall(r"calls (\d+)", fake.output())
         assert reports and int(reports[-1]) == 0, fake.output()[-500:]
         refused = _until("the ignored records reported", lambda: (r := status()["swarm"]["refused"]).get(

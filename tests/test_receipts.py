@@ -139,10 +139,66 @@ def test_a_colluding_trainer_and_peer_cannot_raise_a_replica_s_weight_above_what
     for cid, peer in ((colluder, PEERS[0]), (neighbour, PEERS[1]), (honest, PEERS[2])):
         registry.assign(cid, f"p{cid}", peer)           # stage 0, stage 1, stage 0
     registry.add_trainer(trainer, "t", PEERS[3])
-    registry.report_trainer(trainer, "t", 10, 0, 0, 1_000_000)          # the colluding trainer's word
+    registry.report_trainer(trainer, "t", 10, 0, 0, 1_000_000,          # the colluding trainer's word
+                            routed={PEERS[0]: 10**9, PEERS[2]: 8192, PEERS[1]: 10**9})
     registry.report_peer(colluder, 1.0, 0, serving=0, confirmed={PEERS[1]: 10**9})   # and the peer's own
     registry.report_peer(neighbour, 1.0, 0, serving=1, confirmed={PEERS[0]: 4096, PEERS[2]: 8192})
     assert registry.sync_weight(0, 1_000_000, colluder) == 4096          # what the honest neighbour saw
     assert registry.sync_weight(0, 8192, honest) == 8192
     registry.synced([colluder, honest])                                  # counted afresh after the average
     assert registry.sync_weight(0, 1_000_000, colluder) == 1
+
+
+def test_two_peers_on_different_stages_confirming_each_other_cannot_raise_a_replica_s_weight():
+    """The pair confirm each other's chained tokens in their heartbeats; the honest trainer's completed chains
+    (each hop's signed receipt checked) never went through them, so their weight stays what honest traffic
+    supports, while the honest replicas' weights are what they did."""
+    from fedswarm.coordinator.swarm_registry import SwarmRegistry
+
+    registry = SwarmRegistry(num_stages=2)
+    registry.chained = True
+    ids = ["Qm" + c * 44 for c in "abcd"]
+    (a, b, h0, h1), trainer = range(4), 9            # a (stage 0) and b (stage 1) collude; h0, h1 are honest
+    for cid in (a, b, h0, h1):
+        registry.assign(cid, f"p{cid}", ids[cid])      # stage 0, 1, 0, 1
+    registry.add_trainer(trainer, "t", PEERS[3])
+    registry.report_trainer(trainer, "t", 16, 0, 0, 8192, routed={ids[h0]: 8192, ids[h1]: 8192})
+    registry.report_peer(a, 1.0, 0, serving=0, confirmed={ids[b]: 10**9})
+    registry.report_peer(b, 1.0, 0, serving=1, confirmed={ids[a]: 10**9})
+    registry.report_peer(h1, 1.0, 0, serving=1, confirmed={ids[h0]: 8192})
+    registry.report_peer(h0, 1.0, 0, serving=0, confirmed={ids[h1]: 8192})
+    assert registry.sync_weight(0, 8192, a) == 1 and registry.sync_weight(1, 8192, b) == 1
+    assert registry.sync_weight(0, 8192, h0) == 8192 and registry.sync_weight(1, 8192, h1) == 8192
+    registry.remove(trainer, "left")                    # a trainer that left still vouches for what it routed
+    assert registry.sync_weight(0, 8192, h0) == 8192
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_a_spot_check_runs_on_the_committed_average_one_layer_in_float32_at_a_time(preset):
+    """on_weights (the spot check's forward) computes what a forward on the whole average converted to float32
+    computes, while the stage keeps its own (trained-apart) weights; no float32 copy of the whole average."""
+    from fedswarm.client.swarm.chain import on_weights
+    from fedswarm.stages import Stage, build_untied_model, stage_state
+
+    full = build_untied_model(preset, 0)
+    x = torch.randint(0, full.config.vocab_size, (2, 8))
+    for index in range(3):
+        stage = Stage(full, index, 3).eval()
+        base = {n: (t + 0.01 * torch.randn_like(t)).to(torch.bfloat16) for n, t in stage_state(stage).items()}
+        own = {n: p.detach().clone() for n, p in stage.named_parameters()}
+        inputs = (x,) if index == 0 else (torch.randn(2, 8, full.config.hidden_size),)
+        inputs += (x,) if stage.is_last else ()
+        with torch.no_grad():
+            expected = torch.func.functional_call(stage, {n: t.float() for n, t in base.items()}, inputs)
+            swapped = []   # at each submodule's forward: how many float32 copies the stage holds
+            with on_weights(stage, base, torch.device("cpu")):
+                probes = [m.register_forward_pre_hook(lambda *_: swapped.append(sum(
+                    not isinstance(t, torch.nn.Parameter) for t in stage.parameters()))) for m in stage.modules()]
+                got = stage(*inputs)
+            for probe in probes:
+                probe.remove()
+            live = stage(*inputs)
+        assert torch.equal(got, expected), (preset, index)
+        assert 0 < max(swapped) <= 2, swapped                      # one layer's weight and bias at most
+        assert not torch.equal(live, expected)                     # its own weights differ, and are back
+        assert all(torch.equal(p, own[n]) and isinstance(p, torch.nn.Parameter) for n, p in stage.named_parameters())

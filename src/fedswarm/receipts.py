@@ -151,25 +151,44 @@ def value(r: pb.StageReceipt) -> torch.Tensor:
     """What a receipt says its stage produced: the output activation (decoded), or the last stage's loss."""
     if not r.HasField("output"):
         return torch.tensor([r.loss], dtype=torch.float64)
-    t = r.output
+    return activation(r.output, f"stage {r.stage}'s output")
+
+
+def activation(t: pb.SwarmTensor, what: str = "the activation") -> torch.Tensor:
+    """A SwarmTensor decoded (float64, its shape); BadReceipt unless it is a bounded activation of this swarm."""
     count = math.prod(t.shape)
     if not 0 < count <= MAX_ELEMENTS or t.codec not in CODEC_ERROR:
-        raise BadReceipt(f"stage {r.stage}'s output is not an activation of this swarm")
+        raise BadReceipt(f"{what} is not an activation of this swarm")
     try:
         return C.decode(C.Encoded(t.codec, count, t.block_size, t.data, t.scales)).view(tuple(t.shape)).double()
     except C.CodecError as err:
-        raise BadReceipt(f"stage {r.stage}'s output: {err}") from None
+        raise BadReceipt(f"{what}: {err}") from None
+
+
+def close(x: torch.Tensor, y: torch.Tensor, codec: int) -> bool:
+    """Whether two outputs for one input match within ``codec``'s tolerance (relative L2)."""
+    if x.shape != y.shape or not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        return False
+    scale = torch.maximum(x.norm(), y.norm()).clamp_min(1e-12)
+    return float((x - y).norm() / scale) <= tolerance(codec)
+
+
+def _codec(r: pb.StageReceipt) -> int:
+    return r.output.codec if r.HasField("output") else pb.CODEC_NONE
 
 
 def agree(a: pb.StageReceipt, b: pb.StageReceipt) -> bool:
     """Whether two receipts' outputs for one input match within the codec's tolerance."""
-    x, y = value(a), value(b)
-    if x.shape != y.shape or not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-        return False
-    codec = max((r.output.codec for r in (a, b) if r.HasField("output")), key=lambda c: CODEC_ERROR.get(c, 1),
-                default=pb.CODEC_NONE)
-    scale = torch.maximum(x.norm(), y.norm()).clamp_min(1e-12)
-    return float((x - y).norm() / scale) <= tolerance(codec)
+    return close(value(a), value(b), max(_codec(a), _codec(b), key=lambda c: CODEC_ERROR.get(c, 1)))
+
+
+def _one_check(receipts, stage: int) -> None:
+    """BadReceipt unless ``receipts`` are spot checks of ``stage``, of one micro-batch, input and weights version."""
+    first = receipts[0]
+    if any(r.failed_peer or r.stage != stage or r.microbatch_id != first.microbatch_id
+           or r.input_digest != first.input_digest or r.weights_version != first.weights_version
+           or not r.weights_version for r in receipts):
+        raise BadReceipt("the receipts are not spot checks of one stage, micro-batch, input and weights version")
 
 
 def judge(run_id: str, report: pb.LyingReport) -> str:
@@ -180,13 +199,38 @@ def judge(run_id: str, report: pb.LyingReport) -> str:
     if len(receipts) < 3:
         raise BadReceipt("a lying report needs the accused's receipt and two witnesses'")
     accused, witnesses = receipts[0], receipts[1:3]
-    if any(r.failed_peer or r.stage != report.stage or r.microbatch_id != accused.microbatch_id
-           or r.input_digest != accused.input_digest or r.weights_version != accused.weights_version
-           or not r.weights_version for r in receipts[:3]):
-        raise BadReceipt("the receipts are not spot checks of one stage, micro-batch, input and weights version")
+    _one_check(receipts[:3], report.stage)
     signers = [signer(run_id, r) for r in receipts[:3]]
     if len(set(signers)) != 3:
         raise BadReceipt("the accused and its witnesses must be three different peers")
     if not agree(*witnesses) or agree(accused, witnesses[0]) or agree(accused, witnesses[1]):
         raise BadReceipt("the witnesses do not agree with each other against the accused")
     return signers[0]
+
+
+def check_dispute(run_id: str, report: pb.LyingReport) -> list[str]:
+    """The two signers of a spot check that two replicas dispute (no third one to ask), in receipt order.
+    BadReceipt unless the report holds their two receipts for the input it carries, and they disagree."""
+    receipts = list(report.receipts)
+    if len(receipts) != 2 or not report.HasField("request") or report.request.stage != report.stage:
+        raise BadReceipt("a dispute needs two replicas' receipts and the stage input they were given")
+    _one_check(receipts, report.stage)
+    if receipts[0].input_digest != input_digest(report.request):
+        raise BadReceipt("the disputed receipts are not for the input the report carries")
+    signers = [signer(run_id, r) for r in receipts]
+    if signers[0] == signers[1]:
+        raise BadReceipt("a dispute is between two different peers")
+    if agree(*receipts):
+        raise BadReceipt("the two replicas agree: there is nothing to settle")
+    return signers
+
+
+def settle(receipts, reference: torch.Tensor) -> int:
+    """Which of two disputed receipts ``reference`` (an arbiter's own output for the input) contradicts while
+    agreeing with the other; BadReceipt if it does not settle it."""
+    matches = [close(value(r), reference, _codec(r)) for r in receipts]
+    if matches == [True, False]:
+        return 1
+    if matches == [False, True]:
+        return 0
+    raise BadReceipt(f"the arbiter's own output agrees with {sum(matches)} of the two: not settled")

@@ -27,7 +27,7 @@ PEFT_METHODS = ("none", "lora")
 def _codecs() -> list[str]:
     from fedswarm.proto.codec import CODEC_NAMES   # torch: loaded only when the choices are asked for
 
-    return list(CODEC_NAMES)
+    return [name for name in CODEC_NAMES if name != "masked"]   # masked: --secure-aggregation's own
 
 
 @dataclass
@@ -138,6 +138,13 @@ class RunConfig:
     dp_clip_lr: float = opt(0.2, "DP adaptive clipping: the clip norm's geometric learning rate", metavar="ETA")
     dp_clipped_count_stddev: float = opt(0.0, "DP adaptive clipping: noise std on the count of unclipped updates; "
                                               "0: K / 20 (Flower's default); it must exceed z / 2", metavar="S")
+    # secure aggregation (SecAgg+; fedswarm/secagg.py): the coordinator holds only masked vectors and their sum
+    secure_aggregation: bool = opt(False, "SecAgg+: clients mask their quantized updates with pairwise masks and "
+                                          "Shamir-shared seeds, so the coordinator sees only the round's sum "
+                                          "(mean-based strategies only; uploads are 32-bit masked integers; "
+                                          "--max-update-norm-ratio does not apply)")
+    secagg_clip: float = opt(0.0, "secure aggregation: each update coordinate is clipped to [-R, R] and quantized "
+                                  "to 2^22 levels (R / 2^21 apart); 0: --dp-clip if set, else 1.0", metavar="R")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -216,6 +223,7 @@ class RunConfig:
         if self.server_momentum is not None and not 0 <= self.server_momentum < 1:
             raise ValueError("--server-momentum must be in [0, 1)")
         self._check_privacy()
+        self._check_secure_aggregation()
         if self.strategy == "sparseloco" and self.server_momentum:
             raise ValueError("--strategy sparseloco has no outer momentum (the clients' error feedback, --ef-decay, "
                              "takes its place); use diloco for an outer Nesterov step")
@@ -270,10 +278,49 @@ class RunConfig:
         if max(self.min_clients, self.clients_per_round) < 2:
             raise ValueError("client-level DP needs --min-clients (or --clients-per-round) >= 2")
         self._check_adaptive_clip()
-        if self.dp_mode == "distributed" and (self.clip_update_norm or self.max_update_norm_ratio):
+        checks_norms = self.max_update_norm_ratio and not self.secure_aggregation   # masked: no norm to check
+        if self.dp_mode == "distributed" and (self.clip_update_norm or checks_norms):
             raise ValueError("--dp-mode distributed: every update carries noise of norm about z C sqrt(parameters "
                              "/ K), which --clip-update-norm and --max-update-norm-ratio would cut or refuse: set both "
                              "to 0, or use --dp-mode central")
+
+    def _check_secure_aggregation(self) -> None:
+        if "masked" in (self.upload_codec, self.download_codec):
+            raise ValueError("the masked codec is --secure-aggregation's own: pick another --upload-codec and "
+                             "--download-codec (downloads are never masked)")
+        if not self.secure_aggregation:
+            if self.secagg_clip:
+                raise ValueError("--secagg-clip needs --secure-aggregation")
+            return
+        why = self.secure_aggregation_conflict()
+        if why:
+            raise ValueError(f"--secure-aggregation: {why}")
+        if not 0 <= self.secagg_clip < float("inf"):
+            raise ValueError("--secagg-clip must be a finite number >= 0 (0: --dp-clip, else 1.0)")
+
+    def secure_aggregation_conflict(self) -> str:
+        """Why this run cannot use secure aggregation ('' if it can)."""
+        if self.mode == "swarm":
+            return "it masks federated updates; a swarm averages stage replicas: use --mode federated"
+        if self.strategy not in MEAN_BASED:
+            return (f"--strategy {self.strategy} needs every client's update, and the coordinator sees only their "
+                    f"sum: use one of {', '.join(sorted(MEAN_BASED - {'sparseloco'}))}")
+        if self.strategy == "sparseloco" or self.client_momentum:
+            return ("sparseloco and --client-momentum work in the upload codec's error feedback, and masked uploads "
+                    "bypass the codec: use --strategy diloco (outer momentum on the coordinator) or fedavg")
+        if self.clip_update_norm:
+            return "--clip-update-norm clips each update at the coordinator, which cannot see one: set it to 0"
+        if self.dp_clip and self.dp_mode == "central":
+            return "central DP clips each update at the coordinator, which cannot see one: use --dp-mode distributed"
+        if (self.clients_per_round or self.min_clients) < 3:
+            return ("a sum of fewer than 3 updates would reveal them: at least 3 clients a round (--min-clients or "
+                    "--clients-per-round; fedswarm sim: --clients)")
+        return ""
+
+    def masking_range(self) -> float:
+        """Secure aggregation's per-coordinate clip R: --secagg-clip, else --dp-clip (a delta of norm C has no
+        coordinate above C), else 1.0."""
+        return self.secagg_clip or self.dp_clip or 1.0
 
     def _check_adaptive_clip(self) -> None:
         if not self.dp_adaptive_clip:

@@ -15,7 +15,7 @@ import torch
 
 from fedswarm.proto import codec as C
 from fedswarm.run_config import RunConfig
-from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status, wait_until
+from fedswarm.sim.processes import Proc, coordinator_process, fedswarm_cmd, fetch_status, stop_all, wait_until
 
 SWARM_SMALL = ["--seq-len", "64", "--batch-size", "8"]   # a swarm run's micro-batch in tests
 until = functools.partial(wait_until, clean_exit_ok=False)  # any exit of a watched process is a failure
@@ -35,11 +35,12 @@ def completed(address: str) -> int:
 
 
 class Swarm:
-    """The peers and trainers of one test; `close()` stops every one of them."""
+    """The peers and trainers of one test; `close()` stops every one of them, and the coordinator."""
 
     def __init__(self, out: Path, address: str, coordinator: Proc):
         self.out, self.address, self.coordinator = out, address, coordinator
         self.procs: dict[str, Proc] = {}
+        self.trainers: list[Proc] = []
 
     def start_peer(self, name: str, expected_stage: int, env: dict | None = None) -> Proc:
         """Start a peer and wait until status shows it joined on `expected_stage`."""
@@ -59,11 +60,13 @@ class Swarm:
         argv = fedswarm_cmd("client", "--role", "trainer", "--coordinator", self.address, "--name", name,
                             "--threads", "1", "--inflight", "1", *extra)
         proc = self.procs[name] = Proc(name, argv, self.out / f"{name}.log")
+        self.trainers.append(proc)
         return proc
 
     def close(self) -> None:
-        for proc in reversed(list(self.procs.values())):   # the trainer first: no bans logged at teardown
-            proc.stop()
+        """The trainers first (no bans logged at teardown), then every peer and the coordinator at once."""
+        stop_all(self.trainers)
+        stop_all([*self.procs.values(), self.coordinator])
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from fedswarm.client.identity import Identity
 from fedswarm.client.options import ClientOptions, ClientSettings
 from fedswarm.client.options import add_arguments as add_client_arguments
 from fedswarm.client.preflight import check_options
+from fedswarm.client.secagg_client import SecAggClient
 from fedswarm.client.session import ClientTimeouts, JoinRefused, Session, SessionReplaced
 from fedswarm.client.trainer import LocalTrainer, resolve_device, resolve_precision
 from fedswarm.data import BatchSampler, parse_partition
@@ -28,9 +29,10 @@ from fedswarm.lora import build_run_model
 from fedswarm.models import trainable_state
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
-from fedswarm.proto import refusals, wire
+from fedswarm.proto import refusals, signing, wire
 from fedswarm.progress import Progress, setup_logging
 from fedswarm.run_config import RunConfig
+from fedswarm.secagg import SecAggError
 from fedswarm.threads import BUDGET
 
 log = logging.getLogger("fedswarm.client")
@@ -133,6 +135,7 @@ class FederatedRole(RoleBase):
         self.trainer: LocalTrainer | None = None
         self.feedback: C.ErrorFeedback | None = None
         self.held: Held | None = None   # the global version this client holds (delta downloads start from it)
+        self.secagg = SecAggClient()    # --secure-aggregation: this client's side of each round's protocol
 
     def setup(self, cfg: RunConfig) -> None:
         self.run_cfg = cfg
@@ -147,6 +150,23 @@ class FederatedRole(RoleBase):
             self.train(task)
         elif task.kind == pb.TASK_EVALUATE:
             self.evaluate(task)
+        elif task.kind == pb.TASK_SECAGG:
+            self.secagg_stage(task)
+
+    def secagg_stage(self, task: pb.Task) -> None:
+        """Answer a secure-aggregation stage (client/secagg_client.py); a protocol error sits the round out."""
+        s = self.session
+        try:
+            reply = self.secagg.answer(s.creds.client_id, task)
+        except SecAggError as err:
+            log.error("round %d: secure aggregation: %s", task.round, err)
+            return
+        c = s.creds
+        reply.client_id, reply.session_token = c.client_id, c.token
+        if s.identity is not None:   # signed as updates are
+            reply.signature = s.identity.key.sign(signing.update_message(
+                c.run_id, task.round, c.client_id, task.task_id, signing.secagg_digest(reply)))
+        s.with_retry("secure-aggregation answer", lambda: s.stub.PushSecAgg(reply, timeout=s.t.rpc_s))
 
     def close(self) -> None:
         if self._rounds_bar is not None:
@@ -179,6 +199,10 @@ class FederatedRole(RoleBase):
 
     def train(self, task: pb.Task) -> None:
         BUDGET.refresh()   # other fedswarm processes may have started beside us since the last round
+        if self.run_cfg.secure_aggregation and not self.secagg.ready(task.round):
+            log.error("round %d: no secure-aggregation keys for this round (restarted mid-round?): sitting it out",
+                      task.round)
+            return
         base = self.fetch_global(task.task_id)
         log.info("round %d: training on task %s", task.round, task.task_id[:12])
         delta, result = work.train_on_task(self.trainer, self.run_cfg, task, base)
@@ -207,7 +231,10 @@ class FederatedRole(RoleBase):
         encoded update under the new session: it carries the digest of the weights it was trained from,
         so the coordinator can accept it for the re-run of the same round instead of losing the work."""
         saved = self.feedback.snapshot()
-        raw_parts = work.encode_delta(self.feedback, delta)
+        if self.run_cfg.secure_aggregation:   # quantized and masked: no codec, no residual
+            raw_parts = self.secagg.masked_parts(task.round, delta)
+        else:
+            raw_parts = work.encode_delta(self.feedback, delta)
         for attempt in range(3):
             c = self.session.creds
             chunks = work.update_stream(raw_parts, client_id=c.client_id, token=c.token, run_id=c.run_id,

@@ -219,6 +219,10 @@ class UpdateSink:
         with self._refused_lock:
             return dict(self._refused)
 
+    def fold_for(self, base: ArrayRecord) -> MeanFold:
+        """The running sum of the updates answering instructions that share `base` (secure aggregation: masked)."""
+        return MeanFold(base)
+
     def content(self, instruction: Message, fold: MeanFold | None, update: DecodedUpdate) -> RecordDict:
         raise NotImplementedError
 
@@ -278,12 +282,16 @@ class StreamingFedAvg(S.FedAvg):
         return arrays, metrics
 
 
-def sink_for(strategy: str, state_dir: str | None, aggregation: str = "stream") -> UpdateSink:
+def sink_for(strategy: str, state_dir: str | None, aggregation: str = "stream", secure: bool = False) -> UpdateSink:
     """The bounded-memory sink for a strategy (fold mean-based ones, spill robust ones to the state dir),
-    or with aggregation="hold" Flower's stock path."""
+    or with aggregation="hold" Flower's stock path; `secure`: --secure-aggregation's masked sums."""
     from fedswarm.coordinator.spill import SpillUpdates
     from fedswarm.coordinator.strategies import MEAN_BASED
 
+    if secure:
+        from fedswarm.coordinator.secagg_round import SecAggSink
+
+        return SecAggSink()   # run_config refuses the strategies that need every update
     if aggregation == "hold":
         return HoldEveryUpdate()
     if aggregation != "stream":

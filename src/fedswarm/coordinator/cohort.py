@@ -58,6 +58,7 @@ class CohortResult:
     train_loss: float | None = None
     tokens_per_example: int = 1          # a reply's num-examples counts sequences (federated) or tokens (stages)
     configured_at: float | None = None
+    secagg: dict | None = None           # --secure-aggregation: who shared keys, survived, was recovered
 
     @property
     def tokens(self) -> int:
@@ -84,12 +85,14 @@ class Cohort:
         turn.configured()
         result = CohortResult(sent=len(messages), tokens_per_example=self.tokens_per_example,
                               configured_at=time.time())
+        messages = self.before_train(rnd, messages)
         log.info("%s: round %d: sent %d train instructions", self.name, rnd, len(messages))
         replies = list(self.view.send_and_receive(messages, timeout=self.timeout_s))
         result.replies = [m for m in replies if not m.has_error()]
         if not self.usable(rnd, result):
             return result
         turn.settle()
+        replies = self.after_train(rnd, replies, result)
         arrays, metrics = self.strategy.aggregate_train(rnd, replies)
         if arrays is None or self.refused(rnd, arrays, turn.arrays):
             return result
@@ -99,6 +102,14 @@ class Cohort:
         return result
 
     # -- what subclasses say -------------------------------------------------------------
+    def before_train(self, rnd: int, messages: list[Message]) -> list[Message]:
+        """The train instructions to send (secure aggregation's key stages come first: secagg_round.py)."""
+        return messages
+
+    def after_train(self, rnd: int, replies: list[Message], result: CohortResult) -> list[Message]:
+        """The replies to aggregate (secure aggregation unmasks their sum here)."""
+        return replies
+
     def config(self, rnd: int) -> ConfigRecord:
         return ConfigRecord({})
 

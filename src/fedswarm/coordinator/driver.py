@@ -28,6 +28,7 @@ from fedswarm.coordinator.config import CoordinatorTimeouts
 from fedswarm.run_config import RunConfig
 from fedswarm.coordinator.grid import NodesView
 from fedswarm.coordinator.privacy import budget_spent, round_entry
+from fedswarm.coordinator.secagg_round import SecAggCohort
 from fedswarm.coordinator.store import Store
 from fedswarm.coordinator.strategies import evaluation_strategy
 from fedswarm.coordinator.strategy_state import split_checkpoint
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 ROUND_FIELDS = ("round", "eval_loss", "train_loss", "clients", "bytes_up", "bytes_up_raw", "seconds",
                 "bytes_down", "bytes_down_raw", "tokens", "failures",   # what status and the store keep of each round
                 "eval_source", "evals", "train_seconds", "started_at", "configured_at", "aggregated_at",
-                "committed_at", "privacy", "adopted", "client_metrics")
+                "committed_at", "privacy", "adopted", "client_metrics", "secure_aggregation")
 CLIENT_METRIC = "client:"           # in a reply's "client" record: a figure it reported (UpdateHeader.metrics)
 EVALUATOR = "evaluator"             # the role of a client that only evaluates (never sampled for training)
 EVAL_SEED_OFFSET = 1 << 40          # evaluation samples from its own seeded stream, apart from training's
@@ -264,6 +265,9 @@ class RoundEngine:
         })
         if errors:
             record["errors"] = list(errors)
+        secagg = [r.secagg for r in done if r.secagg]
+        if secagg:   # --secure-aggregation: who shared keys, survived and was recovered
+            record["secure_aggregation"] = secagg[0]
         privacy = round_entry(c.strategy for c in self.cohorts)   # --dp-clip: epsilon at delta after this round
         if privacy:
             record["privacy"] = privacy
@@ -358,8 +362,9 @@ class RoundDriver(RoundEngine):
             raise ValueError(f"--evaluate {cfg.evaluate} evaluates on the coordinator: it needs the model and "
                              f"--eval-data's windows")
         self.roles = roles or dict
-        cohort = FederatedCohort(cfg, strategy, NodesView(grid, self._trainers), [], round_timeout_s, store,
-                                 getattr(grid, "updates", None), accept_failures)
+        kind = SecAggCohort if cfg.secure_aggregation else FederatedCohort   # SecAgg+'s stages around the round
+        cohort = kind(cfg, strategy, NodesView(grid, self._trainers), [], round_timeout_s, store,
+                      getattr(grid, "updates", None), accept_failures)
         super().__init__(cfg, grid, store, progress, [cohort], timeouts or CoordinatorTimeouts(
             round_timeout_s=round_timeout_s), model, eval_windows, cfg.evaluate, NodesView(grid, self._evaluators))
 

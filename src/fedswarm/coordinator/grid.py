@@ -89,7 +89,7 @@ class SessionGrid(Grid):
                 message_id = uuid.uuid4().hex
                 if "arrays" in msg.content and msg.metadata.message_type == MessageType.TRAIN:
                     if id(msg.content) not in folds:
-                        folds[id(msg.content)] = MeanFold(msg.content["arrays"])
+                        folds[id(msg.content)] = self.updates.fold_for(msg.content["arrays"])
                     self._folds[message_id] = folds[id(msg.content)]
                 # Flower's own SuperLink assigns ids the same way (metadata has no setter).
                 msg.metadata.__dict__["_message_id"] = message_id

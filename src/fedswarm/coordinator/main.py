@@ -200,7 +200,8 @@ def serve(args: argparse.Namespace) -> int:
     lost_hooks = []
     membership = Membership(timeouts.lease_s, on_lost=lambda cid, why: [hook(cid, why) for hook in lost_hooks],
                             reaper_interval_s=timeouts.reaper_interval_s, max_sessions=limits.max_sessions)
-    grid = SessionGrid(TaskIdentity.run_id, membership.live_ids, updates=sink_for(cfg.strategy, args.state_dir, args.aggregation))
+    sink = sink_for(cfg.strategy, args.state_dir, args.aggregation, cfg.secure_aggregation)
+    grid = SessionGrid(TaskIdentity.run_id, membership.live_ids, updates=sink)
     lost_hooks.append(grid.fail_node)
     swarm, privacy = None, None   # privacy: --dp-clip's ledger, which the uploads' clip consults
     try:

@@ -112,7 +112,7 @@ class SwarmMode:
             loss = req.train_loss if math.isfinite(req.train_loss) and req.train_loss > 0 else None
             self.registry.report_trainer(member.client_id, member.name, int(req.microbatches_completed),
                                          int(req.microbatches_retried), int(req.microbatches_lost), int(req.tokens),
-                                         loss, refused=dict(req.refused))
+                                         loss, refused=dict(req.refused), routed=dict(req.confirmed_tokens))
             self.registry.report_lying(req.lying)   # spot checks' convictions, judged on their signed evidence
         return {"stage": stage, "roster": self.registry.roster()}
 

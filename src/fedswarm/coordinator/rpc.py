@@ -134,6 +134,11 @@ def is_evaluate(msg: Message) -> bool:
     return msg.metadata.message_type == MessageType.EVALUATE
 
 
+def is_secagg(msg: Message) -> bool:
+    """A secure-aggregation stage's instruction (coordinator/secagg_round.py), answered with PushSecAgg."""
+    return "secagg-stage" in task_config(msg)
+
+
 def task_version(msg: Message) -> int:
     """The global version a task's client downloads: a round trains from the previous round's model; the
     evaluation of round N scores round N's."""

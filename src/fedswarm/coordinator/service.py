@@ -25,6 +25,7 @@ from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.membership import Membership
 from fedswarm.coordinator.modes import mode_policy
 from fedswarm.coordinator.rpc import Counters, TaskBases, invalid, parse
+from fedswarm.coordinator.secagg_rpcs import SecAggRpcs
 from fedswarm.coordinator.serving import ServingLimits, StreamBridge
 from fedswarm.coordinator.session_rpcs import SessionRpcs
 from fedswarm.coordinator.status import StatusLimits, StatusReport
@@ -71,6 +72,7 @@ class CoordinatorService:
             s.join, s.heartbeat, s.challenge, s.status, s.status_dict)
         self.pull_task, self.fetch_model, self.push_eval = t.pull_task, t.fetch_model, t.push_eval
         self.push_update = self.uploads.push_update
+        self.push_secagg = SecAggRpcs(run_id, membership, grid, auth, answered).push_secagg
 
     # -- plumbing --------------------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
@@ -88,6 +90,7 @@ class CoordinatorService:
             "Status": unary(pb.StatusRequest, self.status),
             "Challenge": unary(pb.ChallengeRequest, self.challenge),
             "PushEval": unary(pb.EvalResult, self.push_eval),
+            "PushSecAgg": unary(pb.SecAggReply, self.push_secagg),
         })
 
     async def _refuse(self, context, rej: Refused) -> None:

@@ -11,9 +11,11 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedswarm.coordinator.strategy_state import PREFIX as STRATEGY_PREFIX
@@ -155,6 +157,19 @@ class Store:
         if resumed is not None and resumed[0] == rnd:
             return resumed[1]   # resume_point loaded (and checked) it already
         return load_file(str(self.ckpt_dir / row[0]))
+
+    def kept_tensors(self, names) -> Iterator[dict[str, torch.Tensor]]:
+        """`names` (one stage's tensors) of each kept checkpoint, newest first, read without the rest; a
+        checkpoint that is gone or lacks them is skipped."""
+        with self._lock:
+            rows = self._db.execute("SELECT checkpoint FROM rounds ORDER BY round DESC LIMIT ?",
+                                    (KEEP_CHECKPOINTS,)).fetchall()
+        for (name,) in rows:
+            try:
+                with safe_open(str(self.ckpt_dir / name), "pt") as f:
+                    yield {n: f.get_tensor(n) for n in names}
+            except Exception:  # noqa: BLE001 - pruned meanwhile, or another run's layout: not that version
+                continue
 
     def resume_point(self, expected: dict[str, tuple[int, ...]]) -> int | None:
         """The newest committed round whose checkpoint loads and holds `expected` (name -> shape; other keys

@@ -18,6 +18,7 @@ import time
 import torch
 from flwr.app import ConfigRecord
 
+from fedswarm.coordinator.arbiter import StageArbiter
 from fedswarm.coordinator.cohort import Cohort, CohortResult, Turn
 from fedswarm.coordinator.config import CoordinatorTimeouts
 from fedswarm.coordinator.driver import RoundEngine, RunProgress
@@ -120,6 +121,7 @@ def start_swarm(cfg, grid, store, progress: RunProgress, windows: torch.Tensor, 
     registry.chained = cfg.swarm_traffic == "chained" and cfg.stages > 1   # neighbours confirm replicas' work
     driver = SwarmDriver(cfg, grid, registry, store, names, model, windows, progress,
                          sync_timeout_s=min(timeouts.round_timeout_s, 60.0), timeouts=timeouts)
+    registry.arbiter = StageArbiter(cfg, lambda stage: driver.stage_state(stage, wait_s=0), store.kept_tensors)
     node = SwarmNode(host=p2p_host, announce=p2p_announce)
     maddrs = node.maddrs()
     log.info("swarm bootstrap peers: %s", " ".join(maddrs))

@@ -71,9 +71,12 @@ class SwarmRegistry:
         self.liars: set[str] = set()             # peer ids convicted of lying: never on the roster again
         self.liar_cids: set[int] = set()         # ... and their sessions (their pending stage syncs are refused)
         self.lying_refused = 0                   # lying reports whose evidence did not hold
+        self.arbiter = None                      # settles two replicas' disputes (coordinator/arbiter.py)
         self.chained = False                     # chained traffic: neighbours confirm a replica's work
         self.confirmations: dict[int, dict[str, int]] = {}   # reporter -> neighbour peer id -> chained tokens
-        self._confirmed_at_sync: dict[int, int] = {}         # replica -> its confirmed tokens at its last sync
+        self.routed: dict[int, dict[str, int]] = {}          # trainer -> peer id -> tokens of its chains through it
+        self.routed_retired: collections.Counter = collections.Counter()   # ... of trainers that left
+        self._confirmed_at_sync: dict[int, tuple[int, int]] = {}   # replica -> _confirmed() at its last sync
 
     # -- peers -----------------------------------------------------------------------
     def assign(self, cid: int, name: str, peer_id: str = "") -> int:
@@ -152,11 +155,14 @@ class SwarmRegistry:
         reported since this stage's last average (no replica can have done more), so a peer cannot claim the
         average for itself. With chained traffic, also at most the tokens its neighbouring replicas (on other
         stages: the trainers' word is not enough) confirm they exchanged with it since its last sync, so a
-        trainer and a peer colluding cannot raise its weight above the traffic that really passed through it."""
+        trainer and a peer colluding cannot raise its weight above the traffic that really passed through it; and
+        at most the tokens the trainers' completed chains (each hop's signed receipt checked) routed through it,
+        so two peers on different stages confirming each other cannot either."""
         with self._lock:
             done = self._total("tokens") - self._tokens_at_sync.get(stage, 0)
             if self.chained and cid is not None:
-                done = min(done, self._confirmed(cid) - self._confirmed_at_sync.get(cid, 0))
+                now, then = self._confirmed(cid), self._confirmed_at_sync.get(cid, (0, 0))
+                done = min(done, now[0] - then[0], now[1] - then[1])
         return max(1, min(int(claimed), done))
 
     def stage_synced(self, stage: int) -> None:
@@ -166,11 +172,13 @@ class SwarmRegistry:
 
     def report_lying(self, reports) -> None:
         """A trainer's spot-check reports: each convicts its accused only if the signed evidence holds
-        (receipts.judge) and the accused and witnesses are replicas of that stage. The liar leaves the roster for
+        (receipts.judge; a two-replica dispute: this coordinator's own re-run, arbiter.py) and the accused and
+        witnesses are replicas of that stage. The liar leaves the roster for
         good (a `lying_peer` event and count); its pending stage sync is refused."""
         for report in list(reports)[:MAX_LYING_REPORTS]:
+            disputed = len(report.receipts) == 2 and self.arbiter is not None
             try:
-                liar = R.judge(self.run_id, report)
+                liar = self.arbiter.judge(self.run_id, report) if disputed else R.judge(self.run_id, report)
                 signers = [R.signer(self.run_id, r) for r in report.receipts[:3]]
             except R.BadReceipt as err:
                 log.warning("refused a lying report: %s", err)
@@ -183,9 +191,11 @@ class SwarmRegistry:
                     self.lying_refused += 1
                     continue
                 cid = next(c for c, p in self.peer_ids.items() if p == liar)
-            self.convict(cid, report.stage)
+            self.convict(cid, report.stage, "the coordinator's own re-run of its stage contradicts its output"
+                         if disputed else "two other replicas of its stage agree against its output")
 
-    def convict(self, cid: int, stage: int) -> None:
+    def convict(self, cid: int, stage: int, evidence: str = "two other replicas of its stage agree against "
+                "its output") -> None:
         """Take a lying peer off the roster for good and out of its stage."""
         with self._lock:
             peer = self.peer_ids.get(cid)
@@ -193,8 +203,7 @@ class SwarmRegistry:
                 return
             self.liars.add(peer)
             self.liar_cids.add(cid)
-            self._event(stage, cid, EventKind.LYING_PEER, "caught lying by a spot check: two other replicas of "
-                        "its stage agree against its output")
+            self._event(stage, cid, EventKind.LYING_PEER, f"caught lying by a spot check: {evidence}")
         log.error("peer %s (stage %d) caught lying: removed from the roster", self.names.get(cid), stage)
         self.remove(cid, Reason.LYING_PEER.value, event=False)
 
@@ -211,6 +220,7 @@ class SwarmRegistry:
                 last = self.trainers.pop(cid)
                 for k in self.retired:
                     self.retired[k] += last.get(k, 0)
+                self.routed_retired.update(self.routed.pop(cid, {}))
             stage = self.stage_of.pop(cid, None)
             if stage is None:
                 return
@@ -248,9 +258,13 @@ class SwarmRegistry:
 
     # -- trainers --------------------------------------------------------------------
     def report_trainer(self, cid: int, name: str, completed: int, retried: int, lost: int, tokens: int,
-                       train_loss: float | None = None, refused: dict[str, int] | None = None) -> None:
+                       train_loss: float | None = None, refused: dict[str, int] | None = None,
+                       routed: dict[str, int] | None = None) -> None:
+        """A trainer's totals; `routed`: the tokens of its completed chains through each peer (stage weights)."""
         with self._lock:
             self._take_refused(cid, refused)
+            if routed:
+                self.routed[cid] = {str(k)[:128]: int(v) for k, v in list(routed.items())[:MAX_CONFIRMATIONS]}
             if train_loss is not None:
                 self._losses.append(train_loss)
             self.names[cid] = name
@@ -292,13 +306,16 @@ class SwarmRegistry:
             }
 
     # -- internals (lock held) ---------------------------------------------------------
-    def _confirmed(self, cid: int) -> int:
-        """The chained tokens other stages' replicas report exchanging with `cid`'s peer id."""
+    def _confirmed(self, cid: int) -> tuple[int, int]:
+        """The chained tokens other stages' replicas report exchanging with `cid`'s peer id, and those the
+        trainers' completed chains routed through it."""
         peer, stage = self.peer_ids.get(cid), self.stage_of.get(cid)
         if peer is None:
-            return 0
-        return sum(counts.get(peer, 0) for reporter, counts in self.confirmations.items()
-                   if reporter != cid and self.stage_of.get(reporter, -1) != stage)
+            return 0, 0
+        return (sum(counts.get(peer, 0) for reporter, counts in self.confirmations.items()
+                    if reporter != cid and self.stage_of.get(reporter, -1) != stage),
+                self.routed_retired[peer] + sum(counts.get(peer, 0) for counts in self.routed.values()))
+
     def _take_refused(self, cid: int, refused: dict[str, int] | None) -> None:
         """A reporter's refusal totals (since it started): kept per reporter, bounded in reasons and length."""
         if not refused:

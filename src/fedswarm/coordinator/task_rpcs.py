@@ -17,7 +17,7 @@ from fedswarm.coordinator.downloads import ServedVersions
 from fedswarm.coordinator.driver import RunProgress
 from fedswarm.coordinator.grid import LongPoll, SessionGrid
 from fedswarm.coordinator.membership import Membership
-from fedswarm.coordinator.rpc import (MAX_NAME, Counters, invalid, is_evaluate, open_task, replayed, session,
+from fedswarm.coordinator.rpc import (MAX_NAME, Counters, invalid, is_evaluate, is_secagg, open_task, replayed, session,
                                       task_closed, task_config, task_version, unauthenticated, unsigned)
 from fedswarm.coordinator.serving import ServingLimits
 from fedswarm.metrics import counted_down
@@ -54,9 +54,10 @@ class TaskRpcs:
         if msg is None:
             kind = pb.TASK_DONE if self.progress.done.is_set() else pb.TASK_NONE
             return pb.Task(kind=kind, round=self.progress.committed_round)
-        kind = pb.TASK_EVALUATE if is_evaluate(msg) else pb.TASK_TRAIN
+        kind = pb.TASK_EVALUATE if is_evaluate(msg) else pb.TASK_SECAGG if is_secagg(msg) else pb.TASK_TRAIN
+        arrays = msg.content["arrays"] if "arrays" in msg.content else ()
         return pb.Task(kind=kind, task_id=msg.metadata.message_id, round=task_round(msg),
-                       config_json=json.dumps(dict(task_config(msg))), num_tensors=len(msg.content["arrays"]))
+                       config_json=json.dumps(dict(task_config(msg))), num_tensors=len(arrays))
 
     def fetch_model(self, req: pb.FetchModelRequest, context) -> Iterator[pb.ModelChunk]:
         """A task's weights, or (swarm, no task, stage s + 1) stage s's latest average."""
@@ -67,6 +68,9 @@ class TaskRpcs:
         if not req.task_id and req.stage > 0:
             return counted_down(self.mode.stage_download(req.stage - 1, max_bytes))
         msg = open_task(self.grid, req.task_id, member)
+        if is_secagg(msg):
+            raise invalid(Reason.WRONG_TASK_KIND, "a secure-aggregation stage carries no model: answer it with "
+                          "PushSecAgg")
         return counted_down(self.mode.download(req, msg, max_bytes))
 
     def push_eval(self, req: pb.EvalResult, context) -> pb.PushReply:

@@ -19,7 +19,8 @@ from fedswarm.coordinator.grid import SessionGrid
 from fedswarm.coordinator.integrity import Inadmissible, UpdateNormBound, check_values, l2_norm
 from fedswarm.coordinator.membership import Member, Membership
 from fedswarm.coordinator.privacy import clip_limit, clipped
-from fedswarm.coordinator.rpc import (MAX_NAME, Counters, TaskBases, invalid, is_evaluate, open_task, parse, replayed,
+from fedswarm.coordinator.rpc import (MAX_NAME, Counters, TaskBases, invalid, is_evaluate, is_secagg, open_task, parse,
+                                      replayed,
                                       session, task_closed, task_stage, unauthenticated, unsigned)
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
@@ -64,7 +65,8 @@ class Uploads:
                  upload_workers: int, privacy=None):
         self.cfg, self.run_id, self.members, self.grid, self.progress = cfg, run_id, members, grid, progress
         self.auth, self.mode, self.bases, self.counters, self.answered = auth, mode, bases, counters, answered
-        self.codec = C.CodecSpec.of(cfg, "upload")   # what every update's parts must be encoded with
+        # what every update's parts must be encoded with (--secure-aggregation: masked vectors, uint32 mod 2^32)
+        self.codec = C.CodecSpec(pb.CODEC_MASKED) if cfg.secure_aggregation else C.CodecSpec.of(cfg, "upload")
         self.norm_bound = UpdateNormBound(cfg.max_update_norm_ratio)   # recent accepted norms (integrity.py)
         self.seen_signatures = SeenSet(lambda: progress.committed_round)
         self.upload_workers = upload_workers
@@ -76,6 +78,9 @@ class Uploads:
         upload = self._read_header(chunks)
         assembler, digest = self._receive(chunks, upload)
         delta = self._verify(upload, assembler, digest)
+        if self.cfg.secure_aggregation:   # the masked vector, as integers: nothing to clip or check in it
+            masked = {n: C.masked_values(delta.encoded[n]).reshape(s) for n, s in upload.spec.items()}
+            return self._deliver(upload, masked, masked=True)
         return self._deliver(upload, delta)
 
     # -- read the header -------------------------------------------------------------------
@@ -104,6 +109,8 @@ class Uploads:
             msg = open_task(self.grid, h.task_id, member)   # refused: closed, or an id too long
         if is_evaluate(msg):
             raise invalid(Reason.WRONG_TASK_KIND, "this task asks for an evaluation: answer it with PushEval, not an update")
+        if is_secagg(msg):
+            raise invalid(Reason.WRONG_TASK_KIND, "this task is a secure-aggregation stage: answer it with PushSecAgg")
         return msg
 
     def _check_header(self, up: Upload) -> None:
@@ -125,7 +132,7 @@ class Uploads:
     def _adopt(self, h: pb.UpdateHeader, member: Member) -> Message | None:
         """An upload for a task this coordinator does not know (it restarted mid-round): accept it as the
         answer to this client's open instruction of the same round over the very same weights."""
-        if len(h.base_digest) != 32:
+        if len(h.base_digest) != 32 or self.cfg.secure_aggregation:   # masked with keys the re-run does not use
             return None
         for msg in self.grid.open_for_node(member.client_id):
             if not is_evaluate(msg) and task_round(msg) == h.round and self.mode.served_digest(msg) == h.base_digest:
@@ -181,13 +188,16 @@ class Uploads:
             raise invalid(Reason.INCOMPLETE, str(err)) from None
 
     # -- deliver ---------------------------------------------------------------------------
-    def _deliver(self, up: Upload, delta: dict[str, torch.Tensor]) -> pb.PushReply:
+    def _deliver(self, up: Upload, delta: dict[str, torch.Tensor], masked: bool = False) -> pb.PushReply:
         """Clipped, admitted (finite, bounded, a plausible norm) and folded into the round, one budget's worth
-        of uploads at a time (each decodes tensor by tensor: their transients add up)."""
+        of uploads at a time (each decodes tensor by tensor: their transients add up). A `masked` vector
+        (--secure-aggregation) is added into the round's masked sum as it is."""
         h, member = up.h, up.member
         with self._fold_slot(up.raw_bytes):
-            delta = self._clip(delta)
-            norm = self._admit(up.msg, up.base, delta)
+            norm = None
+            if not masked:
+                delta = self._clip(delta)
+                norm = self._admit(up.msg, up.base, delta)
             update = DecodedUpdate(up.base, delta, client=self._client(up), metrics=self._metrics(up))
             try:
                 delivered = self.grid.deliver_update(up.task_id, member.client_id, update)  # folded or spilled
@@ -195,7 +205,8 @@ class Uploads:
                 raise invalid(err.reason, err.detail) from None
         if not delivered:
             raise task_closed("the task closed while uploading")
-        self.norm_bound.accept(_norm_key(up.msg), norm)
+        if norm is not None:
+            self.norm_bound.accept(_norm_key(up.msg), norm)
         self.answered.add((member.client_id, h.task_id))
         self.answered.add((member.client_id, up.task_id))
         if h.signature:

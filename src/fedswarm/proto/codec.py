@@ -20,7 +20,7 @@ from fedswarm.proto import topk as T
 __all__ = [
     "CodecError", "Encoded", "CODEC_NAMES", "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "MAX_BLOCK_SIZE",
     "codec_by_name", "codec_name", "expected_sizes", "validate", "encode", "decode", "split",
-    "ErrorFeedback", "CodecSpec",
+    "ErrorFeedback", "CodecSpec", "masked_encoded", "masked_values",
 ]
 
 MIN_BLOCK_SIZE = 64
@@ -32,7 +32,7 @@ DEFAULT_BLOCK_SIZE: dict[int, int] = {pb.CODEC_INT8: 256, pb.CODEC_INT4: 128, pb
 CODEC_NAMES: dict[str, int] = {
     "none": pb.CODEC_NONE, "fp16": pb.CODEC_FP16, "bf16": pb.CODEC_BF16,
     "int8": pb.CODEC_INT8, "int4": pb.CODEC_INT4, "topk": pb.CODEC_TOPK, "int2": pb.CODEC_INT2,
-    "sign": pb.CODEC_SIGN,
+    "sign": pb.CODEC_SIGN, "masked": pb.CODEC_MASKED,
 }
 _NAME_OF = {v: k for k, v in CODEC_NAMES.items()}
 
@@ -190,6 +190,34 @@ class _LowBitCodec:
         return out
 
 
+class _MaskedCodec:
+    """--secure-aggregation's masked vectors (fedswarm/secagg.py): uint32 LE values mod 2^32, exact in float64.
+    Not a codec of floats: clients build its parts with `masked_encoded`, never `encode`."""
+    blocked = False
+
+    def sizes(self, count: int, bs: int, *_) -> tuple[int, int]:
+        return 4 * count, 0
+
+    def encode(self, x: torch.Tensor, bs: int, *_) -> tuple[bytes, bytes]:
+        raise CodecError("masked: a masked vector is made by fedswarm.secagg and sent with masked_encoded()")
+
+    def decode(self, data: bytes, scales: bytes, count: int, bs: int, *_) -> torch.Tensor:
+        return torch.from_numpy(np.frombuffer(data, dtype="<u4").astype(np.float64))
+
+
+def masked_encoded(values: np.ndarray) -> Encoded:
+    """A masked vector's flat uint32 values as an Encoded of the masked codec."""
+    flat = np.ascontiguousarray(values, dtype="<u4").ravel()
+    return Encoded(codec=pb.CODEC_MASKED, count=flat.size, block_size=0, data=flat.tobytes(), scales=b"")
+
+
+def masked_values(parts: list[Encoded]) -> np.ndarray:
+    """The flat uint32 values of one tensor's masked parts, in order (each already validated)."""
+    if any(p.codec != pb.CODEC_MASKED for p in parts):
+        raise CodecError("masked: every part of a masked vector must use the masked codec")
+    return np.concatenate([np.frombuffer(bytes(p.data), dtype="<u4") for p in parts]).astype(np.uint32)
+
+
 _REGISTRY: dict[int, object] = {
     pb.CODEC_NONE: _Float32Codec(),
     pb.CODEC_FP16: _HalfCodec(torch.float16, "fp16"),
@@ -199,6 +227,7 @@ _REGISTRY: dict[int, object] = {
     pb.CODEC_TOPK: _TopkCodec(),
     pb.CODEC_INT2: _LowBitCodec("int2"),
     pb.CODEC_SIGN: _LowBitCodec("sign"),
+    pb.CODEC_MASKED: _MaskedCodec(),
 }
 _ALL = set(pb.Codec.values())
 _missing = sorted((_ALL - set(_REGISTRY)) | (_ALL - set(_NAME_OF)))

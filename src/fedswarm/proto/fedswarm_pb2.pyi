@@ -17,6 +17,7 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_TOPK: _ClassVar[Codec]
     CODEC_INT2: _ClassVar[Codec]
     CODEC_SIGN: _ClassVar[Codec]
+    CODEC_MASKED: _ClassVar[Codec]
 
 class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -24,6 +25,7 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_TRAIN: _ClassVar[TaskKind]
     TASK_DONE: _ClassVar[TaskKind]
     TASK_EVALUATE: _ClassVar[TaskKind]
+    TASK_SECAGG: _ClassVar[TaskKind]
 CODEC_NONE: Codec
 CODEC_FP16: Codec
 CODEC_BF16: Codec
@@ -32,10 +34,12 @@ CODEC_INT4: Codec
 CODEC_TOPK: Codec
 CODEC_INT2: Codec
 CODEC_SIGN: Codec
+CODEC_MASKED: Codec
 TASK_NONE: TaskKind
 TASK_TRAIN: TaskKind
 TASK_DONE: TaskKind
 TASK_EVALUATE: TaskKind
+TASK_SECAGG: TaskKind
 
 class TensorPart(_message.Message):
     __slots__ = ("name", "shape", "codec", "block_size", "offset", "count", "data", "scales", "topk", "bits")
@@ -332,6 +336,32 @@ class EvalResult(_message.Message):
     error: str
     def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., eval_seconds: _Optional[float] = ..., signature: _Optional[bytes] = ..., base_digest: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
 
+class SecAggReply(_message.Message):
+    __slots__ = ("client_id", "session_token", "task_id", "round", "stage", "pk1", "pk2", "node_ids", "blobs", "self_mask", "signature")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PK1_FIELD_NUMBER: _ClassVar[int]
+    PK2_FIELD_NUMBER: _ClassVar[int]
+    NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    session_token: str
+    task_id: str
+    round: int
+    stage: str
+    pk1: bytes
+    pk2: bytes
+    node_ids: _containers.RepeatedScalarFieldContainer[int]
+    blobs: _containers.RepeatedScalarFieldContainer[bytes]
+    self_mask: _containers.RepeatedScalarFieldContainer[bool]
+    signature: bytes
+    def __init__(self, client_id: _Optional[int] = ..., session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., stage: _Optional[str] = ..., pk1: _Optional[bytes] = ..., pk2: _Optional[bytes] = ..., node_ids: _Optional[_Iterable[int]] = ..., blobs: _Optional[_Iterable[bytes]] = ..., self_mask: _Optional[_Iterable[bool]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ("public_key", "signature", "challenge", "nonce", "history", "from_round", "max_rounds")
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -445,9 +475,11 @@ class StageReply(_message.Message):
     def __init__(self, hidden: _Optional[_Union[SwarmTensor, _Mapping]] = ..., grad_input: _Optional[_Union[SwarmTensor, _Mapping]] = ..., loss: _Optional[float] = ..., optimizer_step: _Optional[int] = ..., recomputed: _Optional[bool] = ..., failed_peer: _Optional[str] = ..., failed_reason: _Optional[str] = ..., receipts: _Optional[_Iterable[_Union[StageReceipt, _Mapping]]] = ...) -> None: ...
 
 class LyingReport(_message.Message):
-    __slots__ = ("stage", "receipts")
+    __slots__ = ("stage", "receipts", "request")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
     stage: int
     receipts: _containers.RepeatedCompositeFieldContainer[StageReceipt]
-    def __init__(self, stage: _Optional[int] = ..., receipts: _Optional[_Iterable[_Union[StageReceipt, _Mapping]]] = ...) -> None: ...
+    request: StageRequest
+    def __init__(self, stage: _Optional[int] = ..., receipts: _Optional[_Iterable[_Union[StageReceipt, _Mapping]]] = ..., request: _Optional[_Union[StageRequest, _Mapping]] = ...) -> None: ...

@@ -64,6 +64,11 @@ class CoordinatorStub:
                 request_serializer=fedswarm_dot_proto_dot_fedswarm__pb2.EvalResult.SerializeToString,
                 response_deserializer=fedswarm_dot_proto_dot_fedswarm__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.PushSecAgg = channel.unary_unary(
+                '/fedswarm.Coordinator/PushSecAgg',
+                request_serializer=fedswarm_dot_proto_dot_fedswarm__pb2.SecAggReply.SerializeToString,
+                response_deserializer=fedswarm_dot_proto_dot_fedswarm__pb2.PushReply.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/fedswarm.Coordinator/Status',
                 request_serializer=fedswarm_dot_proto_dot_fedswarm__pb2.StatusRequest.SerializeToString,
@@ -115,6 +120,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushSecAgg(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -158,6 +169,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'PushEval': grpc.unary_unary_rpc_method_handler(
                     servicer.PushEval,
                     request_deserializer=fedswarm_dot_proto_dot_fedswarm__pb2.EvalResult.FromString,
+                    response_serializer=fedswarm_dot_proto_dot_fedswarm__pb2.PushReply.SerializeToString,
+            ),
+            'PushSecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushSecAgg,
+                    request_deserializer=fedswarm_dot_proto_dot_fedswarm__pb2.SecAggReply.FromString,
                     response_serializer=fedswarm_dot_proto_dot_fedswarm__pb2.PushReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
@@ -332,6 +348,33 @@ class Coordinator:
             target,
             '/fedswarm.Coordinator/PushEval',
             fedswarm_dot_proto_dot_fedswarm__pb2.EvalResult.SerializeToString,
+            fedswarm_dot_proto_dot_fedswarm__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushSecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedswarm.Coordinator/PushSecAgg',
+            fedswarm_dot_proto_dot_fedswarm__pb2.SecAggReply.SerializeToString,
             fedswarm_dot_proto_dot_fedswarm__pb2.PushReply.FromString,
             options,
             channel_credentials,

@@ -69,6 +69,7 @@ class Reason(enum.StrEnum):
     WRONG_TASK_KIND = "wrong_task_kind"
     REPLAYED_UPDATE = "replayed_update"
     BAD_EVAL = "bad_eval"
+    BAD_SECAGG = "bad_secagg"                  # a secure-aggregation answer that does not fit its stage (secagg_rpcs.py)
     # integrity (coordinator/integrity.py, aggregate.py)
     NON_FINITE = "non_finite"
     UPDATE_MAGNITUDE = "update_magnitude"

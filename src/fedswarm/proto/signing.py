@@ -8,6 +8,7 @@ JOIN_DOMAIN = b"fedswarm-join-v2\0"
 STATUS_DOMAIN = b"fedswarm-status-v1\0"
 UPDATE_DOMAIN = b"fedswarm-update-v1\0"
 EVAL_DOMAIN = b"fedswarm-eval-v1\0"
+SECAGG_DOMAIN = b"fedswarm-secagg-v1\0"
 NONCE_BYTES = 16
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
@@ -55,6 +56,16 @@ def update_message(run_id: str, round_: int, client_id: int, task_id: str, diges
     """What a client signs for one update: domain, run id, round and client id (uint64 LE), task id, digest."""
     return (UPDATE_DOMAIN + run_id.encode() + b"\0" + struct.pack("<QQ", round_, client_id)
             + task_id.encode() + b"\0" + digest)
+
+
+def secagg_digest(reply) -> bytes:
+    """What a secure-aggregation answer (pb.SecAggReply) signs in place of an update's digest: the answer without
+    its session token and signature, in its own domain (never an update's)."""
+    body = type(reply)()
+    body.CopyFrom(reply)
+    body.ClearField("session_token")
+    body.ClearField("signature")
+    return hashlib.sha256(SECAGG_DOMAIN + body.SerializeToString(deterministic=True)).digest()
 
 
 def eval_digest(loss: float, tokens: int) -> bytes:

@@ -199,6 +199,9 @@ def main(args: argparse.Namespace) -> int:
         problem = (f"--evaluate {args.evaluate} asks client processes to evaluate, and this sim runs virtual clients "
                    f"(they only train): use --evaluate central, or at most {PROCESS_PER_CLIENT_MAX} --clients and none "
                    "of --workers, --backend ray, --dropout-rate, --straggler-rate")
+    if not problem and args.secure_aggregation:   # what the coordinator would refuse, said before it starts
+        problem = settings.from_args(RunConfig, args, min_clients=args.clients).secure_aggregation_conflict()
+        problem = problem and f"--secure-aggregation: {problem}"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -147,10 +147,12 @@ class Proc:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig)
 
-    def stop(self, grace: float = 5.0) -> int | None:
-        """SIGTERM, then SIGKILL after `grace` seconds; returns the exit code."""
+    def stop(self, grace: float = 5.0, term: bool = True) -> int | None:
+        """SIGTERM (unless `term` is False: sent already), then SIGKILL after `grace` seconds; returns the exit
+        code."""
         if self.popen.poll() is None:
-            self.signal(signal.SIGTERM)
+            if term:
+                self.signal(signal.SIGTERM)
             try:
                 self.popen.wait(grace)
             except subprocess.TimeoutExpired:
@@ -158,6 +160,17 @@ class Proc:
                 self.popen.wait()
         self._reader.join(timeout=5)
         return self.popen.returncode
+
+
+def stop_all(procs, grace: float = 5.0) -> None:
+    """Stop `procs` together: SIGTERM to each, then SIGKILL to any still running `grace` seconds later (one
+    grace for all, not one each)."""
+    live = [p for p in procs if p.popen.poll() is None]
+    for proc in live:
+        proc.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        proc.stop(grace=max(deadline - time.monotonic(), 0.01), term=False)
 
 
 @contextlib.contextmanager

@@ -11,12 +11,13 @@ import threading
 import time
 from pathlib import Path
 
+from fedswarm.client.swarm.lies import parse_lies
 from fedswarm.sim.forkstart import warm_up
 from fedswarm import settings
 from fedswarm.run_config import RunConfig
 from fedswarm.sim.hosts import HostNetwork, start_coordinator
 from fedswarm.sim.peer_memory import proc_memory_mb
-from fedswarm.sim.processes import READY, Proc, fedswarm_cmd, fetch_status, free_port
+from fedswarm.sim.processes import READY, Proc, fedswarm_cmd, fetch_status, free_port, stop_all, wait_until
 from fedswarm.sim.report import write_report
 from fedswarm.proto.run_state import RunState
 
@@ -32,10 +33,14 @@ def add_swarm_arguments(p) -> None:
     p.add_argument("--duration", type=float, default=0.0, help="swarm: stop after N seconds even if rounds remain")
     p.add_argument("--inflight", type=int, default=2, help="swarm: micro-batches in flight per trainer")
     p.add_argument("--liars", type=int, default=0,
-                   help="swarm: this many of the --peers peers corrupt every forward output they send (spot checks "
-                        "should catch them: status shows lying_peer)")
+                   help="swarm: this many of the --peers peers lie (--lies; by default they corrupt every forward "
+                        "output they send) and join after the honest ones (spot checks should catch them: status "
+                        "shows lying_peer)")
     p.add_argument("--lie-scale", type=float, default=1.0,
                    help="swarm: a liar adds Gaussian noise of this many times its output's standard deviation")
+    p.add_argument("--lies", default="corrupt", metavar="KINDS",
+                   help="swarm: what the liars do, comma-separated, told in turn as a chain's first stage: corrupt "
+                        "(at --lie-scale), blame_next, blame_replica, fabricate:LOSS, nan_loss (client/swarm/lies.py)")
     p.add_argument("--verify-fraction", type=float, default=None,
                    help="swarm: the trainers' --verify-fraction (default: theirs, 0.02)")
     p.add_argument("--hosts", action="store_true",
@@ -91,8 +96,9 @@ class Swarm:
         return [n for n, p in self.procs.items() if n.startswith("peer") and p.popen.poll() is None]
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.stop()
+        """The trainers first (no peer they call is gone yet: no bans logged at teardown), then every peer."""
+        stop_all([p for n, p in self.procs.items() if not n.startswith("peer")])
+        stop_all([p for n, p in self.procs.items() if n.startswith("peer")])
 
 
 def run_swarm_sim(args, log=print, on_round=None) -> dict:
@@ -131,13 +137,19 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
         if getattr(args, "verify_fraction", None) is not None:
             swarm.trainer_flags = ["--verify-fraction", str(args.verify_fraction)]
         liars = min(getattr(args, "liars", 0), args.peers)   # the last --liars peers lie (sim/swarm_sim.py)
-        swarm.liars = {f"peer{i}": {"FEDSWARM_LIE": f"corrupt:{args.lie_scale}"}
-                       for i in range(args.peers - liars, args.peers)}
-        for i in range(args.peers):
+        lies = ",".join(f"corrupt:{args.lie_scale}" if k == "corrupt" else k
+                        for k in getattr(args, "lies", "corrupt").split(","))
+        parse_lies(lies)   # ValueError naming the kinds, before any process starts
+        swarm.liars = {f"peer{i}": {"FEDSWARM_LIE": lies} for i in range(args.peers - liars, args.peers)}
+        for i in range(args.peers - liars):
             swarm.start_peer(f"peer{i}")
         for i in range(args.trainers):
             swarm.start_trainer(f"trainer{i}", i, args.trainers)
         coordinator.wait_for_line(READY, 120)   # the clients retry until it listens
+        if liars:   # after the honest peers joined: a liar takes the first stage of fewest peers, beside honest ones
+            _wait_joined(status_address, args.peers - liars, coordinator)
+            for i in range(args.peers - liars, args.peers):
+                swarm.start_peer(f"peer{i}")
         log(f"t={time.time() - started:6.1f}s  coordinator on {address}")
         log(f"t={time.time() - started:6.1f}s  started {args.peers} peers on {args.stages} stages, "
             f"{args.trainers} trainer(s)" + (f", each on its own host ({args.host_bandwidth or 'uncapped'} links)"
@@ -161,6 +173,11 @@ def run_swarm_sim(args, log=print, on_round=None) -> dict:
     write_report(out, report)
     plot_swarm(out, report)
     return report
+
+
+def _wait_joined(address: str, peers: int, coordinator: Proc) -> None:
+    wait_until(f"{peers} honest peers joined", lambda: sum(len(s["peers"]) for s in fetch_status(address)["swarm"][
+        "stages"]) >= peers, 180, [coordinator], poll_s=0.2)
 
 
 def _host_of(swarm: Swarm, name: str) -> int:

@@ -25,6 +25,7 @@ import torch
 from fedswarm.client import work
 from fedswarm.client.aio_session import AsyncSession, open_aio_channel
 from fedswarm.client.daemon import DigestMismatch, reconstruct
+from fedswarm.client.secagg_client import SecAggClient
 from fedswarm.client.session import ClientTimeouts
 from fedswarm.client.trainer import LocalTrainer, resolve_device, resolve_precision
 from fedswarm.data import BatchSampler, load_train_tokens
@@ -33,6 +34,7 @@ from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
 from fedswarm.proto import wire
 from fedswarm.run_config import RunConfig
+from fedswarm.secagg import SecAggError
 from fedswarm.sim.version_cache import VersionCache
 
 log = logging.getLogger("fedswarm.virtual")
@@ -96,9 +98,10 @@ class Trainer:
         self.precision = resolve_precision(spec.precision, self.device)
         self.model: torch.nn.Module | None = None
 
-    def train(self, index: int, run_cfg: RunConfig, task: pb.Task,
-              base: dict[str, torch.Tensor]) -> tuple[list[bytes], int, float, float, bytes]:
-        """(serialized parts, num_examples, train_loss, seconds, base digest) of virtual client `index` on `task`."""
+    def train(self, index: int, run_cfg: RunConfig, task: pb.Task, base: dict[str, torch.Tensor],
+              secagg: SecAggClient | None = None) -> tuple[list[bytes], int, float, float, bytes]:
+        """(serialized parts, num_examples, train_loss, seconds, base digest) of virtual client `index` on `task`;
+        with `secagg` (--secure-aggregation) the parts are its masked vector."""
         if self.model is None:
             self.model = build_model(run_cfg.model, seed=run_cfg.seed)
         tokens = load_train_tokens(self.spec.data, index, self.spec.total)
@@ -107,8 +110,10 @@ class Trainer:
         sampler = BatchSampler(tokens, run_cfg.seq_len, run_cfg.batch_size, seed)
         trainer = LocalTrainer(self.model, sampler, self.device, self.precision, lr=run_cfg.lr)
         delta, result = work.train_on_task(trainer, run_cfg, task, base)
-        feedback = C.ErrorFeedback.for_run(run_cfg)
-        parts = work.encode_delta(feedback, delta)
+        if secagg is not None:
+            parts = secagg.masked_parts(task.round, delta)
+        else:
+            parts = work.encode_delta(C.ErrorFeedback.for_run(run_cfg), delta)
         return parts, result.num_examples, result.train_loss, result.seconds, wire.state_digest(base)
 
 
@@ -140,10 +145,19 @@ class Worker:
         return self.stats
 
     async def client(self, index: int) -> None:
-        """One virtual client's life: join, then pull and train until the run is done (or it drops out)."""
+        """One virtual client: its lives until the run is done. A dropout ends it, except with
+        --secure-aggregation, where it comes back as a new session once its lease has run out."""
+        life = 0
+        while (back_in := await self.life(index, life)) is not None:
+            await asyncio.sleep(back_in)
+            life += 1
+
+    async def life(self, index: int, life: int) -> float | None:
+        """Join, then pull and train until the run is done (None) or the client drops out (None, or with
+        secure aggregation the seconds until it comes back)."""
         channel = open_aio_channel(self.spec.coordinator, timeouts=self.timeouts)
         session = AsyncSession(channel, client_name(index), self.timeouts)
-        beats = None
+        beats, secagg = None, SecAggClient()
         try:
             async with self.join_gate:
                 await session.join()
@@ -152,20 +166,46 @@ class Worker:
                 task = await session.pull()
                 if task.kind == pb.TASK_DONE:
                     self.stats.finished += 1
-                    return
-                if task.kind != pb.TASK_TRAIN:
+                    return None
+                if task.kind not in (pb.TASK_TRAIN, pb.TASK_SECAGG):
                     continue
-                if _roll(self.spec.seed, index, task.round, "dropout") < self.spec.dropout_rate:
+                if self._drops(index, life, task, session.run_cfg.secure_aggregation):
                     log.info("%s leaves silently in round %d (dropout)", session.name, task.round)
                     self.stats.dropped.append(session.name)
-                    return  # no more heartbeats or polls: its lease runs out and its task fails
-                await self.train(index, session, task)
+                    # no more heartbeats or polls: its lease runs out and its task fails
+                    return 1.5 * session.joined.lease_s if session.run_cfg.secure_aggregation else None
+                if task.kind == pb.TASK_SECAGG:
+                    await self.secagg_stage(session, secagg, task)
+                else:
+                    await self.train(index, session, task, secagg)
         finally:
             session.close()
             if beats is not None:
                 await asyncio.gather(beats, return_exceptions=True)
             self.stats.lost_leases += session.lost_leases
             await channel.close()
+
+    def _drops(self, index: int, life: int, task: pb.Task, secure: bool) -> bool:
+        """Whether the client leaves at this task: at a train task, or with secure aggregation half the dropouts
+        at the unmask stage instead (after sending the masked vector)."""
+        roll = _roll(self.spec.seed, index, task.round, "dropout" if life == 0 else f"dropout/{life}")
+        if roll >= self.spec.dropout_rate:
+            return False
+        after_masking = secure and roll < self.spec.dropout_rate / 2
+        if task.kind == pb.TASK_TRAIN:
+            return not after_masking
+        return after_masking and json.loads(task.config_json).get("secagg-stage") == "unmask"
+
+    async def secagg_stage(self, session: AsyncSession, secagg: SecAggClient, task: pb.Task) -> None:
+        """Answer a secure-aggregation stage (client/secagg_client.py); a protocol error sits the round out."""
+        try:
+            reply = await asyncio.to_thread(secagg.answer, session.client_id, task)
+        except SecAggError as err:
+            log.warning("%s: round %d: secure aggregation: %s", session.name, task.round, err)
+            return
+        reply.client_id, reply.session_token = session.client_id, session.token
+        await session.with_retry("secure-aggregation answer",
+                                 lambda: session.stub.PushSecAgg(reply, timeout=session.t.rpc_s))
 
     async def download(self, index: int, session: AsyncSession, task: pb.Task) -> dict[str, torch.Tensor]:
         """The task's weights: delta steps from the version this client holds (if the worker still keeps it),
@@ -186,11 +226,16 @@ class Worker:
             got = await fetch(None)
         return self.versions.downloaded(index, got).state
 
-    async def train(self, index: int, session: AsyncSession, task: pb.Task) -> None:
+    async def train(self, index: int, session: AsyncSession, task: pb.Task, secagg: SecAggClient) -> None:
+        if session.run_cfg.secure_aggregation and not secagg.ready(task.round):
+            log.warning("%s: round %d: no secure-aggregation keys for it (joined mid-round): sitting it out",
+                        session.name, task.round)
+            return
         base = await self.download(index, session, task)
         loop = asyncio.get_running_loop()
         parts, examples, loss, seconds, digest = await loop.run_in_executor(
-            self.pool, self.trainer.train, index, session.run_cfg, task, base)
+            self.pool, self.trainer.train, index, session.run_cfg, task, base,
+            secagg if session.run_cfg.secure_aggregation else None)
         self.stats.train_seconds += seconds
         if _roll(self.spec.seed, index, task.round, "straggler") < self.spec.straggler_rate:
             self.stats.stragglers += 1

@@ -27,7 +27,9 @@ def add_virtual_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default="", metavar="ADDR",
                    help="ray: an existing cluster (e.g. HOST:6379 or auto); default: start a local Ray instance")
     p.add_argument("--dropout-rate", type=float, default=0.0,
-                   help="virtual: chance that a sampled client silently leaves the run instead of training")
+                   help="virtual: chance that a sampled client silently leaves the run instead of training (with "
+                        "--secure-aggregation half of them leave after sending their masked update, and all rejoin "
+                        "as new sessions once their lease ran out)")
     p.add_argument("--straggler-rate", type=float, default=0.0,
                    help="virtual: chance that a sampled client delays its upload by --straggler-delay")
     p.add_argument("--straggler-delay", type=float, default=5.0, help="virtual: seconds a straggler waits")
@@ -175,8 +177,9 @@ def run_virtual_sim(args: argparse.Namespace, coord_args: list[str], follow, log
     out = Path(args.out)
     _raise_fd_limit()
     per_round = getattr(args, "clients_per_round", 0)
-    # Clients that drop out never come back: let rounds go on without them.
-    left_at_most = args.rounds * (per_round or args.clients) if args.dropout_rate > 0 else 0
+    # Clients that drop out never come back (with --secure-aggregation they do): let rounds go on without them.
+    gone = args.dropout_rate > 0 and not getattr(args, "secure_aggregation", False)
+    left_at_most = args.rounds * (per_round or args.clients) if gone else 0
     min_clients = max(per_round or 1, args.clients - left_at_most)
     coord_args = ["--max-connections-per-address", str(max(1024, args.clients + 64)),   # each session dials
                   *coord_args, "--min-clients", str(min_clients)]

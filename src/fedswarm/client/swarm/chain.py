@@ -5,6 +5,9 @@ stage's last committed average, which every replica holds alike."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import functools
 import math
 
 import torch
@@ -27,6 +30,37 @@ def check_hop_reply(reply: pb.StageReply, shape: tuple, allowed: set) -> None:
         raise BadStageInput(f"loss {reply.loss}", Reason.BAD_REPLY)
     if not torch.isfinite(from_wire(reply.grad_input, shape, allowed)).all():
         raise BadStageInput("the input gradient is not finite", Reason.BAD_REPLY)
+
+
+@contextlib.contextmanager
+def on_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], device: torch.device):
+    """Run `module` on `state` (tensors by parameter name, e.g. the bf16 committed average) instead of its own
+    parameters: each submodule's are swapped in as float32 copies only while that submodule runs, so no float32
+    copy of the whole state is ever held. Its own parameters are back afterwards, even after an error."""
+    owned: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    for name, tensor in state.items():
+        prefix, _, leaf = name.rpartition(".")
+        owned[prefix][leaf] = tensor
+    modules, saved, handles = dict(module.named_modules()), {}, []
+
+    def swap_in(m, _args, own):
+        saved[m] = {k: m._parameters[k] for k in own}
+        for k, t in own.items():
+            m._parameters[k] = t.to(device, torch.float32)
+
+    def swap_out(m, _args, _out):
+        m._parameters.update(saved.pop(m))
+
+    for prefix, own in owned.items():
+        handles += [modules[prefix].register_forward_pre_hook(functools.partial(swap_in, own=own)),
+                    modules[prefix].register_forward_hook(swap_out)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, params in saved.items():
+            m._parameters.update(params)
 
 
 class ChainingStage:
@@ -153,9 +187,8 @@ class ChainingStage:
             raise BadStageInput("this replica holds no committed average to check against", Reason.NOT_SERVING)
         m = self.module
         x, labels = self._inputs(req)
-        params = {n: t.to(self.device, torch.float32) for n, t in base.items()}
-        with torch.no_grad(), self._autocast():
-            out = torch.func.functional_call(m, params, (x, labels) if m.is_last else (x,))
+        with torch.no_grad(), self._autocast(), on_weights(m, base, self.device):
+            out = m(x, labels) if m.is_last else m(x)
         version = {"weights_version": base_version}
         if m.is_last:
             loss = self._sent_loss(float(out))

@@ -1,7 +1,8 @@
 """What a trainer blames, and on what evidence (receipts.py): a chained reply counts only with every stage's
 valid signed receipt; a claim that a hop failed is checked by re-running that hop directly; spot checks re-run
-an audited micro-batch's stage calls on other replicas, and a third replica arbitrates a mismatch. A trainer
-never bans a peer only because another peer says so."""
+an audited micro-batch's stage calls on other replicas, and a third replica arbitrates a mismatch (with only
+two, the coordinator re-runs the input on its own copy of the stage). A trainer never bans a peer only because
+another peer says so."""
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,7 @@ class Blame:
 class SpotStats:
     checked: int = 0        # stage calls re-run on a second replica
     unchecked: int = 0      # ... that had no second replica to re-run on
-    disputes: int = 0       # mismatches no third replica could settle
+    disputes: int = 0       # mismatches no third replica could settle (the coordinator settles them)
     caught: int = 0         # liars caught
 
 
@@ -45,6 +46,7 @@ class Evidence:
         self.spot = SpotStats()
         self.liars: set[str] = set()
         self._reports: list[pb.LyingReport] = []
+        self._disputed: set[frozenset] = set()   # pairs of replicas whose dispute went to the coordinator
         self._lock = threading.Lock()
 
     def take_reports(self) -> list[pb.LyingReport]:
@@ -163,9 +165,7 @@ class Evidence:
             return None
         second = self._witness(stage, req, {peer, first[0]}, own[1].weights_version)
         if second is None:
-            self.spot.disputes += 1
-            log.warning("spot check of stage %d: %s and %s disagree, and no third replica can settle it",
-                        stage, peer, first[0])
+            self._dispute(stage, req, own, first)
             return None
         for accused, witnesses in ((own, (first, second)), (first, (own, second)), (second, (own, first))):
             report = pb.LyingReport(stage=stage, receipts=[accused[1], witnesses[0][1], witnesses[1][1]])
@@ -177,6 +177,19 @@ class Evidence:
             return accused[0]
         self.spot.disputes += 1
         return None
+
+    def _dispute(self, stage: int, req: pb.StageRequest, own: tuple, first: tuple) -> None:
+        """Two replicas disagree and no third can settle it: the coordinator re-runs the input on its own copy
+        of the stage (once per pair: a report carries up to three activations)."""
+        self.spot.disputes += 1
+        pair = frozenset((own[0], first[0]))
+        with self._lock:
+            if pair in self._disputed:
+                return
+            self._disputed.add(pair)
+            self._reports.append(pb.LyingReport(stage=stage, receipts=[own[1], first[1]], request=req))
+        log.warning("spot check of stage %d: %s and %s disagree, and no third replica can settle it: sent to the "
+                    "coordinator to settle", stage, own[0], first[0])
 
     def _convict(self, peer: str, stage: int, report: pb.LyingReport) -> None:
         with self._lock:

@@ -6,7 +6,8 @@
   blame_next      as a chain's first stage: answers at once that the next hop failed, naming it
   blame_replica   ... naming another replica of its own stage
   fabricate:L     ... answers a loss of L without calling the next stage
-Several, comma-separated (blame_next,fabricate:0.05): a chain head tells them in turn, one per chain.
+Several, comma-separated (blame_next,fabricate:0.05,corrupt): a chain head tells them in turn, one per chain,
+serving an honest chain between two (so each lie costs it one short ban); corrupt, once its turn comes, lasts.
 """
 from __future__ import annotations
 
@@ -35,16 +36,21 @@ def _lie(spec: str) -> tuple[str, float]:
     return kind, value
 
 
+def parse_lies(spec: str) -> list[tuple[str, float]]:
+    return [_lie(part) for part in spec.split(",")]
+
+
 class Liar:
     def __init__(self, lies: list[tuple[str, float]]):
         self.lies = lies
         self.kind, self.amount = lies[0]
-        self._turns = itertools.cycle(lies)
+        honest = [("honest", 0.0)] * (len(lies) > 1)
+        self._turns = itertools.chain.from_iterable([lie, *honest] for lie in itertools.cycle(lies))
 
     @classmethod
     def from_env(cls) -> "Liar | None":
         spec = os.environ.get("FEDSWARM_LIE", "")
-        return cls([_lie(part) for part in spec.split(",")]) if spec else None
+        return cls(parse_lies(spec)) if spec else None
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """The forward output it sends (the true one unless it corrupts)."""
@@ -60,9 +66,9 @@ class Liar:
         """The reply a lying chain head sends without calling the next stage (None: it calls it)."""
         if stage != 0:
             return None
-        if len(self.lies) > 1:
+        if len(self.lies) > 1 and self.kind != "corrupt":
             self.kind, self.amount = next(self._turns)
-        if self.kind != "corrupt":
+        if self.kind not in ("corrupt", "honest"):
             log.warning("lying: %s (as peer %s)", self.kind, me)
         if self.kind == "blame_next":
             return pb.StageReply(failed_peer=hops[0], failed_reason="timeout: made up")

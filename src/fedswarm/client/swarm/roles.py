@@ -14,6 +14,7 @@ from fedswarm.client.options import ClientSettings
 from fedswarm.client.swarm.roster import Roster
 from fedswarm.client.swarm.routing import StageRecord, stage_key
 from fedswarm.client import work
+from fedswarm.client.swarm.chain import MAX_NEIGHBOURS
 from fedswarm.client.swarm.stage_server import HANDLER, StageServer
 from fedswarm.client.swarm.stage_sync import Adopter, average_tensors, carry_unsent
 from fedswarm.client.swarm.tensors import BadStageInput
@@ -326,7 +327,8 @@ class TrainerRole(SwarmMember):
                         microbatches_lost=s.lost, tokens=s.tokens,
                         train_loss=sum(losses) / len(losses) if losses else 0.0,
                         refused=_with_p2p(self.swarm.refusals.snapshot()),
-                        lying=self.swarm.take_lying_reports())
+                        lying=self.swarm.take_lying_reports(),
+                        confirmed_tokens=dict(s.routed.most_common(MAX_NEIGHBOURS)))
 
     def on_heartbeat(self, reply: pb.HeartbeatReply) -> None:
         if self.ready.is_set() and self.roster.update(reply.roster):

@@ -1,6 +1,7 @@
 """A trainer drives micro-batches through the stages: stochastic wiring, replay, never a lost micro-batch."""
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import math
@@ -35,6 +36,7 @@ class TrainerStats:
     lost: int = 0
     tokens: int = 0
     losses: list = field(default_factory=list)
+    routed: collections.Counter = field(default_factory=collections.Counter)   # peer id -> tokens of chains
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -252,6 +254,7 @@ class SwarmTrainer:
             self.stats.retried += int(replayed)
             self.stats.tokens += x.numel()
             self.stats.losses.append(reply.loss)
+            self.stats.routed.update(dict.fromkeys(peers, x.numel()))   # each hop's signed receipt is in reply
         return reply.loss
 
     def _hidden_shape(self, req: pb.StageRequest) -> tuple[int, int, int]:
