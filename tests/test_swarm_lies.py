@@ -15,6 +15,10 @@ LIES = ["blame_replica", "blame_next", "fabricate:0.05", "nan_loss"]
 
 
 OWN_CALL = re.compile(r"chained micro-batch, stage \d+: (unreachable|timeout): ")   # the trainer's own call failed
+# an honest hop whose own call to the next hop failed in transit, while that hop answered the trainer's re-run:
+# the trainer cannot tell it from a false claim, so it is banned as one (2 s), as the README says
+TRANSIENT_CLAIM = re.compile(r"chained micro-batch, stage \d+: claimed stage \d+'s \w+ failed "
+                             r"\((unreachable|timeout): .*\), but it answers a direct re-run$")
 
 
 def _bans(log: str) -> dict[str, list[str]]:
@@ -73,9 +77,10 @@ def test_sim_with_a_lying_chain_head_bans_it_catches_it_and_loses_no_microbatch(
     log, liar_id = (out / "trainer0.log").read_text(), re.search(r"as peer (\w+)", liar_log)[1]
     bans = _bans(log)
     honest = {peer: why for peer, why in bans.items() if peer != liar_id}
-    # no honest peer banned on the liar's word or on any evidence, ever: only where the trainer's own call to it
-    # failed (a peer that exits as the run ends, or a hiccup under load)
-    assert all(OWN_CALL.match(w) and "made up" not in w for why in honest.values() for w in why), honest
+    # no honest peer banned on the liar's word, ever: only where a call failed in transit (the trainer's own to
+    # it: a peer that exits as the run ends, or a hiccup; or its own to the next hop, which then answered)
+    assert all((OWN_CALL.match(w) or TRANSIENT_CLAIM.match(w)) and "made up" not in w
+               for why in honest.values() for w in why), honest
     # each lie told twice: two of each kind banned it, even if a call to it failed under load instead
     assert sum("does not check out" in b or "but it answers" in b for b in bans[liar_id]) >= 2, bans   # shifting
     assert sum("without valid receipts" in b for b in bans[liar_id]) >= 2, bans                        # made up
