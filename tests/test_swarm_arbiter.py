@@ -84,6 +84,7 @@ def test_the_coordinator_settles_a_two_replica_dispute_and_removes_the_liar(stag
     for cid in range(3):
         registry.report_peer(cid, 1.0, 0, serving=registry.stage_of[cid])
     registry.report_lying([report])
+    registry.settle_disputes(timeout_s=60)   # the re-run runs on the arbiter's thread
     snap = registry.snapshot()
     events = [e for e in snap["events"] if e["kind"] == "lying_peer"]
     assert [e["peer"] for e in events] == ["p1"] and "coordinator's own re-run" in events[0]["reason"], events

@@ -9,6 +9,7 @@ import re
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from fedswarm import receipts as R
 from fedswarm.coordinator.rebalance import Move, Rebalancer, SwarmRegistryConfig
@@ -34,6 +35,7 @@ MAX_LOSSES = 10_000    # trainers' losses kept between two rounds
 PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,128}")   # a base58 libp2p peer id
 MAX_REFUSAL_REASONS = 32                                  # distinct reasons kept per reporter
 MAX_LYING_REPORTS = 8                                     # lying reports judged per heartbeat
+MAX_DISPUTES = 4     # two-replica disputes waiting for the coordinator's re-run (more are refused and counted)
 MAX_CONFIRMATIONS = 256                                   # neighbours a peer's heartbeat may confirm
 __all__ = ["SwarmRegistry", "SwarmRegistryConfig", "PEER_ID"]
 
@@ -72,6 +74,8 @@ class SwarmRegistry:
         self.liar_cids: set[int] = set()         # ... and their sessions (their pending stage syncs are refused)
         self.lying_refused = 0                   # lying reports whose evidence did not hold
         self.arbiter = None                      # settles two replicas' disputes (coordinator/arbiter.py)
+        self._arbitrations: ThreadPoolExecutor | None = None   # ... on a thread of its own, one at a time
+        self._disputes: list[Future] = []                       # ... those not settled yet
         self.chained = False                     # chained traffic: neighbours confirm a replica's work
         self.confirmations: dict[int, dict[str, int]] = {}   # reporter -> neighbour peer id -> chained tokens
         self.routed: dict[int, dict[str, int]] = {}          # trainer -> peer id -> tokens of its chains through it
@@ -172,27 +176,56 @@ class SwarmRegistry:
 
     def report_lying(self, reports) -> None:
         """A trainer's spot-check reports: each convicts its accused only if the signed evidence holds
-        (receipts.judge; a two-replica dispute: this coordinator's own re-run, arbiter.py) and the accused and
-        witnesses are replicas of that stage. The liar leaves the roster for
-        good (a `lying_peer` event and count); its pending stage sync is refused."""
+        (receipts.judge; a two-replica dispute: this coordinator's own re-run, arbiter.py, on a thread of its own,
+        since the heartbeat that brings it runs on the service's event loop) and the accused and witnesses are
+        replicas of that stage. The liar leaves the roster for good (a `lying_peer` event and count); its
+        pending stage sync is refused."""
         for report in list(reports)[:MAX_LYING_REPORTS]:
-            disputed = len(report.receipts) == 2 and self.arbiter is not None
-            try:
-                liar = self.arbiter.judge(self.run_id, report) if disputed else R.judge(self.run_id, report)
-                signers = [R.signer(self.run_id, r) for r in report.receipts[:3]]
-            except R.BadReceipt as err:
-                log.warning("refused a lying report: %s", err)
-                with self._lock:
-                    self.lying_refused += 1
-                continue
+            if len(report.receipts) == 2 and self.arbiter is not None:
+                self._arbitrate(report)
+            else:
+                self._judge(report, R.judge, "two other replicas of its stage agree against its output")
+
+    def settle_disputes(self, timeout_s: float | None = None) -> None:
+        """Wait until the two-replica disputes reported so far are settled (tests; shutdown)."""
+        with self._lock:
+            pending = list(self._disputes)
+        for fut in pending:
+            fut.exception(timeout=timeout_s)
+
+    def _arbitrate(self, report) -> None:
+        """Queue a two-replica dispute for the arbiter's re-run; refused (counted) while MAX_DISPUTES wait."""
+        with self._lock:
+            self._disputes = [f for f in self._disputes if not f.done()]
+            if len(self._disputes) >= MAX_DISPUTES:
+                log.warning("refused a lying report: %d disputes already wait for the coordinator's re-run",
+                            len(self._disputes))
+                self.lying_refused += 1
+                return
+            if self._arbitrations is None:
+                self._arbitrations = ThreadPoolExecutor(1, thread_name_prefix="arbiter")
+            fut = self._arbitrations.submit(self._judge, report, self.arbiter.judge,
+                                            "the coordinator's own re-run of its stage contradicts its output")
+            self._disputes.append(fut)
+        fut.add_done_callback(_log_failure)
+
+    def _judge(self, report, judge, evidence: str) -> None:
+        """Convict the peer `judge` names from the report, if its signers are replicas of that stage."""
+        try:
+            liar = judge(self.run_id, report)
+            signers = [R.signer(self.run_id, r) for r in report.receipts[:3]]
+        except R.BadReceipt as err:
+            log.warning("refused a lying report: %s", err)
             with self._lock:
-                stage_ids = {self.peer_ids.get(c) for c, s in self.stage_of.items() if s == report.stage}
-                if not set(signers) <= stage_ids:
-                    self.lying_refused += 1
-                    continue
-                cid = next(c for c, p in self.peer_ids.items() if p == liar)
-            self.convict(cid, report.stage, "the coordinator's own re-run of its stage contradicts its output"
-                         if disputed else "two other replicas of its stage agree against its output")
+                self.lying_refused += 1
+            return
+        with self._lock:
+            stage_ids = {self.peer_ids.get(c) for c, s in self.stage_of.items() if s == report.stage}
+            if not set(signers) <= stage_ids:
+                self.lying_refused += 1
+                return
+            cid = next(c for c, p in self.peer_ids.items() if p == liar)
+        self.convict(cid, report.stage, evidence)
 
     def convict(self, cid: int, stage: int, evidence: str = "two other replicas of its stage agree against "
                 "its output") -> None:
@@ -380,3 +413,10 @@ class SwarmRegistry:
     def _event(self, stage: int, cid: int, kind: EventKind, reason: str, **extra) -> None:
         self.events.append({"stage": stage, "peer": self.names.get(cid, str(cid)), "kind": kind.value, "reason": reason,
                             "at": round(self.clock(), 3), **extra})
+
+
+def _log_failure(fut: Future) -> None:
+    """A dispute's re-run that raised (not a refusal: a bug) is logged, not lost with its thread."""
+    err = fut.exception()
+    if err is not None:
+        log.error("settling a two-replica dispute failed: %s: %s", type(err).__name__, err, exc_info=err)
