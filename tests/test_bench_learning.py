@@ -53,7 +53,11 @@ def test_plan_covers_strategies_steps_and_codecs():
     assert [(r["label"], r["local_steps"], r["codec"]) for r in rows[-2:]] == [
         ("diloco/0.7/0.8", 50, "sign"), ("fedavg", 10, "sign:int2")]
     assert {r["codec"] for r in rows if r["label"] == "fedavg" and r["local_steps"] == 25} == {"int4", "int4:int2"}
+    muon = plan_runs(bench_args("--extra-rows", "diloco/0.7/0.8@50@int2@muon", "--sparse-strategies", ""))[-1]
+    assert (muon["label"], muon["local_steps"], muon["codec"], muon["inner_optimizer"]) == (
+        "diloco/0.7/0.8", 50, "int2", "muon")
     for flags, match in ((("--extra-rows", "diloco@fifty@sign"), "STRATEGY@LOCAL_STEPS@CODEC"),
+                         (("--extra-rows", "diloco@50@int2@lion"), "optimizers"),
                          (("--extra-rows", "diloco@50@int3"), "int3"), (("--codec-list", "int4:int9"), "int9"),
                          (("--codec-list", "int4:int4:int4"), "UP:DOWN")):
         with pytest.raises(ValueError, match=match):
@@ -70,11 +74,17 @@ def test_bench_learning_tiny_budget(tmp_path):
     out = tmp_path / "bench"
     done = run_fedswarm("bench", "learning", "--tokens", "1024", "--clients", "2", "--strategies", "fedavg",
                         "--local-steps-list", "4", "--codec-list", "int8", "--extra-codecs", "", "--sparse-strategies", "",
-                        "--extra-rows", "", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--threads", "1",
+                        "--extra-rows", "fedavg@4@int8@muon", "--seq-len", "32", "--batch-size", "4", "--precision", "fp32", "--threads", "1",
                         "--out", str(out), timeout=380)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "bench-learning.json").read_text())
-    single, (fed,) = result["single"], result["runs"]
+    single, (fed, muon) = result["single"], result["runs"]
+    # a row with its own inner optimizer is measured against a one process with that optimizer
+    assert set(result["singles"]) == {"adamw", "muon"} and muon["inner_optimizer"] == "muon"
+    assert muon["loss_vs_single"] == pytest.approx(
+        muon["final_eval_loss"] / result["singles"]["muon"]["final_eval_loss"] - 1)
+    assert result["singles"]["muon"]["final_eval_loss"] != single["final_eval_loss"]
+    assert "| one process (muon) |" in done.stdout and "| fedavg (muon) | 2 x 2 | 4 x 2 | int8 |" in done.stdout
     # the one process's batch of 4 splits as data-parallel training splits it: 2 clients of 2, same steps
     assert (single["clients"], single["batch_size"], single["rounds"]) == (1, 4, 2)
     assert (fed["clients"], fed["batch_size"], fed["rounds"]) == (2, 2, 2)

@@ -8,7 +8,7 @@ import torch
 import fedswarm.proto.fedswarm_pb2 as pb
 from fedswarm.proto import codec as C
 
-ALL = [pb.CODEC_NONE, pb.CODEC_FP16, pb.CODEC_BF16, pb.CODEC_INT8, pb.CODEC_INT4]
+ALL = [pb.CODEC_NONE, pb.CODEC_FP16, pb.CODEC_BF16, pb.CODEC_INT8, pb.CODEC_INT4, pb.CODEC_INT2Z]
 
 
 def _x(n, seed=0):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedswarm.client.daemon import DigestMismatch, Held, reconstruct
+from fedswarm.coordinator import downloads
 from fedswarm.coordinator.downloads import ServedVersions, model_chunks
 from fedswarm.proto import codec as C
 from fedswarm.proto import fedswarm_pb2 as pb
@@ -38,7 +39,7 @@ def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
 
 
-@pytest.mark.parametrize("codec", ["int8", "int4", "fp16", "bf16"])
+@pytest.mark.parametrize("codec", ["int8", "int4", "fp16", "bf16", "int2z"])
 def test_client_reconstructs_the_served_bits_along_the_chain(codec):
     cid = C.codec_by_name(codec)
     versions = ServedVersions(cid, keep=3)
@@ -47,7 +48,7 @@ def test_client_reconstructs_the_served_bits_along_the_chain(codec):
     held = reconstruct(over_the_wire(first, None), None, cid)          # no version yet: a full copy
     assert identical(held.state, walk[0]) and held.steps == 0 and held.digest == first.digest
     full_bytes = sum(c.ByteSize() for c in over_the_wire(first, None))
-    levels = {"int8": 127, "int4": 7, "fp16": 2 ** 10, "bf16": 2 ** 7}[codec]
+    levels = {"int8": 127, "int4": 7, "fp16": 2 ** 10, "bf16": 2 ** 7, "int2z": 2}[codec]
     for v in range(1, 6):
         delta = max(float((walk[v][n] - held.state[n]).abs().max()) for n in SHAPES)  # G_v - S_{v-1}
         served = versions.served(v, walk[v])
@@ -59,13 +60,31 @@ def test_client_reconstructs_the_served_bits_along_the_chain(codec):
         assert identical(held.state, served.state), "client and coordinator must hold the same bits"
         assert wire.state_digest(held.state) == served.digest
         ratio = sum(c.ByteSize() for c in chunks) / full_bytes
-        assert ratio <= {"int8": 0.26, "int4": 0.14, "fp16": 0.51, "bf16": 0.51}[codec], ratio
+        assert ratio <= {"int8": 0.26, "int4": 0.14, "fp16": 0.51, "bf16": 0.51, "int2z": 0.06}[codec], ratio
         # server-side error feedback: S stays within half a quantization step of G; errors do not add up
         err = max(float((served.state[n] - walk[v][n]).abs().max()) for n in SHAPES)
         assert err <= delta / (2 * levels) * 1.01 + 1e-6, (err, delta)
     # a late joiner gets a full float32 copy of the same as-served state, not of G
     late = reconstruct(over_the_wire(versions.served(5, walk[5]), None), None, cid)
     assert identical(late.state, held.state) and not identical(late.state, walk[5])
+
+
+def test_int2z_steps_encoded_a_piece_at_a_time_in_memory_or_on_disk(tmp_path, monkeypatch):
+    """A step encoded in pieces is joined into one encoding (int2z: its magnitude planes deflated together)
+    and cut into parts again: the client holds the served bits either way."""
+    monkeypatch.setattr(downloads, "PIECE", 4096)   # 21,000 values: 6 pieces of 4 blocks
+    cid = C.codec_by_name("int2z")
+    walk = random_walk(3, seed=1)
+    disk, memory = ServedVersions(cid, persist=tmp_path / "served.safetensors"), ServedVersions(cid)
+    held = reconstruct(over_the_wire(memory.served(0, walk[0]), None), None, cid)
+    disk.served(0, walk[0])
+    for v in (1, 2):
+        on_disk, in_memory = disk.served(v, walk[v]), memory.served(v, walk[v])
+        assert on_disk.digest == in_memory.digest and on_disk.step_bytes == in_memory.step_bytes
+        assert on_disk.step["w"] == in_memory.step["w"] == C.encode((walk[v]["w"] - held.state["w"]).flatten(), cid)
+        chunks = over_the_wire(on_disk, disk.chain(v, held.version, held.digest), max_part_bytes=1024)
+        held = reconstruct(chunks, held, cid)
+        assert held.digest == on_disk.digest and len(chunks) > 10
 
 
 def test_chain_over_skipped_versions_eviction_and_wrong_digest():

@@ -1,5 +1,6 @@
 """The dense low-bit codecs int2 and sign: their levels, byte arithmetic, splits, error feedback, and every
-malformed input refused (structured cases and a fuzz of mutated encodings and wire parts)."""
+malformed input refused (structured cases and a fuzz of mutated encodings and wire parts); int2z (int2 with
+its magnitude bits deflated, tests/test_int2z.py) through the splits, fuzz, wire parts and error feedback."""
 import dataclasses
 
 import numpy as np
@@ -14,6 +15,8 @@ from fedswarm.proto import wire
 from fedswarm.app.testing import decoded
 
 LOWBIT = [pb.CODEC_INT2, pb.CODEC_SIGN]
+WITH_Z = LOWBIT + [pb.CODEC_INT2Z]
+BITS = {pb.CODEC_INT2: 2, pb.CODEC_SIGN: 1, pb.CODEC_INT2Z: 2}
 
 
 def _x(n, seed=0):
@@ -57,7 +60,7 @@ def test_size_ratios_1m():
         assert 4 * n / sum(C.expected_sizes(codec, n, C.DEFAULT_BLOCK_SIZE[codec])) > ratio
 
 
-@pytest.mark.parametrize("codec", LOWBIT)
+@pytest.mark.parametrize("codec", WITH_Z)
 def test_split_at_block_boundaries(codec):
     enc = C.encode(_x(3001, 7), codec, 64)
     parts = C.split(enc, 40)
@@ -89,11 +92,12 @@ def test_malformed_encodings_are_refused(codec):
             C.encode(torch.tensor([0.0, v, 1.0]), codec)
 
 
-@pytest.mark.parametrize("codec", LOWBIT)
+@pytest.mark.parametrize("codec", WITH_Z)
 def test_fuzzed_encodings_decode_or_are_refused(codec):
     """Bit flips, truncations, extensions and changed parameters: CodecError or a finite tensor whose values
-    are levels of their block's scale, never another exception."""
-    bits = LB.BITS[C.codec_name(codec)]
+    are levels of their block's scale, never another exception (int2z: a flip in its zlib stream fails the
+    stream's checksum or its length, one in the sign plane only moves a value)."""
+    bits = BITS[codec]
     accepted, refused = decoded(C.encode(_x(3001), codec, 128), seed=codec)
     for enc, y in accepted:
         scale = torch.from_numpy(np.frombuffer(enc.scales, "<f4").copy()).repeat_interleave(enc.block_size)[:enc.count]
@@ -102,6 +106,7 @@ def test_fuzzed_encodings_decode_or_are_refused(codec):
         assert torch.allclose(steps, steps.round(), atol=1e-3) and (steps.round() >= 0).all()
         assert (steps.round() < levels).all()
     assert 200 < refused < 600   # length and parameter changes are caught; flips of data bits only move values
+    assert codec != pb.CODEC_INT2Z or refused > 300
 
 
 def _part(enc, offset=0, shape=(3000,)):
@@ -109,7 +114,7 @@ def _part(enc, offset=0, shape=(3000,)):
                          count=enc.count, data=enc.data, scales=enc.scales, topk=enc.topk, bits=enc.bits)
 
 
-@pytest.mark.parametrize("codec", LOWBIT)
+@pytest.mark.parametrize("codec", WITH_Z)
 def test_wire_parts_assemble_or_are_refused(codec):
     x = _x(3000)
     first, second = C.encode(x[:1024], codec, 512), C.encode(x[1024:], codec, 512)
@@ -122,7 +127,7 @@ def test_wire_parts_assemble_or_are_refused(codec):
         wire.PartAssembler({"w": (3000,)}, {codec}).add(_part(dataclasses.replace(first, data=first.data[:-1])))
 
 
-@pytest.mark.parametrize("codec", LOWBIT)
+@pytest.mark.parametrize("codec", WITH_Z)
 def test_error_feedback_sends_everything_eventually(codec):
     d = _x(4096, 5)
     ef = C.ErrorFeedback(codec)
@@ -132,6 +137,6 @@ def test_error_feedback_sends_everything_eventually(codec):
     assert torch.allclose(sent + ef.residuals["w"], 200 * d, rtol=1e-4, atol=1e-2)   # nothing lost
     one_shot = (C.decode(C.encode(d, codec)) - d).norm()
     # the mean converges to d; sign's residual holds the heavy tail (a block's outliers travel at its mean |v|)
-    assert (sent / 200 - d).norm() < {pb.CODEC_INT2: 0.02, pb.CODEC_SIGN: 0.25}[codec] * one_shot
+    assert (sent / 200 - d).norm() < {pb.CODEC_INT2: 0.02, pb.CODEC_INT2Z: 0.02, pb.CODEC_SIGN: 0.25}[codec] * one_shot
     assert C.CodecSpec.of({"upload_codec": "sign", "codec_block_size": 256}, "upload") == C.CodecSpec(codec=pb.CODEC_SIGN,
                                                                                                       block_size=256)

@@ -22,6 +22,7 @@ ACTIVATION_CODECS = ("bf16", "fp16", "int8", "none")
 EVALUATE = ("central", "clients", "both")
 DP_MODES = ("central", "distributed")
 PEFT_METHODS = ("none", "lora")
+INNER_OPTIMIZERS = ("adamw", "muon")   # fedswarm.inner_optimizer builds exactly these
 
 
 def _codecs() -> list[str]:
@@ -59,7 +60,10 @@ class RunConfig:
     batch_size: int = opt(16, "sequences per micro-batch")
     seq_len: int = opt(128, "tokens per sequence")
     # gpt2-tiny, 600 steps of 12 x 64: 3e-3 ends 21 % higher, cosine 3 % higher
-    lr: float = opt(1e-3, "clients' local AdamW learning rate")
+    lr: float = opt(1e-3, "clients' local learning rate (AdamW's; Muon's matched to AdamW's update RMS)")
+    inner_optimizer: str = opt("adamw", "clients' local optimizer: adamw, or muon (Muon on the hidden weight "
+                                        "matrices, AdamW on embeddings, head, norms and biases: MuLoCo)",
+                               choices=INNER_OPTIMIZERS)
     seed: int = opt(0, "seed of the initial model and the data sampling")
     proximal_mu: float = opt(0.01, "fedprox: weight of the proximal term")
     eval_data: str = opt("stdlib", "held-out data for centralized eval (stdlib or PATH)")
@@ -210,6 +214,7 @@ class RunConfig:
         if self.clients_per_round < 0:
             raise ValueError("--clients-per-round must be >= 0 (0: every connected client)")
         self._check_peft()
+        self._check_inner_optimizer()
         check_format(self.data_format)
         if is_hf_folder(self.model):
             check_tokenizer_fits(self.model)
@@ -249,6 +254,16 @@ class RunConfig:
             raise ValueError(f"--peft {self.peft!r}: choose one of {PEFT_METHODS}")
         if self.peft == "lora" and (self.lora_r < 1 or self.lora_alpha <= 0):
             raise ValueError("--lora-r must be >= 1 and --lora-alpha > 0")
+
+    def _check_inner_optimizer(self) -> None:
+        if self.inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"--inner-optimizer {self.inner_optimizer!r}: choose one of {INNER_OPTIMIZERS}")
+        if self.inner_optimizer == "muon" and self.mode == "swarm":
+            raise ValueError("--inner-optimizer muon applies to federated rounds; swarm peers train their stage "
+                             "with AdamW: drop --inner-optimizer or use --mode federated")
+        if self.inner_optimizer == "muon" and self.peft != "none":
+            raise ValueError("--inner-optimizer muon trains full weight matrices; LoRA adapters train with AdamW: "
+                             "drop --inner-optimizer muon or --peft")
 
     def _check_privacy(self) -> None:
         numbers = {"--dp-clip": self.dp_clip, "--dp-noise-multiplier": self.dp_noise_multiplier,

@@ -142,7 +142,8 @@ class FederatedRole(RoleBase):
         sampler = self.sampler(cfg, f"{self.host.index}/{self.host.num_partitions}")
         model = self.build_model(cfg)
         self.trainer = LocalTrainer(model, sampler, self.device, self.precision, lr=cfg.lr,
-                                    gradient_checkpointing=self.options.gradient_checkpointing)
+                                    gradient_checkpointing=self.options.gradient_checkpointing,
+                                    inner_optimizer=cfg.inner_optimizer)
         self.start_uploads(cfg)
 
     def on_task(self, task: pb.Task) -> None:

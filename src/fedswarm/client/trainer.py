@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedswarm.data import BatchSampler
+from fedswarm.inner_optimizer import build_inner_optimizer
 from fedswarm.models import enable_gradient_checkpointing, lm_loss, load_trainable_state, trainable_state
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -60,7 +61,8 @@ class LocalTrainer:
     `gradient_checkpointing`: recompute each block's activations in the backward pass (less memory, more time)."""
 
     def __init__(self, model: torch.nn.Module, sampler: BatchSampler, device: torch.device,
-                 precision: str, lr: float, weight_decay: float = 0.01, gradient_checkpointing: bool = False):
+                 precision: str, lr: float, weight_decay: float = 0.01, gradient_checkpointing: bool = False,
+                 inner_optimizer: str = "adamw"):
         self.device = device
         self.precision = precision
         # a 4-bit (QLoRA) base is placed on its GPU when loaded and cannot be moved
@@ -72,7 +74,7 @@ class LocalTrainer:
         self.sampler = sampler
         # with LoRA only the adapters train: the frozen base gets no optimizer state
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=lr, weight_decay=weight_decay)
+        self.optimizer = build_inner_optimizer(inner_optimizer, self.params.items(), lr, weight_decay)
         # fp16 needs loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
 
@@ -88,7 +90,7 @@ class LocalTrainer:
         """Load the global weights, run `local_steps` optimizer steps of `grad_accum` micro-batches each.
 
         `lr_at(i)`, if given, is the lr of local step i (a schedule over the run's global steps); else `lr`
-        holds for the round. The AdamW state carries over from the previous round either way."""
+        holds for the round. The optimizer's state carries over from the previous round either way."""
         start = time.perf_counter()
         load_trainable_state(self.model, global_state)
         if lr is not None:

@@ -30,7 +30,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -212,8 +212,7 @@ class MemorySteps(dict):
     """name -> C.Encoded of a step held in memory (no persisted state): each tensor's pieces joined."""
 
     def add(self, name: str, pieces: list[C.Encoded]) -> None:
-        self[name] = replace(pieces[0], count=sum(e.count for e in pieces), data=b"".join(e.data for e in pieces),
-                             scales=b"".join(e.scales for e in pieces))
+        self[name] = C.join(pieces)
 
 
 def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

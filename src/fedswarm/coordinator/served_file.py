@@ -110,31 +110,27 @@ class ServedFile(Mapping):
 
 class StepFile(Mapping):
     """name -> C.Encoded of one version's step, held in an unnamed temporary file in `folder`: `add` writes a
-    tensor's encoded pieces as they are made, a read joins them back (one tensor at a time). Iterates in the
+    tensor's encoded pieces joined (C.join) as they are made, a read reads one tensor back. Iterates in the
     order of `names` (the model's)."""
 
     def __init__(self, folder: Path, names: list[str]):
         self._file = tempfile.TemporaryFile(dir=folder)   # unlinked at once: removed when closed
         self._names = names
-        self._index: dict[str, tuple[C.Encoded, list[tuple[int, int, int]]]] = {}   # fields, (offset, data, scales)
+        self._index: dict[str, tuple[C.Encoded, int, int, int]] = {}   # fields, offset, len(data), len(scales)
         self._end = 0
 
     def add(self, name: str, pieces: list[C.Encoded]) -> None:
-        spans = []
-        for enc in pieces:
-            self._file.write(enc.data)
-            self._file.write(enc.scales)
-            spans.append((self._end, len(enc.data), len(enc.scales)))
-            self._end += len(enc.data) + len(enc.scales)
+        enc = C.join(pieces)
+        self._file.write(enc.data)
+        self._file.write(enc.scales)
         self._file.flush()
-        self._index[name] = (replace(pieces[0], count=sum(e.count for e in pieces), data=b"", scales=b""), spans)
+        self._index[name] = (replace(enc, data=b"", scales=b""), self._end, len(enc.data), len(enc.scales))
+        self._end += len(enc.data) + len(enc.scales)
 
     def __getitem__(self, name: str) -> C.Encoded:
-        fields, spans = self._index[name]
+        fields, at, d, n = self._index[name]
         fd = self._file.fileno()
-        data = b"".join(os.pread(fd, n, at) for at, n, _ in spans)
-        scales = b"".join(os.pread(fd, n, at + d) for at, d, n in spans)
-        return replace(fields, data=data, scales=scales)
+        return replace(fields, data=os.pread(fd, d, at), scales=os.pread(fd, n, at + d))
 
     def __iter__(self) -> Iterator[str]:
         return (n for n in self._names if n in self._index)

@@ -1,10 +1,11 @@
-"""Tensor codecs for model-update deltas: float32, fp16, bf16, blockwise int8 / int4 / int2 / sign, sparse topk.
+"""Tensor codecs for model-update deltas: float32, fp16, bf16, blockwise int8 / int4 / int2 / int2z / sign, sparse topk.
 
 Modelled on hivemind's compression/serialization.py: one codec object per
 ``pb.Codec`` value in a registry that is checked complete at import. All byte
 layouts are little-endian; int8/int4 carry one float32 absmax scale per block, int2/sign
 (proto/lowbit.py) one per block of up to 65,536 values; topk (proto/topk.py) one float32
-scale per chunk of its kept values.
+scale per chunk of its kept values. int2z (proto/int2z.py) is int2 with its magnitude bits deflated: the
+one codec whose data varies in length (up to expected_sizes()); split and join re-deflate its pieces.
 """
 from __future__ import annotations
 
@@ -14,25 +15,26 @@ import numpy as np
 import torch
 
 from fedswarm.proto import fedswarm_pb2 as pb
+from fedswarm.proto import int2z as Z
 from fedswarm.proto import lowbit as LB
 from fedswarm.proto import topk as T
 
 __all__ = [
     "CodecError", "Encoded", "CODEC_NAMES", "DEFAULT_BLOCK_SIZE", "MIN_BLOCK_SIZE", "MAX_BLOCK_SIZE",
-    "codec_by_name", "codec_name", "expected_sizes", "validate", "encode", "decode", "split",
-    "ErrorFeedback", "CodecSpec", "masked_encoded", "masked_values",
+    "codec_by_name", "codec_name", "expected_sizes", "variable_length", "validate", "encode", "decode", "split",
+    "join", "ErrorFeedback", "CodecSpec", "masked_encoded", "masked_values",
 ]
 
 MIN_BLOCK_SIZE = 64
 MAX_BLOCK_SIZE = 256
 # int8: (1 + 4/256) / 4 = 0.254x of fp32; int4: (0.5 + 4/128) / 4 = 0.133x; int2: (0.25 + 4/1024) / 4 =
-# 0.0635x; sign: (0.125 + 4/1024) / 4 = 0.0322x (31x smaller).
+# 0.0635x; sign: (0.125 + 4/1024) / 4 = 0.0322x (31x smaller); int2z: int2's blocks.
 DEFAULT_BLOCK_SIZE: dict[int, int] = {pb.CODEC_INT8: 256, pb.CODEC_INT4: 128, pb.CODEC_INT2: 1024,
-                                      pb.CODEC_SIGN: 1024}
+                                      pb.CODEC_SIGN: 1024, pb.CODEC_INT2Z: 1024}
 CODEC_NAMES: dict[str, int] = {
     "none": pb.CODEC_NONE, "fp16": pb.CODEC_FP16, "bf16": pb.CODEC_BF16,
     "int8": pb.CODEC_INT8, "int4": pb.CODEC_INT4, "topk": pb.CODEC_TOPK, "int2": pb.CODEC_INT2,
-    "sign": pb.CODEC_SIGN, "masked": pb.CODEC_MASKED,
+    "sign": pb.CODEC_SIGN, "masked": pb.CODEC_MASKED, "int2z": pb.CODEC_INT2Z,
 }
 _NAME_OF = {v: k for k, v in CODEC_NAMES.items()}
 
@@ -171,20 +173,30 @@ class _TopkCodec:
 
 
 class _LowBitCodec:
-    """int2 / sign: every value a `bits`-bit level of its block's scale (proto/lowbit.py)."""
+    """int2 / sign: every value a `bits`-bit level of its block's scale (proto/lowbit.py); int2z (proto/int2z.py):
+    int2's, of variable length, cut and joined by its module."""
     blocked = True
 
-    def __init__(self, name: str):
-        self.name, self.bits = name, LB.BITS[name]
+    def __init__(self, name: str, impl=LB):
+        self.name, self.impl, self.bits = name, impl, impl.BITS[name]
+        self.variable = impl is Z
 
     def sizes(self, count: int, bs: int, *_) -> tuple[int, int]:
-        return LB.sizes(count, bs, self.bits)
+        return self.impl.sizes(count, bs, self.bits)
 
     def encode(self, x: torch.Tensor, bs: int, *_) -> tuple[bytes, bytes]:
-        return LB.encode(x, bs, self.bits)
+        return self.impl.encode(x, bs, self.bits)
 
     def decode(self, data: bytes, scales: bytes, count: int, bs: int, *_) -> torch.Tensor:
-        out = LB.decode(data, scales, count, bs, self.bits)
+        return self._checked(self.impl.decode(data, scales, count, bs, self.bits))
+
+    def cut(self, enc: Encoded, pieces: list[tuple[int, int]]) -> list[bytes]:
+        return self._checked(self.impl.cut(bytes(enc.data), enc.count, pieces))
+
+    def join(self, pieces: list[Encoded]) -> bytes:
+        return self._checked(self.impl.join([bytes(p.data) for p in pieces], [p.count for p in pieces]))
+
+    def _checked(self, out):
         if isinstance(out, str):
             raise CodecError(f"{self.name}: {out}")
         return out
@@ -228,6 +240,7 @@ _REGISTRY: dict[int, object] = {
     pb.CODEC_INT2: _LowBitCodec("int2"),
     pb.CODEC_SIGN: _LowBitCodec("sign"),
     pb.CODEC_MASKED: _MaskedCodec(),
+    pb.CODEC_INT2Z: _LowBitCodec("int2z", Z),
 }
 _ALL = set(pb.Codec.values())
 _missing = sorted((_ALL - set(_REGISTRY)) | (_ALL - set(_NAME_OF)))
@@ -290,12 +303,18 @@ def expected_sizes(codec: int, count: int, block_size: int, topk: int = 0, bits:
     return c.sizes(count, block_size, topk, bits)
 
 
+def variable_length(codec: int) -> bool:
+    """Whether the codec's data varies in length (int2z), up to expected_sizes()."""
+    return getattr(_REGISTRY[int(codec)], "variable", False)
+
+
 def validate(enc: Encoded) -> None:
     """Check structure (codec, its parameters, lengths, scales); does not decode the data."""
     dlen, slen = expected_sizes(enc.codec, enc.count, enc.block_size, enc.topk, enc.bits)
     name = codec_name(enc.codec)
-    if len(enc.data) != dlen:
-        raise CodecError(f"{name}: data is {len(enc.data)} bytes, expected {dlen} for count={enc.count} "
+    if len(enc.data) != dlen and not (variable_length(enc.codec) and len(enc.data) <= dlen):
+        at_most = "at most " if variable_length(enc.codec) else ""
+        raise CodecError(f"{name}: data is {len(enc.data)} bytes, expected {at_most}{dlen} for count={enc.count} "
                          f"block_size={enc.block_size}" + (f" topk={enc.topk} bits={enc.bits}" if enc.topk else ""))
     if len(enc.scales) != slen:
         raise CodecError(f"{name}: scales is {len(enc.scales)} bytes, expected {slen} "
@@ -340,20 +359,29 @@ def split(enc: Encoded, max_part_bytes: int) -> list[tuple[int, Encoded]]:
     validate(enc)
     if max_part_bytes <= 0:
         raise CodecError(f"max_part_bytes must be > 0, got {max_part_bytes}")
-    if len(enc.data) + len(enc.scales) <= max_part_bytes or enc.count == 0:
-        return [(0, enc)]
-    align = enc.block_size or 1  # elements per indivisible unit (blocks are even for int4)
     params = (enc.block_size, enc.topk, enc.bits)
+    if sum(expected_sizes(enc.codec, enc.count, *params)) <= max_part_bytes or enc.count == 0:
+        return [(0, enc)]   # int2z: by its bound, as wire.part_ranges counts parts
+    align = enc.block_size or 1  # elements per indivisible unit (blocks are even for int4)
     unit_bytes = sum(expected_sizes(enc.codec, align, *params))
     chunk = max(1, max_part_bytes // unit_bytes) * align  # elements per part (at least one unit)
+    cuts = [(off, min(chunk, enc.count - off)) for off in range(0, enc.count, chunk)]  # parts, not elements
+    datas = _REGISTRY[enc.codec].cut(enc, cuts) if variable_length(enc.codec) else None
     parts = []
-    for off in range(0, enc.count, chunk):  # loop over parts, not elements
-        n = min(chunk, enc.count - off)
+    for i, (off, n) in enumerate(cuts):
         d0, s0 = expected_sizes(enc.codec, off, *params)  # byte offsets of an aligned start
         dn, sn = expected_sizes(enc.codec, n, *params)
-        parts.append((off, Encoded(enc.codec, n, enc.block_size, enc.data[d0:d0 + dn], enc.scales[s0:s0 + sn],
-                                   enc.topk, enc.bits)))
+        data = datas[i] if datas else enc.data[d0:d0 + dn]
+        parts.append((off, Encoded(enc.codec, n, enc.block_size, data, enc.scales[s0:s0 + sn], enc.topk, enc.bits)))
     return parts
+
+
+def join(pieces: list[Encoded]) -> Encoded:
+    """One tensor's consecutive encoded pieces (each cut at whole blocks) as one Encoded."""
+    first = pieces[0]
+    data = _REGISTRY[first.codec].join(pieces) if variable_length(first.codec) else b"".join(p.data for p in pieces)
+    return Encoded(first.codec, sum(p.count for p in pieces), first.block_size, data,
+                   b"".join(p.scales for p in pieces), first.topk, first.bits)
 
 
 @dataclass(frozen=True)

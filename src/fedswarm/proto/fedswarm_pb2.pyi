@@ -18,6 +18,7 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_INT2: _ClassVar[Codec]
     CODEC_SIGN: _ClassVar[Codec]
     CODEC_MASKED: _ClassVar[Codec]
+    CODEC_INT2Z: _ClassVar[Codec]
 
 class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -35,6 +36,7 @@ CODEC_TOPK: Codec
 CODEC_INT2: Codec
 CODEC_SIGN: Codec
 CODEC_MASKED: Codec
+CODEC_INT2Z: Codec
 TASK_NONE: TaskKind
 TASK_TRAIN: TaskKind
 TASK_DONE: TaskKind

@@ -38,17 +38,22 @@ def _rows(x: torch.Tensor, block: int) -> list[torch.Tensor]:
     return [r for r in (x[:full].view(-1, block), x[full:].view(1, -1)) if r.numel()]
 
 
-def encode(x: torch.Tensor, block: int, bits: int) -> tuple[bytes, bytes]:
-    """(n,) finite float32 -> (data, scales)."""
-    levels, scales = [], []
+def levels(x: torch.Tensor, block: int, bits: int) -> tuple[torch.Tensor, bytes]:
+    """(n,) finite float32 -> its levels (n,) int32 in [0, 2^bits) and the float32 block scales' bytes."""
+    levels_, scales = [], []
     for rows in _rows(x, block):
         level, scale = T.quantize(rows, bits)
-        levels.append(level.flatten()), scales.append(scale)
-    level = torch.cat(levels) if levels else torch.zeros(0, dtype=torch.int32)   # (n,) in [0, 2^bits)
-    bitmap = ((level[:, None] >> torch.arange(bits, dtype=torch.int32)) & 1).to(torch.uint8).flatten()
-    data = np.packbits(bitmap.numpy(), bitorder="little").tobytes()
+        levels_.append(level.flatten()), scales.append(scale)
+    level = torch.cat(levels_) if levels_ else torch.zeros(0, dtype=torch.int32)   # (n,)
     scale = torch.cat(scales) if scales else torch.zeros(0)
-    return data, scale.numpy().astype("<f4", copy=False).tobytes()
+    return level, scale.numpy().astype("<f4", copy=False).tobytes()
+
+
+def encode(x: torch.Tensor, block: int, bits: int) -> tuple[bytes, bytes]:
+    """(n,) finite float32 -> (data, scales)."""
+    level, scales = levels(x, block, bits)
+    bitmap = ((level[:, None] >> torch.arange(bits, dtype=torch.int32)) & 1).to(torch.uint8).flatten()
+    return np.packbits(bitmap.numpy(), bitorder="little").tobytes(), scales
 
 
 def decode(data: bytes, scales: bytes, count: int, block: int, bits: int) -> torch.Tensor | str:
@@ -58,6 +63,11 @@ def decode(data: bytes, scales: bytes, count: int, block: int, bits: int) -> tor
         return "padding bits after the last value must be zero"
     weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.int32)
     level = (torch.from_numpy(bitmap[:count * bits].astype(np.int32)).view(count, bits) * weights).sum(1)  # (n,)
+    return values(level, scales, block, bits)
+
+
+def values(level: torch.Tensor, scales: bytes, block: int, bits: int) -> torch.Tensor:
+    """Levels (n,) int32 and the block scales' bytes (sizes already validated) -> (n,) float32."""
     scale = torch.from_numpy(np.frombuffer(scales, dtype="<f4").astype(np.float32))  # (nb,)
     out, start = [], 0
     for rows in _rows(level, block):

@@ -2,13 +2,15 @@
 
 Every run is a real `fedswarm sim` (coordinator + clients as processes, bytes counted at the relay's
 socket). The yardstick is one client training on all the data (the same code path, upload and download
-uncompressed). The federated runs split the data over N clients and, as data-parallel training would,
+uncompressed), once for each inner optimizer the rows use: a row is measured against the one process
+trained with its own optimizer (AdamW, or Muon for an @muon row). The federated runs split the data over N clients and, as data-parallel training would,
 the one process's batch too: each client's batch is --batch-size / N, so every run makes the same
 optimizer steps on the same global batch and the same tokens. Each row gives the held-out loss relative
 to one process, the bytes up and down at the socket, and how many times fewer bytes the run moved (up +
 down) than fp32 data-parallel ring all-reduce would for the same steps, and the socket's upload bytes over
-the codec's arithmetic (values + positions + scales of every upload). After the grid come --extra-rows
-(dense low-bit codecs such as sign, at their own local steps) and the sparse rows (topk both ways,
+the codec's arithmetic (values + positions + scales of every upload; int2z, of variable length: the update
+messages received). After the grid come --extra-rows (dense low-bit codecs at their own local steps and
+inner optimizer) and the sparse rows (topk both ways,
 --sparse-strategies x --sparse-local-steps).
 """
 from __future__ import annotations
@@ -30,9 +32,10 @@ DEFAULT_STRATEGIES = ("fedavg", "fedavgm", "diloco", "diloco/0.7/0.8")
 DEFAULT_SPARSE = ("sparseloco",)
 DEFAULT_SPARSE_STEPS = "25"
 DEFAULT_SPARSE_DENSITIES = "1/16,1/64"
-# dense low-bit rows, STRATEGY@LOCAL_STEPS@CODEC: the recipe of examples/low-traffic.toml (2 bits, 50 local
-# steps: about 590x) and 1 bit at the same steps (about 1,130x)
-DEFAULT_EXTRA_ROWS = "diloco/0.7/0.8@50@int2,diloco/0.7/0.8@50@sign"
+# dense low-bit rows, STRATEGY@LOCAL_STEPS@CODEC[@INNER_OPTIMIZER]: 2 bits at 50 local steps with AdamW inside
+# (about 590x), and the recipe of examples/low-traffic.toml: Muon inside, int2z every 67 local steps (about
+# 1,100x), measured against a one process trained with Muon
+DEFAULT_EXTRA_ROWS = "diloco/0.7/0.8@50@int2,diloco/0.7/0.8@67@int2z@muon"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--extra-codecs", default="int8,none",
                    help="codecs also tried for the last strategy at the first local step count")
     g.add_argument("--extra-rows", default=DEFAULT_EXTRA_ROWS,
-                   help="comma-separated STRATEGY@LOCAL_STEPS@CODEC rows also run, e.g. diloco/0.7/0.8@50@sign "
+                   help="comma-separated STRATEGY@LOCAL_STEPS@CODEC[@INNER_OPTIMIZER] rows also run, e.g. "
+                        "diloco/0.7/0.8@50@sign; a row with its own inner optimizer (@muon) is measured against a "
+                        "one process trained with it "
                         "(CODEC as in --codec-list; '': none)")
     g.add_argument("--sparse-strategies", default=",".join(DEFAULT_SPARSE),
                    help="strategies (as --strategies) run with the topk codec both ways ('': none)")
@@ -106,12 +111,18 @@ def plan_runs(args: argparse.Namespace) -> list[dict]:
 
 
 def parse_row(text: str) -> dict:
-    """``diloco/0.7/0.8@50@sign`` -> a planned run: that strategy, local steps and codec (UP:DOWN allowed)."""
+    """``diloco/0.7/0.8@50@sign`` -> a planned run: that strategy, local steps and codec (UP:DOWN allowed);
+    ``...@muon`` also sets the clients' inner optimizer (else --inner-optimizer's)."""
+    from fedswarm.run_config import INNER_OPTIMIZERS
+
     parts = text.split("@")
-    if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) < 1:
-        raise ValueError(f"--extra-rows: {text!r}: write STRATEGY@LOCAL_STEPS@CODEC, e.g. diloco/0.7/0.8@50@sign")
+    if len(parts) not in (3, 4) or not parts[1].isdigit() or int(parts[1]) < 1 \
+            or (len(parts) == 4 and parts[3] not in INNER_OPTIMIZERS):
+        raise ValueError(f"--extra-rows: {text!r}: write STRATEGY@LOCAL_STEPS@CODEC[@INNER_OPTIMIZER], e.g. "
+                         f"diloco/0.7/0.8@50@sign or diloco/0.7/0.8@50@int2@muon (optimizers: {INNER_OPTIMIZERS})")
     _check_codecs([parts[2]])
-    return {**parse_strategy(parts[0]), "local_steps": int(parts[1]), "codec": parts[2]}
+    row = {**parse_strategy(parts[0]), "local_steps": int(parts[1]), "codec": parts[2]}
+    return {**row, "inner_optimizer": parts[3]} if len(parts) == 4 else row
 
 
 def _check_codecs(specs: list[str]) -> None:
@@ -159,6 +170,7 @@ def _one_run(args: argparse.Namespace, spec: dict, clients: int, batch_size: int
     sim_args = copy.copy(args)
     sim_args.clients, sim_args.batch_size = clients, batch_size
     sim_args.strategy, sim_args.local_steps = spec["strategy"], spec["local_steps"]
+    sim_args.inner_optimizer = spec.get("inner_optimizer") or args.inner_optimizer
     for key in ("server_lr", "server_momentum"):
         if spec.get(key) is not None:
             setattr(sim_args, key, spec[key])
@@ -172,7 +184,9 @@ def _one_run(args: argparse.Namespace, spec: dict, clients: int, batch_size: int
           f"{spec['local_steps']} local steps, {spec['codec']} ...", flush=True)
     report = run_sim(sim_args, log=lambda *_: None)
     comm = report["communication"]
-    return {"name": spec["name"], "strategy": spec["label"], "clients": clients, "batch_size": batch_size,
+    label = spec["label"] if sim_args.inner_optimizer == "adamw" else f"{spec['label']} ({sim_args.inner_optimizer})"
+    return {"name": spec["name"], "strategy": label, "inner_optimizer": sim_args.inner_optimizer,
+            "clients": clients, "batch_size": batch_size,
             "local_steps": spec["local_steps"], "rounds": sim_args.rounds, "codec": _codec_label(sim_args),
             "tokens": comm["tokens"], "final_eval_loss": report["rounds"][-1]["eval_loss"],
             "socket_bytes": comm["socket_bytes_up"] + comm["socket_bytes_down"],
@@ -198,11 +212,14 @@ def _fraction(d: float) -> str:
 
 
 def _codec_bytes_up(report: dict, sim_args: argparse.Namespace) -> int:
-    """What the uploads weigh by the codec's arithmetic (data + scales of every tensor of every update)."""
+    """What the uploads weigh by the codec's arithmetic (data + scales of every tensor of every update); for a
+    codec of variable length (int2z), the update messages as the coordinator received them (bytes_up)."""
     from fedswarm.models import build_model, trainable_state
     from fedswarm.proto import codec as C
 
     spec = C.CodecSpec.of(vars(sim_args), "upload")
+    if C.variable_length(spec.codec):
+        return sum(r["bytes_up"] for r in report["rounds"] if r["round"] > 0 and r["clients"])
     block = spec.block_size or C.DEFAULT_BLOCK_SIZE.get(spec.codec, 0)
     shapes = [t.numel() for t in trainable_state(build_model(sim_args.model, seed=0)).values()]
     per_update = sum(sum(C.expected_sizes(spec.codec, n, block, spec.topk, spec.bits)) for n in shapes)
@@ -212,36 +229,47 @@ def _codec_bytes_up(report: dict, sim_args: argparse.Namespace) -> int:
 def bench_learning(args: argparse.Namespace) -> dict:
     runs_planned = plan_runs(args)
     per_client = client_batch_size(args)
-    single_steps = max(int(s) for s in _names(args.local_steps_list))
-    single = _one_run(args, {**parse_strategy("fedavg"), "name": "one-process", "local_steps": single_steps,
-                             "codec": "none"}, 1, args.batch_size)
+    singles = _one_processes(args, runs_planned)
+    single = singles[args.inner_optimizer]
     runs = []
     for spec in runs_planned:
         name = f"{spec['label'].replace('/', '-')}-k{spec['local_steps']}-{spec['codec'].replace(':', '-')}"
         if spec.get("topk_density"):
             name += f"-up{1 / spec['topk_density']:.0f}-down{1 / spec['download_topk_density']:.0f}"
+        if spec.get("inner_optimizer", args.inner_optimizer) != args.inner_optimizer:
+            name += f"-{spec['inner_optimizer']}"
         runs.append(_one_run(args, {**spec, "name": name}, args.clients, per_client))
-    for r in runs:
-        r["loss_vs_single"] = r["final_eval_loss"] / single["final_eval_loss"] - 1
-    table = _table(single, runs, args)
+    for r in runs:   # each against the one process of its own inner optimizer
+        r["loss_vs_single"] = r["final_eval_loss"] / singles[r["inner_optimizer"]]["final_eval_loss"] - 1
+    table = _table(list(singles.values()), runs, args)
     print(f"\n{args.model}, data {args.data}, {args.clients} clients of batch {per_client} vs one process of batch "
           f"{args.batch_size}, {single['tokens']} tokens each (sequences of {args.seq_len}), lr {args.lr} "
           f"{args.lr_schedule} (warm-up {args.warmup_steps}), seed {args.seed}:\n")
     print(table)
     summary = _summary(runs)
     print("\n" + summary)
-    result = {"single": single, "runs": runs, "table": table, "summary": summary,
+    result = {"single": single, "singles": singles, "runs": runs, "table": table, "summary": summary,
               "args": {k: v for k, v in vars(args).items() if k != "func"}}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench-learning.json").write_text(json.dumps(result, indent=2))
-    _plot(Path(args.out) / "loss_vs_bytes.png", single, runs)
+    _plot(Path(args.out) / "loss_vs_bytes.png", list(singles.values()), runs)
     return result
 
 
-def _table(single: dict, runs: list[dict], args: argparse.Namespace) -> str:
-    rows = [f"| one process | 1 x {single['batch_size']} | {single['local_steps']} x {single['rounds']} | none "
-            f"| {single['tokens']} | {single['final_eval_loss']:.4f} | 1.000 | {_mb(single['socket_bytes_up'])} "
-            f"| {_mb(single['socket_bytes_down'])} | - | - |"]
+def _one_processes(args: argparse.Namespace, planned: list[dict]) -> dict[str, dict]:
+    """The yardstick of each inner optimizer the rows use (--inner-optimizer's first): one client, codec none."""
+    steps = max(int(s) for s in _names(args.local_steps_list))
+    used = dict.fromkeys([args.inner_optimizer, *(s["inner_optimizer"] for s in planned if "inner_optimizer" in s)])
+    return {o: _one_run(args, {**parse_strategy("fedavg"), "name": "one-process" + ("" if o == args.inner_optimizer
+                                                                                    else f"-{o}"),
+                               "local_steps": steps, "codec": "none", "inner_optimizer": o}, 1, args.batch_size)
+            for o in used}
+
+
+def _table(singles: list[dict], runs: list[dict], args: argparse.Namespace) -> str:
+    rows = [f"| {s['strategy'].replace('fedavg', 'one process')} | 1 x {s['batch_size']} | {s['local_steps']} x "
+            f"{s['rounds']} | none | {s['tokens']} | {s['final_eval_loss']:.4f} | 1.000 | {_mb(s['socket_bytes_up'])} "
+            f"| {_mb(s['socket_bytes_down'])} | - | - |" for s in singles]
     for r in runs:
         ratio = f"{r['allreduce_over_socket']:.0f}x" if r["allreduce_over_socket"] else "-"
         arithmetic = f"{r['socket_bytes_up'] / r['codec_bytes_up']:.3f}" if r.get("codec_bytes_up") else "-"
@@ -273,7 +301,7 @@ def _summary(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot(path: Path, single: dict, runs: list[dict]) -> None:
+def _plot(path: Path, singles: list[dict], runs: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,7 +312,9 @@ def _plot(path: Path, single: dict, runs: list[dict]) -> None:
         pts = [(b / 1e6, loss) for b, loss in r["curve"] if b > 0]
         if pts:
             ax.plot(*zip(*pts), marker=".", label=r["name"])
-    ax.axhline(single["final_eval_loss"], color="black", linestyle="--", label="one process (final)")
+    for single, style in zip(singles, ("--", ":")):
+        ax.axhline(single["final_eval_loss"], color="black", linestyle=style,
+                   label=f"{single['strategy'].replace('fedavg', 'one process')} (final)")
     ax.set_xscale("log")
     ax.set_xlabel("MB moved at the socket (up + down, cumulative)")
     ax.set_ylabel("held-out loss (nats / byte)")

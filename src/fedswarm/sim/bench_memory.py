@@ -4,7 +4,7 @@ The model is a 124M GPT-2 shape (12 layers, 768 wide, 12 heads, GPT-2's 50257-to
 spot with random weights. Each configuration runs in a fresh process, so its peak RSS (VmHWM) is its own:
 
 - client: a federated client's LocalTrainer (AdamW; --precision auto: fp32 unless the CPU has native bf16)
-  on the whole model;
+  on the whole model; client-muon: the same with --inner-optimizer muon (Muon on the hidden matrices);
 - peer: a swarm peer's StageServer on stage 0 of 2 (the embeddings and 6 blocks, built alone from its
   tensors), `--inflight` micro-batches forward (their graphs cached, as a peer keeps them) then backward.
 
@@ -25,13 +25,14 @@ from fedswarm.run_config import RunConfig
 
 GPT2_124M = {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257,
              "n_positions": 1024, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-PARTS = ("client", "peer")
+PARTS = ("client", "client-muon", "peer")
 CHILD_TIMEOUT_S = 1800.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-parts", default="client,peer",
-                   help="memory: what to measure, of client (the whole model) and peer (stage 0 of 2)")
+                   help="memory: what to measure, of client (the whole model, AdamW), client-muon (the same, "
+                        "--inner-optimizer muon) and peer (stage 0 of 2)")
     p.add_argument("--memory-steps", type=int, default=3, help="memory: timed steps per configuration (after one warm-up)")
 
 
@@ -55,7 +56,8 @@ def _client(spec: dict, model: str) -> tuple[float, list[tuple[float, float]]]:
     sampler = BatchSampler(tokens, spec["seq_len"], spec["batch_size"], 0)
     cpu = torch.device("cpu")
     trainer = LocalTrainer(net, sampler, cpu, resolve_precision(spec["precision"], cpu), lr=1e-4,
-                           gradient_checkpointing=spec["checkpointing"])
+                           gradient_checkpointing=spec["checkpointing"],
+                           inner_optimizer="muon" if spec["part"] == "client-muon" else "adamw")
     built = _memory_mb()["rss_mb"]
     state, times = trainable_state(net), []
     for _ in range(spec["steps"] + 1):
@@ -115,7 +117,7 @@ def _child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     model = spec["model_json"]
     before = _memory_mb()["rss_mb"]
-    built, times = (_client if spec["part"] == "client" else _peer)(spec, model)
+    built, times = (_peer if spec["part"] == "peer" else _client)(spec, model)
     peak = _memory_mb()["peak_mb"]
     return {**{k: spec[k] for k in ("part", "checkpointing")}, "imports_mb": before, "built_mb": built,
             "peak_mb": peak, "training_mb": round(peak - built, 1),
@@ -171,8 +173,8 @@ def _table(runs: list[dict], args: argparse.Namespace, threads: int, precision: 
     rows = []
     for r in runs:
         off = next(o for o in runs if o["part"] == r["part"] and not o["checkpointing"])
-        what = "client (whole model)" if r["part"] == "client" else \
-            f"peer (stage 0 of 2, {args.inflight} micro-batches in flight)"
+        what = {"client": "client (whole model)", "client-muon": "client (whole model), Muon"}.get(
+            r["part"], f"peer (stage 0 of 2, {args.inflight} micro-batches in flight)")
         vs = "" if not r["checkpointing"] else (
             f"{r['peak_mb'] - off['peak_mb']:+.0f} MiB ({r['training_mb'] / max(off['training_mb'], 1e-9):.2f}x), "
             f"{r['cpu_seconds_per_step'] / off['cpu_seconds_per_step']:.2f}x")

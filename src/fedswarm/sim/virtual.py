@@ -108,7 +108,8 @@ class Trainer:
         key = f"{run_cfg.seed}/{index}/{self.spec.total}/{task.round}"
         seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
         sampler = BatchSampler(tokens, run_cfg.seq_len, run_cfg.batch_size, seed)
-        trainer = LocalTrainer(self.model, sampler, self.device, self.precision, lr=run_cfg.lr)
+        trainer = LocalTrainer(self.model, sampler, self.device, self.precision, lr=run_cfg.lr,
+                               inner_optimizer=run_cfg.inner_optimizer)
         delta, result = work.train_on_task(trainer, run_cfg, task, base)
         if secagg is not None:
             parts = secagg.masked_parts(task.round, delta)
