@@ -54,7 +54,7 @@ class MuonWithAdamW:
         for o in self._parts:
             o.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure=None):
+    def step(self) -> None:   # no closure: LocalTrainer and GradScaler never pass one
         for o in self._parts:
             o.step()
 
